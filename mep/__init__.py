@@ -1,0 +1,51 @@
+"""mep: send Python functions to a cluster; each runs as its submitter's own Unix account.
+
+The researcher-facing API lives here; everything else is in subpackages, one
+job each: ``sdk`` (Executor, serialisation), ``service`` (durable broker),
+``manager`` (root spawner and unprivileged router), ``endpoint`` (runs tasks
+as the user), ``protocol`` (wire envelopes), ``config`` (models, templates),
+``cli`` (the ``mep`` command).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from mep.errors import (  # noqa: E402
+    AccountRefusedError,
+    AuthenticationError,
+    ConfigInvalidError,
+    EndpointLostError,
+    MappingError,
+    MepError,
+    RemoteError,
+    SpawnError,
+    TaskRefusedError,
+    TemplateError,
+    UnknownEndpointError,
+    UnmappedIdentityError,
+)
+
+__all__ = [
+    "AccountRefusedError",
+    "AuthenticationError",
+    "ConfigInvalidError",
+    "EndpointLostError",
+    "Executor",
+    "MappingError",
+    "MepError",
+    "RemoteError",
+    "SpawnError",
+    "TaskRefusedError",
+    "TemplateError",
+    "UnknownEndpointError",
+    "UnmappedIdentityError",
+]
+
+
+def __getattr__(name: str):  # lazy: the service and manager import mep without the SDK (and dill)
+    if name == "Executor":
+        from mep.sdk.executor import Executor
+
+        return Executor
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""Configuration models (manager, user endpoint) and admin template rendering."""

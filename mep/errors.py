@@ -1,0 +1,171 @@
+"""Error types shared by every mep process, and the codes that carry them over the wire.
+
+A refusal or failure travels between processes as a ``(code, message)`` pair
+(see ``docs/protocol.md``). The SDK turns the pair back into the exception class
+registered for that code, so a researcher can ``except mep.MappingError`` and
+read a message that says what to do next. Admin-only detail (which rule, which
+step, which errno) goes to the admin's log, never into these messages.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Stable wire codes for every failure a task can end with."""
+
+    UNAUTHENTICATED = "unauthenticated"
+    BAD_REQUEST = "bad_request"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_ENDPOINT = "unknown_endpoint"
+    UNKNOWN_FUNCTION = "unknown_function"
+    UNMAPPED = "unmapped"
+    MAPPING_ERROR = "mapping_error"
+    ACCOUNT_REFUSED = "account_refused"
+    CONFIG_INVALID = "config_invalid"
+    TEMPLATE_ERROR = "template_error"
+    SPAWN_FAILED = "spawn_failed"
+    ENDPOINT_LOST = "endpoint_lost"
+    TASK_ERROR = "task_error"
+    INTERNAL = "internal"
+
+
+class MepError(Exception):
+    """Base of every error mep raises on purpose; ``str()`` is the actionable message."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigurationError(MepError):
+    """A configuration file, key file or directory an admin owns is unusable."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class ProtocolError(MepError):
+    """A message did not follow ``docs/protocol.md`` (bad framing, version, or fields)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class AuthenticationError(MepError):
+    """The caller's token is unknown or revoked, or a key did not match."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PayloadTooLargeError(MepError):
+    """A task's serialised function or arguments exceed the service's limit."""
+
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class UnknownEndpointError(MepError):
+    """The endpoint id names no endpoint registered with the service."""
+
+    code = ErrorCode.UNKNOWN_ENDPOINT
+
+
+class UnknownFunctionError(MepError):
+    """A task referenced a function hash the service has never been sent."""
+
+    code = ErrorCode.UNKNOWN_FUNCTION
+
+
+class TaskRefusedError(MepError):
+    """The endpoint refused to run the task; subclasses say why."""
+
+    code = ErrorCode.INTERNAL
+
+
+class UnmappedIdentityError(TaskRefusedError):
+    """No identity-mapping rule maps the submitter to a local account."""
+
+    code = ErrorCode.UNMAPPED
+
+
+class MappingError(TaskRefusedError):
+    """The identity-mapping configuration failed while mapping the submitter (fails closed)."""
+
+    code = ErrorCode.MAPPING_ERROR
+
+
+class AccountRefusedError(TaskRefusedError):
+    """The mapped account exists in the mapping but policy forbids running as it."""
+
+    code = ErrorCode.ACCOUNT_REFUSED
+
+
+class ConfigInvalidError(TaskRefusedError):
+    """The user endpoint config was rejected by the admin's schema or the endpoint model."""
+
+    code = ErrorCode.CONFIG_INVALID
+
+
+class TemplateError(TaskRefusedError):
+    """The admin's template failed to render (names file and line)."""
+
+    code = ErrorCode.TEMPLATE_ERROR
+
+
+class SpawnError(TaskRefusedError):
+    """Starting the user endpoint failed (names the failed step)."""
+
+    code = ErrorCode.SPAWN_FAILED
+
+
+class EndpointLostError(TaskRefusedError):
+    """The user endpoint exited before the task finished."""
+
+    code = ErrorCode.ENDPOINT_LOST
+
+
+class RemoteError(MepError):
+    """The function raised an exception whose class could not be rebuilt locally.
+
+    ``remote_type`` is the exception's qualified type name on the endpoint and
+    ``remote_traceback`` its formatted traceback.
+    """
+
+    code = ErrorCode.TASK_ERROR
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.message}\n\nRemote traceback:\n{self.remote_traceback}"
+
+
+_BY_CODE: dict[ErrorCode, type[MepError]] = {
+    cls.code: cls
+    for cls in (
+        AuthenticationError,
+        ProtocolError,
+        PayloadTooLargeError,
+        UnknownEndpointError,
+        UnknownFunctionError,
+        UnmappedIdentityError,
+        MappingError,
+        AccountRefusedError,
+        ConfigInvalidError,
+        TemplateError,
+        SpawnError,
+        EndpointLostError,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> MepError:
+    """Rebuild the exception a wire ``(code, message)`` pair stands for."""
+    try:
+        cls = _BY_CODE[ErrorCode(code)]
+    except (ValueError, KeyError):
+        cls = MepError
+    return cls(message)

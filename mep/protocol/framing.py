@@ -1,0 +1,65 @@
+"""Turn envelopes into ZeroMQ multipart messages and back, validating as we go.
+
+A message is ``[SIGNATURE, header, *payload]``. ``decode`` never raises
+anything but ``ProtocolError`` with a message saying what was wrong, so a
+malformed message from a peer is answered or logged, never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from mep.errors import ProtocolError
+from mep.protocol.messages import PROTOCOL_VERSION, SIGNATURE, Header
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Header)
+
+Frame = Any  # bytes, memoryview or zmq.Frame: relayed without copying
+
+
+def encode(header: msgspec.Struct, payloads: Sequence[Frame] = ()) -> list[Frame]:
+    """Frames for ``header`` followed by the opaque ``payloads``."""
+    return [SIGNATURE, _encoder.encode(header), *payloads]
+
+
+def _as_bytes(frame: Frame) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def decode(frames: Sequence[Frame]) -> tuple[Any, list[Frame]]:
+    """Split a received message into its validated header and payload frames."""
+    if len(frames) < 2:
+        raise ProtocolError(f"message has {len(frames)} frame(s); expected signature and header")
+    signature = _as_bytes(frames[0])
+    if signature != SIGNATURE:
+        raise ProtocolError(f"bad signature {signature[:16]!r}; expected {SIGNATURE!r}")
+    raw = frames[1]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = _decoder.decode(_as_bytes(raw) if not isinstance(raw, bytes) else raw)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid header: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable header: {exc}") from None
+    if header.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {header.v} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    payloads = list(frames[2:])
+    for name in ("tasks", "results"):
+        for item in getattr(header, name, ()):
+            for attr in ("args_frame", "fn_frame", "payload_frame"):
+                index = getattr(item, attr, -1)
+                if index != -1 and not 0 <= index < len(payloads):
+                    raise ProtocolError(
+                        f"{name} entry {getattr(item, 'task_id', '?')} points at payload frame "
+                        f"{index}, but the message has {len(payloads)}"
+                    )
+    return header, payloads

@@ -1,0 +1,298 @@
+"""Wire envelopes: plain, typed, versioned data (msgspec Structs), never user payloads.
+
+Every message on every ZeroMQ link is ``[SIGNATURE, command, header, *payload]``
+(a ROUTER socket sees the peer's routing id in front). The header is one of the
+structs below, encoded with msgpack; payload frames are opaque bytes that only
+the SDK and the user endpoint ever deserialise. ``docs/protocol.md`` is the
+normative description; this module is its executable form.
+
+msgspec rather than pydantic for envelopes: measured here, msgspec imports in
+about half pydantic's time and decodes a task envelope an order of magnitude
+faster, and both matter for cold start and throughput.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+SIGNATURE = b"MEP1"
+
+# Result statuses.
+SUCCESS = "success"  # payload: dill of the return value
+TASK_ERROR = "error"  # the function raised; payload: dill of the exception (may be unloadable)
+FAILED = "failed"  # mep refused or lost the task; no payload; code + message say why
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of all headers; the version lets a peer refuse what it can't read."""
+
+    v: int = PROTOCOL_VERSION
+
+
+# --- shared pieces ---------------------------------------------------------
+
+
+class Runtime(msgspec.Struct, forbid_unknown_fields=True):
+    """The submitting client's interpreter, so the endpoint can detect mismatches."""
+
+    python: str
+    dill: str
+    mep: str
+    platform: str
+
+
+class Rejection(msgspec.Struct, forbid_unknown_fields=True):
+    """A per-task refusal inside an otherwise accepted batch."""
+
+    task_id: str
+    code: str
+    message: str
+
+
+class Result(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One task's outcome. ``payload_frame`` indexes the message's payload frames (-1: none)."""
+
+    task_id: str
+    status: str
+    payload_frame: int = -1
+    code: str = ""
+    message: str = ""
+    error_type: str = ""
+    traceback: str = ""
+
+
+class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A task inside a batch: frames index the message's payload frames.
+
+    ``fn_frame`` is -1 when the receiver already holds the function ``fn_hash``.
+    """
+
+    task_id: str
+    fn_hash: str
+    args_frame: int
+    fn_frame: int = -1
+
+
+# --- SDK <-> service ---------------------------------------------------------
+
+
+class Submit(Envelope, tag="SUBMIT"):
+    """A batch of tasks for one endpoint under one user endpoint config."""
+
+    token: str = ""
+    request_id: int = 0
+    endpoint_id: str = ""
+    user_endpoint_config: dict[str, Any] = {}
+    runtime: Runtime | None = None
+    tasks: list[TaskRef] = []
+
+
+class SubmitAck(Envelope, tag="SUBMIT_ACK"):
+    """Sent after the accepted tasks are committed to disk."""
+
+    request_id: int = 0
+    accepted: list[str] = []
+    rejected: list[Rejection] = []
+
+
+class Fetch(Envelope, tag="FETCH"):
+    """Ask for the stored results of these tasks (after a reconnect, or as a poll)."""
+
+    token: str = ""
+    request_id: int = 0
+    task_ids: list[str] = []
+
+
+class Results(Envelope, tag="RESULTS"):
+    """Results, pushed by the service or the router, or answering a Fetch.
+
+    ``unknown`` lists task ids the requester may not see (never submitted, or
+    submitted by another identity: the two are indistinguishable on purpose).
+    """
+
+    request_id: int = 0
+    results: list[Result] = []
+    unknown: list[str] = []
+
+
+class ResultsAck(Envelope, tag="RESULTS_ACK"):
+    """The receiver has the results durably (client: in hand); the sender may forget them."""
+
+    token: str = ""
+    task_ids: list[str] = []
+
+
+class StatusRequest(Envelope, tag="STATUS"):
+    token: str = ""
+    request_id: int = 0
+    endpoint_id: str = ""
+
+
+class ProcessStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """What a process says of itself: who it runs as and whether it ever loaded dill."""
+
+    role: str
+    pid: int
+    uid: int
+    dill_loaded: bool
+    unpickling_refused: bool
+
+
+class StatusReply(Envelope, tag="STATUS_REPLY"):
+    request_id: int = 0
+    processes: list[ProcessStatus] = []
+    endpoint_online: bool = False
+
+
+class Error(Envelope, tag="ERROR"):
+    """A whole request was refused (bad token, malformed message, unknown endpoint)."""
+
+    request_id: int = 0
+    code: str = ""
+    message: str = ""
+
+
+# --- service <-> manager router ---------------------------------------------
+
+
+class IdentityResource(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """An identity in the Globus Auth shape, as the service asserts it."""
+
+    id: str
+    username: str
+    status: str = "used"
+    email: str | None = None
+    name: str | None = None
+    organization: str | None = None
+    identity_provider: str | None = None
+
+
+class TaskGroup(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Who submitted a set of tasks, with which config and runtime.
+
+    ``identity_assertion`` is reserved for the service's signature over
+    ``identities`` so the spawner need not trust the router (later issue).
+    """
+
+    submitter_id: str
+    identities: list[IdentityResource]
+    user_endpoint_config: dict[str, Any]
+    runtime: Runtime
+    task_ids: list[str]
+    identity_assertion: str = ""
+
+
+class Register(Envelope, tag="REGISTER"):
+    endpoint_id: str = ""
+    mep_version: str = ""
+
+
+class Registered(Envelope, tag="REGISTERED"):
+    heartbeat_interval: float = 10.0
+
+
+class Dispatch(Envelope, tag="DISPATCH"):
+    tasks: list[TaskRef] = []
+    groups: list[TaskGroup] = []
+
+
+class DispatchAck(Envelope, tag="DISPATCH_ACK"):
+    accepted: list[str] = []
+    rejected: list[Rejection] = []
+
+
+class Heartbeat(Envelope, tag="HEARTBEAT"):
+    processes: list[ProcessStatus] = []
+
+
+# --- manager router <-> user endpoint ---------------------------------------
+
+
+class Ready(Envelope, tag="READY"):
+    endpoint_id: str = ""
+    pid: int = 0
+
+
+class Tasks(Envelope, tag="TASKS"):
+    tasks: list[TaskRef] = []
+    runtime: Runtime | None = None
+
+
+class IdleExit(Envelope, tag="IDLE_EXIT"):
+    """The endpoint has been idle and asks to exit; the router answers Shutdown or ignores it."""
+
+
+class Shutdown(Envelope, tag="SHUTDOWN"):
+    reason: str = ""
+
+
+# --- manager router <-> root spawner (socketpair, no payload frames) ---------
+
+
+class SpawnRequest(Envelope, tag="SPAWN"):
+    request_id: int = 0
+    submitter_id: str = ""
+    identities: list[IdentityResource] = []
+    user_endpoint_config: dict[str, Any] = {}
+    runtime: Runtime | None = None
+    identity_assertion: str = ""
+
+
+class Spawned(Envelope, tag="SPAWNED"):
+    request_id: int = 0
+    endpoint_id: str = ""
+    pid: int = 0
+    account: str = ""
+    public_key: str = ""
+    reused: bool = False
+
+
+class SpawnRefused(Envelope, tag="SPAWN_REFUSED"):
+    request_id: int = 0
+    code: str = ""
+    message: str = ""
+
+
+class EndpointExited(Envelope, tag="ENDPOINT_EXITED"):
+    endpoint_id: str = ""
+    pid: int = 0
+    how: str = ""
+    log_tail: str = ""
+
+
+class SpawnerStatusRequest(Envelope, tag="SPAWNER_STATUS"):
+    pass
+
+
+class SpawnerStatus(Envelope, tag="SPAWNER_STATUS_REPLY"):
+    process: ProcessStatus | None = None
+
+
+Header = (
+    Submit
+    | SubmitAck
+    | Fetch
+    | Results
+    | ResultsAck
+    | StatusRequest
+    | StatusReply
+    | Error
+    | Register
+    | Registered
+    | Dispatch
+    | DispatchAck
+    | Heartbeat
+    | Ready
+    | Tasks
+    | IdleExit
+    | Shutdown
+    | SpawnRequest
+    | Spawned
+    | SpawnRefused
+    | EndpointExited
+    | SpawnerStatusRequest
+    | SpawnerStatus
+)
