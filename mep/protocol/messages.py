@@ -263,6 +263,12 @@ class EndpointExited(Envelope, tag="ENDPOINT_EXITED"):
     log_tail: str = ""
 
 
+class RetireEndpoint(Envelope, tag="RETIRE"):
+    """The router is shutting this endpoint down: never hand it out again."""
+
+    endpoint_id: str = ""
+
+
 class SpawnerStatusRequest(Envelope, tag="SPAWNER_STATUS"):
     pass
 
@@ -293,6 +299,21 @@ Header = (
     | Spawned
     | SpawnRefused
     | EndpointExited
+    | RetireEndpoint
     | SpawnerStatusRequest
     | SpawnerStatus
 )
+
+
+# --- spawner -> user endpoint (one JSON document on the endpoint's stdin) ---
+
+
+class EndpointBoot(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything a freshly exec'd user endpoint needs; secrets travel only here, never in argv/env."""
+
+    endpoint_id: str
+    account: str
+    router_address: str
+    router_public_key: str
+    secret_key: str
+    config: dict[str, Any]

@@ -1,0 +1,3 @@
+from mep.cli.main import main
+
+raise SystemExit(main())

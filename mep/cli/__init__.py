@@ -1,0 +1,1 @@
+"""The ``mep`` command: service administration, the manager, status, and the demo."""

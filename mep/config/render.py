@@ -1,0 +1,394 @@
+"""Turn a researcher's ``user_endpoint_config`` into a checked ``UserEndpointConfig`` via the admin's template.
+
+The root spawner owns the admin's template (Jinja producing YAML) and JSON
+Schema; a researcher owns only the option values. ``TemplateRenderer.render``:
+
+1. checks the options are plain JSON with identifier keys that do not shadow
+   the reserved ``mep`` namespace, then validates them against the admin's
+   schema (Draft 2020-12 unless the schema's ``$schema`` says otherwise);
+2. renders the template in an immutable Jinja sandbox with ``StrictUndefined``;
+   every ``{{ }}`` value is emitted as a typed YAML flow scalar (strings always
+   double-quoted with every non-printable character escaped), so no value can
+   add, remove or retype a key, nor be cut by ``#`` or a line break;
+3. parses the YAML (safe loader, duplicate keys refused) and validates it into
+   ``UserEndpointConfig``, which forbids unknown keys.
+
+Template authoring, for admins: researcher options are top-level variables
+(``{{ workers }}``); mep's own values live under ``mep`` (``mep.mapped_user``,
+``mep.user_runtime``, ``mep.endpoint``). Guard optional options with
+``{% if workers is defined %}`` or ``{{ workers | default(2) }}``. A ``{{ }}``
+is a whole YAML value, so build composite strings inside it:
+``{{ mep.mapped_user.home ~ "/mep" }}``, not ``/home/{{ name }}/mep``. The
+``shell_quote`` filter quotes a value for a shell command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shlex
+import traceback
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
+from pydantic import ValidationError
+from referencing.exceptions import Unresolvable
+
+from mep.config.endpoint import UserEndpointConfig
+from mep.errors import ConfigInvalidError, ConfigurationError, TemplateError
+
+RESERVED_NAMESPACE = "mep"
+
+_USER_CONFIG = "user_endpoint_config"
+_OPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_MAX_NESTING = 32
+_MAX_MESSAGE = 300
+
+
+class _UnplaceableValue(Exception):
+    """A template tried to emit a value that has no faithful YAML form."""
+
+
+def _yaml_char(char: str) -> str:
+    if char in '"\\':
+        return "\\" + char
+    # Python's printable set excludes every YAML line break (\x85, \u2028, \u2029),
+    # tabs, controls, BOMs and surrogates; those are escaped so the scalar stays one line.
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _yaml_string(text: str) -> str:
+    """A double-quoted YAML scalar that loads back as exactly ``text``.
+
+    Not ``json.dumps``: its surrogate-pair escapes for non-BMP characters load
+    in PyYAML as two lone surrogates, and it leaves DEL raw, which YAML refuses.
+    """
+    return '"' + "".join(map(_yaml_char, text)) + '"'
+
+
+def _yaml_float(number: float) -> str:
+    if not math.isfinite(number):
+        raise _UnplaceableValue("a non-finite number")
+    text = float.__repr__(number)
+    # YAML 1.1 (PyYAML) reads a float only if its mantissa has a '.': 1e-05 would load as a string.
+    if "e" in text and "." not in text:
+        text = text.replace("e", ".0e")
+    return text
+
+
+def _yaml_value(value: object) -> str:
+    """Jinja ``finalize``: the YAML flow form of each ``{{ }}`` value, typed as in JSON."""
+    if isinstance(value, Undefined):
+        str(value)  # StrictUndefined raises UndefinedError naming the variable
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return _yaml_float(value)
+    if isinstance(value, str):
+        return _yaml_string(value)
+    if isinstance(value, Mapping):
+        items = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _UnplaceableValue("a mapping with a non-string key")
+            items.append(f"{_yaml_string(key)}: {_yaml_value(item)}")
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_yaml_value, value)) + "]"
+    raise _UnplaceableValue(f"a value of type {type(value).__name__}")
+
+
+def _shell_quote(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _UnplaceableValue(f"a value of type {type(value).__name__} in shell_quote")
+    return shlex.quote(str(value))
+
+
+def _new_environment() -> ImmutableSandboxedEnvironment:
+    # Immutable: a template can't modify the mappings it is given either.
+    environment = ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined,
+        finalize=_yaml_value,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters["shell_quote"] = _shell_quote
+    return environment
+
+
+def _format_path(root: str, parts: Iterable[str | int]) -> str:
+    text = root
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _OPTION_NAME.match(part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{_yaml_string(part)}]"
+    return text
+
+
+def _shorten(message: str) -> str:
+    return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 1] + "…"
+
+
+def _plain_json(value: object, path: tuple[str | int, ...] = ()) -> Any:
+    """A copy of ``value`` made only of JSON types, or ConfigInvalidError naming where it isn't."""
+    if len(path) > _MAX_NESTING:
+        raise ConfigInvalidError(f"{_format_path(_USER_CONFIG, path)}: nested more than {_MAX_NESTING} levels")
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float:
+        if math.isfinite(value):
+            return value
+        raise ConfigInvalidError(f"{_format_path(_USER_CONFIG, path)}: {value} is not a JSON number")
+    if type(value) is list:
+        return [_plain_json(item, (*path, index)) for index, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        copy = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigInvalidError(f"{_format_path(_USER_CONFIG, path)}: keys must be strings")
+            copy[key] = _plain_json(item, (*path, key))
+        return copy
+    raise ConfigInvalidError(
+        f"{_format_path(_USER_CONFIG, path)}: a {type(value).__name__} is not a JSON value"
+    )
+
+
+class _RenderedConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a repeated key is an error instead of silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigurationError(f"cannot read the {what} {path}: {reason}") from exc
+
+
+class TemplateRenderer:
+    """One admin template and its schema, compiled once and rendered for each researcher's options.
+
+    Pass ``template_text``/``schema_text`` when the caller has already read the
+    files through its own ownership and permission checks; the paths then only
+    name the files in messages. Otherwise the files are read here, unchecked.
+    """
+
+    def __init__(
+        self,
+        template_path: Path,
+        schema_path: Path,
+        *,
+        template_text: str | None = None,
+        schema_text: str | None = None,
+    ) -> None:
+        self._template_path = Path(template_path)
+        self._schema_path = Path(schema_path)
+        template_source = _read(self._template_path, "template") if template_text is None else template_text
+        schema_source = _read(self._schema_path, "schema") if schema_text is None else schema_text
+        self._environment = _new_environment()
+        # Jinja's globals (range, dict, ...) are names a template author relies on, like ``mep``.
+        self._reserved_names = frozenset({RESERVED_NAMESPACE, *self._environment.globals})
+        self._template = self._compile(template_source)
+        self._validator = self._load_schema(schema_source)
+        digest = hashlib.sha256()
+        for part in (template_source, schema_source):
+            data = part.encode("utf-8", "surrogatepass")
+            # Length-prefixed, so text moved between template and schema changes the digest.
+            digest.update(len(data).to_bytes(8, "big") + data)
+        self._digest = digest.hexdigest()
+
+    @property
+    def template_path(self) -> Path:
+        return self._template_path
+
+    @property
+    def schema_path(self) -> Path:
+        return self._schema_path
+
+    @property
+    def digest(self) -> str:
+        """sha256 hex over the template and schema texts: equal digests mean the same template."""
+        return self._digest
+
+    def render(
+        self,
+        user_config: Mapping[str, Any],
+        *,
+        mapped_user: Mapping[str, Any],
+        user_runtime: Mapping[str, Any],
+        endpoint: Mapping[str, Any],
+    ) -> UserEndpointConfig:
+        """Validate ``user_config``, render the template and return the checked endpoint config.
+
+        Raises ConfigInvalidError when the options or the rendered config are
+        refused, TemplateError when the template fails to render valid YAML.
+        """
+        text = self.render_text(user_config, mapped_user=mapped_user, user_runtime=user_runtime, endpoint=endpoint)
+        document = self._parse(text)
+        try:
+            return UserEndpointConfig.model_validate(document)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            more = exc.error_count() - 1
+            raise ConfigInvalidError(
+                _shorten(
+                    f"the endpoint config rendered from template {self._template_path} is invalid: "
+                    f"{_format_path('', first['loc'])}: {first['msg']}"
+                    + (f" (and {more} more)" if more else "")
+                )
+            ) from exc
+
+    def render_text(
+        self,
+        user_config: Mapping[str, Any],
+        *,
+        mapped_user: Mapping[str, Any],
+        user_runtime: Mapping[str, Any],
+        endpoint: Mapping[str, Any],
+    ) -> str:
+        """Validate ``user_config`` and return the rendered YAML text, before parsing."""
+        variables = self._checked_user_config(user_config)
+        variables[RESERVED_NAMESPACE] = {
+            "user_runtime": dict(user_runtime),
+            "mapped_user": dict(mapped_user),
+            "endpoint": dict(endpoint),
+        }
+        try:
+            return self._template.render(variables)
+        except UndefinedError as exc:
+            message = exc.message or "undefined value"
+            # "'x' is undefined" is a missing top-level name: usually an option the researcher left out.
+            if message.endswith("is undefined"):
+                message += (
+                    f"; pass it in {_USER_CONFIG}, or the admin can make it optional in the template "
+                    "with `is defined` or `| default(...)`"
+                )
+            raise TemplateError(_shorten(f"{self._location(exc)}: {message}")) from exc
+        except SecurityError as exc:
+            raise TemplateError(f"{self._location(exc)}: the template uses an operation the sandbox forbids") from exc
+        except _UnplaceableValue as exc:
+            raise TemplateError(f"{self._location(exc)}: cannot place {exc} in the YAML") from exc
+        except Exception as exc:  # the detail (a Jinja or Python internal message) stays in __cause__ for the log
+            raise TemplateError(f"{self._location(exc)}: rendering failed ({type(exc).__name__})") from exc
+
+    def _compile(self, source: str) -> Template:
+        try:
+            code = self._environment.compile(source, name=self._template_path.name, filename=str(self._template_path))
+        except TemplateSyntaxError as exc:
+            raise ConfigurationError(
+                f"template {self._template_path}, line {exc.lineno}: {exc.message or 'syntax error'}"
+            ) from exc
+        return self._environment.template_class.from_code(
+            self._environment, code, self._environment.make_globals(None)
+        )
+
+    def _load_schema(self, source: str) -> Validator:
+        try:
+            schema = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(
+                f"schema {self._schema_path}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})"
+            ) from exc
+        if not isinstance(schema, dict):
+            raise ConfigurationError(f"schema {self._schema_path}: must be a JSON object")
+        declared = schema.get("$schema")
+        if declared is None:
+            validator_class: type[Validator] | None = Draft202012Validator
+        else:
+            validator_class = validator_for(schema, default=None) if isinstance(declared, str) else None  # type: ignore[arg-type]
+        if validator_class is None:
+            raise ConfigurationError(
+                f"schema {self._schema_path}: unknown $schema {declared!r}; "
+                "use https://json-schema.org/draft/2020-12/schema or leave it out"
+            )
+        try:
+            validator_class.check_schema(schema)
+        except SchemaError as exc:
+            raise ConfigurationError(
+                _shorten(f"schema {self._schema_path}: {_format_path('', exc.absolute_path) or '(root)'}: {exc.message}")
+            ) from exc
+        return validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+
+    def _checked_user_config(self, user_config: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(user_config, Mapping):
+            raise ConfigInvalidError(f"{_USER_CONFIG} must be a mapping of option names to values")
+        config: dict[str, Any] = _plain_json(user_config)
+        for name in config:
+            if not _OPTION_NAME.match(name):
+                raise ConfigInvalidError(
+                    _shorten(
+                        f"{_USER_CONFIG}: option name {_yaml_string(name)} is not allowed; "
+                        "use letters, digits and '_', not starting with a digit"
+                    )
+                )
+            if name in self._reserved_names:
+                raise ConfigInvalidError(f"{_USER_CONFIG}: option name '{name}' is reserved for mep; rename it")
+        try:
+            error = best_match(self._validator.iter_errors(config))
+        except Unresolvable as exc:
+            raise TemplateError(f"schema {self._schema_path}: a $ref in it cannot be resolved") from exc
+        if error is not None:
+            raise ConfigInvalidError(_shorten(f"{_format_path(_USER_CONFIG, error.absolute_path)}: {error.message}"))
+        return config
+
+    def _parse(self, text: str) -> dict[str, Any]:
+        try:
+            document = yaml.load(text, Loader=_RenderedConfigLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise TemplateError(
+                _shorten(f"template {self._template_path} rendered invalid YAML{where}: {problem}")
+            ) from exc
+        if document is None:
+            return {}
+        if not isinstance(document, dict):
+            raise TemplateError(
+                f"template {self._template_path} must render a YAML mapping, not a {type(document).__name__}"
+            )
+        return document
+
+    def _location(self, exc: BaseException) -> str:
+        """``template PATH, line N`` from the deepest traceback frame Jinja mapped to the template."""
+        filename = str(self._template_path)
+        lines = [line for frame, line in traceback.walk_tb(exc.__traceback__) if frame.f_code.co_filename == filename]
+        return f"template {filename}, line {lines[-1]}" if lines else f"template {filename}"

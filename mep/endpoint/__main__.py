@@ -1,0 +1,3 @@
+from mep.endpoint.main import main
+
+raise SystemExit(main())

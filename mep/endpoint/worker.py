@@ -1,0 +1,47 @@
+"""Code that runs inside a worker process: load the function once, call it, package the outcome."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from mep.errors import ErrorCode
+from mep.protocol.messages import SUCCESS, TASK_ERROR
+from mep.sdk.serialize import deserialize, serialize
+
+_functions: dict[str, Callable[..., Any]] = {}
+
+
+
+class Outcome(NamedTuple):
+    """What became of one task, ready to become a wire ``Result``."""
+
+    status: str
+    payload: bytes = b""
+    error_type: str = ""
+    message: str = ""
+    traceback: str = ""
+    code: str = ""
+
+
+def run_task(fn_hash: str, fn_body: bytes, args: bytes) -> Outcome:
+    try:
+        fn = _functions.get(fn_hash)
+        if fn is None:
+            fn = _functions[fn_hash] = deserialize(fn_body)
+        call_args, call_kwargs = deserialize(args)
+        return Outcome(SUCCESS, serialize(fn(*call_args, **call_kwargs)))
+    except BaseException as exc:  # the task's failure is data to send back, whatever it is
+        return _failure(exc)
+
+
+def _failure(exc: BaseException) -> Outcome:
+    kind = type(exc)
+    type_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    text = "".join(traceback.format_exception(exc))
+    try:
+        payload = serialize(exc)
+    except Exception:  # unpicklable exception: the SDK raises RemoteError from the text
+        payload = b""
+    return Outcome(TASK_ERROR, payload, type_name, str(exc), text, code=ErrorCode.TASK_ERROR)

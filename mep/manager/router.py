@@ -1,0 +1,404 @@
+"""The unprivileged half of the manager: service link, task routing, results back.
+
+The router holds every network socket and every task, and no privilege. It
+groups dispatched tasks by (submitter, user endpoint config); for a group
+without a live endpoint it asks the root spawner for one over the private
+socketpair, queueing the group's tasks until the endpoint connects. User
+endpoints connect to one ipc ROUTER socket with the CURVE key the spawner gave
+each of them; the ZAP handler turns that key into the endpoint id, and a
+result is accepted only from the endpoint its task was sent to.
+
+Payload frames pass through as ``zmq.Frame`` objects, never copied or parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket as socketlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from mep import __version__
+from mep.config.manager import ManagerConfig
+from mep.errors import EndpointLostError, ErrorCode, MepError
+from mep.protocol import decode, encode
+from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server
+from mep.protocol.guard import forbid_unpickling, process_status
+from mep.protocol.messages import (
+    FAILED,
+    Dispatch,
+    DispatchAck,
+    EndpointExited,
+    Heartbeat,
+    IdleExit,
+    ProcessStatus,
+    Ready,
+    Register,
+    Registered,
+    Result,
+    Results,
+    ResultsAck,
+    Shutdown,
+    RetireEndpoint,
+    Spawned,
+    SpawnerStatus,
+    SpawnerStatusRequest,
+    SpawnRefused,
+    SpawnRequest,
+    TaskGroup,
+    TaskRef,
+    Tasks,
+)
+from mep.manager.spawner_link import SpawnerLink
+from mep.service.store import dumps_canonical
+
+log = logging.getLogger("mep.router")
+
+ZAP_DOMAIN = "mep-endpoints"
+GroupKey = tuple[str, str]  # (submitter identity id, canonical user endpoint config)
+
+
+@dataclass
+class QueuedTask:
+    ref: TaskRef
+    args: Any  # zmq.Frame
+
+
+@dataclass
+class EndpointLink:
+    endpoint_id: str
+    pid: int
+    account: str
+    keys: set[GroupKey] = field(default_factory=set)
+    routing_id: bytes | None = None
+    queued: list[QueuedTask] = field(default_factory=list)
+    in_flight: set[str] = field(default_factory=set)
+    functions_sent: set[str] = field(default_factory=set)
+    draining: bool = False
+
+
+@dataclass
+class SpawnWait:
+    """Tasks of one group waiting for the spawner's answer."""
+
+    request_id: int
+    tasks: list[QueuedTask] = field(default_factory=list)
+
+
+class Router:
+    def __init__(self, config: ManagerConfig, manager_secret_key: str, endpoint_address: str,
+                 endpoint_secret_key: str, spawner: socketlib.socket) -> None:
+        self.config = config
+        self.endpoint_address = endpoint_address
+        self.context = zmq.Context()
+        self.endpoint_keys: dict[str, str] = {}  # endpoint public key -> endpoint id (read by the ZAP thread)
+        self.zap = ZapHandler(self.context, {ZAP_DOMAIN: self.endpoint_keys.get})
+        self.service = self.context.socket(zmq.DEALER)
+        self.service.linger = 0
+        self.service.sndhwm = self.service.rcvhwm = 100_000
+        make_curve_client(self.service, config.service_public_key, manager_secret_key)
+        self.endpoints_socket = self.context.socket(zmq.ROUTER)
+        self.endpoints_socket.router_mandatory = True
+        self.endpoints_socket.linger = 0
+        make_curve_server(self.endpoints_socket, endpoint_secret_key, ZAP_DOMAIN)
+        self.spawner = SpawnerLink(spawner)
+        self.endpoints: dict[str, EndpointLink] = {}
+        self.by_group: dict[GroupKey, str] = {}
+        self.spawn_waits: dict[GroupKey, SpawnWait] = {}
+        self.spawn_requests: dict[int, GroupKey] = {}
+        self.functions: dict[str, Any] = {}  # fn hash -> frame, to forward to endpoints that lack it
+        self.task_endpoint: dict[str, str] = {}
+        self.results_out: list[tuple[Result, Any]] = []
+        self.spawner_status: ProcessStatus | None = None
+        self.registered = False
+        self.last_heard = 0.0
+        self.last_heartbeat = 0.0
+        self._stopping = False
+        self._next_request = 0
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def run(self) -> int:
+        forbid_unpickling()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop())
+        signal.signal(signal.SIGINT, lambda *_: self._stop())
+        self.endpoints_socket.bind(self.endpoint_address)
+        os.chmod(self.endpoint_address.removeprefix("ipc://"), 0o666)  # CURVE, not file modes, guards it
+        self.service.connect(self.config.service_address)
+        self._register()
+        poller = zmq.Poller()
+        poller.register(self.service, zmq.POLLIN)
+        poller.register(self.endpoints_socket, zmq.POLLIN)
+        poller.register(self.spawner.fileno(), zmq.POLLIN)
+        while not self._stopping:
+            ready = dict(poller.poll(200))
+            if self.spawner.fileno() in ready and not self._from_spawner():
+                log.error("the root spawner has gone; the router stops")
+                break
+            self._drain(self.endpoints_socket, self._from_endpoint)
+            self._drain(self.service, self._from_service)
+            self._flush_results()
+            self._keep_alive()
+        self._shutdown_endpoints("the manager is stopping")
+        self.service.close(linger=0)
+        self.endpoints_socket.close(linger=0)
+        self.context.term()
+        return 0
+
+    def _stop(self) -> None:
+        self._stopping = True
+
+    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+        for _ in range(1000):
+            try:
+                handler(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                return
+
+    def _register(self) -> None:
+        self.registered = False
+        self.service.send_multipart(encode(Register(endpoint_id=self.config.endpoint_id, mep_version=__version__)))
+        self.last_heartbeat = self.last_heard = time.monotonic()
+
+    def _keep_alive(self) -> None:
+        now = time.monotonic()
+        interval = self.config.heartbeat_interval
+        if now - self.last_heard > 3 * interval:
+            log.warning("no word from the service for %.0f s; registering again", now - self.last_heard)
+            self._register()
+        elif now - self.last_heartbeat > interval:
+            self.spawner.send(SpawnerStatusRequest())
+            processes = [process_status("router")] + ([self.spawner_status] if self.spawner_status else [])
+            self.service.send_multipart(encode(Heartbeat(processes=processes)))
+            self.last_heartbeat = now
+
+    # --- service ------------------------------------------------------------------
+
+    def _from_service(self, frames: list[Any]) -> None:
+        try:
+            header, payloads = decode(frames)
+        except MepError as exc:
+            log.warning("ignoring a malformed message from the service: %s", exc)
+            return
+        self.last_heard = time.monotonic()
+        match header:
+            case Registered():
+                self.registered = True
+                self.config = self.config.model_copy(update={"heartbeat_interval": header.heartbeat_interval})
+                log.info("registered with the service at %s", self.config.service_address)
+                self.spawner.send(SpawnerStatusRequest())
+            case Dispatch():
+                self._dispatch(header, payloads)
+            case ResultsAck():
+                self._results_acknowledged(header.task_ids)
+            case Heartbeat():
+                pass
+            case _:
+                log.warning("the service sent %s: %s", type(header).__name__, getattr(header, "message", ""))
+
+    def _dispatch(self, dispatch: Dispatch, payloads: list[Any]) -> None:
+        refs = {ref.task_id: ref for ref in dispatch.tasks}
+        for ref in dispatch.tasks:
+            if ref.fn_frame != -1:
+                self.functions[ref.fn_hash] = payloads[ref.fn_frame]
+        for group in dispatch.groups:
+            key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
+            tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame]) for task_id in group.task_ids
+                     if task_id in refs]
+            endpoint_id = self.by_group.get(key)
+            if endpoint_id is not None:
+                self._queue_on_endpoint(self.endpoints[endpoint_id], tasks)
+            elif key in self.spawn_waits:
+                self.spawn_waits[key].tasks.extend(tasks)
+            else:
+                self._request_spawn(key, group, tasks)
+        self.service.send_multipart(encode(DispatchAck(accepted=list(refs))))
+
+    def _request_spawn(self, key: GroupKey, group: TaskGroup, tasks: list[QueuedTask]) -> None:
+        self._next_request += 1
+        self.spawn_waits[key] = SpawnWait(request_id=self._next_request, tasks=tasks)
+        self.spawn_requests[self._next_request] = key
+        self.spawner.send(SpawnRequest(
+            request_id=self._next_request, submitter_id=group.submitter_id, identities=group.identities,
+            user_endpoint_config=group.user_endpoint_config, runtime=group.runtime,
+            identity_assertion=group.identity_assertion))
+
+    def _fail(self, task_ids: list[str], code: str, message: str) -> None:
+        for task_id in task_ids:
+            self.task_endpoint.pop(task_id, None)
+            self.results_out.append((Result(task_id=task_id, status=FAILED, code=code, message=message), None))
+
+    def _flush_results(self) -> None:
+        if not self.results_out:
+            return
+        results: list[Result] = []
+        payloads: list[Any] = []
+        for result, payload in self.results_out:
+            result.payload_frame = -1
+            if payload is not None:
+                result.payload_frame = len(payloads)
+                payloads.append(payload)
+            results.append(result)
+        self.results_out.clear()
+        self.service.send_multipart(encode(Results(results=results), payloads), copy=False)
+
+    def _results_acknowledged(self, task_ids: list[str]) -> None:
+        by_endpoint: dict[str, list[str]] = defaultdict(list)
+        for task_id in task_ids:
+            endpoint_id = self.task_endpoint.pop(task_id, None)
+            if endpoint_id in self.endpoints:
+                by_endpoint[endpoint_id].append(task_id)
+        for endpoint_id, ids in by_endpoint.items():
+            self._send_endpoint(self.endpoints[endpoint_id], ResultsAck(task_ids=ids))
+
+    # --- spawner ------------------------------------------------------------------
+
+    def _from_spawner(self) -> bool:
+        message = self.spawner.receive()
+        if message is None:
+            return False
+        match message:
+            case Spawned():
+                self._spawned(message)
+            case SpawnRefused():
+                key = self.spawn_requests.pop(message.request_id, None)
+                wait = self.spawn_waits.pop(key, None) if key else None
+                if wait is not None:
+                    log.info("spawn refused (%s): %s", message.code, message.message)
+                    self._fail([task.ref.task_id for task in wait.tasks], message.code, message.message)
+            case EndpointExited():
+                self._endpoint_exited(message)
+            case SpawnerStatus():
+                self.spawner_status = message.process
+        return True
+
+    def _spawned(self, message: Spawned) -> None:
+        key = self.spawn_requests.pop(message.request_id, None)
+        wait = self.spawn_waits.pop(key, None) if key else None
+        link = self.endpoints.get(message.endpoint_id)
+        if link is None:
+            link = self.endpoints[message.endpoint_id] = EndpointLink(
+                endpoint_id=message.endpoint_id, pid=message.pid, account=message.account)
+            self.endpoint_keys[message.public_key] = message.endpoint_id
+            log.info("endpoint %s (pid %d) started for %s", message.endpoint_id, message.pid, message.account)
+        if key is not None:
+            link.keys.add(key)
+            self.by_group[key] = link.endpoint_id
+        if wait is not None:
+            self._queue_on_endpoint(link, wait.tasks)
+
+    def _endpoint_exited(self, message: EndpointExited) -> None:
+        link = self.endpoints.pop(message.endpoint_id, None)
+        if link is None:
+            return
+        for key in link.keys:
+            if self.by_group.get(key) == link.endpoint_id:
+                del self.by_group[key]
+        for public_key in [k for k, v in self.endpoint_keys.items() if v == link.endpoint_id]:
+            del self.endpoint_keys[public_key]
+        lost = list(link.in_flight) + [task.ref.task_id for task in link.queued]
+        log.info("endpoint %s of %s %s; %d task(s) lost with it", link.endpoint_id, link.account, message.how,
+                 len(lost))
+        if not lost:
+            return
+        if link.routing_id is None:
+            detail = f"the user endpoint {message.how} while starting"
+            if message.log_tail:
+                detail += f"; the last lines of its log:\n{message.log_tail}"
+            self._fail(lost, ErrorCode.SPAWN_FAILED, detail)
+        else:
+            self._fail(lost, EndpointLostError.code, f"the user endpoint {message.how} while running this task")
+
+    # --- user endpoints -------------------------------------------------------------
+
+    def _from_endpoint(self, frames: list[Any]) -> None:
+        routing_id = frames[0].bytes
+        endpoint_id = frames[1].get("User-Id") if len(frames) > 1 else ""
+        link = self.endpoints.get(endpoint_id)
+        if link is None:
+            log.warning("message from endpoint %s, which this router does not know; ignored", endpoint_id)
+            return
+        try:
+            header, payloads = decode(frames[1:])
+        except MepError as exc:
+            log.warning("ignoring a malformed message from endpoint %s: %s", endpoint_id, exc)
+            return
+        match header:
+            case Ready():
+                link.routing_id = routing_id
+                link.functions_sent.clear()
+                self._send_queued(link)
+            case Results():
+                self._endpoint_results(link, header, payloads)
+            case IdleExit():
+                if not link.in_flight and not link.queued:
+                    self._retire(link, "idle")
+            case _:
+                log.warning("endpoint %s sent an unexpected %s", endpoint_id, type(header).__name__)
+
+    def _endpoint_results(self, link: EndpointLink, header: Results, payloads: list[Any]) -> None:
+        for result in header.results:
+            if result.task_id not in link.in_flight:
+                if self.task_endpoint.get(result.task_id) != link.endpoint_id:
+                    log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
+                                link.endpoint_id, link.account, result.task_id)
+                continue  # a forged result, or a resend of one already forwarded
+            link.in_flight.discard(result.task_id)
+            payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
+            self.results_out.append((result, payload))
+
+    def _queue_on_endpoint(self, link: EndpointLink, tasks: list[QueuedTask]) -> None:
+        link.queued.extend(tasks)
+        if link.routing_id is not None:
+            self._send_queued(link)
+
+    def _send_queued(self, link: EndpointLink) -> None:
+        if not link.queued:
+            return
+        refs: list[TaskRef] = []
+        payloads: list[Any] = []
+        for task in link.queued:
+            ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads))
+            payloads.append(task.args)
+            if ref.fn_hash not in link.functions_sent:
+                ref.fn_frame = len(payloads)
+                payloads.append(self.functions[ref.fn_hash])
+                link.functions_sent.add(ref.fn_hash)
+            refs.append(ref)
+        if self._send_endpoint(link, Tasks(tasks=refs), payloads):
+            for ref in refs:
+                link.in_flight.add(ref.task_id)
+                self.task_endpoint[ref.task_id] = link.endpoint_id
+            link.queued.clear()
+        else:
+            link.functions_sent.difference_update(ref.fn_hash for ref in refs)
+
+    def _send_endpoint(self, link: EndpointLink, header: msgspec.Struct, payloads: list[Any] | None = None) -> bool:
+        try:
+            self.endpoints_socket.send_multipart([link.routing_id, *encode(header, payloads or [])],
+                                                 zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            log.info("endpoint %s is not reachable right now (%s); will retry", link.endpoint_id, exc.strerror)
+            return False
+
+    def _retire(self, link: EndpointLink, reason: str) -> None:
+        """New work for this endpoint's groups goes to a fresh endpoint from now on."""
+        link.draining = True
+        for key in link.keys:
+            if self.by_group.get(key) == link.endpoint_id:
+                del self.by_group[key]
+        self.spawner.send(RetireEndpoint(endpoint_id=link.endpoint_id))
+        self._send_endpoint(link, Shutdown(reason=reason))
+
+    def _shutdown_endpoints(self, reason: str) -> None:
+        for link in self.endpoints.values():
+            if link.routing_id is not None:
+                self._send_endpoint(link, Shutdown(reason=reason))

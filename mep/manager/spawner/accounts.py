@@ -1,0 +1,202 @@
+"""Account policy: whether the spawner may run tasks as the local account a mapping produced.
+
+``resolve_account`` checks the name's syntax before any NSS lookup, looks the
+account up by name only, then runs ``ACCOUNT_CHECKS`` in order; the first that
+objects raises ``AccountRefused``. Checks are small named functions so later
+policy (disabled shells, expiry, PAM, allow/deny lists) slots into the list.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mep.errors import AccountRefusedError
+
+# Conservative on purpose: no "/", whitespace, control characters or a leading
+# "-" (which a later command line could read as an option).
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._@-]*")
+MAX_ACCOUNT_NAME_LENGTH = 64
+# The kernel's overflow id, used for "nobody"/"nogroup" and for ids that can't
+# be represented (NFS, user namespaces): files it owns are shared with anything
+# else squashed to it.
+OVERFLOW_ID = 65534
+
+
+@dataclass(frozen=True)
+class Account:
+    """A local account the spawner may run tasks as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    groups: tuple[int, ...]  # from os.getgrouplist, primary group included
+
+
+@dataclass(frozen=True)
+class AccountPolicy:
+    """Which accounts are off limits on this endpoint."""
+
+    min_uid: int = 1000
+    manager_uids: frozenset[int] = frozenset()  # the manager's own uid and the router's uid: never run as them
+    only_uid: int | None = None  # single-user mode: only this uid is allowed
+
+
+class AccountRefused(AccountRefusedError):
+    """``AccountRefusedError`` that keeps its parts, so the caller can name the identity.
+
+    ``str()`` reads "account 'bob' is a system account (uid 5 < 1000); tasks
+    can't run as it. Ask your admin."; ``for_identity`` puts the submitter in.
+    ``admin_detail`` is for the log.
+    """
+
+    def __init__(self, account: str, reason: str, admin_detail: str) -> None:
+        super().__init__(f"account {account!r} {reason}; tasks can't run as it. Ask your admin.")
+        self.account = account
+        self.reason = reason
+        self.admin_detail = admin_detail
+
+    def for_identity(self, identity: str) -> str:
+        """The user-facing message naming who mapped to the account."""
+        return (
+            f"the account {self.account!r} that {identity} maps to {self.reason};"
+            " tasks can't run as it. Ask your admin."
+        )
+
+
+AccountCheck = Callable[[str, pwd.struct_passwd, AccountPolicy], None]
+
+
+def resolve_account(name: str, policy: AccountPolicy) -> Account:
+    """Look up ``name`` and prove policy allows running tasks as it, or raise ``AccountRefused``."""
+    _check_name_syntax(name)
+    try:
+        # getpwnam only: a numeric name stays a name and never selects a uid.
+        passwd = pwd.getpwnam(name)
+    except KeyError:
+        raise AccountRefused(
+            name, "does not exist on this host", f"getpwnam({name!r}) found no account"
+        ) from None
+    for check in ACCOUNT_CHECKS:
+        check(name, passwd, policy)
+    return Account(
+        name=passwd.pw_name,
+        uid=passwd.pw_uid,
+        gid=passwd.pw_gid,
+        home=passwd.pw_dir,
+        shell=passwd.pw_shell,
+        groups=tuple(dict.fromkeys(os.getgrouplist(passwd.pw_name, passwd.pw_gid))),
+    )
+
+
+def _check_name_syntax(name: str) -> None:
+    if len(name) > MAX_ACCOUNT_NAME_LENGTH or not _ACCOUNT_NAME.fullmatch(name):
+        raise AccountRefused(
+            name,
+            "is not a valid account name",
+            f"mapped name {name!r} does not match {_ACCOUNT_NAME.pattern}"
+            f" (at most {MAX_ACCOUNT_NAME_LENGTH} characters); checked before any lookup",
+        )
+
+
+def refuse_non_canonical_name(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    """NSS modules may answer for aliases (SSSD's user@domain, case folding); only the real name counts."""
+    if passwd.pw_name != name:
+        raise AccountRefused(
+            name,
+            f"is not the account's canonical name (the system calls it {passwd.pw_name!r})",
+            f"getpwnam({name!r}) returned pw_name {passwd.pw_name!r} (uid {passwd.pw_uid})",
+        )
+
+
+def refuse_missing_primary_group(
+    name: str, passwd: pwd.struct_passwd, policy: AccountPolicy
+) -> None:
+    try:
+        grp.getgrgid(passwd.pw_gid)
+    except KeyError:
+        raise AccountRefused(
+            name,
+            f"has no primary group (gid {passwd.pw_gid} does not exist)",
+            f"getgrgid({passwd.pw_gid}) found no group for account {name!r}",
+        ) from None
+
+
+def refuse_root(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    if passwd.pw_uid == 0:
+        raise AccountRefused(name, "is the superuser (uid 0)", f"{name!r} has uid 0")
+    if passwd.pw_gid == 0:
+        raise AccountRefused(
+            name,
+            "has the root group (gid 0) as its primary group",
+            f"{name!r} (uid {passwd.pw_uid}) has primary gid 0",
+        )
+    if 0 in os.getgrouplist(passwd.pw_name, passwd.pw_gid):
+        raise AccountRefused(
+            name,
+            "is a member of the root group (gid 0)",
+            f"{name!r} (uid {passwd.pw_uid}) has gid 0 among its supplementary groups",
+        )
+
+
+def refuse_system_account(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    if passwd.pw_uid < policy.min_uid:
+        raise AccountRefused(
+            name,
+            f"is a system account (uid {passwd.pw_uid} < {policy.min_uid})",
+            f"{name!r} has uid {passwd.pw_uid}, below min_uid {policy.min_uid}",
+        )
+
+
+def refuse_overflow_ids(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    if passwd.pw_uid == OVERFLOW_ID:
+        raise AccountRefused(
+            name,
+            f"is the shared 'nobody' account (uid {OVERFLOW_ID})",
+            f"{name!r} has the overflow uid {OVERFLOW_ID}",
+        )
+    if passwd.pw_gid == OVERFLOW_ID:
+        raise AccountRefused(
+            name,
+            f"has the shared 'nogroup' group (gid {OVERFLOW_ID}) as its primary group",
+            f"{name!r} (uid {passwd.pw_uid}) has the overflow gid {OVERFLOW_ID} as primary group",
+        )
+
+
+def refuse_manager_accounts(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    if passwd.pw_uid in policy.manager_uids:
+        raise AccountRefused(
+            name,
+            f"is an account mep itself runs as (uid {passwd.pw_uid})",
+            f"{name!r} has uid {passwd.pw_uid}, one of the manager's uids"
+            f" {sorted(policy.manager_uids)}",
+        )
+
+
+def refuse_other_than_single_user(
+    name: str, passwd: pwd.struct_passwd, policy: AccountPolicy
+) -> None:
+    if policy.only_uid is not None and passwd.pw_uid != policy.only_uid:
+        raise AccountRefused(
+            name,
+            f"is not the account this single-user endpoint runs as (uid {policy.only_uid})",
+            f"{name!r} has uid {passwd.pw_uid}; single-user mode allows only uid {policy.only_uid}",
+        )
+
+
+# Run in order after the lookup; the first to object decides the message.
+ACCOUNT_CHECKS: tuple[AccountCheck, ...] = (
+    refuse_non_canonical_name,
+    refuse_missing_primary_group,
+    refuse_root,
+    refuse_system_account,
+    refuse_overflow_ids,
+    refuse_manager_accounts,
+    refuse_other_than_single_user,
+)

@@ -1,0 +1,135 @@
+"""Reading admin policy files (identity maps, templates, schemas) only when nobody else could have written them.
+
+Like sshd's ``StrictModes``: a root process must not take policy from a file
+that another account could have edited, or swapped through a directory it can
+write. ``read_policy_file`` is the only way the spawner reads such a file.
+
+The rules, checked on the file as opened (no time-of-check/time-of-use gap):
+
+* the last path component must not be a symlink (opened with ``O_NOFOLLOW``);
+* the file must be a regular file owned by a trusted uid and not writable by
+  group or others;
+* symlinks in the *directories* are followed, as sshd does, but every
+  directory of the resolved path, from ``/`` down, must be owned by root or a
+  trusted uid and must not be writable by group or others, unless it is
+  sticky (``/tmp``, ``/var/tmp``): in a sticky directory others can add
+  entries but can't rename or replace ours, and the next component's owner is
+  checked anyway. The walk opens each directory with ``O_NOFOLLOW`` relative to
+  the previous one, so a directory swapped for a symlink after resolution is
+  refused rather than followed.
+
+A root manager trusts only uid 0; a single-user manager trusts 0 and its own uid.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from mep.errors import ConfigurationError
+
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+_OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK so a FIFO planted under the name can't hang the open; it is
+# refused as "not a regular file" right after.
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def read_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> bytes:
+    """Return the contents of ``path`` after proving only trusted accounts could have written it.
+
+    Raises ``ConfigurationError`` naming the path, what is wrong and the command that fixes it.
+    """
+    absolute = Path(os.path.abspath(path))
+    directory = Path(os.path.realpath(absolute.parent))
+    directory_fd = _open_checked_directory(directory, absolute, trusted_owner_uids | {0})
+    try:
+        try:
+            file_fd = os.open(absolute.name, _OPEN_FILE, dir_fd=directory_fd)
+        except OSError as error:
+            raise _open_failure(absolute, error) from None
+    finally:
+        os.close(directory_fd)
+    with os.fdopen(file_fd, "rb") as policy_file:
+        _check_file(os.fstat(file_fd), absolute, trusted_owner_uids)
+        return policy_file.read()
+
+
+def _open_checked_directory(directory: Path, policy_path: Path, trusted: frozenset[int]) -> int:
+    """Walk ``directory`` from ``/`` checking each level; return an ``O_PATH`` descriptor of the last."""
+    fd = os.open("/", _OPEN_DIRECTORY)
+    current = Path("/")
+    try:
+        _check_directory(os.fstat(fd), current, policy_path, trusted)
+        for part in directory.parts[1:]:
+            current = current / part
+            try:
+                next_fd = os.open(part, _OPEN_DIRECTORY, dir_fd=fd)
+            except OSError as error:
+                raise ConfigurationError(
+                    f"cannot use {policy_path}: its directory {current} can't be opened"
+                    f" ({os.strerror(error.errno)}); make sure it exists and is a real directory"
+                ) from None
+            os.close(fd)
+            fd = next_fd
+            _check_directory(os.fstat(fd), current, policy_path, trusted)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_directory(
+    status: os.stat_result, directory: Path, policy_path: Path, trusted: frozenset[int]
+) -> None:
+    if status.st_uid not in trusted:
+        raise ConfigurationError(
+            f"refusing to use {policy_path}: its directory {directory} is owned by"
+            f" {_describe_uid(status.st_uid)}, not by {_describe_trusted(trusted)};"
+            f" fix with: chown root {directory}"
+        )
+    if status.st_mode & _WRITABLE_BY_OTHERS and not status.st_mode & stat.S_ISVTX:
+        raise ConfigurationError(
+            f"refusing to use {policy_path}: its directory {directory} is writable by group or"
+            f" others (mode {stat.S_IMODE(status.st_mode):04o}); fix with: chmod go-w {directory}"
+        )
+
+
+def _check_file(status: os.stat_result, path: Path, trusted: frozenset[int]) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise ConfigurationError(
+            f"refusing to use {path}: it is not a regular file; put the policy in a plain file"
+        )
+    if status.st_uid not in trusted:
+        raise ConfigurationError(
+            f"refusing to use {path}: it is owned by {_describe_uid(status.st_uid)}, not by"
+            f" {_describe_trusted(trusted)}; fix with: chown root {path}"
+        )
+    if status.st_mode & _WRITABLE_BY_OTHERS:
+        raise ConfigurationError(
+            f"refusing to use {path}: it is writable by group or others"
+            f" (mode {stat.S_IMODE(status.st_mode):04o}); fix with: chmod go-w {path}"
+        )
+
+
+def _open_failure(path: Path, error: OSError) -> ConfigurationError:
+    if error.errno == errno.ELOOP:
+        return ConfigurationError(
+            f"refusing to use {path}: it is a symlink, which could redirect the policy;"
+            " point mep at the real file instead"
+        )
+    return ConfigurationError(f"cannot use {path}: {os.strerror(error.errno)}")
+
+
+def _describe_uid(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _describe_trusted(trusted: frozenset[int]) -> str:
+    return " or ".join(_describe_uid(uid) for uid in sorted(trusted))

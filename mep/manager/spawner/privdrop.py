@@ -1,0 +1,629 @@
+"""Start a process as another account, the checked way su, runuser and OpenSSH do it.
+
+This module owns the path from "the spawner decided to start this program as
+this account" to "a fresh interpreter runs as that account" (items 8-17 of
+the root-spawner checklist): ``spawn`` forks, and the child runs the ordered
+steps in ``CHILD_STEPS``, each a module-level function that does one thing and
+checks it, ending in ``execve``.
+
+Between fork and exec the child calls only os-level functions on values
+computed before the fork (``ChildSetup``): no NSS lookups, no logging, no
+ZeroMQ, no SQLite, nothing that takes a lock another thread may have held at
+fork time. Signals are blocked and the garbage collector is off across the
+fork, so no handler or finaliser of the parent's objects runs in the child,
+and the child can never return into the caller's code: every path ends in
+``execve`` or ``os._exit``.
+
+A failed step is reported the way CPython's ``subprocess`` does it: the child
+writes ``step NUL errno NUL message`` to a close-on-exec pipe and exits with
+the step's status from ``STEP_EXIT_CODES``; end-of-file on that pipe with
+nothing written means the exec succeeded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_codes
+import fcntl
+import gc
+import os
+import re
+import signal
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from mep.errors import SpawnError
+from mep.manager.spawner.accounts import Account
+
+#: Exit status of a child that failed at each step, in the order the steps run,
+#: so an admin who only sees "exited with status 206" can tell where it stopped.
+#: Single-user mode (``drop_privileges=False``) skips the steps marked [drop].
+STEP_EXIT_CODES: dict[str, int] = {
+    "attach_stdin": 200,  # dup2 the parent's stdin pipe onto fd 0
+    "reset_signals": 201,  # default dispositions, empty signal mask
+    "new_session": 202,  # setsid: own session, no controlling terminal
+    "set_gid": 203,  # [drop] setresgid(g, g, g)
+    "set_groups": 204,  # [drop] setgroups(the account's groups)
+    "drop_bounding_set": 205,  # [drop] empty the capability bounding set
+    "set_uid": 206,  # [drop] setresuid(u, u, u)
+    "verify_drop": 207,  # [drop] ids and groups re-read, no capability left, setuid(0) fails
+    "set_no_new_privs": 208,  # prctl(PR_SET_NO_NEW_PRIVS)
+    "set_umask": 209,  # umask 077
+    "enter_home": 210,  # chdir to the home, or / if that fails
+    "open_log": 211,  # create the log (and its directories) as the account; fds 1 and 2
+    "close_descriptors": 212,  # close every inherited fd above 2
+    "exec_endpoint": 213,  # execve the interpreter with the whitelisted environment
+}
+
+
+# Keys the spawner sets itself; extra_env may not redefine who the process is.
+_RESERVED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG"})
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Locale names such as C, POSIX, C.UTF-8, en_US.UTF-8, de_DE@euro: anything
+# else in the manager's LANG is replaced rather than handed to every endpoint.
+_SANE_LOCALE = re.compile(r"(C|POSIX|[a-z]{2,3}_[A-Z]{2})(\.[A-Za-z0-9-]{1,20})?(@[a-z]{1,20})?")
+_DEFAULT_LANG = "C.UTF-8"
+_SYSTEM_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
+
+_MAX_REPORT_BYTES = 4096
+_RESETTABLE_SIGNALS = tuple(
+    sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+)
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
+_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.capget.restype = ctypes.c_int
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+class DropStepError(SpawnError):
+    """A step between fork and exec failed; ``step`` is a key of ``STEP_EXIT_CODES``."""
+
+    def __init__(self, message: str, *, step: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.errno = errno
+
+
+class _CheckFailed(Exception):
+    """A step's own check (not a system call) refused to continue."""
+
+
+@dataclass(frozen=True)
+class SpawnPlan:
+    """What to start, as whom, with which secrets and where its output goes.
+
+    ``argv[0]`` is the absolute path of the program (no PATH search).
+    ``stdin_data`` reaches the child through a pipe on fd 0 (secrets travel
+    there, never in argv or the environment) and must fit the pipe's buffer.
+    ``log_path`` is absolute, normalised and free of symbolic links in every
+    component (pass a resolved home, e.g. ``os.path.realpath(account.home)``):
+    the child creates it and its missing directories as the account, after the
+    drop, and refuses to follow any link. ``extra_env`` may not contain
+    ``LD_*`` or ``PYTHON*`` keys, redefine the variables the spawner sets, or
+    hold NUL bytes. ``drop_privileges=False`` is single-user mode: the caller
+    already runs as ``account`` and every step but the drop still applies.
+    ``title`` names the process in error messages.
+    """
+
+    account: Account
+    argv: list[str]
+    stdin_data: bytes
+    log_path: str
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    drop_privileges: bool = True
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class SpawnedProcess:
+    """A child that exec'd successfully; the caller polls ``pidfd`` for its exit and closes it."""
+
+    pid: int
+    pidfd: int
+
+
+@dataclass(frozen=True)
+class DropTarget:
+    """The ids a drop switches to, resolved before it starts (no NSS lookup mid-drop)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # sorted, without duplicates
+    cap_last_cap: int  # the highest capability number this kernel knows
+
+    @classmethod
+    def of(cls, account: Account) -> DropTarget:
+        return cls(
+            uid=account.uid,
+            gid=account.gid,
+            groups=tuple(sorted(set(account.groups))),
+            cap_last_cap=_read_int("/proc/sys/kernel/cap_last_cap"),
+        )
+
+
+@dataclass(frozen=True)
+class ChildSetup(DropTarget):
+    """Everything the child needs between fork and exec, computed before the fork."""
+
+    stdin_fd: int
+    error_fd: int
+    home: str
+    log_path: str
+    log_directories: tuple[tuple[str, str], ...]  # (component, its absolute path), from "/"
+    log_name: str
+    fd_ceiling: int
+    executable: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    steps: tuple[Callable[[ChildSetup], None], ...]
+
+
+# --- The child's steps, in order -------------------------------------------------------
+
+
+def attach_stdin(setup: ChildSetup) -> None:
+    """Make the parent's pipe fd 0 before anything can fail, so nothing reads the manager's stdin."""
+    os.dup2(setup.stdin_fd, 0)
+
+
+def reset_signals(setup: ChildSetup) -> None:
+    """Restore default dispositions and an empty mask: ignored signals and the mask survive exec."""
+    for signum in _RESETTABLE_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def new_session(setup: ChildSetup) -> None:
+    """Leave the manager's session and process group; this also drops any controlling terminal."""
+    os.setsid()
+
+
+def set_gid(target: DropTarget) -> None:
+    """Real, effective and saved gid, before the uid (a non-root process can't change gids)."""
+    os.setresgid(target.gid, target.gid, target.gid)
+
+
+def set_groups(target: DropTarget) -> None:
+    """Replace root's supplementary groups with the account's list, resolved before the fork.
+
+    ``initgroups`` would do an NSS lookup (sssd, LDAP sockets, locks) in the
+    forked child; the list was computed by the parent instead.
+    """
+    os.setgroups(target.groups)
+
+
+def drop_bounding_set(target: DropTarget) -> None:
+    """Empty the capability bounding set while CAP_SETPCAP is still held.
+
+    Together with no_new_privs this means no program the endpoint execs can
+    gain a capability, file capabilities and setuid-root binaries included.
+    """
+    for capability in range(target.cap_last_cap + 1):
+        _prctl(_PR_CAPBSET_DROP, capability)
+
+
+def set_uid(target: DropTarget) -> None:
+    """Real, effective and saved uid: the point of no return."""
+    os.setresuid(target.uid, target.uid, target.uid)
+
+
+def verify_drop(target: DropTarget) -> None:
+    """Re-read what the kernel now says and prove root can't be regained."""
+    uids, gids = os.getresuid(), os.getresgid()
+    if uids != (target.uid,) * 3:
+        raise _CheckFailed(f"uids are {uids} after the drop, expected {target.uid}")
+    if gids != (target.gid,) * 3:
+        raise _CheckFailed(f"gids are {gids} after the drop, expected {target.gid}")
+    groups = sorted(set(os.getgroups()))
+    if groups != list(target.groups):
+        raise _CheckFailed(f"groups are {groups} after the drop, expected {list(target.groups)}")
+    # Keep-caps (PR_SET_KEEPCAPS, SECBIT_KEEP_CAPS) would leave a permitted set
+    # that setuid(0) failing does not reveal.
+    permitted = _permitted_capabilities()
+    if permitted:
+        raise _CheckFailed(f"capabilities {permitted:#x} are still permitted after the drop")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise _CheckFailed("setuid(0) succeeded after the drop")
+
+
+def set_no_new_privs(target: DropTarget) -> None:
+    """No exec from here on can gain privileges (setuid bits and file capabilities are ignored).
+
+    Nothing the endpoint runs in this phase needs a setuid helper. Revisit with
+    the PAM session and Slurm work: a setuid scheduler client or a PAM module
+    that execs a setuid helper would fail under this flag (and under the empty
+    bounding set that ``drop_bounding_set`` leaves).
+    """
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def set_umask(setup: ChildSetup) -> None:
+    """Files the endpoint creates are private to the account unless it says otherwise."""
+    os.umask(0o077)
+
+
+def enter_home(setup: ChildSetup) -> None:
+    """Start in the home directory, or in / when it is missing or unusable (like login)."""
+    try:
+        os.chdir(setup.home)
+    except OSError:
+        os.chdir("/")
+
+
+def open_log(setup: ChildSetup) -> None:
+    """Create the log as the account, never following a symbolic link, and make it fds 1 and 2.
+
+    Each directory is created 0700 when missing and then opened without
+    following links, so a link the user planted anywhere on the way is refused
+    rather than followed. ``O_NONBLOCK`` turns a planted FIFO into an error
+    instead of a hang, ``O_NOCTTY`` keeps a terminal from becoming ours.
+    """
+    directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name, path in setup.log_directories:
+            parent, directory = directory, _open_subdirectory(directory, name, path)
+            os.close(parent)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+        flags |= os.O_NOCTTY | os.O_CLOEXEC
+        log = os.open(setup.log_name, flags, 0o600, dir_fd=directory)
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(log).st_mode):
+        raise _CheckFailed(f"{setup.log_path} is not a regular file")
+    os.set_blocking(log, True)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+
+
+def close_descriptors(setup: ChildSetup) -> None:
+    """Close every descriptor above 2 but the close-on-exec error pipe (sockets, databases, logs)."""
+    os.closerange(3, setup.error_fd)
+    os.closerange(setup.error_fd + 1, setup.fd_ceiling)
+
+
+def exec_endpoint(setup: ChildSetup) -> None:
+    """Replace the forked root image with a fresh interpreter: never run user code in a fork."""
+    os.execve(setup.executable, setup.argv, setup.env)
+
+
+#: The drop itself, shared by ``spawn`` and ``drop_privileges_in_process``.
+DROP_STEPS: tuple[Callable[[DropTarget], None], ...] = (
+    set_gid,
+    set_groups,
+    drop_bounding_set,
+    set_uid,
+    verify_drop,
+)
+
+CHILD_STEPS: tuple[Callable[[ChildSetup], None], ...] = (
+    attach_stdin,
+    reset_signals,
+    new_session,
+    *DROP_STEPS,
+    set_no_new_privs,
+    set_umask,
+    enter_home,
+    open_log,
+    close_descriptors,
+    exec_endpoint,
+)
+
+
+def _open_subdirectory(parent: int, name: str, path: str) -> int:
+    """An O_PATH descriptor of directory ``name`` under ``parent``, created 0700 if missing."""
+    try:
+        return _open_directory_nofollow(parent, name, path)
+    except FileNotFoundError:
+        pass
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+    except FileExistsError:
+        pass  # appeared meanwhile: the open below still refuses anything but a directory
+    return _open_directory_nofollow(parent, name, path)
+
+
+def _open_directory_nofollow(parent: int, name: str, path: str) -> int:
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
+        return fd
+    os.close(fd)
+    if stat.S_ISLNK(mode):
+        raise OSError(errno_codes.ELOOP, "refusing to follow a symbolic link", path)
+    raise OSError(errno_codes.ENOTDIR, os.strerror(errno_codes.ENOTDIR), path)
+
+
+def _prctl(option: int, argument: int) -> None:
+    if _libc.prctl(option, argument, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _permitted_capabilities() -> int:
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), ctypes.byref(data)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return data[0].permitted | data[1].permitted << 32
+
+
+# --- The parent ------------------------------------------------------------------------
+
+
+def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int) -> ChildSetup:
+    """Check ``plan`` and compute everything the child will need; raises ``SpawnError``."""
+    account = plan.account
+    who = plan.title or "the endpoint"
+    if not plan.argv or not os.path.isabs(plan.argv[0]):
+        raise SpawnError(f"cannot start {who}: argv must start with an absolute program path")
+    if any("\0" in arg for arg in plan.argv):
+        raise SpawnError(f"cannot start {who}: an argument contains a NUL byte")
+    log_path = plan.log_path
+    if not os.path.isabs(log_path) or os.path.normpath(log_path) != log_path or "\0" in log_path:
+        raise SpawnError(f"cannot start {who}: log path {log_path!r} is not a normalised absolute path")
+    if log_path == "/":
+        raise SpawnError(f"cannot start {who}: log path {log_path!r} names no file")
+    if not plan.drop_privileges and account.uid != os.geteuid():
+        raise SpawnError(
+            f"cannot start {who} as {account.name} (uid {account.uid}) in single-user mode: "
+            f"this process runs as uid {os.geteuid()}; only root can switch accounts"
+        )
+    log_directory, log_name = os.path.split(log_path)
+    components = [part for part in log_directory.split("/") if part]
+    steps = CHILD_STEPS
+    if not plan.drop_privileges:
+        steps = tuple(step for step in CHILD_STEPS if step not in DROP_STEPS)
+    target = DropTarget.of(account)
+    return ChildSetup(
+        uid=target.uid,
+        gid=target.gid,
+        groups=target.groups,
+        cap_last_cap=target.cap_last_cap,
+        stdin_fd=stdin_fd,
+        error_fd=error_fd,
+        home=account.home,
+        log_path=log_path,
+        log_directories=tuple(
+            (name, "/" + "/".join(components[: index + 1])) for index, name in enumerate(components)
+        ),
+        log_name=log_name,
+        # Every descriptor number is below fs.nr_open, whatever the rlimits were when it was opened.
+        fd_ceiling=_read_int("/proc/sys/fs/nr_open"),
+        executable=plan.argv[0],
+        argv=tuple(plan.argv),
+        env=_child_environment(plan, who),
+        steps=steps,
+    )
+
+
+def _child_environment(plan: SpawnPlan, who: str) -> dict[str, str]:
+    """An environment built from nothing: the account's identity, a known PATH, a sane LANG."""
+    account = plan.account
+    path = ":".join(dict.fromkeys((os.path.dirname(plan.argv[0]), *_SYSTEM_PATH)))
+    lang = os.environ.get("LANG", "")
+    env = {
+        "HOME": account.home,
+        "USER": account.name,
+        "LOGNAME": account.name,
+        "SHELL": account.shell,
+        "PATH": path,
+        "LANG": lang if _SANE_LOCALE.fullmatch(lang) else _DEFAULT_LANG,
+    }
+    for key, value in plan.extra_env.items():
+        if not _ENV_KEY.fullmatch(key):
+            raise SpawnError(f"cannot start {who}: {key!r} is not a valid environment variable name")
+        if key.upper().startswith(("LD_", "PYTHON")):
+            raise SpawnError(
+                f"cannot start {who}: environment variable {key} is not allowed "
+                "(LD_* and PYTHON* variables change which code the endpoint loads)"
+            )
+        if key in _RESERVED_ENV:
+            raise SpawnError(f"cannot start {who}: environment variable {key} is set by the spawner")
+        if "\0" in value:
+            raise SpawnError(f"cannot start {who}: environment variable {key} contains a NUL byte")
+        env[key] = value
+    return env
+
+
+def spawn(plan: SpawnPlan) -> SpawnedProcess:
+    """Start ``plan`` and return once the child has exec'd; ``DropStepError`` names a failed step.
+
+    An invalid plan raises ``SpawnError`` before anything is forked.
+    """
+    with ExitStack() as until_reported:
+        error_read, error_write = _pipe_above_stdio()
+        until_reported.callback(os.close, error_read)
+        with ExitStack() as parent_copies:
+            parent_copies.callback(os.close, error_write)
+            stdin_read, stdin_write = _pipe_above_stdio()
+            parent_copies.callback(os.close, stdin_read)
+            parent_copies.callback(os.close, stdin_write)
+            setup = prepare_child(plan, stdin_fd=stdin_read, error_fd=error_write)
+            _preload_stdin(stdin_write, plan.stdin_data, plan.title or "the endpoint")
+            pid, pidfd = _fork_child(setup)
+        # Our copy of the write end is closed: EOF now means the child exec'd or died.
+        report = _read_report(error_read)
+    if not report:
+        return SpawnedProcess(pid=pid, pidfd=pidfd)
+    os.waitpid(pid, 0)
+    os.close(pidfd)
+    raise _failure(plan, report)
+
+
+def _pipe_above_stdio() -> tuple[int, int]:
+    """A close-on-exec pipe whose ends are above 2, so dup2 onto 0-2 in the child can't clobber them."""
+    ends = os.pipe2(os.O_CLOEXEC)
+    moved = []
+    try:
+        for fd in ends:
+            moved.append(fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+    finally:
+        for fd in ends:
+            if fd <= 2:
+                os.close(fd)
+    return moved[0], moved[1]
+
+
+def _preload_stdin(fd: int, data: bytes, who: str) -> None:
+    """Write all of stdin before the fork: fitting the pipe buffer, it can never block or hit EPIPE."""
+    capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    if len(data) > capacity:
+        raise SpawnError(
+            f"cannot start {who}: {len(data)} bytes for its stdin exceed the pipe's {capacity} bytes"
+        )
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fork_child(setup: ChildSetup) -> tuple[int, int]:
+    """Fork with signals blocked and the collector off; the child never returns from here."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _run_child(setup)
+        try:
+            return pid, os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _run_child(setup: ChildSetup) -> NoReturn:
+    step = setup.steps[0]
+    try:
+        for step in setup.steps:
+            step(setup)
+        raise _CheckFailed("the last step returned instead of exec'ing")
+    except BaseException as exc:  # noqa: B036 - everything is reported, nothing escapes the child
+        _report_failure(setup.error_fd, step.__name__, exc)
+    finally:
+        os._exit(STEP_EXIT_CODES[step.__name__])
+
+
+def _report_failure(error_fd: int, step: str, exc: BaseException) -> None:
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else ""
+    message = str(exc) or type(exc).__name__
+    os.write(error_fd, f"{step}\0{code}\0{message}".encode("utf-8", "replace")[:_MAX_REPORT_BYTES])
+
+
+def _read_report(fd: int) -> bytes:
+    report = b""
+    while chunk := os.read(fd, _MAX_REPORT_BYTES):
+        report = (report + chunk)[:_MAX_REPORT_BYTES]
+    return report
+
+
+def _failure(plan: SpawnPlan, report: bytes) -> DropStepError:
+    step, _, rest = report.decode("utf-8", "replace").partition("\0")
+    code, _, message = rest.partition("\0")
+    who = plan.title or "the endpoint"
+    return DropStepError(
+        f"starting {who} as {plan.account.name} failed at step {step!r}: {message}",
+        step=step,
+        errno=int(code) if code.isdigit() else None,
+    )
+
+
+def _read_int(path: str) -> int:
+    with open(path, encoding="ascii") as file:
+        return int(file.read())
+
+
+def drop_privileges_in_process(account: Account) -> None:
+    """Become ``account`` for good in this process (the router half), then set no_new_privs.
+
+    The same checked steps as ``spawn``'s child, without fork or exec: only
+    for mep's own code in a freshly forked, single-threaded process (the ids
+    of every thread change). Raises ``DropStepError`` naming the failed step.
+    """
+    target = DropTarget.of(account)
+    for step in (*DROP_STEPS, set_no_new_privs):
+        try:
+            step(target)
+        except (OSError, _CheckFailed) as exc:
+            raise DropStepError(
+                f"dropping privileges to {account.name} failed at step {step.__name__!r}: {exc}",
+                step=step.__name__,
+                errno=exc.errno if isinstance(exc, OSError) else None,
+            ) from None
+
+
+# --- Reading what the account wrote -----------------------------------------------------
+
+
+def read_log_tail(account: Account, path: str, max_lines: int = 20, max_bytes: int = 8192) -> str:
+    """The last lines of a log the account owns, or "" if it can't be read as that account.
+
+    As root the file is opened with the account's effective ids (as OpenSSH's
+    ``temporarily_use_uid`` does) and without following a final symbolic link,
+    so a link or a file the user can't read yields "" rather than root's data.
+    The effective ids are process-wide while the file is opened: call this from
+    the spawner's single thread.
+    """
+    acting_as_user = _effective_ids(account) if os.geteuid() == 0 else nullcontext()
+    with acting_as_user:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            return ""
+    try:
+        size = os.fstat(fd)
+        if not stat.S_ISREG(size.st_mode):
+            return ""
+        if size.st_size > max_bytes:
+            # One byte more than the window: if it is a newline, the first line is whole.
+            data = os.pread(fd, max_bytes + 1, size.st_size - max_bytes - 1).partition(b"\n")[2]
+        else:
+            data = os.pread(fd, max_bytes, 0)
+    finally:
+        os.close(fd)
+    lines = data.decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[max(0, len(lines) - max_lines) :])
+
+
+@contextmanager
+def _effective_ids(account: Account) -> Iterator[None]:
+    saved_egid, saved_groups = os.getegid(), os.getgroups()
+    try:
+        os.setgroups(account.groups)
+        os.setegid(account.gid)
+        os.seteuid(account.uid)
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(saved_egid)
+        os.setgroups(saved_groups)

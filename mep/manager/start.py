@@ -1,0 +1,124 @@
+"""``mep manager start``: check everything as root, then split into spawner (root) and router.
+
+Like OpenSSH's privilege separation: the parent keeps root and becomes the
+spawner; the forked child drops to the router account before it opens a
+single socket, and talks to the parent only over a socketpair. No ZeroMQ
+context exists before the fork. Started as an ordinary account the manager
+is single-user: the same split happens without a privilege change, and only
+identities that map to that account are served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import stat
+import sys
+from pathlib import Path
+
+from setproctitle import setproctitle
+
+from mep.config.manager import ManagerConfig
+from mep.errors import ConfigurationError
+from mep.manager.spawner.accounts import Account, AccountPolicy
+from mep.manager.spawner.interpreter import check_interpreter_usable
+from mep.manager.spawner.privdrop import drop_privileges_in_process
+from mep.manager.spawner.spawner import Spawner, SpawnerSettings
+from mep.manager.spawner_link import SpawnerLink, channel_pair
+from mep.protocol.curve import check_public_key, generate_keypair, read_secret_key
+
+log = logging.getLogger("mep.manager")
+
+
+def router_account(name: str) -> Account:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigurationError(
+            f"the router account {name!r} does not exist; create it with "
+            f"'useradd --system --no-create-home --shell /usr/sbin/nologin {name}' or set router_user"
+        ) from None
+    if entry.pw_uid == 0:
+        raise ConfigurationError(f"the router account {name!r} is root; it must be an unprivileged account")
+    return Account(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir,
+                   shell=entry.pw_shell, groups=tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+
+
+def prepare_socket_dir(base: Path, owner_uid: int, owner_gid: int) -> Path:
+    """``base`` (root-owned, 0755) holding ``router/`` (router-owned, 0755) for the endpoint socket.
+
+    Nothing on the path is writable by the accounts whose endpoints connect, so
+    no user can plant or swap the socket.
+    """
+    root = os.geteuid() == 0
+    base.mkdir(mode=0o755 if root else 0o700, parents=True, exist_ok=True)
+    info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise ConfigurationError(f"{base} must be a directory owned by uid {os.geteuid()} (not a symlink)")
+    os.chmod(base, 0o755 if root else 0o700)
+    router_dir = base / "router"
+    router_dir.mkdir(mode=0o755, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(router_dir).st_mode):
+        raise ConfigurationError(f"{router_dir} must be a directory (not a symlink)")
+    os.chown(router_dir, owner_uid, owner_gid)
+    os.chmod(router_dir, 0o755)
+    socket_path = router_dir / "endpoints.sock"
+    socket_path.unlink(missing_ok=True)
+    return socket_path
+
+
+def start_manager(config_path: Path) -> int:
+    config = ManagerConfig.load(config_path)
+    as_root = os.geteuid() == 0
+    secret_key = read_secret_key(config.manager_secret_key_file)
+    check_public_key(config.service_public_key, f"service_public_key in {config_path}")
+    if as_root:
+        check_interpreter_usable(sys.executable)
+        router = router_account(config.router_user)
+        policy = AccountPolicy(min_uid=config.min_uid, manager_uids=frozenset({0, router.uid}))
+        trusted = frozenset({0})
+    else:
+        router = None
+        policy = AccountPolicy(min_uid=config.min_uid, only_uid=os.geteuid())
+        trusted = frozenset({0, os.geteuid()})
+    owner = (router.uid, router.gid) if router else (os.geteuid(), os.getegid())
+    socket_path = prepare_socket_dir(config.socket_dir(), *owner)
+    router_public, router_secret = generate_keypair()
+    address = f"ipc://{socket_path}"
+    router_end, spawner_end = channel_pair()
+    spawner = Spawner(SpawnerSettings(config=config, router_address=address, router_public_key=router_public,
+                                      policy=policy, trusted_owner_uids=trusted, drop_privileges=as_root),
+                      SpawnerLink(spawner_end))
+    log.info("manager for endpoint %s starting (%s mode)", config.endpoint_id,
+             "multi-user" if as_root else f"single-user as uid {os.geteuid()}")
+    router_pid = os.fork()
+    if router_pid == 0:
+        _become_router(config, router, secret_key, address, router_secret, router_end, spawner_end)
+    router_end.close()
+    setproctitle(f"mep-manager spawner {config.endpoint_id}")
+    spawner.router_pid = router_pid
+    code = spawner.run()
+    _, status = os.waitpid(router_pid, 0)
+    return code or os.waitstatus_to_exitcode(status)
+
+
+def _become_router(config: ManagerConfig, account: Account | None, secret_key: str, address: str,
+                   router_secret: str, router_end, spawner_end) -> None:  # noqa: ANN001 - sockets
+    """The forked child: drop to the router account, then serve. Never returns."""
+    code = 1
+    try:
+        spawner_end.close()
+        if account is not None:
+            drop_privileges_in_process(account)
+        setproctitle(f"mep-manager router {config.endpoint_id}")
+        from mep.manager.router import Router  # imported after the drop: nothing of it runs as root
+
+        code = Router(config, secret_key, address, router_secret, router_end).run()
+    except ConfigurationError as exc:
+        log.error("router: %s", exc)
+    except BaseException:
+        log.exception("router failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)

@@ -1,0 +1,155 @@
+"""CURVE keys on disk and the ZAP handler that turns a peer's key into an identity.
+
+Key files hold one Z85 key (40 characters). A secret key file must be 0600
+(or stricter) and is refused otherwise, as sshd refuses an open private key.
+The ZAP handler runs in a thread and answers libzmq's authentication requests
+by asking a callback which identity a public key belongs to; the answer comes
+back on every received frame as the ``User-Id`` property, so the receiving
+loop learns who sent each message from the handshake, never from the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import zmq
+
+from mep.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ANONYMOUS = ""
+
+
+def generate_keypair() -> tuple[str, str]:
+    """A new (public, secret) CURVE key pair as Z85 text."""
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
+
+
+def public_from_secret(secret: str) -> str:
+    return zmq.curve_public(secret.encode("ascii")).decode("ascii")
+
+
+def _check_key_text(text: str, path: Path) -> str:
+    key = text.strip()
+    if len(key) != 40:
+        raise ConfigurationError(f"{path} does not hold a Z85 CURVE key (expected 40 characters)")
+    return key
+
+
+def write_secret_key(path: Path, secret: str) -> None:
+    """Write a secret key 0600, refusing to follow or reuse an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+
+
+def read_secret_key(path: Path) -> str:
+    """Read a secret key file, refusing one that group or others can read or write."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise ConfigurationError(f"secret key file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open secret key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(f"secret key file {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise ConfigurationError(
+                f"secret key file {path} is mode {stat.S_IMODE(info.st_mode):04o}; "
+                f"it must not be readable by others: chmod 600 {path}"
+            )
+        if info.st_uid != os.geteuid():
+            raise ConfigurationError(
+                f"secret key file {path} is owned by uid {info.st_uid}, not by the account "
+                f"reading it (uid {os.geteuid()})"
+            )
+        return _check_key_text(handle.read(), path)
+
+
+def check_public_key(key: str, what: str) -> str:
+    """Validate a Z85 public key given in a config or argument."""
+    key = key.strip()
+    try:
+        if len(key) != 40:
+            raise ValueError
+        zmq.utils.z85.decode(key)
+    except ValueError:
+        raise ConfigurationError(f"{what} is not a Z85 CURVE public key (40 characters)") from None
+    return key
+
+
+KeyLookup = Callable[[str], str | None]
+"""Maps a client's Z85 public key to its identity string, or None to refuse it."""
+
+
+class ZapHandler:
+    """Answers ZAP requests for one context from a key lookup, in a daemon thread.
+
+    Sockets opt in by setting ``zap_domain``; the domain selects the lookup,
+    so one process can authenticate several sockets differently.
+    """
+
+    def __init__(self, context: zmq.Context, lookups: dict[str, KeyLookup]) -> None:
+        self._context = context
+        self._lookups = lookups
+        self._socket = context.socket(zmq.REP)
+        self._socket.linger = 0
+        self._socket.bind(ZAP_ENDPOINT)
+        self._thread = threading.Thread(target=self._serve, name="zap", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                request = self._socket.recv_multipart()
+            except zmq.ContextTerminated:
+                self._socket.close()
+                return
+            self._socket.send_multipart(self._answer(request))
+
+    def _answer(self, request: list[bytes]) -> list[bytes]:
+        version, request_id, domain, address, _identity, mechanism, *credentials = request
+        refuse = [version, request_id, b"400", b"refused", b"", b""]
+        lookup = self._lookups.get(domain.decode("utf-8", "replace"))
+        if lookup is None or mechanism != b"CURVE" or len(credentials) != 1:
+            log.warning("refused %s connection from %s: no CURVE credentials for domain %r",
+                        mechanism.decode(errors="replace"), address.decode(errors="replace"), domain)
+            return refuse
+        public_key = zmq.utils.z85.encode(credentials[0]).decode("ascii")
+        try:
+            user_id = lookup(public_key)
+        except Exception:  # a lookup failure must refuse, and must not kill the thread
+            log.exception("key lookup failed; refusing the connection")
+            user_id = None
+        if user_id is None:
+            log.warning("refused connection from %s: unknown CURVE key %s (domain %s)",
+                        address.decode(errors="replace"), public_key, domain.decode(errors="replace"))
+            return refuse
+        return [version, request_id, b"200", b"OK", user_id.encode("utf-8"), b""]
+
+
+def make_curve_server(socket: zmq.Socket, secret_key: str, zap_domain: str) -> None:
+    socket.curve_server = True
+    socket.curve_secretkey = secret_key.encode("ascii")
+    socket.zap_domain = zap_domain.encode("ascii")
+
+
+def make_curve_client(socket: zmq.Socket, server_public: str, secret_key: str) -> None:
+    socket.curve_serverkey = server_public.encode("ascii")
+    socket.curve_secretkey = secret_key.encode("ascii")
+    socket.curve_publickey = public_from_secret(secret_key).encode("ascii")
+
+
+def peer_user_id(frame: zmq.Frame) -> str:
+    """The identity the ZAP handler assigned to the connection this frame came on."""
+    return frame.get("User-Id")

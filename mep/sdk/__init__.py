@@ -1,0 +1,1 @@
+"""The researcher's side: ``Executor`` and the dill serialisation it shares with the endpoint."""

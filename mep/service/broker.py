@@ -1,0 +1,393 @@
+"""The broker loop: authenticate, store durably, acknowledge, dispatch, relay results.
+
+Modelled on the ZeroMQ guide's Majordomo broker with Titanic's durable queue.
+One ROUTER socket serves both kinds of peer; the CURVE handshake (through the
+ZAP handler) says which kind: a registered manager key becomes
+``manager:<endpoint id>``, any other key is a client, who must then present a
+token in each request. Each loop turn drains whatever has arrived, handles it
+in one SQLite transaction, and only after the commit sends the
+acknowledgements; then it dispatches waiting tasks to connected managers.
+Busy turns therefore coalesce many messages into one fsync and one dispatch
+batch; an idle broker answers a lone message at once.
+
+Payloads are never decoded here: function bodies are checked against their
+SHA-256 name and stored; argument and result bytes go in and out of SQLite
+untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from mep.errors import AuthenticationError, ErrorCode, MepError, ProtocolError, UnknownEndpointError
+from mep.protocol import decode, encode
+from mep.protocol.curve import ZapHandler, make_curve_server
+from mep.protocol.guard import forbid_unpickling, process_status
+from mep.protocol.messages import (
+    Dispatch,
+    DispatchAck,
+    Error,
+    Fetch,
+    Heartbeat,
+    ProcessStatus,
+    Register,
+    Registered,
+    Rejection,
+    Result,
+    Results,
+    ResultsAck,
+    Runtime,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    SubmitAck,
+    TaskGroup,
+    TaskRef,
+)
+from mep.service.state import ServiceState
+from mep.service.store import Store, StoredResult, dumps_canonical
+
+log = logging.getLogger(__name__)
+
+ZAP_DOMAIN = "mep-service"
+CLIENT = "client"
+MANAGER_PREFIX = "manager:"
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+DRAIN_LIMIT = 1000
+
+
+@dataclass
+class BrokerSettings:
+    listen: str = "tcp://127.0.0.1:5790"
+    heartbeat_interval: float = 10.0
+    max_payload_bytes: int = 10 * 1024 * 1024
+    dispatch_batch: int = 500
+
+
+@dataclass
+class ManagerLink:
+    """A connected manager: where to send, what it already holds, when it last spoke."""
+
+    routing_id: bytes
+    last_seen: float
+    functions_sent: set[str] = field(default_factory=set)
+    processes: list[ProcessStatus] = field(default_factory=list)
+
+
+@dataclass
+class Outbox:
+    """Replies produced while handling a batch; sent only after the batch commits."""
+
+    messages: list[tuple[bytes, list[Any]]] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+
+    def reply(self, routing_id: bytes, header: msgspec.Struct, payloads: list[Any] | None = None) -> None:
+        self.messages.append((routing_id, encode(header, payloads or [])))
+
+
+class Broker:
+    def __init__(self, state: ServiceState, settings: BrokerSettings) -> None:
+        self.state = state
+        self.store: Store = state.store
+        self.settings = settings
+        self.context = zmq.Context()
+        self._zap_store: Store | None = None
+        self.zap = ZapHandler(self.context, {ZAP_DOMAIN: self._peer_for_key})
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.router_mandatory = True
+        self.socket.linger = 0
+        self.socket.sndhwm = self.socket.rcvhwm = 100_000
+        make_curve_server(self.socket, state.secret_key, ZAP_DOMAIN)
+        self.socket.bind(settings.listen)
+        self.address = self.socket.last_endpoint.decode()
+        self.managers: dict[str, ManagerLink] = {}
+        self.client_routes: dict[str, bytes] = {}
+        self._stop = threading.Event()
+
+    # --- authentication ---------------------------------------------------------
+
+    def _peer_for_key(self, public_key: str) -> str:
+        """ZAP thread: a registered manager key names its endpoint; anything else is a client."""
+        if self._zap_store is None:
+            self._zap_store = Store(self.store.path)
+        endpoint_id = self._zap_store.endpoint_for_manager_key(public_key)
+        return MANAGER_PREFIX + endpoint_id if endpoint_id else CLIENT
+
+    def _authenticate(self, token: str) -> str:
+        identity_id = self.store.identity_for_token(token)
+        if identity_id is None:
+            raise AuthenticationError("the token is unknown or has been revoked; ask your mep admin for a new one")
+        return identity_id
+
+    # --- main loop ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        forbid_unpickling()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
+        log.info("service listening on %s (public key %s)", self.address, self.state.public_key)
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        more_to_dispatch = False
+        try:
+            while not self._stop.is_set():
+                timeout = 0 if more_to_dispatch else 200
+                if poller.poll(timeout):
+                    self._handle(self._drain())
+                more_to_dispatch = self._dispatch()
+                self._expire_silent_managers()
+        finally:
+            self.socket.close(linger=0)
+            self.context.term()
+            self.store.close()
+
+    def _drain(self) -> list[list[zmq.Frame]]:
+        messages = []
+        while len(messages) < DRAIN_LIMIT:
+            try:
+                messages.append(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return messages
+
+    def _handle(self, messages: list[list[zmq.Frame]]) -> None:
+        outbox = Outbox()
+        with self.store.transaction():
+            for frames in messages:
+                routing_id = frames[0].bytes
+                request_id = 0
+                try:
+                    if len(frames) < 2:
+                        raise ProtocolError("empty message")
+                    peer = frames[1].get("User-Id")
+                    header, payloads = decode(frames[1:])
+                    request_id = getattr(header, "request_id", 0)
+                    self._handle_one(peer, routing_id, header, payloads, outbox)
+                except MepError as exc:
+                    log.warning("refused a message: %s", exc)
+                    outbox.reply(routing_id, Error(request_id=request_id, code=exc.code, message=str(exc)))
+        for routing_id, frames in outbox.messages:
+            self._send(routing_id, frames)
+        self._push_results(outbox.completed)
+
+    def _handle_one(self, peer: str, routing_id: bytes, header: Any, payloads: list[zmq.Frame],
+                    outbox: Outbox) -> None:
+        if peer.startswith(MANAGER_PREFIX):
+            self._handle_manager(peer.removeprefix(MANAGER_PREFIX), routing_id, header, payloads, outbox)
+            return
+        match header:
+            case Submit():
+                self._submit(routing_id, header, payloads, outbox)
+            case Fetch():
+                identity_id = self._authenticate(header.token)
+                self._send_stored(routing_id, identity_id, header.task_ids, header.request_id, outbox)
+            case ResultsAck():
+                identity_id = self._authenticate(header.token)
+                self.store.acknowledge_results(identity_id, header.task_ids)
+            case StatusRequest():
+                self._authenticate(header.token)
+                link = self.managers.get(header.endpoint_id)
+                processes = [process_status("service")] + (link.processes if link else [])
+                outbox.reply(routing_id, StatusReply(request_id=header.request_id, processes=processes,
+                                                     endpoint_online=link is not None))
+            case _:
+                raise ProtocolError(f"a client may not send {type(header).__name__} messages")
+
+    # --- clients ------------------------------------------------------------------
+
+    def _submit(self, routing_id: bytes, submit: Submit, payloads: list[zmq.Frame], outbox: Outbox) -> None:
+        identity_id = self._authenticate(submit.token)
+        if not self.store.endpoint_exists(submit.endpoint_id):
+            raise UnknownEndpointError(f"no endpoint with id {submit.endpoint_id!r} is registered with this service")
+        if submit.runtime is None:
+            raise ProtocolError("SUBMIT must carry the client's runtime")
+        config = dumps_canonical(submit.user_endpoint_config)
+        runtime = dumps_canonical(msgspec.to_builtins(submit.runtime))
+        limit = self.settings.max_payload_bytes
+        offered = self._store_offered_functions(submit.tasks, payloads, limit)
+        known = self.store.known_functions(task.fn_hash for task in submit.tasks)
+        accepted: list[str] = []
+        rejected: list[Rejection] = []
+        for task in submit.tasks:
+            reason = self._task_problem(task, payloads, offered, known, limit)
+            if reason is None and not self.store.add_task(
+                    task.task_id, submit.endpoint_id, identity_id, task.fn_hash,
+                    payloads[task.args_frame].buffer, config, runtime):
+                if self.store.task_owner(task.task_id) != identity_id:
+                    reason = (ErrorCode.BAD_REQUEST, f"task id {task.task_id} is already in use")
+            if reason is None:
+                accepted.append(task.task_id)
+                self.client_routes[task.task_id] = routing_id
+            else:
+                rejected.append(Rejection(task_id=task.task_id, code=reason[0], message=reason[1]))
+        outbox.reply(routing_id, SubmitAck(request_id=submit.request_id, accepted=accepted, rejected=rejected))
+
+    def _store_offered_functions(self, tasks: list[TaskRef], payloads: list[zmq.Frame], limit: int) -> dict[str, str]:
+        """Store function bodies whose content matches their hash; returns hash -> problem for the rest."""
+        problems: dict[str, str] = {}
+        for task in tasks:
+            if task.fn_frame == -1 or task.fn_hash in problems:
+                continue
+            body = payloads[task.fn_frame]
+            if len(body) > limit:
+                problems[task.fn_hash] = f"the serialised function is {len(body)} bytes; the limit is {limit}"
+            elif hashlib.sha256(body.buffer).hexdigest() != task.fn_hash:
+                problems[task.fn_hash] = "the function body does not match its SHA-256 hash"
+            else:
+                self.store.add_function(task.fn_hash, body.buffer)
+        return problems
+
+    @staticmethod
+    def _task_problem(task: TaskRef, payloads: list[zmq.Frame], offered: dict[str, str], known: set[str],
+                      limit: int) -> tuple[ErrorCode, str] | None:
+        if not UUID_RE.match(task.task_id):
+            return ErrorCode.BAD_REQUEST, f"task id {task.task_id!r} is not a lowercase UUID"
+        if task.fn_hash in offered:
+            code = ErrorCode.PAYLOAD_TOO_LARGE if "limit" in offered[task.fn_hash] else ErrorCode.BAD_REQUEST
+            return code, offered[task.fn_hash]
+        if task.fn_frame == -1 and task.fn_hash not in known:
+            return ErrorCode.UNKNOWN_FUNCTION, f"function {task.fn_hash} was never sent to this service"
+        size = len(payloads[task.args_frame])
+        if size > limit:
+            return ErrorCode.PAYLOAD_TOO_LARGE, f"the task's serialised arguments are {size} bytes; the limit is {limit}"
+        return None
+
+    def _send_stored(self, routing_id: bytes, identity_id: str, task_ids: list[str], request_id: int,
+                     outbox: Outbox) -> None:
+        ready, pending, unknown = self.store.results_for(identity_id, task_ids)
+        for task_id in pending:
+            self.client_routes[task_id] = routing_id
+        header, payloads = _results_message(ready)
+        header.request_id = request_id
+        header.unknown = unknown
+        outbox.reply(routing_id, header, payloads)
+
+    def _push_results(self, task_ids: list[str]) -> None:
+        """Results just recorded go straight to a connected submitter; otherwise they wait for a Fetch."""
+        by_client: dict[bytes, list[str]] = defaultdict(list)
+        for task_id in task_ids:
+            route = self.client_routes.pop(task_id, None)
+            if route is not None:
+                by_client[route].append(task_id)
+        for route, ids in by_client.items():
+            submitter = self.store.task_owner(ids[0])
+            ready, _, _ = self.store.results_for(submitter, ids)
+            header, payloads = _results_message(ready)
+            self._send(route, encode(header, payloads))
+
+    # --- managers -----------------------------------------------------------------
+
+    def _handle_manager(self, endpoint_id: str, routing_id: bytes, header: Any, payloads: list[zmq.Frame],
+                        outbox: Outbox) -> None:
+        link = self.managers.get(endpoint_id)
+        if isinstance(header, Register):
+            if header.endpoint_id != endpoint_id:
+                raise ProtocolError(f"this manager's key is registered for endpoint {endpoint_id}, "
+                                    f"not {header.endpoint_id}")
+            requeued = self.store.requeue_dispatched(endpoint_id)
+            self.managers[endpoint_id] = ManagerLink(routing_id=routing_id, last_seen=time.monotonic())
+            log.info("manager for endpoint %s registered (%d in-flight task(s) queued again)",
+                     endpoint_id, requeued)
+            outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
+            return
+        if link is None or link.routing_id != routing_id:
+            raise ProtocolError("register before sending anything else")
+        link.last_seen = time.monotonic()
+        match header:
+            case Heartbeat():
+                link.processes = header.processes
+                outbox.reply(routing_id, Heartbeat())
+            case DispatchAck():
+                for rejection in header.rejected:
+                    if self.store.fail_task(rejection.task_id, rejection.code, rejection.message):
+                        outbox.completed.append(rejection.task_id)
+            case Results():
+                for result in header.results:
+                    payload = payloads[result.payload_frame].buffer if result.payload_frame != -1 else None
+                    if self.store.record_result(endpoint_id, result, payload):
+                        outbox.completed.append(result.task_id)
+                outbox.reply(routing_id, ResultsAck(task_ids=[r.task_id for r in header.results]))
+            case _:
+                raise ProtocolError(f"a manager may not send {type(header).__name__} messages")
+
+    def _dispatch(self) -> bool:
+        """Send waiting tasks to connected managers; True when more are waiting than one batch held."""
+        more = False
+        for endpoint_id, link in list(self.managers.items()):
+            queued = self.store.waiting_tasks(endpoint_id, self.settings.dispatch_batch)
+            if not queued:
+                continue
+            groups: dict[tuple[str, str, str], TaskGroup] = {}
+            identity_sets: dict[str, list] = {}
+            tasks: list[TaskRef] = []
+            payloads: list[Any] = []
+            new_functions: set[str] = set()
+            for task in queued:
+                key = (task.submitter_id, task.config, task.runtime)
+                if key not in groups:
+                    if task.submitter_id not in identity_sets:
+                        identity_sets[task.submitter_id] = self.store.identity_set(task.submitter_id)
+                    groups[key] = TaskGroup(
+                        submitter_id=task.submitter_id, identities=identity_sets[task.submitter_id],
+                        user_endpoint_config=msgspec.json.decode(task.config),
+                        runtime=msgspec.json.decode(task.runtime, type=Runtime), task_ids=[])
+                groups[key].task_ids.append(task.task_id)
+                ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads))
+                payloads.append(task.args)
+                if task.fn_hash not in link.functions_sent and task.fn_hash not in new_functions:
+                    ref.fn_frame = len(payloads)
+                    payloads.append(self.store.function_body(task.fn_hash))
+                    new_functions.add(task.fn_hash)
+                tasks.append(ref)
+            if not self._send(link.routing_id, encode(Dispatch(tasks=tasks, groups=list(groups.values())), payloads)):
+                continue
+            link.functions_sent |= new_functions
+            with self.store.transaction():
+                self.store.mark_dispatched([task.task_id for task in queued])
+            more = more or len(queued) == self.settings.dispatch_batch
+        return more
+
+    def _expire_silent_managers(self) -> None:
+        deadline = time.monotonic() - 3 * self.settings.heartbeat_interval
+        for endpoint_id, link in list(self.managers.items()):
+            if link.last_seen < deadline:
+                log.warning("manager for endpoint %s went silent; its tasks wait for it to return", endpoint_id)
+                del self.managers[endpoint_id]
+
+    def _send(self, routing_id: bytes, frames: list[Any]) -> bool:
+        try:
+            self.socket.send_multipart([routing_id, *frames], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            log.info("peer is not keeping up (high-water mark); will retry")
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            log.info("peer has disconnected; its messages wait on disk")
+        return False
+
+
+def _results_message(stored: list[StoredResult]) -> tuple[Results, list[bytes]]:
+    results: list[Result] = []
+    payloads: list[bytes] = []
+    for item in stored:
+        result = item.result
+        if item.payload is not None:
+            result.payload_frame = len(payloads)
+            payloads.append(item.payload)
+        results.append(result)
+    return Results(results=results), payloads

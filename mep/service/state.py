@@ -1,0 +1,47 @@
+"""The service's state directory: its CURVE key pair and its database, created on first use.
+
+Layout (directory 0700)::
+
+    service.key        secret key, 0600
+    service.key.pub    public key: pinned by managers and SDKs
+    mep.db             SQLite (see store.py)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from mep.errors import ConfigurationError
+from mep.protocol.curve import generate_keypair, public_from_secret, read_secret_key, write_secret_key
+from mep.service.store import Store
+
+
+@dataclass
+class ServiceState:
+    directory: Path
+    secret_key: str
+    public_key: str
+    store: Store
+
+    @classmethod
+    def open(cls, directory: Path) -> ServiceState:
+        directory = directory.expanduser().absolute()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+        if info.st_uid != os.geteuid():
+            raise ConfigurationError(f"state directory {directory} is owned by uid {info.st_uid}, not by you")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise ConfigurationError(
+                f"state directory {directory} is mode {stat.S_IMODE(info.st_mode):04o}: chmod 700 {directory}"
+            )
+        secret_path = directory / "service.key"
+        if not secret_path.exists():
+            public, secret = generate_keypair()
+            write_secret_key(secret_path, secret)
+            (directory / "service.key.pub").write_text(public + "\n")
+        secret = read_secret_key(secret_path)
+        return cls(directory=directory, secret_key=secret, public_key=public_from_secret(secret),
+                   store=Store(directory / "mep.db"))

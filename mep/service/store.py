@@ -1,0 +1,330 @@
+"""Durable state of the service: identities, endpoints, functions, tasks and results, in SQLite.
+
+One file in the service's state directory, in WAL mode with
+``synchronous=FULL``: a batch is acknowledged only after its transaction is
+fsynced, so an acknowledged task or result survives a crash of the service
+process and of the machine (NORMAL would survive only the process). Batching
+on the hot path pays the fsync once per batch, not once per task.
+
+The broker loop owns one connection; admin commands (``mep service identity
+add`` ...) open their own, which is why revocation takes effect on the next
+message a revoked caller sends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mep.errors import ConfigurationError
+from mep.protocol.messages import IdentityResource, Result
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS identities (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    email TEXT, name TEXT, organization TEXT, identity_provider TEXT,
+    status TEXT NOT NULL DEFAULT 'used',
+    set_id TEXT NOT NULL,
+    token_hash TEXT UNIQUE,
+    revoked_at REAL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    manager_public_key TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS functions (
+    hash TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    endpoint_id TEXT NOT NULL,
+    submitter_id TEXT NOT NULL,
+    fn_hash TEXT NOT NULL,
+    args BLOB,
+    config TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    state TEXT NOT NULL,            -- waiting | dispatched | done
+    created_at REAL NOT NULL,
+    dispatched_at REAL,
+    completed_at REAL,
+    result_status TEXT, result_code TEXT, result_message TEXT,
+    result_error_type TEXT, result_traceback TEXT, result_payload BLOB,
+    acked_at REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_endpoint_state ON tasks(endpoint_id, state, created_at);
+"""
+
+TOKEN_PREFIX = "mep_"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewIdentity:
+    identity: IdentityResource
+    token: str
+
+
+@dataclass(frozen=True)
+class QueuedTask:
+    """A task on its way to a manager, with what the router needs to route it."""
+
+    task_id: str
+    fn_hash: str
+    args: bytes
+    submitter_id: str
+    config: str
+    runtime: str
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    result: Result
+    payload: bytes | None
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Commits (durably) on exit, rolls back on error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- identities ---------------------------------------------------------
+
+    def add_identity(
+        self,
+        username: str,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        organization: str | None = None,
+        identity_provider: str | None = None,
+        link_to: str | None = None,
+    ) -> NewIdentity:
+        identity_id = str(uuid.uuid4())
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # 256 bits
+        with self.transaction():
+            set_id = identity_id
+            if link_to is not None:
+                row = self.db.execute("SELECT set_id FROM identities WHERE id=?", (link_to,)).fetchone()
+                if row is None:
+                    raise ConfigurationError(f"cannot link to identity {link_to}: no such identity")
+                set_id = row[0]
+            self.db.execute(
+                "INSERT INTO identities (id, username, email, name, organization, identity_provider,"
+                " status, set_id, token_hash, created_at) VALUES (?,?,?,?,?,?,'used',?,?,?)",
+                (identity_id, username, email, name, organization, identity_provider, set_id,
+                 hash_token(token), time.time()),
+            )
+        resource = IdentityResource(id=identity_id, username=username, email=email, name=name,
+                                    organization=organization, identity_provider=identity_provider)
+        return NewIdentity(identity=resource, token=token)
+
+    def revoke_identity(self, identity_id: str) -> bool:
+        with self.transaction():
+            cursor = self.db.execute(
+                "UPDATE identities SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                (time.time(), identity_id),
+            )
+        return cursor.rowcount == 1
+
+    def identity_for_token(self, token: str) -> str | None:
+        row = self.db.execute(
+            "SELECT id FROM identities WHERE token_hash=? AND revoked_at IS NULL", (hash_token(token),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def identity_set(self, identity_id: str) -> list[IdentityResource]:
+        """The submitter first, then its linked identities, in the Globus Auth shape."""
+        rows = self.db.execute(
+            "SELECT id, username, status, email, name, organization, identity_provider FROM identities"
+            " WHERE set_id=(SELECT set_id FROM identities WHERE id=?) ORDER BY id<>?, created_at",
+            (identity_id, identity_id),
+        ).fetchall()
+        return [
+            IdentityResource(id=r[0], username=r[1], status=r[2], email=r[3], name=r[4],
+                             organization=r[5], identity_provider=r[6])
+            for r in rows
+        ]
+
+    def list_identities(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, username, set_id, revoked_at IS NOT NULL FROM identities ORDER BY created_at"
+        ).fetchall()
+        return [{"id": r[0], "username": r[1], "set_id": r[2], "revoked": bool(r[3])} for r in rows]
+
+    # --- endpoints ----------------------------------------------------------
+
+    def add_endpoint(self, name: str, manager_public_key: str) -> str:
+        endpoint_id = str(uuid.uuid4())
+        try:
+            with self.transaction():
+                self.db.execute(
+                    "INSERT INTO endpoints (id, name, manager_public_key, created_at) VALUES (?,?,?,?)",
+                    (endpoint_id, name, manager_public_key, time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise ConfigurationError(f"an endpoint named {name!r} is already registered") from None
+        return endpoint_id
+
+    def endpoint_exists(self, endpoint_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM endpoints WHERE id=?", (endpoint_id,)).fetchone() is not None
+
+    def endpoint_for_manager_key(self, public_key: str) -> str | None:
+        row = self.db.execute(
+            "SELECT id FROM endpoints WHERE manager_public_key=?", (public_key,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def list_endpoints(self) -> list[dict[str, str]]:
+        rows = self.db.execute("SELECT id, name FROM endpoints ORDER BY created_at").fetchall()
+        return [{"id": r[0], "name": r[1]} for r in rows]
+
+    # --- functions and tasks ------------------------------------------------
+
+    def known_functions(self, hashes: Iterable[str]) -> set[str]:
+        wanted = list(set(hashes))
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(
+                f"SELECT hash FROM functions WHERE hash IN ({marks})", chunk))
+        return found
+
+    def add_function(self, fn_hash: str, body: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO functions (hash, body) VALUES (?,?)", (fn_hash, body))
+
+    def function_body(self, fn_hash: str) -> bytes:
+        return self.db.execute("SELECT body FROM functions WHERE hash=?", (fn_hash,)).fetchone()[0]
+
+    def add_task(self, task_id: str, endpoint_id: str, submitter_id: str, fn_hash: str, args: bytes,
+                 config: str, runtime: str) -> bool:
+        """False when the id is already taken (a resubmission): the first one stands."""
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO tasks (id, endpoint_id, submitter_id, fn_hash, args, config, runtime,"
+            " state, created_at) VALUES (?,?,?,?,?,?,?,'waiting',?)",
+            (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, time.time()),
+        )
+        return cursor.rowcount == 1
+
+    def task_owner(self, task_id: str) -> str | None:
+        row = self.db.execute("SELECT submitter_id FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return row[0] if row else None
+
+    def waiting_tasks(self, endpoint_id: str, limit: int) -> list[QueuedTask]:
+        rows = self.db.execute(
+            "SELECT id, fn_hash, args, submitter_id, config, runtime FROM tasks"
+            " WHERE endpoint_id=? AND state='waiting' ORDER BY created_at LIMIT ?",
+            (endpoint_id, limit),
+        ).fetchall()
+        return [QueuedTask(*row) for row in rows]
+
+    def mark_dispatched(self, task_ids: Sequence[str]) -> None:
+        now = time.time()
+        self.db.executemany(
+            "UPDATE tasks SET state='dispatched', dispatched_at=? WHERE id=? AND state='waiting'",
+            [(now, task_id) for task_id in task_ids],
+        )
+
+    def requeue_dispatched(self, endpoint_id: str) -> int:
+        """A manager (re)registered: what it had in flight is sent again (at-least-once)."""
+        cursor = self.db.execute(
+            "UPDATE tasks SET state='waiting', dispatched_at=NULL WHERE endpoint_id=? AND state='dispatched'",
+            (endpoint_id,),
+        )
+        return cursor.rowcount
+
+    def record_result(self, endpoint_id: str, result: Result, payload: bytes | None) -> bool:
+        """Record a result once; a duplicate or a result for another endpoint's task is ignored."""
+        cursor = self.db.execute(
+            "UPDATE tasks SET state='done', completed_at=?, result_status=?, result_code=?,"
+            " result_message=?, result_error_type=?, result_traceback=?, result_payload=?, args=NULL"
+            " WHERE id=? AND endpoint_id=? AND state<>'done'",
+            (time.time(), result.status, result.code, result.message, result.error_type,
+             result.traceback, payload, result.task_id, endpoint_id),
+        )
+        return cursor.rowcount == 1
+
+    def fail_task(self, task_id: str, code: str, message: str) -> bool:
+        cursor = self.db.execute(
+            "UPDATE tasks SET state='done', completed_at=?, result_status='failed', result_code=?,"
+            " result_message=?, args=NULL WHERE id=? AND state<>'done'",
+            (time.time(), code, message, task_id),
+        )
+        return cursor.rowcount == 1
+
+    def results_for(self, submitter_id: str, task_ids: Sequence[str]) -> tuple[list[StoredResult], list[str], list[str]]:
+        """(results ready, ids still pending, ids unknown to this submitter)."""
+        ready: list[StoredResult] = []
+        pending: list[str] = []
+        unknown: list[str] = []
+        for task_id in task_ids:
+            row = self.db.execute(
+                "SELECT state, result_status, result_code, result_message, result_error_type,"
+                " result_traceback, result_payload FROM tasks WHERE id=? AND submitter_id=?",
+                (task_id, submitter_id),
+            ).fetchone()
+            if row is None:
+                unknown.append(task_id)
+            elif row[0] != "done":
+                pending.append(task_id)
+            else:
+                ready.append(_stored_result(task_id, row[1:]))
+        return ready, pending, unknown
+
+    def acknowledge_results(self, submitter_id: str, task_ids: Sequence[str]) -> None:
+        """The client has the results: keep the outcome, drop the bytes."""
+        now = time.time()
+        self.db.executemany(
+            "UPDATE tasks SET acked_at=?, result_payload=NULL WHERE id=? AND submitter_id=? AND state='done'",
+            [(now, task_id, submitter_id) for task_id in task_ids],
+        )
+
+    def task_states(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+
+
+def _stored_result(task_id: str, row: Sequence[Any]) -> StoredResult:
+    status, code, message, error_type, traceback, payload = row
+    result = Result(task_id=task_id, status=status, code=code or "", message=message or "",
+                    error_type=error_type or "", traceback=traceback or "")
+    return StoredResult(result=result, payload=payload)
+
+
+def dumps_canonical(value: Any) -> str:
+    """Canonical JSON: equal configs give equal text, so they group and compare as equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
