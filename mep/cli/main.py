@@ -36,6 +36,10 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MepError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2 if isinstance(exc, ConfigurationError) else 1)
+        except Exception as exc:  # a bug: say so in one line; -v logs the traceback
+            logging.getLogger("mep").debug("unexpected failure", exc_info=True)
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (run 'mep -v ...' for details)", err=True)
+            sys.exit(3)
 
     return wrapper
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zmq
+import zmq.utils.z85
 
 from mep.errors import ConfigurationError
 

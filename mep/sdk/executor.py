@@ -25,13 +25,16 @@ from typing import Any
 
 import zmq
 
-from mep.errors import ConfigurationError, MepError, RemoteError, error_for_code
+from mep.errors import AuthenticationError, ConfigurationError, MepError, RemoteError, error_for_code
 from mep.protocol import decode, encode
 from mep.protocol.curve import check_public_key, generate_keypair, make_curve_client
 from mep.protocol.messages import FAILED, SUCCESS, Error, Fetch, Result, Results, ResultsAck, Submit, SubmitAck, TaskRef
 from mep.sdk.serialize import client_runtime, deserialize, function_hash, serialize_args, serialize_function
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass
@@ -111,6 +114,9 @@ class Executor(concurrent.futures.Executor):
                            fn_body=body, args=serialize_args(args, kwargs))
         future.task_id = pending.task_id  # type: ignore[attr-defined]
         with self._all_acknowledged:
+            if self._failure is not None:
+                future.set_exception(self._failure)
+                return future
             self._unacknowledged += 1
         self._submissions.put(pending)
         os.write(self._wake_write, b"s")
@@ -132,9 +138,11 @@ class Executor(concurrent.futures.Executor):
         socket.linger = 0
         _, secret = generate_keypair()
         make_curve_client(socket, self.service_key, secret)
+        monitor = socket.get_monitor_socket(HANDSHAKE_FAILED)
         socket.connect(self.service)
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         state = _State()
         request_ids = itertools.count(1)
@@ -145,6 +153,13 @@ class Executor(concurrent.futures.Executor):
                 ready = dict(poller.poll(200))
                 if self._wake_read in ready:
                     os.read(self._wake_read, 65536)
+                if monitor in ready:
+                    monitor.recv_multipart()
+                    self._fail_everything(state, AuthenticationError(
+                        f"could not open an encrypted session with the service at {self.service}: the "
+                        "service key pinned here does not match the service's (check service_key / "
+                        "MEP_SERVICE_KEY against 'mep service key')"))
+                    return
                 while True:
                     try:
                         state.queued.append(self._submissions.get_nowait())
@@ -173,6 +188,8 @@ class Executor(concurrent.futures.Executor):
             log.exception("mep executor thread failed")
             self._fail_everything(state, MepError(f"the mep client stopped: {exc}"))
         finally:
+            socket.disable_monitor()
+            monitor.close(linger=0)
             socket.close(linger=0)
             context.term()
             os.close(self._wake_read)
@@ -265,6 +282,10 @@ class Executor(concurrent.futures.Executor):
             self._all_acknowledged.notify_all()
 
     def _fail_everything(self, state: _State, error: MepError) -> None:
+        with self._all_acknowledged:
+            self._failure = error  # submit() fails new futures at once from now on
+        while not self._submissions.empty():
+            state.queued.append(self._submissions.get_nowait())
         for flight in state.in_flight.values():
             state.queued.extend(flight.tasks)
         for pending in [*state.queued, *state.awaiting_result.values()]:
@@ -273,7 +294,7 @@ class Executor(concurrent.futures.Executor):
         state.in_flight.clear()
         state.awaiting_result.clear()
         with self._all_acknowledged:
-            self._failure = error
+            self._unacknowledged = 0
             self._all_acknowledged.notify_all()
 
 

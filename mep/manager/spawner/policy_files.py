@@ -53,8 +53,12 @@ def read_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> bytes
             raise _open_failure(absolute, error) from None
     finally:
         os.close(directory_fd)
-    with os.fdopen(file_fd, "rb") as policy_file:
+    try:
         _check_file(os.fstat(file_fd), absolute, trusted_owner_uids)
+    except BaseException:
+        os.close(file_fd)
+        raise
+    with os.fdopen(file_fd, "rb") as policy_file:
         return policy_file.read()
 
 
