@@ -66,6 +66,7 @@ def _remove_account(name: str) -> None:
 def unix_account(
     prefix: str = "meptest",
     *,
+    name: str | None = None,
     uid: int | None = None,
     shell: str = "/bin/bash",
     create_home: bool = True,
@@ -73,15 +74,19 @@ def unix_account(
 ) -> Iterator[pwd.struct_passwd]:
     """Create a uniquely named account, yield its passwd entry, and remove it afterwards.
 
+    ``name`` replaces the generated ``prefix`` + random name; the caller makes
+    it unique. Names useradd would call "bad" (all digits, ``user@domain``)
+    are allowed, because tests need them.
+
     With ``uid`` the account gets that uid; its same-named group gets
     whatever gid ``useradd`` picks. With ``primary_group_missing`` the
     account's own group is deleted after creation, leaving ``pw_gid``
     pointing at no group.
     """
-    name = f"{prefix}{secrets.token_hex(4)}"
+    name = name or f"{prefix}{secrets.token_hex(4)}"
     if len(name) > MAX_NAME_LENGTH:
-        raise ValueError(f"prefix {prefix!r} is too long for a {MAX_NAME_LENGTH}-character name")
-    command = ["useradd", "--no-log-init", "--user-group", "--shell", shell]
+        raise ValueError(f"{name!r} is longer than useradd's {MAX_NAME_LENGTH} characters")
+    command = ["useradd", "--badname", "--no-log-init", "--user-group", "--shell", shell]
     command.append("--create-home" if create_home else "--no-create-home")
     if uid is not None:
         command += ["--uid", str(uid)]
@@ -110,6 +115,7 @@ def account_factory() -> Iterator[Callable[..., pwd.struct_passwd]]:
         def make(
             prefix: str = "meptest",
             *,
+            name: str | None = None,
             uid: int | None = None,
             shell: str = "/bin/bash",
             create_home: bool = True,
@@ -118,6 +124,7 @@ def account_factory() -> Iterator[Callable[..., pwd.struct_passwd]]:
             return accounts.enter_context(
                 unix_account(
                     prefix,
+                    name=name,
                     uid=uid,
                     shell=shell,
                     create_home=create_home,

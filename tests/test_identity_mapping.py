@@ -511,6 +511,36 @@ def test_invalid_documents_rejected_at_load(documents: object, reason: str) -> N
     assert reason in str(raised.value)
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "identity_maps"
+
+
+def load_example(name: str) -> IdentityMapper:
+    return IdentityMapper.from_documents(json.loads((EXAMPLES / name).read_text()), source=name)
+
+
+def test_example_domain_strip() -> None:
+    mapper = load_example("example-domain-strip.json")
+    assert mapper.map([identity("alice@example.org")]).account == "alice"
+    assert mapper.map([identity("Bob@PHYSICS.Example.edu")]) == MappingDecision(
+        account="Bob", identity_id=str(identity("Bob@PHYSICS.Example.edu")["id"]), document_index=0, mapping_index=1
+    )
+    with pytest.raises(UnmappedIdentityError):
+        mapper.map([identity("alice@example.org.attacker.net")])
+
+
+def test_example_id_table() -> None:
+    mapper = load_example("example-id-table.json")
+    service = identity("pipeline@clients.auth.globus.org", id="b34bb069-3b68-4d38-b4e6-bc1e4fc95332")
+    assert mapper.map([service]).account == "svc_pipeline"
+    alice_work = identity("alice@example.org", id="5a1d7c2e-8f0b-4c63-9e1a-2d4b6f8a0c11")
+    alice_orcid = identity("0000-0002-1825-0097@orcid.org", id="c7e2f4a9-1b3d-4e5f-8a6b-9c0d1e2f3a4b")
+    decision = mapper.map([alice_orcid, alice_work])
+    assert (decision.account, decision.identity_id, decision.mapping_index) == ("alice", alice_work["id"], 1)
+    assert mapper.map([identity("dave@example.org")]).account == "projacct"
+    with pytest.raises(UnmappedIdentityError):
+        mapper.map([identity("eve@example.org")])
+
+
 def test_single_document_is_accepted() -> None:
     mapper = IdentityMapper.from_documents(document(DOMAIN_STRIP))
     assert mapper.map([identity("alice@example.org")]).account == "alice"

@@ -29,7 +29,7 @@ from mep import __version__
 from mep.config.manager import ManagerConfig
 from mep.errors import EndpointLostError, ErrorCode, MepError
 from mep.protocol import decode, encode
-from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server
+from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server, public_from_secret
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
     FAILED,
@@ -97,6 +97,7 @@ class Router:
                  endpoint_secret_key: str, spawner: socketlib.socket) -> None:
         self.config = config
         self.endpoint_address = endpoint_address
+        self.endpoint_public_key = public_from_secret(endpoint_secret_key)
         self.context = zmq.Context()
         self.endpoint_keys: dict[str, str] = {}  # endpoint public key -> endpoint id (read by the ZAP thread)
         self.zap = ZapHandler(self.context, {ZAP_DOMAIN: self.endpoint_keys.get})
@@ -126,11 +127,18 @@ class Router:
     # --- lifecycle ----------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or until the spawner goes away (main thread only)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        return self.serve()
+
+    def serve(self) -> int:
         forbid_unpickling()
-        signal.signal(signal.SIGTERM, lambda *_: self._stop())
-        signal.signal(signal.SIGINT, lambda *_: self._stop())
         self.endpoints_socket.bind(self.endpoint_address)
-        os.chmod(self.endpoint_address.removeprefix("ipc://"), 0o666)  # CURVE, not file modes, guards it
+        socket_path = self.endpoint_address.removeprefix("ipc://")
+        os.chmod(socket_path, 0o666)  # CURVE, not file modes, guards it: every user's endpoint must connect
+        with open(socket_path + ".pub", "w") as public:  # for diagnostics; a public key is no secret
+            public.write(self.endpoint_public_key + "\n")
         self.service.connect(self.config.service_address)
         self._register()
         poller = zmq.Poller()
@@ -152,7 +160,7 @@ class Router:
         self.context.term()
         return 0
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         self._stopping = True
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:

@@ -3,11 +3,13 @@
 Owns loading the admin's identity-mapping file (the format Globus Connect
 Server and Globus Compute use, see ``identity_maps/README.md``) and evaluating
 it. The reference implementation is ``globus_identity_mapping``; mep follows
-it, with these deliberate differences, each of which only ever refuses more:
+it, except where it maps more than a rule says or hides a mistake:
 
 * ``match`` must cover the whole source (``fullmatch``): the reference compiles
   ``^...$`` and calls ``.match``, so ``$`` also matches before a trailing
-  newline and ``"alice\\n"`` maps like ``"alice"``.
+  newline (``"alice\\n"`` maps like ``"alice"``) and a top-level ``|`` anchors
+  each branch at one end only (``a@x\\.org|b@x\\.org`` matches
+  ``"a@x.org.attacker.net"``).
 * ``literal`` matches are plain text (``re.escape``): the reference leaves a
   special character after a backslash unescaped, so the literal ``a\\*`` matches
   ``"a"``.
@@ -105,7 +107,7 @@ class _MappingDocument(Protocol):
 
 
 class _UnresolvedPlaceholder(Exception):
-    pass
+    """A ``{name}`` in a source or output has no text to put in its place."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class _ExpressionDocument:
                     account = rule.apply(identity)
                 except _UnresolvedPlaceholder as error:
                     raise _EvaluationFailed(
-                        mapping_index, f"identity {identity['id']}: {error}"
+                        mapping_index, f"identity {identity['id']!r}: {error}"
                     ) from None
                 if account is not None:
                     candidates.append(_Candidate(str(identity["id"]), account))
@@ -369,8 +371,9 @@ class IdentityMapper:
                 f"no local account is mapped to {label} on this endpoint;"
                 " ask your admin to add a mapping"
             ),
-            f"{self._source}: no document maps identities"
-            f" {[str(identity['id']) for identity in checked]}",
+            f"{self._source}: no document maps any of (id, username, status)"
+            f" {[(i['id'], i.get('username'), i.get('status')) for i in checked]};"
+            f" only statuses {sorted(_MAPPABLE_STATUSES)} are tried",
         )
 
     def _decide(

@@ -1,0 +1,235 @@
+"""Real mep deployments for tests: a service process, manager processes, identities, executors.
+
+Everything runs as separate processes from the test's own interpreter, which
+must live in a world-readable virtual environment (the endpoints exec it as
+other accounts). State lives under /var/tmp, never under pytest's tmp_path
+(its parent is 0700, so other accounts could not read it); sockets live under
+a per-deployment directory in /run, so parallel or repeated runs can't collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mep import Executor
+
+PYTHON = sys.executable
+ROUTER_USER = "mep"
+DOMAIN_STRIP = {"source": "{username}", "match": r"(.*)@example\.org", "output": "{0}"}
+
+
+def expression_mapping(*rules: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": list(rules)}]
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def start_process(argv: list[str], log_path: Path, user: str | None = None) -> Process:
+    if user is not None:
+        home = pwd.getpwnam(user).pw_dir
+        argv = ["runuser", "-u", user, "--", "env", "-i", f"HOME={home}", f"PATH={Path(PYTHON).parent}:/usr/bin:/bin",
+                *argv]
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, cwd="/")
+    return Process(popen, log_path)
+
+
+@dataclass
+class Manager:
+    process: Process
+    config_path: Path
+    endpoint_id: str
+    run_dir: Path | None
+
+    def log(self) -> str:
+        return self.process.log()
+
+    @property
+    def spawner_pid(self) -> int:
+        return self.process.popen.pid
+
+
+@dataclass
+class Deployment:
+    """A running service plus whatever managers and identities a test adds."""
+
+    root: Path
+    state_dir: Path
+    service_key: str
+    service: Process
+    address: str
+    owner: str | None = None
+    managers: list[Manager] = field(default_factory=list)
+
+    def admin(self, *args: str) -> dict[str, str]:
+        """Run ``mep service ...`` as the service's owner; returns its ``key: value`` output lines."""
+        argv = [PYTHON, "-m", "mep", "service", *args, "--state-dir", str(self.state_dir)]
+        if self.owner:
+            argv = ["runuser", "-u", self.owner, "--", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, cwd="/")
+        assert result.returncode == 0, f"{args} failed: {result.stderr}"
+        return dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+
+    def identity(self, username: str, *options: str) -> Identity:
+        output = self.admin("identity", "add", "--username", username, *options)
+        return Identity(id=output["identity_id"], token=output["token"], username=username)
+
+    def start_manager(self, mapping: Any, *, template: Path | None = None, schema: Path | None = None,
+                      min_uid: int = 1000, wait: bool = True) -> Manager:
+        name = f"ep{len(self.managers)}"
+        config_dir = self.root / name
+        output = self.admin("endpoint", "add", name, "--config-dir", str(config_dir),
+                            "--service-address", self.address)
+        config_path = Path(output["manager config"])
+        (config_dir / "identity_mapping.json").write_text(json.dumps(mapping))
+        run_dir = Path("/run") / f"mep-test-{secrets.token_hex(4)}" if not self.owner else None
+        config = yaml.safe_load(config_path.read_text())
+        config.update({"router_user": ROUTER_USER, "min_uid": min_uid, "heartbeat_interval": 1.0})
+        if run_dir is not None:
+            config["run_dir"] = str(run_dir)
+        if template is not None:
+            config["template"] = str(template)
+        if schema is not None:
+            config["schema"] = str(schema)
+        config_path.write_text(yaml.safe_dump(config))
+        if self.owner:
+            _chown_tree(config_dir, self.owner)
+        process = start_process([PYTHON, "-m", "mep", "manager", "start", "--config", str(config_path)],
+                                config_dir / "manager.log", user=self.owner)
+        manager = Manager(process, config_path, output["endpoint_id"], run_dir)
+        self.managers.append(manager)
+        if wait:
+            wait_for(lambda: "registered with the service" in manager.log() or process.popen.poll() is not None,
+                     what="the manager to register")
+            assert process.popen.poll() is None, f"manager exited:\n{manager.log()}"
+        return manager
+
+    def executor(self, identity: Identity, manager: Manager, **kwargs: Any) -> Executor:
+        return Executor(manager.endpoint_id, service=self.address, token=identity.token,
+                        service_key=self.service_key, **kwargs)
+
+    def logs(self) -> str:
+        parts = [f"--- service log\n{self.service.log()}"]
+        parts += [f"--- manager {m.endpoint_id} log\n{m.log()}" for m in self.managers]
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for manager in self.managers:
+            manager.process.stop()
+            if manager.run_dir is not None:
+                shutil.rmtree(manager.run_dir, ignore_errors=True)
+        self.service.stop()
+
+
+def _chown_tree(path: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    for directory, _, files in os.walk(path):
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+        for name in files:
+            os.chown(os.path.join(directory, name), entry.pw_uid, entry.pw_gid)
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    token: str
+    username: str
+
+
+@contextmanager
+def deployment(owner: str | None = None) -> Iterator[Deployment]:
+    """A fresh service (as root, or as ``owner``), stopped and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="mep-test-", dir="/var/tmp"))
+    os.chmod(root, 0o755)
+    if owner:
+        _chown_tree(root, owner)
+    state_dir = root / "service"
+    address_file = root / "service.address"
+    service = start_process([PYTHON, "-m", "mep", "service", "start", "--state-dir", str(state_dir), "--listen",
+                             "tcp://127.0.0.1:0", "--address-file", str(address_file),
+                             "--heartbeat-interval", "1"], root / "service.log", user=owner)
+    try:
+        address = wait_for(lambda: address_file.exists() and address_file.read_text().strip(),
+                           what="the service to listen")
+        deploy = Deployment(root=root, state_dir=state_dir, service_key=(state_dir / "service.key.pub").read_text().strip(),
+                            service=service, address=address, owner=owner)
+        try:
+            yield deploy
+        except BaseException:
+            print(deploy.logs())
+            raise
+        finally:
+            deploy.stop()
+    finally:
+        service.stop()
+        shutil.rmtree(root, ignore_errors=True)
