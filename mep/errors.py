@@ -35,6 +35,7 @@ class MepError(Exception):
     """Base of every error mep raises on purpose; ``str()`` is the actionable message."""
 
     code: ErrorCode = ErrorCode.INTERNAL
+    admin_detail: str = ""  # what only the admin's log may see (which rule, which step, which errno)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

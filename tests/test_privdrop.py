@@ -174,7 +174,8 @@ def _in_child(action: Callable[[], object]) -> dict:
             try:
                 outcome: dict = {"value": action()}
             except BaseException as exc:  # noqa: B036 - reported to the parent, which asserts on it
-                outcome = {"raised": type(exc).__name__, "message": str(exc), "errno": getattr(exc, "errno", None)}
+                outcome = {"raised": type(exc).__name__, "message": str(exc),
+                           "errno": getattr(exc, "errno", None)}
             os.write(write_end, json.dumps(outcome).encode())
         finally:
             os._exit(0)
@@ -286,6 +287,27 @@ def test_spawn_works_from_a_thread_other_than_the_main_one(user):
     assert outcome["resuid"] == [user.uid] * 3
 
 
+@pytest.mark.parametrize("relative_log", ["endpoint.log", ".mep/endpoints/test/endpoint.log"])
+def test_spawn_works_with_the_managers_stdio_closed(user, relative_log):
+    # Daemons may run with 0-2 closed: the pipes and the log then get low numbers.
+    # Opening the directories alternates between fds 1 and 2, so at these two
+    # depths the log itself lands on 2 and on 1.
+    log_path = os.path.join(user.home, relative_log)
+
+    def spawn_without_stdio() -> int:
+        for fd in (0, 1, 2):
+            os.close(fd)
+        child = spawn(SpawnPlan(account=user, argv=[PYTHON, "-c", REPORT_SCRIPT], stdin_data=b"in",
+                                log_path=log_path))
+        return _wait(child)
+
+    assert _in_child(spawn_without_stdio)["value"] == 0
+    report = json.loads(Path(log_path).read_text())
+    assert set(report["fds"]) == {"0", "1", "2"}
+    assert report["fds"]["1"] == report["fds"]["2"] == log_path
+    assert report["stdin"] == "in"
+
+
 def test_missing_home_starts_in_the_root_directory(account_factory, shared_dir):  # noqa: F811
     account = _account(account_factory(create_home=False))
     assert not os.path.exists(account.home)
@@ -300,7 +322,8 @@ def test_parent_keeps_no_descriptors(user):
     child = spawn(SpawnPlan(account=user, argv=["/bin/true"], stdin_data=b"x", log_path=_log_path(user)))
     assert _wait(child) == 0
     with pytest.raises(DropStepError):
-        spawn(SpawnPlan(account=user, argv=["/nonexistent/python"], stdin_data=b"x", log_path=_log_path(user)))
+        spawn(SpawnPlan(account=user, argv=["/nonexistent/python"], stdin_data=b"x",
+                        log_path=_log_path(user)))
     assert _open_fds() == before
 
 

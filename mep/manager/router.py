@@ -127,13 +127,13 @@ class Router:
     # --- lifecycle ----------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT or until the spawner goes away (main thread only)."""
+        """The router process's entry: refuse unpickling for good, then serve until told to stop."""
+        forbid_unpickling()
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         return self.serve()
 
     def serve(self) -> int:
-        forbid_unpickling()
         self.endpoints_socket.bind(self.endpoint_address)
         socket_path = self.endpoint_address.removeprefix("ipc://")
         os.chmod(socket_path, 0o666)  # CURVE, not file modes, guards it: every user's endpoint must connect

@@ -272,7 +272,7 @@ def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]
 
 def _with_admin_detail(error: _Error, admin_detail: str) -> _Error:
     # The user sees str(error); the spawner logs admin_detail (which file, which rule).
-    setattr(error, "admin_detail", admin_detail)
+    error.admin_detail = admin_detail
     return error
 
 

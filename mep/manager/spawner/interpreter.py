@@ -17,9 +17,9 @@ import signal
 import stat
 import tempfile
 
-from mep.errors import ConfigurationError
+from mep.errors import ConfigurationError, SpawnError
 from mep.manager.spawner.accounts import Account
-from mep.manager.spawner.privdrop import DropStepError, SpawnPlan, read_log_tail, spawn
+from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, spawn
 
 PROBE_TIMEOUT_SECONDS = 60
 _REMEDY = (
@@ -100,7 +100,7 @@ def _run_probe(python: str, account: Account) -> str | None:
         )
         try:
             child = spawn(plan)
-        except DropStepError as exc:
+        except SpawnError as exc:
             return str(exc)
         status = _wait(child.pid, child.pidfd)
         if status == 0:

@@ -297,6 +297,10 @@ def open_log(setup: ChildSetup) -> None:
     os.set_blocking(log, True)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    # With the manager's stdio closed the log itself may be 1 or 2, and dup2
+    # onto itself would leave it close-on-exec.
+    os.set_inheritable(1, True)
+    os.set_inheritable(2, True)
 
 
 def close_descriptors(setup: ChildSetup) -> None:
@@ -391,7 +395,7 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int) -> ChildSetu
     if not plan.drop_privileges and account.uid != os.geteuid():
         raise SpawnError(
             f"cannot start {who} as {account.name} (uid {account.uid}) in single-user mode: "
-            f"this process runs as uid {os.geteuid()}; only root can switch accounts"
+            f"without a drop a child can only run as this process's own uid {os.geteuid()}"
         )
     log_directory, log_name = os.path.split(log_path)
     components = [part for part in log_directory.split("/") if part]
@@ -453,21 +457,26 @@ def _child_environment(plan: SpawnPlan, who: str) -> dict[str, str]:
 def spawn(plan: SpawnPlan) -> SpawnedProcess:
     """Start ``plan`` and return once the child has exec'd; ``DropStepError`` names a failed step.
 
-    An invalid plan raises ``SpawnError`` before anything is forked.
+    An invalid plan raises ``SpawnError`` before anything is forked, as does a
+    lack of resources (descriptors, processes) in the parent.
     """
-    with ExitStack() as until_reported:
-        error_read, error_write = _pipe_above_stdio()
-        until_reported.callback(os.close, error_read)
-        with ExitStack() as parent_copies:
-            parent_copies.callback(os.close, error_write)
-            stdin_read, stdin_write = _pipe_above_stdio()
-            parent_copies.callback(os.close, stdin_read)
-            parent_copies.callback(os.close, stdin_write)
-            setup = prepare_child(plan, stdin_fd=stdin_read, error_fd=error_write)
-            _preload_stdin(stdin_write, plan.stdin_data, plan.title or "the endpoint")
-            pid, pidfd = _fork_child(setup)
-        # Our copy of the write end is closed: EOF now means the child exec'd or died.
-        report = _read_report(error_read)
+    who = plan.title or "the endpoint"
+    try:
+        with ExitStack() as until_reported:
+            error_read, error_write = _pipe_above_stdio()
+            until_reported.callback(os.close, error_read)
+            with ExitStack() as parent_copies:
+                parent_copies.callback(os.close, error_write)
+                stdin_read, stdin_write = _pipe_above_stdio()
+                parent_copies.callback(os.close, stdin_read)
+                parent_copies.callback(os.close, stdin_write)
+                setup = prepare_child(plan, stdin_fd=stdin_read, error_fd=error_write)
+                _preload_stdin(stdin_write, plan.stdin_data, who)
+                pid, pidfd = _fork_child(setup)
+            # Our copy of the write end is closed: EOF now means the child exec'd or died.
+            report = _read_report(error_read)
+    except OSError as exc:
+        raise SpawnError(f"cannot start {who} as {plan.account.name}: {exc}") from exc
     if not report:
         return SpawnedProcess(pid=pid, pidfd=pidfd)
     os.waitpid(pid, 0)
@@ -477,16 +486,17 @@ def spawn(plan: SpawnPlan) -> SpawnedProcess:
 
 def _pipe_above_stdio() -> tuple[int, int]:
     """A close-on-exec pipe whose ends are above 2, so dup2 onto 0-2 in the child can't clobber them."""
-    ends = os.pipe2(os.O_CLOEXEC)
-    moved = []
+    ends = list(os.pipe2(os.O_CLOEXEC))
     try:
-        for fd in ends:
-            moved.append(fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
-    finally:
-        for fd in ends:
+        for index, fd in enumerate(ends):
             if fd <= 2:
+                ends[index] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
                 os.close(fd)
-    return moved[0], moved[1]
+    except BaseException:
+        for fd in ends:
+            os.close(fd)
+        raise
+    return ends[0], ends[1]
 
 
 def _preload_stdin(fd: int, data: bytes, who: str) -> None:

@@ -26,7 +26,7 @@ import msgspec
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
 from mep.errors import MepError, TaskRefusedError
-from mep.manager.spawner.accounts import Account, AccountPolicy, resolve_account
+from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused, resolve_account
 from mep.manager.spawner.identity import IdentityMapper
 from mep.manager.spawner.policy_files import read_policy_file
 from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, spawn
@@ -130,12 +130,12 @@ class Spawner:
         try:
             return self._spawn(request)
         except TaskRefusedError as exc:
-            detail = getattr(exc, "admin_detail", "") or str(exc)
-            log.warning("refused %s (%s): %s [%s]", who, request.submitter_id, exc.code, detail)
-            return SpawnRefused(request_id=request.request_id, code=exc.code, message=str(exc))
+            message = exc.for_identity(who) if isinstance(exc, AccountRefused) else str(exc)
+            log.warning("refused %s (%s): %s [%s]", who, request.submitter_id, exc.code, exc.admin_detail or message)
+            return SpawnRefused(request_id=request.request_id, code=exc.code, message=message)
 
     def _spawn(self, request: SpawnRequest) -> Spawned:
-        identities = [msgspec.to_builtins(identity) for identity in request.identities]
+        identities = [msgspec.structs.asdict(identity) for identity in request.identities]
         decision = self.mapper.map(identities)
         account = resolve_account(decision.account, self.settings.policy)
         endpoint_id = str(uuid.uuid4())
