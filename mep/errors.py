@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
     """Stable wire codes for every failure a task can end with."""
 
     UNAUTHENTICATED = "unauthenticated"
+    NOT_REGISTERED = "not_registered"
     BAD_REQUEST = "bad_request"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNKNOWN_ENDPOINT = "unknown_endpoint"
@@ -58,6 +59,12 @@ class AuthenticationError(MepError):
     """The caller's token is unknown or revoked, or a key did not match."""
 
     code = ErrorCode.UNAUTHENTICATED
+
+
+class NotRegisteredError(ProtocolError):
+    """A manager spoke before registering on this connection; it must send REGISTER."""
+
+    code = ErrorCode.NOT_REGISTERED
 
 
 class PayloadTooLargeError(MepError):

@@ -152,7 +152,8 @@ class Deployment:
                             "--service-address", self.address)
         config_path = Path(output["manager config"])
         (config_dir / "identity_mapping.json").write_text(json.dumps(mapping))
-        run_dir = Path("/run") / f"mep-test-{secrets.token_hex(4)}" if not self.owner else None
+        # as root, a per-manager socket directory under /run; as a user, the manager's own default
+        run_dir = Path("/run") / f"mep-test-{secrets.token_hex(4)}" if os.geteuid() == 0 and not self.owner else None
         config = yaml.safe_load(config_path.read_text())
         config.update({"router_user": ROUTER_USER, "min_uid": min_uid, "heartbeat_interval": 1.0})
         if run_dir is not None:
@@ -166,7 +167,7 @@ class Deployment:
             _chown_tree(config_dir, self.owner)
         process = start_process([PYTHON, "-m", "mep", "manager", "start", "--config", str(config_path)],
                                 config_dir / "manager.log", user=self.owner)
-        manager = Manager(process, config_path, output["endpoint_id"], run_dir)
+        manager = Manager(process, config_path, output["endpoint_id"], run_dir)  # run_dir None: not ours to remove
         self.managers.append(manager)
         if wait:
             wait_for(lambda: "registered with the service" in manager.log() or process.popen.poll() is not None,

@@ -76,13 +76,17 @@ def service() -> None:
 @click.option("--address-file", type=click.Path(path_type=Path), default=None,
               help="Write the bound address here once listening (useful with port 0).")
 @click.option("--heartbeat-interval", type=float, default=10.0, show_default=True)
+@click.option("--max-payload-bytes", type=click.IntRange(min=1024), default=10 * 1024 * 1024, show_default=True,
+              help="Largest serialised function or arguments of one task.")
 @_friendly
-def service_start(state_dir: Path | None, listen: str, address_file: Path | None, heartbeat_interval: float) -> None:
+def service_start(state_dir: Path | None, listen: str, address_file: Path | None, heartbeat_interval: float,
+                  max_payload_bytes: int) -> None:
     """Run the service in the foreground."""
     from mep.service.broker import Broker, BrokerSettings
 
     state = _state(state_dir)
-    broker = Broker(state, BrokerSettings(listen=listen, heartbeat_interval=heartbeat_interval))
+    broker = Broker(state, BrokerSettings(listen=listen, heartbeat_interval=heartbeat_interval,
+                                          max_payload_bytes=max_payload_bytes))
     if address_file is not None:
         address_file.write_text(broker.address + "\n")
     broker.serve_forever()

@@ -36,6 +36,7 @@ from mep.protocol.messages import (
     Dispatch,
     DispatchAck,
     EndpointExited,
+    Error,
     Heartbeat,
     IdleExit,
     ProcessStatus,
@@ -81,7 +82,6 @@ class EndpointLink:
     queued: list[QueuedTask] = field(default_factory=list)
     in_flight: set[str] = field(default_factory=set)
     functions_sent: set[str] = field(default_factory=set)
-    draining: bool = False
 
 
 @dataclass
@@ -118,7 +118,6 @@ class Router:
         self.task_endpoint: dict[str, str] = {}
         self.results_out: list[tuple[Result, Any]] = []
         self.spawner_status: ProcessStatus | None = None
-        self.registered = False
         self.last_heard = 0.0
         self.last_heartbeat = 0.0
         self._stopping = False
@@ -171,7 +170,6 @@ class Router:
                 return
 
     def _register(self) -> None:
-        self.registered = False
         self.service.send_multipart(encode(Register(endpoint_id=self.config.endpoint_id, mep_version=__version__)))
         self.last_heartbeat = self.last_heard = time.monotonic()
 
@@ -198,7 +196,6 @@ class Router:
         self.last_heard = time.monotonic()
         match header:
             case Registered():
-                self.registered = True
                 self.config = self.config.model_copy(update={"heartbeat_interval": header.heartbeat_interval})
                 log.info("registered with the service at %s", self.config.service_address)
                 self.spawner.send(SpawnerStatusRequest())
@@ -208,6 +205,9 @@ class Router:
                 self._results_acknowledged(header.task_ids)
             case Heartbeat():
                 pass
+            case Error(code=ErrorCode.NOT_REGISTERED):
+                log.info("the service does not know this connection (%s); registering again", header.message)
+                self._register()
             case _:
                 log.warning("the service sent %s: %s", type(header).__name__, getattr(header, "message", ""))
 
@@ -269,7 +269,11 @@ class Router:
     # --- spawner ------------------------------------------------------------------
 
     def _from_spawner(self) -> bool:
-        message = self.spawner.receive()
+        try:
+            message = self.spawner.receive()
+        except MepError as exc:
+            log.error("ignoring a bad message from the spawner: %s", exc)
+            return True
         if message is None:
             return False
         match message:
@@ -353,11 +357,12 @@ class Router:
 
     def _endpoint_results(self, link: EndpointLink, header: Results, payloads: list[Any]) -> None:
         for result in header.results:
-            if result.task_id not in link.in_flight:
-                if self.task_endpoint.get(result.task_id) != link.endpoint_id:
-                    log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
-                                link.endpoint_id, link.account, result.task_id)
-                continue  # a forged result, or a resend of one already forwarded
+            # task_endpoint holds a task from when it is sent to an endpoint until the service has the
+            # result, so an endpoint's resend (say, after a service restart) is forwarded again.
+            if self.task_endpoint.get(result.task_id) != link.endpoint_id:
+                log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
+                            link.endpoint_id, link.account, result.task_id)
+                continue
             link.in_flight.discard(result.task_id)
             payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
             self.results_out.append((result, payload))
@@ -399,7 +404,6 @@ class Router:
 
     def _retire(self, link: EndpointLink, reason: str) -> None:
         """New work for this endpoint's groups goes to a fresh endpoint from now on."""
-        link.draining = True
         for key in link.keys:
             if self.by_group.get(key) == link.endpoint_id:
                 del self.by_group[key]

@@ -16,6 +16,7 @@ from mep.errors import ProtocolError
 from mep.protocol.messages import PROTOCOL_VERSION, SIGNATURE, Header
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # one task's function or arguments, serialised
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Header)
@@ -53,13 +54,15 @@ def decode(frames: Sequence[Frame]) -> tuple[Any, list[Frame]]:
             f"protocol version {header.v} is not supported (this side speaks {PROTOCOL_VERSION})"
         )
     payloads = list(frames[2:])
-    for name in ("tasks", "results"):
-        for item in getattr(header, name, ()):
-            for attr in ("args_frame", "fn_frame", "payload_frame"):
-                index = getattr(item, attr, -1)
-                if index != -1 and not 0 <= index < len(payloads):
-                    raise ProtocolError(
-                        f"{name} entry {getattr(item, 'task_id', '?')} points at payload frame "
-                        f"{index}, but the message has {len(payloads)}"
-                    )
+    count = len(payloads)
+    for task in getattr(header, "tasks", ()):
+        if not (0 <= task.args_frame < count and -1 <= task.fn_frame < count):
+            raise _bad_frame_index(task.task_id, count)
+    for result in getattr(header, "results", ()):
+        if not -1 <= result.payload_frame < count:
+            raise _bad_frame_index(result.task_id, count)
     return header, payloads
+
+
+def _bad_frame_index(task_id: str, count: int) -> ProtocolError:
+    return ProtocolError(f"task {task_id} points at a payload frame the message does not have ({count} frames)")

@@ -19,14 +19,16 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
-from mep.errors import AuthenticationError, ConfigurationError, MepError, RemoteError, error_for_code
+from mep.errors import AuthenticationError, ConfigurationError, MepError, PayloadTooLargeError, RemoteError, error_for_code
 from mep.protocol import decode, encode
+from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 from mep.protocol.curve import check_public_key, generate_keypair, make_curve_client
 from mep.protocol.messages import FAILED, SUCCESS, Error, Fetch, Result, Results, ResultsAck, Submit, SubmitAck, TaskRef
 from mep.sdk.serialize import client_runtime, deserialize, function_hash, serialize_args, serialize_function
@@ -81,6 +83,7 @@ class Executor(concurrent.futures.Executor):
         service_key: str | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
         batch_size: int = 1000,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         resend_after: float = 10.0,
         poll_interval: float = 5.0,
     ) -> None:
@@ -91,11 +94,13 @@ class Executor(concurrent.futures.Executor):
         self.service_key = check_public_key(key, "service_key")
         self.user_endpoint_config = dict(user_endpoint_config or {})
         self._batch_size = batch_size
+        self._max_payload_bytes = max_payload_bytes
         self._resend_after = resend_after
         self._poll_interval = poll_interval
         self._runtime = client_runtime()
         self._submissions: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
+        weakref.finalize(self, _close_all, self._wake_read, self._wake_write)
         self._closing = threading.Event()
         self._all_acknowledged = threading.Condition()
         self._unacknowledged = 0
@@ -113,6 +118,12 @@ class Executor(concurrent.futures.Executor):
         pending = _Pending(task_id=str(uuid.uuid4()), future=future, fn_hash=function_hash(body),
                            fn_body=body, args=serialize_args(args, kwargs))
         future.task_id = pending.task_id  # type: ignore[attr-defined]
+        for what, size in (("function", len(body)), ("arguments", len(pending.args))):
+            if size > self._max_payload_bytes:
+                future.set_exception(PayloadTooLargeError(
+                    f"the serialised {what} are {size} bytes; the limit is {self._max_payload_bytes}. Pass large "
+                    "data by reference (a path on the cluster) instead"))
+                return future
         with self._all_acknowledged:
             if self._failure is not None:
                 future.set_exception(self._failure)
@@ -192,7 +203,6 @@ class Executor(concurrent.futures.Executor):
             monitor.close(linger=0)
             socket.close(linger=0)
             context.term()
-            os.close(self._wake_read)
 
     def _send_submit(self, socket: zmq.Socket, request_id: int, batch: list[_Pending], state: _State,
                      include_all_functions: bool = False) -> None:
@@ -235,7 +245,8 @@ class Executor(concurrent.futures.Executor):
                     for pending in flight.tasks:
                         _set_exception(pending.future, error)
                     self._count_acknowledged(len(flight.tasks))
-                elif header.code == "unauthenticated":
+                elif header.code == "unauthenticated" or header.request_id == 0:
+                    # refused before the service could read which request it was: nothing we send will do
                     self._fail_everything(state, error)
                 else:
                     log.warning("service error: %s", header.message)
@@ -313,6 +324,11 @@ def _remote_exception(result: Result, payload: bytes | None) -> BaseException:
 def _set_exception(future: concurrent.futures.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _missing(argument: str, variable: str) -> str:

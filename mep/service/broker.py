@@ -30,8 +30,9 @@ from typing import Any
 import msgspec
 import zmq
 
-from mep.errors import AuthenticationError, ErrorCode, MepError, ProtocolError, UnknownEndpointError
+from mep.errors import AuthenticationError, ErrorCode, MepError, NotRegisteredError, ProtocolError, UnknownEndpointError
 from mep.protocol import decode, encode
+from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.curve import ZapHandler, make_curve_server
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
@@ -71,7 +72,7 @@ DRAIN_LIMIT = 1000
 class BrokerSettings:
     listen: str = "tcp://127.0.0.1:5790"
     heartbeat_interval: float = 10.0
-    max_payload_bytes: int = 10 * 1024 * 1024
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     dispatch_batch: int = 500
 
 
@@ -108,6 +109,9 @@ class Broker:
         self.socket.router_mandatory = True
         self.socket.linger = 0
         self.socket.sndhwm = self.socket.rcvhwm = 100_000
+        # A hard cap per frame, checked by libzmq before a whole message is buffered (protects against a
+        # peer that never shows a token); payloads between the limit and the cap get a per-task refusal.
+        self.socket.maxmsgsize = max(4 * settings.max_payload_bytes, MAX_HEADER_BYTES)
         make_curve_server(self.socket, state.secret_key, ZAP_DOMAIN)
         self.socket.bind(settings.listen)
         self.address = self.socket.last_endpoint.decode()
@@ -278,13 +282,12 @@ class Broker:
 
     def _push_results(self, task_ids: list[str]) -> None:
         """Results just recorded go straight to a connected submitter; otherwise they wait for a Fetch."""
-        by_client: dict[bytes, list[str]] = defaultdict(list)
+        by_client: dict[tuple[bytes, str], list[str]] = defaultdict(list)
         for task_id in task_ids:
             route = self.client_routes.pop(task_id, None)
             if route is not None:
-                by_client[route].append(task_id)
-        for route, ids in by_client.items():
-            submitter = self.store.task_owner(ids[0])
+                by_client[route, self.store.task_owner(task_id)].append(task_id)
+        for (route, submitter), ids in by_client.items():
             ready, _, _ = self.store.results_for(submitter, ids)
             header, payloads = _results_message(ready)
             self._send(route, encode(header, payloads))
@@ -300,12 +303,13 @@ class Broker:
                                     f"not {header.endpoint_id}")
             requeued = self.store.requeue_dispatched(endpoint_id)
             self.managers[endpoint_id] = ManagerLink(routing_id=routing_id, last_seen=time.monotonic())
-            log.info("manager for endpoint %s registered (%d in-flight task(s) queued again)",
-                     endpoint_id, requeued)
+            log.info("manager for endpoint %s (mep %s) registered; %d in-flight task(s) queued again",
+                     endpoint_id, header.mep_version or "unknown", requeued)
             outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
             return
         if link is None or link.routing_id != routing_id:
-            raise ProtocolError("register before sending anything else")
+            raise NotRegisteredError("this manager connection has not registered (the service restarted, or "
+                                     "the connection was re-established); send REGISTER")
         link.last_seen = time.monotonic()
         match header:
             case Heartbeat():
@@ -313,7 +317,7 @@ class Broker:
                 outbox.reply(routing_id, Heartbeat())
             case DispatchAck():
                 for rejection in header.rejected:
-                    if self.store.fail_task(rejection.task_id, rejection.code, rejection.message):
+                    if self.store.fail_task(endpoint_id, rejection.task_id, rejection.code, rejection.message):
                         outbox.completed.append(rejection.task_id)
             case Results():
                 for result in header.results:

@@ -279,11 +279,12 @@ class Store:
         )
         return cursor.rowcount == 1
 
-    def fail_task(self, task_id: str, code: str, message: str) -> bool:
+    def fail_task(self, endpoint_id: str, task_id: str, code: str, message: str) -> bool:
+        """A manager refused a task it was sent (never another endpoint's task)."""
         cursor = self.db.execute(
             "UPDATE tasks SET state='done', completed_at=?, result_status='failed', result_code=?,"
-            " result_message=?, args=NULL WHERE id=? AND state<>'done'",
-            (time.time(), code, message, task_id),
+            " result_message=?, args=NULL WHERE id=? AND endpoint_id=? AND state<>'done'",
+            (time.time(), code, message, task_id, endpoint_id),
         )
         return cursor.rowcount == 1
 

@@ -157,7 +157,8 @@ class Spawner:
                             router_address=self.settings.router_address,
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
                             config=rendered)
-        log_path = os.path.join(account.home, ".mep", "endpoints", endpoint_id, "endpoint.log")
+        # realpath: the log path is opened without following any symlink, and /home may be one
+        log_path = os.path.join(os.path.realpath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
         child = spawn(SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
                                 stdin_data=msgspec.json.encode(boot), log_path=log_path,
                                 drop_privileges=self.settings.drop_privileges))
