@@ -39,3 +39,4 @@ def deploy(router_account: str) -> Iterator[Deployment]:
     """A fresh service run by root, ready for managers and identities."""
     with deployment() as running:
         yield running
+

@@ -116,7 +116,17 @@ class Manager:
 
     @property
     def spawner_pid(self) -> int:
-        return self.process.popen.pid
+        """Found by its process title (under runuser the started process is not the spawner)."""
+        title = f"mep-manager spawner {self.endpoint_id}".encode()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                        if handle.read().startswith(title):
+                            return int(entry)
+                except OSError:
+                    continue
+        raise AssertionError(f"no spawner process for endpoint {self.endpoint_id}")
 
 
 @dataclass
