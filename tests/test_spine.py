@@ -97,7 +97,7 @@ def test_two_researchers_each_run_as_their_own_account(deploy, account_factory) 
                 executor.submit(raise_unrebuildable_error).result(timeout=60)
             assert remote.value.remote_type.endswith("TwoArgumentError")
             assert "cannot be rebuilt" in str(remote.value)
-            assert "raise TwoArgumentError(" in remote.value.remote_traceback
+            assert ", in raise_unrebuildable_error" in remote.value.remote_traceback
         return [future.result(timeout=60) for future in futures]
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
