@@ -130,10 +130,10 @@ def test_two_researchers_each_run_as_their_own_account(deploy, account_factory) 
         assert title.startswith(f"mep-endpoint {pwd.getpwuid(owner).pw_name} ")
         with open(f"/proc/{pid}/status") as handle:
             assert f"Uid:\t{owner}\t{owner}\t{owner}\t{owner}" in handle.read()
-        # fd 0 is the boot pipe the spawner made on purpose; anonymous inodes (eventfd, epoll) always
-        # report uid 0. Anything else root-owned (the spawner's socketpair, a root file) would be a leak.
+        # Anonymous inodes (eventfd, epoll) always report uid 0. Anything else root-owned (the boot pipe
+        # once read, the spawner's socketpair, a root file) would be a leak.
         root_owned = {fd: target for fd, (target, uid) in descriptors_of(pid).items()
-                      if uid == 0 and fd != 0 and not target.startswith(("anon_inode:", "/dev/null"))}
+                      if uid == 0 and not target.startswith(("anon_inode:", "/dev/null"))}
         assert root_owned == {}, f"endpoint {pid} holds root-owned descriptors {root_owned}"
         log_dir = Path(pwd.getpwuid(owner).pw_dir) / ".mep" / "endpoints"
         (endpoint_dir,) = [d for d in log_dir.iterdir() if title.endswith(d.name)]
@@ -309,3 +309,66 @@ def test_audit_hook_refuses_unpickling_in_a_brokering_process() -> None:
               "    print('refused:', e)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("refused: unpickling is forbidden")
+
+
+def worker_descriptors() -> dict[int, str]:
+    """Runs on the endpoint: this worker's descriptors that point at something root owns."""
+    import os
+
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            owner = os.stat(f"/proc/self/fd/{fd}").st_uid
+        except OSError:
+            continue
+        if owner == 0 and not target.startswith(("anon_inode:", "/dev/null", "/proc/")):
+            found[int(fd)] = target
+    return found
+
+
+def test_worker_holds_no_root_owned_descriptor(deploy, account_factory) -> None:
+    account = account_factory("mepfds")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(worker_descriptors).result(timeout=60) == {}
+
+
+def test_linked_identity_maps_through_its_set(deploy, account_factory) -> None:
+    account = account_factory("meplinked")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    campus = deploy.identity(f"{account.pw_name}@example.org")
+    orcid = deploy.identity("0000-0002-1825-0097@orcid.org", "--link", campus.id)
+    with deploy.executor(orcid, manager) as executor:
+        report = executor.submit(probe).result(timeout=60)
+    assert tuple(report["resuid"]) == (account.pw_uid,) * 3
+
+
+def test_ambiguous_identity_set_is_refused(deploy, account_factory) -> None:
+    first, second = account_factory("mepamb"), account_factory("mepamb")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    one = deploy.identity(f"{first.pw_name}@example.org")
+    other = deploy.identity(f"{second.pw_name}@example.org", "--link", one.id)
+    before = children_of(manager.spawner_pid)
+    with deploy.executor(other, manager) as executor:
+        future = executor.submit(add, 1, 1)
+    with pytest.raises(mep.MappingError, match="ambiguous"):
+        future.result(timeout=60)
+    assert children_of(manager.spawner_pid) == before
+
+
+def test_idle_endpoint_exits_and_new_work_starts_a_fresh_one(deploy, account_factory) -> None:
+    account = account_factory("mepidle")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    config = {"workers": 1, "idle_timeout": 10}
+    with deploy.executor(identity, manager, user_endpoint_config=config) as executor:
+        assert executor.submit(add, 1, 1).result(timeout=60) == 2
+    (first,) = endpoint_pids(manager)
+    wait_for(lambda: first not in endpoint_pids(manager), timeout=60, what="the idle endpoint to exit")
+    assert "idle" in manager.log()
+    with deploy.executor(identity, manager, user_endpoint_config=config) as executor:
+        assert executor.submit(add, 2, 2).result(timeout=60) == 4
+    (second,) = endpoint_pids(manager)
+    assert second != first

@@ -145,6 +145,13 @@ class UserEndpoint:
         self.socket.send_multipart(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
 
 
+def _release_boot_pipe() -> None:
+    """Put /dev/null on stdin: the spawner's pipe has done its job and workers must not inherit it."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -152,6 +159,7 @@ def main() -> int:
     except msgspec.MsgspecError as exc:
         log.error("unusable boot document on stdin: %s", exc)
         return 2
+    _release_boot_pipe()
     setproctitle(f"mep-endpoint {boot.account} {boot.endpoint_id}")
     config = UserEndpointConfig.model_validate(boot.config)
     return UserEndpoint(boot, config).run()

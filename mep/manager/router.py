@@ -151,6 +151,7 @@ class Router:
                 break
             self._drain(self.endpoints_socket, self._from_endpoint)
             self._drain(self.service, self._from_service)
+            self._retry_queued()
             self._flush_results()
             self._keep_alive()
         self._shutdown_endpoints("the manager is stopping")
@@ -367,6 +368,12 @@ class Router:
             payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
             self.results_out.append((result, payload))
 
+    def _retry_queued(self) -> None:
+        """Tasks an endpoint could not take earlier (its high-water mark was reached) go now."""
+        for link in self.endpoints.values():
+            if link.queued and link.routing_id is not None:
+                self._send_queued(link)
+
     def _queue_on_endpoint(self, link: EndpointLink, tasks: list[QueuedTask]) -> None:
         link.queued.extend(tasks)
         if link.routing_id is not None:
@@ -399,7 +406,7 @@ class Router:
                                                  zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError as exc:
-            log.info("endpoint %s is not reachable right now (%s); will retry", link.endpoint_id, exc.strerror)
+            log.debug("endpoint %s is not reachable right now (%s); will retry", link.endpoint_id, exc.strerror)
             return False
 
     def _retire(self, link: EndpointLink, reason: str) -> None:
