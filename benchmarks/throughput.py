@@ -183,7 +183,7 @@ def measure_codec() -> tuple[Measurement, Measurement, int, int]:
         raise RuntimeError("an envelope did not survive its encode/decode round trip; the comparison would be void")
     sides = {"msgspec": (encode, decode, header), "pydantic": (pydantic_encode, pydantic_decode, as_pydantic)}
     runs: dict[str, list[float]] = {name: [] for name in sides}
-    for name, (encoder, decoder, value) in sides.items():  # warm-up
+    for encoder, decoder, value in sides.values():  # warm-up
         time_round_trip(encoder, decoder, value, payloads)
     for _ in range(REPEATS):
         for name, (encoder, decoder, value) in sides.items():

@@ -20,7 +20,7 @@ from mep.manager.spawner.accounts import (
     refuse_non_canonical_name,
     resolve_account,
 )
-from tests.accounts import account_factory, free_uid  # noqa: F401 (account_factory is a fixture)
+from tests.accounts import free_uid
 
 pytestmark = pytest.mark.root
 

@@ -57,7 +57,6 @@ from mep.manager.spawner.privdrop import (
     spawn,
     verify_drop,
 )
-from tests.accounts import account_factory  # noqa: F401 - pytest fixture
 
 pytestmark = [
     pytest.mark.root,
@@ -93,14 +92,7 @@ print(json.dumps({
 
 
 def _account(entry: pwd.struct_passwd) -> Account:
-    return Account(
-        name=entry.pw_name,
-        uid=entry.pw_uid,
-        gid=entry.pw_gid,
-        home=entry.pw_dir,
-        shell=entry.pw_shell,
-        groups=tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)),
-    )
+    return Account.from_passwd(entry)
 
 
 @pytest.fixture
@@ -579,8 +571,7 @@ from mep.manager.spawner.privdrop import DropStepError, SpawnPlan, spawn
 
 log_path, report_script = sys.argv[1:]
 entry = pwd.getpwuid(os.getuid())
-account = Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell,
-                  tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+account = Account.from_passwd(entry)
 plan = SpawnPlan(account=account, argv=[sys.executable, "-c", report_script],
                  stdin_data=b"single-user stdin", log_path=log_path, drop_privileges=False)
 child = spawn(plan)

@@ -101,7 +101,7 @@ def test_two_researchers_each_run_as_their_own_account(deploy, account_factory) 
         return [future.result(timeout=60) for future in futures]
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        reports = dict(zip(identities, pool.map(run_as, identities)))
+        reports = dict(zip(identities, pool.map(run_as, identities), strict=True))
 
     for account in (alice, bob):
         expected_groups = sorted(os.getgrouplist(account.pw_name, account.pw_gid))

@@ -41,8 +41,7 @@ def router_account(name: str) -> Account:
         ) from None
     if entry.pw_uid == 0:
         raise ConfigurationError(f"the router account {name!r} is root; it must be an unprivileged account")
-    return Account(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir,
-                   shell=entry.pw_shell, groups=tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    return Account.from_passwd(entry)
 
 
 def prepare_socket_dir(base: Path, owner_uid: int, owner_gid: int) -> Path:

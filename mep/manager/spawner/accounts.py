@@ -38,6 +38,12 @@ class Account:
     shell: str
     groups: tuple[int, ...]  # from os.getgrouplist, primary group included
 
+    @classmethod
+    def from_passwd(cls, entry: pwd.struct_passwd) -> Account:
+        return cls(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir,
+                   shell=entry.pw_shell,
+                   groups=tuple(dict.fromkeys(os.getgrouplist(entry.pw_name, entry.pw_gid))))
+
 
 @dataclass(frozen=True)
 class AccountPolicy:
@@ -85,14 +91,7 @@ def resolve_account(name: str, policy: AccountPolicy) -> Account:
         ) from None
     for check in ACCOUNT_CHECKS:
         check(name, passwd, policy)
-    return Account(
-        name=passwd.pw_name,
-        uid=passwd.pw_uid,
-        gid=passwd.pw_gid,
-        home=passwd.pw_dir,
-        shell=passwd.pw_shell,
-        groups=tuple(dict.fromkeys(os.getgrouplist(passwd.pw_name, passwd.pw_gid))),
-    )
+    return Account.from_passwd(passwd)
 
 
 def _check_name_syntax(name: str) -> None:

@@ -73,14 +73,7 @@ def _probe_account(name: str) -> Account:
         raise ConfigurationError(
             f"the account {name!r} used to check that other accounts can run mep does not exist"
         ) from None
-    return Account(
-        name=entry.pw_name,
-        uid=entry.pw_uid,
-        gid=entry.pw_gid,
-        home=entry.pw_dir,
-        shell=entry.pw_shell,
-        groups=tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)),
-    )
+    return Account.from_passwd(entry)
 
 
 def _run_probe(python: str, account: Account) -> str | None:
