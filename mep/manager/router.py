@@ -48,6 +48,7 @@ from mep.protocol.messages import (
     ResultsAck,
     Shutdown,
     RetireEndpoint,
+    Runtime,
     Spawned,
     SpawnerStatus,
     SpawnerStatusRequest,
@@ -70,6 +71,7 @@ GroupKey = tuple[str, str]  # (submitter identity id, canonical user endpoint co
 class QueuedTask:
     ref: TaskRef
     args: Any  # zmq.Frame
+    runtime: Runtime
 
 
 @dataclass
@@ -219,8 +221,8 @@ class Router:
                 self.functions[ref.fn_hash] = payloads[ref.fn_frame]
         for group in dispatch.groups:
             key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
-            tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame]) for task_id in group.task_ids
-                     if task_id in refs]
+            tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime)
+                     for task_id in group.task_ids if task_id in refs]
             endpoint_id = self.by_group.get(key)
             if endpoint_id is not None:
                 self._queue_on_endpoint(self.endpoints[endpoint_id], tasks)
@@ -384,15 +386,18 @@ class Router:
             return
         refs: list[TaskRef] = []
         payloads: list[Any] = []
+        runtimes: dict[tuple, int] = {}
         for task in link.queued:
-            ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads))
+            runtime = runtimes.setdefault(msgspec.structs.astuple(task.runtime), len(runtimes))
+            ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads),
+                          runtime=runtime)
             payloads.append(task.args)
             if ref.fn_hash not in link.functions_sent:
                 ref.fn_frame = len(payloads)
                 payloads.append(self.functions[ref.fn_hash])
                 link.functions_sent.add(ref.fn_hash)
             refs.append(ref)
-        if self._send_endpoint(link, Tasks(tasks=refs), payloads):
+        if self._send_endpoint(link, Tasks(tasks=refs, runtimes=[Runtime(*key) for key in runtimes]), payloads):
             for ref in refs:
                 link.in_flight.add(ref.task_id)
                 self.task_endpoint[ref.task_id] = link.endpoint_id

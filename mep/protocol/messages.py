@@ -69,12 +69,14 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A task inside a batch: frames index the message's payload frames.
 
     ``fn_frame`` is -1 when the receiver already holds the function ``fn_hash``.
+    ``runtime`` indexes ``Tasks.runtimes`` (router -> endpoint only).
     """
 
     task_id: str
     fn_hash: str
     args_frame: int
     fn_frame: int = -1
+    runtime: int = 0
 
 
 # --- SDK <-> service ---------------------------------------------------------
@@ -218,7 +220,10 @@ class Ready(Envelope, tag="READY"):
 
 
 class Tasks(Envelope, tag="TASKS"):
+    """Tasks for one endpoint, with the runtimes of the clients that submitted them."""
+
     tasks: list[TaskRef] = []
+    runtimes: list[Runtime] = []
 
 
 class IdleExit(Envelope, tag="IDLE_EXIT"):
