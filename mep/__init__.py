@@ -20,15 +20,20 @@ from mep.errors import (  # noqa: E402
     MepError,
     RemoteError,
     SpawnError,
+    TaskCancelledError,
+    TaskExpiredError,
     TaskRefusedError,
     TemplateError,
     UnknownEndpointError,
     UnmappedIdentityError,
+    WalltimeExceededError,
+    WorkerLostError,
 )
 
 __all__ = [
     "AccountRefusedError",
     "AuthenticationError",
+    "Client",
     "ConfigInvalidError",
     "EndpointLostError",
     "Executor",
@@ -36,10 +41,15 @@ __all__ = [
     "MepError",
     "RemoteError",
     "SpawnError",
+    "TaskCancelledError",
+    "TaskExpiredError",
+    "TaskPendingError",
     "TaskRefusedError",
     "TemplateError",
     "UnknownEndpointError",
     "UnmappedIdentityError",
+    "WalltimeExceededError",
+    "WorkerLostError",
 ]
 
 
@@ -48,4 +58,8 @@ def __getattr__(name: str):  # lazy: the service and manager import mep without 
         from mep.sdk.executor import Executor
 
         return Executor
+    if name in ("Client", "TaskPendingError"):
+        from mep.sdk import client
+
+        return getattr(client, name)
     raise AttributeError(name)

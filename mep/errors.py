@@ -29,6 +29,11 @@ class ErrorCode(StrEnum):
     SPAWN_FAILED = "spawn_failed"
     ENDPOINT_LOST = "endpoint_lost"
     TASK_ERROR = "task_error"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    WALLTIME_EXCEEDED = "walltime_exceeded"
+    WORKER_LOST = "worker_lost"
+    ENDPOINT_BUSY = "endpoint_busy"
     INTERNAL = "internal"
 
 
@@ -65,6 +70,12 @@ class NotRegisteredError(ProtocolError):
     """A manager spoke before registering on this connection; it must send REGISTER."""
 
     code = ErrorCode.NOT_REGISTERED
+
+
+class EndpointBusyError(ProtocolError):
+    """Another manager holds the endpoint's lease; this one must wait for it to lapse."""
+
+    code = ErrorCode.ENDPOINT_BUSY
 
 
 class PayloadTooLargeError(MepError):
@@ -133,6 +144,30 @@ class EndpointLostError(TaskRefusedError):
     code = ErrorCode.ENDPOINT_LOST
 
 
+class WalltimeExceededError(TaskRefusedError):
+    """The task ran longer than the walltime it was submitted with and was stopped."""
+
+    code = ErrorCode.WALLTIME_EXCEEDED
+
+
+class WorkerLostError(TaskRefusedError):
+    """The worker process running the task died (killed, out of memory, crashed the interpreter)."""
+
+    code = ErrorCode.WORKER_LOST
+
+
+class TaskExpiredError(MepError):
+    """The task's result was not collected within the service's retention period."""
+
+    code = ErrorCode.EXPIRED
+
+
+class TaskCancelledError(MepError):
+    """The task was cancelled (from another client, or before this one attached to it)."""
+
+    code = ErrorCode.CANCELLED
+
+
 class RemoteError(MepError):
     """The function raised an exception whose class could not be rebuilt locally.
 
@@ -166,6 +201,10 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         TemplateError,
         SpawnError,
         EndpointLostError,
+        WalltimeExceededError,
+        WorkerLostError,
+        TaskExpiredError,
+        TaskCancelledError,
     )
 }
 

@@ -106,27 +106,46 @@ def start_process(argv: list[str], log_path: Path, user: str | None = None) -> P
 
 @dataclass
 class Manager:
-    process: Process
     config_path: Path
     endpoint_id: str
     run_dir: Path | None
+    owner: str | None = None
+    process: Process | None = None
+
+    def start(self, wait: bool = True) -> None:
+        log_path = self.config_path.with_suffix(".log")  # config.yaml -> config.log
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        self.process = start_process([PYTHON, "-m", "mep", "manager", "start", "--config", str(self.config_path)],
+                                     log_path, user=self.owner)
+        if wait:
+            wait_for(lambda: "registered with the service" in self.log()[offset:] or self.process.popen.poll()
+                     is not None, what="the manager to register")
+            assert self.process.popen.poll() is None, f"manager exited:\n{self.log()}"
 
     def log(self) -> str:
-        return self.process.log()
+        return self.process.log() if self.process else ""
+
+    @property
+    def router_pid(self) -> int:
+        return _pid_with_title(f"mep-manager router {self.endpoint_id}")
 
     @property
     def spawner_pid(self) -> int:
         """Found by its process title (under runuser the started process is not the spawner)."""
-        title = f"mep-manager spawner {self.endpoint_id}".encode()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                        if handle.read().startswith(title):
-                            return int(entry)
-                except OSError:
-                    continue
-        raise AssertionError(f"no spawner process for endpoint {self.endpoint_id}")
+        return _pid_with_title(f"mep-manager spawner {self.endpoint_id}")
+
+
+def _pid_with_title(prefix: str) -> int:
+    title = prefix.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if handle.read().startswith(title):
+                        return int(entry)
+            except OSError:
+                continue
+    raise AssertionError(f"no process titled {prefix!r}")
 
 
 @dataclass
@@ -135,11 +154,28 @@ class Deployment:
 
     root: Path
     state_dir: Path
-    service_key: str
-    service: Process
-    address: str
     owner: str | None = None
+    service_options: tuple[str, ...] = ()
+    service: Process | None = None
+    address: str = ""
+    service_key: str = ""
     managers: list[Manager] = field(default_factory=list)
+
+    def start_service(self, listen: str) -> None:
+        address_file = self.root / "service.address"
+        address_file.unlink(missing_ok=True)
+        self.service = start_process(
+            [PYTHON, "-m", "mep", "service", "start", "--state-dir", str(self.state_dir), "--listen", listen,
+             "--address-file", str(address_file), *self.service_options], self.root / "service.log", user=self.owner)
+        self.address = wait_for(lambda: address_file.exists() and address_file.read_text().strip(),
+                                what="the service to listen")
+        self.service_key = (self.state_dir / "service.key.pub").read_text().strip()
+
+    def restart_service(self, signum: int = signal.SIGKILL) -> None:
+        """Stop the service (SIGKILL: a crash) and start it again on the same address."""
+        self.service.popen.send_signal(signum)
+        self.service.popen.wait(timeout=30)
+        self.start_service(self.address)
 
     def admin(self, *args: str) -> dict[str, str]:
         """Run ``mep service ...`` as the service's owner; returns its ``key: value`` output lines."""
@@ -155,7 +191,9 @@ class Deployment:
         return Identity(id=output["identity_id"], token=output["token"], username=username)
 
     def start_manager(self, mapping: Any, *, template: Path | None = None, schema: Path | None = None,
-                      min_uid: int = 1000, wait: bool = True) -> Manager:
+                      min_uid: int = 1000, wait: bool = True, settings: dict[str, Any] | None = None) -> Manager:
+        """``settings``: more manager config keys (``pam``, ``refuse_locked``, ...); the audit log stays in
+        the deployment (``audit_log_of``) unless they name another."""
         name = f"ep{len(self.managers)}"
         config_dir = self.root / name
         output = self.admin("endpoint", "add", name, "--config-dir", str(config_dir),
@@ -172,34 +210,41 @@ class Deployment:
             config["template"] = str(template)
         if schema is not None:
             config["schema"] = str(schema)
+        config["audit_log"] = str(audit_log_of(config_path))
+        config.update(settings or {})
         config_path.write_text(yaml.safe_dump(config))
         if self.owner:
             _chown_tree(config_dir, self.owner)
-        process = start_process([PYTHON, "-m", "mep", "manager", "start", "--config", str(config_path)],
-                                config_dir / "manager.log", user=self.owner)
-        manager = Manager(process, config_path, output["endpoint_id"], run_dir)  # run_dir None: not ours to remove
+        manager = Manager(config_path, output["endpoint_id"], run_dir, self.owner)  # run_dir None: not ours
         self.managers.append(manager)
-        if wait:
-            wait_for(lambda: "registered with the service" in manager.log() or process.popen.poll() is not None,
-                     what="the manager to register")
-            assert process.popen.poll() is None, f"manager exited:\n{manager.log()}"
+        manager.start(wait=wait)
         return manager
 
     def executor(self, identity: Identity, manager: Manager, **kwargs: Any) -> Executor:
+        """Polls and resends sooner than the defaults, so restarts heal within a test's patience."""
+        kwargs.setdefault("poll_interval", 1.0)
+        kwargs.setdefault("resend_after", 3.0)
         return Executor(manager.endpoint_id, service=self.address, token=identity.token,
                         service_key=self.service_key, **kwargs)
 
     def logs(self) -> str:
-        parts = [f"--- service log\n{self.service.log()}"]
+        parts = [f"--- service log\n{self.service.log() if self.service else ''}"]
         parts += [f"--- manager {m.endpoint_id} log\n{m.log()}" for m in self.managers]
         return "\n".join(parts)
 
     def stop(self) -> None:
         for manager in self.managers:
-            manager.process.stop()
+            if manager.process is not None:
+                manager.process.stop()
             if manager.run_dir is not None:
                 shutil.rmtree(manager.run_dir, ignore_errors=True)
-        self.service.stop()
+        if self.service is not None:
+            self.service.stop()
+
+
+def audit_log_of(config_path: Path) -> Path:
+    """Where ``start_manager`` puts a manager's audit log: beside its config, removed with the deployment."""
+    return config_path.parent / "audit.jsonl"
 
 
 def _chown_tree(path: Path, user: str) -> None:
@@ -218,29 +263,20 @@ class Identity:
 
 
 @contextmanager
-def deployment(owner: str | None = None) -> Iterator[Deployment]:
+def deployment(owner: str | None = None, *service_options: str) -> Iterator[Deployment]:
     """A fresh service (as root, or as ``owner``), stopped and removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="mep-test-", dir="/var/tmp"))
     os.chmod(root, 0o755)
     if owner:
         _chown_tree(root, owner)
-    state_dir = root / "service"
-    address_file = root / "service.address"
-    service = start_process([PYTHON, "-m", "mep", "service", "start", "--state-dir", str(state_dir), "--listen",
-                             "tcp://127.0.0.1:0", "--address-file", str(address_file),
-                             "--heartbeat-interval", "1"], root / "service.log", user=owner)
+    deploy = Deployment(root=root, state_dir=root / "service", owner=owner,
+                        service_options=("--heartbeat-interval", "1", *service_options))
     try:
-        address = wait_for(lambda: address_file.exists() and address_file.read_text().strip(),
-                           what="the service to listen")
-        deploy = Deployment(root=root, state_dir=state_dir, service_key=(state_dir / "service.key.pub").read_text().strip(),
-                            service=service, address=address, owner=owner)
-        try:
-            yield deploy
-        except BaseException:
-            print(deploy.logs())
-            raise
-        finally:
-            deploy.stop()
+        deploy.start_service("tcp://127.0.0.1:0")
+        yield deploy
+    except BaseException:
+        print(deploy.logs())
+        raise
     finally:
-        service.stop()
+        deploy.stop()
         shutil.rmtree(root, ignore_errors=True)

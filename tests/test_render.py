@@ -414,30 +414,32 @@ def test_empty_document_gives_the_model_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("template", "field"),
+    ("template", "field", "line"),
     [
-        ("user: root\n", "user"),
-        ("engine:\n  type: process\n  run_as: root\n", "engine.run_as"),
-        ("audit: false\n", "audit"),
-        ("engine:\n  type: shell\n", "engine.type"),
-        ("engine:\n  workers: 0\n", "engine.workers"),
-        ("engine:\n  workers: true\n", "engine.workers"),
-        ("idle_timeout: .inf\n", "idle_timeout"),
-        ("idle_timeout: '300'\n", "idle_timeout"),
+        ("user: root\n", "user", 1),
+        ("engine:\n  type: process\n  run_as: root\n", "engine.run_as", 3),
+        ("audit: false\n", "audit", 1),
+        ("engine:\n  type: shell\n", "engine", 1),
+        ("engine:\n  workers: 0\n", "engine.workers", 2),
+        ("engine:\n  workers: true\n", "engine.workers", 2),
+        ("idle_timeout: .inf\n", "idle_timeout", 1),
+        ("idle_timeout: '300'\n", "idle_timeout", 1),
+        ("{# a header\n   over lines #}\nidle_timeout: 60\nengine:\n  workers: -1\n", "engine.workers", 5),
     ],
 )
-def test_model_rejects_what_the_template_must_not_configure(tmp_path: Path, template: str, field: str) -> None:
+def test_model_rejects_what_the_template_must_not_configure(tmp_path: Path, template: str, field: str,
+                                                            line: int) -> None:
     renderer = make_renderer(tmp_path, template)
     with pytest.raises(ConfigInvalidError) as raised:
         renderer.render({}, **CONTEXT)
     message = str(raised.value)
-    assert f"rendered from template {tmp_path / 't.yaml.j2'} is invalid: {field}:" in message
+    assert message.startswith(f"template {tmp_path / 't.yaml.j2'}, line {line}: invalid endpoint config: {field}:")
     assert_clean(message)
 
 
 def test_model_has_no_privileged_fields() -> None:
     assert set(UserEndpointConfig.model_fields) == {"engine", "idle_timeout"}
-    assert set(ProcessEngine.model_fields) == {"type", "workers"}
+    assert set(ProcessEngine.model_fields) == {"type", "workers", "worker_python"}
 
 
 # --- loading --------------------------------------------------------------------------------------

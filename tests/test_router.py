@@ -26,6 +26,8 @@ from mep.manager.spawner_link import SpawnerLink, channel_pair
 from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, generate_keypair, make_curve_client, make_curve_server
 from mep.protocol.messages import (
+    AuditStatus,
+    AuditTasks,
     Dispatch,
     IdentityResource,
     Ready,
@@ -90,6 +92,19 @@ class Peers:
             if isinstance(message, SpawnRequest):
                 return message
 
+    def confirm_routed(self, count: int) -> list[str]:
+        """Play the spawner's audit log: confirm "routed" records until ``count`` tasks were confirmed."""
+        self.spawner.sock.settimeout(10)
+        confirmed: list[str] = []
+        while len(confirmed) < count:
+            message = self.spawner.receive()
+            if isinstance(message, AuditTasks):
+                routed = [record.task_id for record in message.records if record.outcome == "routed"]
+                if routed:
+                    self.spawner.send(AuditStatus(ok=True, confirmed=routed))
+                    confirmed += routed
+        return confirmed
+
     def endpoint(self, endpoint_id: str) -> tuple[zmq.Socket, str]:
         public, secret = generate_keypair()
         socket = self.context.socket(zmq.DEALER)
@@ -139,6 +154,7 @@ def test_result_accepted_only_from_the_endpoint_the_task_went_to(peers: Peers, c
         peers.spawner.send(Spawned(request_id=request.request_id, endpoint_id=name, pid=1, account=name,
                                    public_key=public))
         socket.send_multipart(encode(Ready(endpoint_id=name, pid=1)))
+    assert sorted(peers.confirm_routed(2)) == sorted([task_a, task_b])
     for name, expected in (("alice", task_a), ("bob", task_b)):
         assert endpoints[name].poll(10_000), f"{name}'s endpoint got no tasks"
         header, _ = decode(endpoints[name].recv_multipart())

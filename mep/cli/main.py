@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from mep.cli.identity import identity_group
+from mep.cli.template import template
 from mep.errors import ConfigurationError, MepError
 
 
@@ -78,15 +80,20 @@ def service() -> None:
 @click.option("--heartbeat-interval", type=float, default=10.0, show_default=True)
 @click.option("--max-payload-bytes", type=click.IntRange(min=1024), default=10 * 1024 * 1024, show_default=True,
               help="Largest serialised function or arguments of one task.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs a task gets when its user endpoint keeps dying under it.")
+@click.option("--result-retention", type=click.FloatRange(min=1), default=7 * 24 * 3600.0, show_default=True,
+              help="Seconds an uncollected result is kept before it expires.")
 @_friendly
 def service_start(state_dir: Path | None, listen: str, address_file: Path | None, heartbeat_interval: float,
-                  max_payload_bytes: int) -> None:
+                  max_payload_bytes: int, max_attempts: int, result_retention: float) -> None:
     """Run the service in the foreground."""
     from mep.service.broker import Broker, BrokerSettings
 
     state = _state(state_dir)
     broker = Broker(state, BrokerSettings(listen=listen, heartbeat_interval=heartbeat_interval,
-                                          max_payload_bytes=max_payload_bytes))
+                                          max_payload_bytes=max_payload_bytes, max_attempts=max_attempts,
+                                          result_retention=result_retention))
     if address_file is not None:
         address_file.write_text(broker.address + "\n")
     broker.serve_forever()
@@ -217,6 +224,10 @@ def demo(as_user: str | None, tasks: int) -> None:
     from mep.cli.demo import run_demo
 
     sys.exit(run_demo(as_user=as_user, tasks=tasks))
+
+
+cli.add_command(template)
+cli.add_command(identity_group)
 
 
 def main() -> int:

@@ -7,13 +7,24 @@ decided by this model, so it deliberately has no privileged knob: no account to
 run as, no paths outside the user's home, no audit or encryption settings.
 Every model forbids extra keys, so a template (or an injected value) that emits
 ``user: root`` or any other unknown key is rejected rather than ignored.
+
+Two engines: ``process`` (a pool of worker processes beside the endpoint) and
+``htex`` (Parsl's HighThroughputExecutor: blocks of workers from a scheduler
+through a Parsl provider). A provider's or launcher's own arguments are only
+checked for shape here (JSON values under identifier names); whether the named
+Parsl class takes them is checked by ``mep.config.parsl_check`` without
+importing Parsl into the process that validates.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class _StrictModel(BaseModel):
@@ -21,11 +32,140 @@ class _StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def _clean_path(path: str) -> str:
+    """An absolute, normalised path: no ``..`` can walk a composed path out of the directory a template meant."""
+    if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path:
+        raise ValueError(f"must be a normalised absolute path (no '..', '.' or '//'), not {path!r}")
+    return path
+
+
+WorkerPython = Annotated[
+    str | None,
+    AfterValidator(lambda path: path if path is None else _clean_path(path)),
+    Field(description="Interpreter tasks run in (a researcher's conda or virtual environment); it needs only "
+          "dill. Default: the endpoint's own interpreter."),
+]
+
+
 class ProcessEngine(_StrictModel):
     """Run tasks in a pool of worker processes on the host the user endpoint runs on."""
 
     type: Literal["process"] = "process"
     workers: int = Field(default=1, ge=1, le=1024)
+    worker_python: WorkerPython = None
+
+
+class ParslComponent(BaseModel):
+    """A Parsl provider or launcher by class name, with that class's own keyword arguments beside ``type``.
+
+    Arguments must be JSON values under identifier names; ``parsl_check``
+    compares them with the class's signature.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    type: str = Field(pattern=_IDENTIFIER, description="Class name, e.g. SlurmProvider or SrunLauncher")
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _arguments_are_plain(self) -> ParslComponent:
+        for name, value in self.arguments.items():
+            if not re.match(_IDENTIFIER, name):
+                raise ValueError(f"argument name {name!r} is not a Python identifier")
+            _check_json(value, name)
+        return self
+
+
+def _check_json(value: object, where: str) -> None:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: mapping keys must be strings")
+            _check_json(item, f"{where}.{key}")
+        return
+    raise ValueError(f"{where}: a {type(value).__name__} is not a JSON value")
+
+
+class HtexEngine(_StrictModel):
+    """Parsl's HighThroughputExecutor: workers in blocks that ``provider`` obtains from a scheduler.
+
+    Blocks scale between ``min_blocks`` and ``max_blocks`` with Parsl's
+    ``htex_auto_scale`` strategy; the endpoint's idle shutdown cancels every
+    block it still has. Provider arguments that decide which account blocks
+    run as, or that this model sets itself, are refused (``RESERVED_ARGUMENTS``).
+    """
+
+    #: Provider arguments a config may not pass, and where the setting comes from instead.
+    RESERVED_ARGUMENTS: ClassVar[dict[str, str]] = {
+        "launcher": "set it with engine.launcher",
+        "init_blocks": "set it with engine.init_blocks",
+        "min_blocks": "set it with engine.min_blocks",
+        "max_blocks": "set it with engine.max_blocks",
+        "worker_init": "set it with engine.worker_init",
+        "user_id": "blocks always run as the endpoint's own account",
+        "group_id": "blocks always run as the endpoint's own account",
+        "run_as_non_root": "blocks always run as the endpoint's own account",
+    }
+
+    type: Literal["htex"]
+    provider: ParslComponent
+    launcher: ParslComponent | None = Field(default=None, description="Default: the provider's own default")
+    workers_per_node: int = Field(default=1, ge=1, le=4096)
+    worker_init: str = Field(default="", description="Shell lines run before the workers start (quote with shell_quote)")
+    worker_python: WorkerPython = None
+    init_blocks: int = Field(default=1, ge=0, le=1024)
+    min_blocks: int = Field(default=0, ge=0, le=1024)
+    max_blocks: int = Field(default=1, ge=1, le=1024)
+    address: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9.:_-]+$",
+        description="Address the workers connect back to; default: Parsl tries every address of this host")
+    start_timeout: float = Field(
+        default=600.0, gt=0, allow_inf_nan=False,
+        description="Seconds tasks may wait for a first block to start before they fail")
+    # On a shared login node the interchange's port is a way into the account unless it is encrypted.
+    encrypted: Literal[True] = True
+
+    @field_validator("provider")
+    @classmethod
+    def _no_reserved_arguments(cls, provider: ParslComponent) -> ParslComponent:
+        for name in provider.arguments:
+            if name in cls.RESERVED_ARGUMENTS:
+                raise ValueError(f"argument {name!r} is not allowed here: {cls.RESERVED_ARGUMENTS[name]}")
+        return provider
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HtexEngine:
+        if self.min_blocks > self.max_blocks:
+            raise ValueError(f"min_blocks ({self.min_blocks}) is more than max_blocks ({self.max_blocks})")
+        if self.init_blocks > self.max_blocks:
+            raise ValueError(f"init_blocks ({self.init_blocks}) is more than max_blocks ({self.max_blocks})")
+        return self
+
+
+ENGINE_TYPES = ("process", "htex")
+
+
+def _engine_type(value: Any) -> str | None:
+    # ``type`` may be left out for the default engine, as before there was a choice.
+    if isinstance(value, dict):
+        return value.get("type", "process")
+    return getattr(value, "type", None)
+
+
+Engine = Annotated[
+    Annotated[ProcessEngine, Tag("process")] | Annotated[HtexEngine, Tag("htex")],
+    Discriminator(_engine_type, custom_error_type="engine_type",
+                  custom_error_message="type must be 'process' or 'htex'"),
+]
 
 
 class UserEndpointConfig(_StrictModel):
@@ -37,8 +177,12 @@ class UserEndpointConfig(_StrictModel):
     Unknown keys are rejected (``extra="forbid"``).
     """
 
-    # Becomes a discriminated union on ``type`` when Parsl's htex engine is added.
-    engine: ProcessEngine = Field(default_factory=ProcessEngine)
+    engine: Engine = Field(default_factory=ProcessEngine)
     idle_timeout: float = Field(
         default=300.0, gt=0, allow_inf_nan=False, description="Seconds without tasks before the endpoint exits."
     )
+
+    @property
+    def worker_python(self) -> str | None:
+        """The interpreter tasks run in, when it is not the endpoint's own."""
+        return self.engine.worker_python

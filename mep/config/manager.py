@@ -10,11 +10,29 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mep.errors import ConfigurationError
+
+
+DEFAULT_DISABLED_SHELLS = ("/sbin/nologin", "/usr/sbin/nologin", "/bin/false")
+_ACCOUNT_OR_GROUP_NAME = r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$"
+
+
+class PamConfig(BaseModel):
+    """``pam:``: account and session management per user endpoint (see docs/identity.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enable: bool = False
+    service: str = Field(default="mep", pattern=r"^[A-Za-z0-9._-]+$",
+                         description="The /etc/pam.d file to use (ship packaging/pam.d/mep)")
+    library: str = Field(default="libpam.so.0", description="The PAM library (libpam_wrapper.so in tests)")
+    timeout: float = Field(default=30.0, gt=0, le=600,
+                           description="Seconds to wait for account and session management per endpoint")
 
 
 def shipped_templates_dir() -> Path:
@@ -41,6 +59,20 @@ class ManagerConfig(BaseModel):
     run_dir: Path | None = Field(default=None, description="Where the endpoint socket lives; default "
                                  "/run/mep/<endpoint id> as root, a private directory under /tmp otherwise")
     heartbeat_interval: float = Field(default=10.0, gt=0)
+    identity_mapping_timeout: float = Field(default=5.0, gt=0, le=300,
+                                            description="Seconds an external identity-mapping program may take")
+    allow_users: frozenset[Annotated[str, Field(pattern=_ACCOUNT_OR_GROUP_NAME)]] = Field(
+        default=frozenset(), description="If set, only these accounts may run tasks")
+    deny_users: frozenset[Annotated[str, Field(pattern=_ACCOUNT_OR_GROUP_NAME)]] = frozenset()
+    allow_groups: frozenset[Annotated[str, Field(pattern=_ACCOUNT_OR_GROUP_NAME)]] = Field(
+        default=frozenset(), description="If set, only members of these groups may run tasks")
+    deny_groups: frozenset[Annotated[str, Field(pattern=_ACCOUNT_OR_GROUP_NAME)]] = frozenset()
+    disabled_shells: frozenset[str] = Field(default=frozenset(DEFAULT_DISABLED_SHELLS),
+                                            description="Accounts with one of these login shells are refused")
+    refuse_locked: bool = Field(default=False, description="Also refuse accounts whose password is locked (!, *)")
+    pam: PamConfig = Field(default_factory=PamConfig)
+    audit_log: Path | None = Field(default=None, description="JSON-lines audit log; default "
+                                   "/var/log/mep/audit-<endpoint id>.jsonl as root, ~/.mep/log/... otherwise")
 
     @classmethod
     def load(cls, path: Path) -> ManagerConfig:
@@ -55,7 +87,7 @@ class ManagerConfig(BaseModel):
         if not isinstance(data, dict):
             raise ConfigurationError(f"{path} must be a YAML mapping of settings")
         base = path.parent
-        for key in ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir"):
+        for key in ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log"):
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
                 data[key] = str(base / data[key])  # relative paths are relative to the config file
         try:
@@ -63,6 +95,13 @@ class ManagerConfig(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigurationError(f"{path}: {problems}") from None
+
+    def audit_log_path(self) -> Path:
+        if self.audit_log is not None:
+            return self.audit_log
+        if os.geteuid() == 0:
+            return Path("/var/log/mep") / f"audit-{self.endpoint_id}.jsonl"
+        return Path.home() / ".mep" / "log" / f"audit-{self.endpoint_id}.jsonl"
 
     def socket_dir(self) -> Path:
         if self.run_dir is not None:

@@ -24,6 +24,7 @@ is a whole YAML value, so build composite strings inside it:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -44,7 +45,8 @@ from jsonschema.validators import validator_for
 from pydantic import ValidationError
 from referencing.exceptions import Unresolvable
 
-from mep.config.endpoint import UserEndpointConfig
+from mep.config.endpoint import ENGINE_TYPES, HtexEngine, UserEndpointConfig
+from mep.config.parsl_check import check_engine
 from mep.errors import ConfigInvalidError, ConfigurationError, TemplateError
 
 RESERVED_NAMESPACE = "mep"
@@ -179,6 +181,53 @@ def _plain_json(value: object, path: tuple[str | int, ...] = ()) -> Any:
     )
 
 
+_YAML_KEY = re.compile(r"(\s*)(?:-\s+)?([A-Za-z_][A-Za-z0-9_.-]*|\"[^\"]*\")\s*:(?:\s|$)")
+
+
+def _line_key(line: str) -> tuple[int, str] | None:
+    """(indentation, key) when ``line`` starts a block-mapping entry."""
+    match = _YAML_KEY.match(line)
+    return (len(match.group(1)), match.group(2).strip('"')) if match else None
+
+
+def _document_path(document: Any, loc: Iterable[str | int]) -> tuple[str | int, ...]:
+    """``loc`` without the parts that are not keys or indexes of ``document`` (pydantic's union tags)."""
+    path: list[str | int] = []
+    node = document
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and part in ENGINE_TYPES:
+            continue  # the engine union's tag, not a key
+        else:
+            node = None  # a missing key or a check's own name: keep it, there is nothing below
+        path.append(part)
+    return tuple(path)
+
+
+def _rendered_line(text: str, path: tuple[str | int, ...]) -> int | None:
+    """The 1-based line of the deepest key of ``path`` that exists in the rendered YAML."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
 class _RenderedConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a repeated key is an error instead of silently winning."""
 
@@ -227,6 +276,7 @@ class TemplateRenderer:
         # Jinja's globals (range, dict, ...) are names a template author relies on, like ``mep``.
         self._reserved_names = frozenset({RESERVED_NAMESPACE, *self._environment.globals})
         self._template = self._compile(template_source)
+        self._template_keys = self._data_keys(template_source)
         self._validator = self._load_schema(schema_source)
         digest = hashlib.sha256()
         for part in (template_source, schema_source):
@@ -264,17 +314,48 @@ class TemplateRenderer:
         text = self.render_text(user_config, mapped_user=mapped_user, user_runtime=user_runtime, endpoint=endpoint)
         document = self._parse(text)
         try:
-            return UserEndpointConfig.model_validate(document)
+            config = UserEndpointConfig.model_validate(document)
         except ValidationError as exc:
             first = exc.errors()[0]
             more = exc.error_count() - 1
-            raise ConfigInvalidError(
-                _shorten(
-                    f"the endpoint config rendered from template {self._template_path} is invalid: "
-                    f"{_format_path('', first['loc'])}: {first['msg']}"
-                    + (f" (and {more} more)" if more else "")
-                )
-            ) from exc
+            message = first["msg"].removeprefix("Value error, ") + (f" (and {more} more)" if more else "")
+            raise self._invalid(text, document, first["loc"], message) from exc
+        if isinstance(config.engine, HtexEngine):
+            problem = check_engine(config.engine)
+            if problem is not None:
+                raise self._invalid(text, document, problem.path, problem.message)
+        return config
+
+    def _invalid(
+        self, text: str, document: Any, loc: Iterable[str | int], message: str
+    ) -> ConfigInvalidError:
+        """The refusal of a rendered config: the field, and the template line that produced it when known."""
+        path = _document_path(document, loc)
+        line = self._template_line(text, path)
+        where = f"template {self._template_path}" + (f", line {line}" if line else "")
+        return ConfigInvalidError(_shorten(f"{where}: invalid endpoint config: {_format_path('', path)}: {message}"))
+
+    def _template_line(self, text: str, path: tuple[str | int, ...]) -> int | None:
+        """The template line that rendered ``path``'s key, found by aligning the template's keys with the output's.
+
+        YAML keys are literal text in a template (``workers: {{ workers }}``),
+        so the sequence of keys, with their indentation, is the same in the
+        template's text and in its output, except where blocks repeat or drop
+        lines; a diff of the two sequences maps an output line to its source.
+        """
+        rendered_line = _rendered_line(text, path)
+        if rendered_line is None:
+            return None
+        template_keys = self._template_keys
+        rendered_keys = [(number, key) for number, key in enumerate(map(_line_key, text.splitlines()), 1) if key]
+        matcher = difflib.SequenceMatcher(
+            None, [key for _, key in template_keys], [key for _, key in rendered_keys], autojunk=False
+        )
+        for block in matcher.get_matching_blocks():
+            for offset in range(block.size):
+                if rendered_keys[block.b + offset][0] == rendered_line:
+                    return template_keys[block.a + offset][0]
+        return None
 
     def render_text(
         self,
@@ -319,6 +400,15 @@ class TemplateRenderer:
         return self._environment.template_class.from_code(
             self._environment, code, self._environment.make_globals(None)
         )
+
+    def _data_keys(self, source: str) -> list[tuple[int, tuple[int, str]]]:
+        """(line, key) of every template line whose literal text starts a YAML key (comments and tags excluded)."""
+        data: dict[int, str] = {}
+        for lineno, token, value in self._environment.lex(source):
+            if token == "data":
+                for offset, part in enumerate(value.split("\n")):
+                    data[lineno + offset] = data.get(lineno + offset, "") + part
+        return [(number, key) for number, text in sorted(data.items()) if (key := _line_key(text))]
 
     def _load_schema(self, source: str) -> Validator:
         try:

@@ -1,54 +1,183 @@
-"""Engines execute tasks for the user endpoint; ``process`` is a local pool of worker processes.
+"""Engines execute tasks for the user endpoint; ``process`` is a pool of worker processes on this host.
 
-An engine takes ``(task id, function hash, function body, args)`` and later
-reports ``(task id, Outcome)`` through a callback that may run on any thread.
-The seam is deliberately small so Parsl's executors can sit behind it.
+An engine takes ``submit(task id, function hash, function body, args)`` and
+``cancel(task id, outcome)``, and reports through two callbacks that may run on
+any thread: ``on_started(task id)`` when a worker takes the task, and
+``on_done(task id, Outcome)`` exactly once per task. The seam is deliberately
+small so Parsl's executors can sit behind it.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
+import signal
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
 
-from mep.endpoint.worker import Outcome, run_task
+from mep.endpoint.worker import Outcome, serve
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
 
+log = logging.getLogger(__name__)
+
+Started = Callable[[str], None]
 Completion = Callable[[str, Outcome], None]
 
 
+@dataclass
+class _Task:
+    task_id: str
+    fn_hash: str
+    fn_body: bytes
+    args: bytes
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process
+    connection: Connection
+    functions: set[str] = field(default_factory=set)
+    task: _Task | None = None
+    cancel_outcome: Outcome | None = None
+
+
 class ProcessEngine:
-    """A pool of worker processes on this host.
+    """Worker processes on this host, one task at a time each.
 
     Workers come from a forkserver started before the endpoint opens any
-    socket, so they never inherit a ZeroMQ context or the endpoint's keys.
+    socket, so they never inherit a ZeroMQ context or the endpoint's keys. A
+    task is cancelled (or stopped at its walltime) by killing its worker, which
+    is replaced at once; a worker that dies by itself fails its task with the
+    cause and is replaced too.
     """
 
-    def __init__(self, workers: int, on_done: Completion) -> None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["mep.endpoint.worker"])
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    def __init__(self, workers: int, on_started: Started, on_done: Completion) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["mep.endpoint.worker"])
+        self._on_started = on_started
         self._on_done = on_done
-        self.running = 0
+        self._lock = threading.Lock()
+        self._pending: deque[_Task] = deque()
+        self._cancels: dict[str, Outcome] = {}
+        self._stopping = False
+        self._wake_read, self._wake_write = os.pipe()
+        self._workers = [self._start_worker() for _ in range(workers)]
+        self._thread = threading.Thread(target=self._loop, name="process-engine", daemon=True)
+        self._thread.start()
+
+    # --- called from the endpoint's thread ----------------------------------------
 
     def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None:
-        self.running += 1
-        future = self._pool.submit(run_task, fn_hash, fn_body, args)
-        future.add_done_callback(lambda done: self._on_done(task_id, _outcome(done)))
+        with self._lock:
+            self._pending.append(_Task(task_id, fn_hash, fn_body, args))
+        self._wake()
 
-    def task_finished(self) -> None:
-        self.running -= 1
+    def cancel(self, task_id: str, outcome: Outcome) -> None:
+        """Stop a task wherever it is; it completes with ``outcome`` (unless it finished first)."""
+        with self._lock:
+            self._cancels[task_id] = outcome
+        self._wake()
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop at once: workers are killed; tasks not yet reported are simply not reported."""
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self._thread.join()
+        for worker in self._workers:
+            worker.process.kill()
+            worker.process.join()
+            worker.connection.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _wake(self) -> None:
+        os.write(self._wake_write, b"x")
+
+    # --- the engine's own thread ----------------------------------------------------
+
+    def _start_worker(self) -> _Worker:
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(target=serve, args=(theirs,), name="mep-worker", daemon=True)
+        process.start()
+        theirs.close()
+        return _Worker(process=process, connection=ours)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._apply_cancels()
+                self._assign()
+            busy = [w.connection for w in self._workers if w.task is not None]
+            ready = wait([*busy, *(w.process.sentinel for w in self._workers), self._wake_read])
+            if self._wake_read in ready:
+                os.read(self._wake_read, 65536)
+            for worker in list(self._workers):
+                if worker.task is not None and worker.connection in ready:
+                    self._collect(worker)
+                if worker.process.sentinel in ready:
+                    self._replace(worker)
+
+    def _apply_cancels(self) -> None:
+        for task_id, outcome in self._cancels.items():
+            queued = next((task for task in self._pending if task.task_id == task_id), None)
+            if queued is not None:
+                self._pending.remove(queued)
+                self._on_done(task_id, outcome)
+                continue
+            for worker in self._workers:
+                if worker.task is not None and worker.task.task_id == task_id and worker.cancel_outcome is None:
+                    worker.cancel_outcome = outcome
+                    worker.process.kill()  # the sentinel reports it; the task ends with the cancel outcome
+        self._cancels.clear()
+
+    def _assign(self) -> None:
+        for worker in self._workers:
+            if not self._pending:
+                return
+            if worker.task is None and worker.process.is_alive():
+                task = self._pending.popleft()
+                body = None if task.fn_hash in worker.functions else task.fn_body
+                try:
+                    worker.connection.send((task.task_id, task.fn_hash, body, task.args))
+                except OSError:  # the worker just died; its sentinel will say so
+                    self._pending.appendleft(task)
+                    continue
+                worker.functions.add(task.fn_hash)
+                worker.task = task
+                self._on_started(task.task_id)
+
+    def _collect(self, worker: _Worker) -> None:
+        try:
+            task_id, outcome = worker.connection.recv()
+        except (EOFError, OSError):
+            return  # died mid-reply: its sentinel is ready too
+        worker.task = None
+        if worker.cancel_outcome is None:
+            self._on_done(task_id, outcome)
+        else:
+            self._on_done(task_id, worker.cancel_outcome)  # finished as the kill landed: the cancel wins
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.process.join()
+        worker.connection.close()
+        if worker.task is not None:
+            outcome = worker.cancel_outcome or Outcome(
+                FAILED, code=ErrorCode.WORKER_LOST,
+                message=f"the worker process running this task {_describe(worker.process.exitcode)}")
+            self._on_done(worker.task.task_id, outcome)
+        self._workers[self._workers.index(worker)] = self._start_worker()
 
 
-def _outcome(future: Future) -> Outcome:
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        return Outcome(FAILED, message="a worker process died while running this task", code=ErrorCode.ENDPOINT_LOST)
-    except Exception as exc:  # e.g. the task's arguments could not be sent to the worker
-        return Outcome(FAILED, message=f"the endpoint could not run this task: {exc}", code=ErrorCode.INTERNAL)
+def _describe(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+    return f"exited with status {exitcode}"

@@ -14,6 +14,7 @@ import queue
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -21,76 +22,138 @@ import zmq
 from setproctitle import setproctitle
 
 from mep.config.endpoint import UserEndpointConfig
-from mep.endpoint.engine import ProcessEngine
+from mep.endpoint.engines import make_engine
+from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
-from mep.errors import MepError
+from mep.errors import ErrorCode, MepError
 from mep.protocol import decode, encode
 from mep.protocol.curve import make_curve_client
-from mep.protocol.messages import EndpointBoot, IdleExit, Ready, Result, Results, ResultsAck, Shutdown, Tasks
+from mep.protocol.messages import (
+    CANCELLED,
+    FAILED,
+    Cancel,
+    EndpointBoot,
+    Heartbeat,
+    IdleExit,
+    Ready,
+    Result,
+    Results,
+    ResultsAck,
+    Shutdown,
+    Started,
+    Tasks,
+)
 
 log = logging.getLogger("mep.endpoint")
 
 RESEND_AFTER = 10.0
+SHUTDOWN_GRACE = 30.0  # seconds running tasks get to finish when the manager stops this endpoint
+
+
+@dataclass
+class ActiveTask:
+    walltime: float  # 0: none
+    started_at: float = 0.0  # monotonic; 0 until a worker has it
 
 
 class UserEndpoint:
+    """One user's endpoint: tasks in from the router, through the engine, results back.
+
+    Everything runs on this thread; the engine reports through a queue and a
+    wake-up pipe. The router is told when each task starts (for the task's
+    state and its retry accounting) and gets each result until it acknowledges
+    it. A task past its walltime, or cancelled by its submitter, is stopped in
+    the engine.
+    """
+
     def __init__(self, boot: EndpointBoot, config: UserEndpointConfig) -> None:
         self.boot = boot
         self.config = config
-        self._completions: queue.SimpleQueue[tuple[str, Outcome]] = queue.SimpleQueue()
+        self.heartbeat_interval = boot.heartbeat_interval
+        self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         # The engine first: its forkserver must not inherit the ZeroMQ context or the keys.
-        self.engine = ProcessEngine(config.engine.workers, self._task_done)
+        self.engine = make_engine(config, self._task_started, self._task_done)
         self.functions: dict[str, bytes] = {}
+        self.active: dict[str, ActiveTask] = {}
         self.unacknowledged: dict[str, tuple[Result, bytes, float]] = {}
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
+        self.socket.reconnect_ivl_max = 5000
         make_curve_client(self.socket, boot.router_public_key, boot.secret_key)
         self.socket.connect(boot.router_address)
-        self._stop_reason = ""
+        self._draining_since = 0.0
+        self._drain_reason = ""
 
-    def _task_done(self, task_id: str, outcome: Outcome) -> None:  # any thread
-        self._completions.put((task_id, outcome))
+    # engine callbacks: any thread
+    def _task_started(self, task_id: str) -> None:
+        self._events.put(("started", task_id, None))
+        os.write(self._wake_write, b"s")
+
+    def _task_done(self, task_id: str, outcome: Outcome) -> None:
+        self._events.put(("done", task_id, outcome))
         os.write(self._wake_write, b"d")
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self._request_stop("SIGTERM"))
+        signal.signal(signal.SIGTERM, lambda *_: self._drain("SIGTERM"))
         self.socket.send_multipart(encode(Ready(endpoint_id=self.boot.endpoint_id, pid=os.getpid())))
-        log.info("endpoint %s ready as %s with %d worker(s)", self.boot.endpoint_id, self.boot.account,
-                 self.config.engine.workers)
+        log.info("endpoint %s ready as %s with the %s engine", self.boot.endpoint_id, self.boot.account,
+                 self.config.engine.type)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
-        last_activity = time.monotonic()
+        now = time.monotonic()
+        last_activity = last_heard = last_heartbeat = now
         asked_to_exit = False
-        while not self._stop_reason:
-            ready = dict(poller.poll(500))
+        while True:
+            ready = dict(poller.poll(self._poll_timeout()))
             if self._wake_read in ready:
                 os.read(self._wake_read, 65536)
             while self.socket.poll(0):
                 self._receive(self.socket.recv_multipart(copy=False))
-                last_activity = time.monotonic()
-            self._send_completions()
+                last_heard = time.monotonic()
+            self._handle_engine_events()
             now = time.monotonic()
-            if self.engine.running or self.unacknowledged:
+            self._enforce_walltimes(now)
+            if self.active or self.unacknowledged:
                 last_activity = now
                 asked_to_exit = False
             self._resend_unacknowledged(now)
-            if not asked_to_exit and now - last_activity > self.config.idle_timeout:
+            if now - last_heartbeat > self.heartbeat_interval:
+                self.socket.send_multipart(encode(Heartbeat()))
+                last_heartbeat = now
+            if self._draining_since and (not self.active or now - self._draining_since > SHUTDOWN_GRACE):
+                break
+            idle = now - last_activity > self.config.idle_timeout
+            if idle and now - last_heard > 3 * self.heartbeat_interval:
+                self._drain_reason = "idle, and the manager has been silent"  # it may never come back
+                break
+            if idle and not asked_to_exit:
                 log.info("idle for %.0f s; asking the manager to let this endpoint exit", now - last_activity)
                 self.socket.send_multipart(encode(IdleExit()))
                 asked_to_exit = True
-        log.info("endpoint stopping: %s", self._stop_reason)
+        log.info("endpoint stopping (%s); %d task(s) unfinished", self._drain_reason, len(self.active))
         self.engine.shutdown()
-        self._send_completions()
         self.socket.close()
         self.context.term()
         return 0
 
-    def _request_stop(self, reason: str) -> None:
-        self._stop_reason = reason
-        os.write(self._wake_write, b"x")
+    def _poll_timeout(self) -> int:
+        """Wake for the next heartbeat, or for the next walltime to run out."""
+        timeout = self.heartbeat_interval
+        now = time.monotonic()
+        for task in self.active.values():
+            if task.walltime and task.started_at:
+                timeout = min(timeout, max(0.0, task.started_at + task.walltime - now))
+        return int(timeout * 1000) + 1
+
+    def _drain(self, reason: str) -> None:
+        """Take no more work; exit once running tasks finish (or the grace period ends)."""
+        if not self._draining_since:
+            self._draining_since = time.monotonic()
+            self._drain_reason = reason
+            os.write(self._wake_write, b"x")
 
     def _receive(self, frames: list[Any]) -> None:
         try:
@@ -103,28 +166,55 @@ class UserEndpoint:
                 for task in header.tasks:
                     if task.fn_frame != -1:
                         self.functions[task.fn_hash] = payloads[task.fn_frame].bytes
+                    self.active[task.task_id] = ActiveTask(walltime=task.walltime)
+                    if refuse_mismatch(header.runtimes, task, self.config, self._task_done):
+                        continue
                     self.engine.submit(task.task_id, task.fn_hash, self.functions[task.fn_hash],
                                        payloads[task.args_frame].bytes)
+            case Cancel():
+                for task_id in header.task_ids:
+                    if task_id in self.active:
+                        self.engine.cancel(task_id, Outcome(CANCELLED, code=ErrorCode.CANCELLED,
+                                                            message="cancelled by the submitter"))
             case ResultsAck():
                 for task_id in header.task_ids:
                     self.unacknowledged.pop(task_id, None)
+            case Heartbeat():
+                pass
             case Shutdown():
-                self._request_stop(header.reason or "the manager asked this endpoint to stop")
+                self._drain(header.reason or "the manager asked this endpoint to stop")
             case _:
                 log.warning("ignoring an unexpected %s message", type(header).__name__)
 
-    def _send_completions(self) -> None:
+    def _handle_engine_events(self) -> None:
+        started: list[str] = []
         finished: list[tuple[Result, bytes]] = []
+        now = time.monotonic()
         while True:
             try:
-                task_id, outcome = self._completions.get_nowait()
+                kind, task_id, outcome = self._events.get_nowait()
             except queue.Empty:
                 break
-            self.engine.task_finished()
+            if kind == "started":
+                if task_id in self.active:
+                    self.active[task_id].started_at = now
+                    started.append(task_id)
+                continue
+            if self.active.pop(task_id, None) is None:
+                continue  # a cancel and a completion crossed: the first one stands
             result = Result(task_id=task_id, status=outcome.status, code=outcome.code, message=outcome.message,
                             error_type=outcome.error_type, traceback=outcome.traceback)
             finished.append((result, outcome.payload))
+        if started:
+            self.socket.send_multipart(encode(Started(task_ids=started)))
         self._send_results(finished)
+
+    def _enforce_walltimes(self, now: float) -> None:
+        for task_id, task in self.active.items():
+            if task.walltime and task.started_at and now - task.started_at > task.walltime:
+                message = f"the task ran longer than its walltime of {task.walltime:g} s and was stopped"
+                task.walltime = 0.0  # stop it once
+                self.engine.cancel(task_id, Outcome(FAILED, code=ErrorCode.WALLTIME_EXCEEDED, message=message))
 
     def _resend_unacknowledged(self, now: float) -> None:
         self._send_results([(result, payload) for result, payload, sent in self.unacknowledged.values()

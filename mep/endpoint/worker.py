@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 from mep.errors import ErrorCode
@@ -11,6 +15,7 @@ from mep.protocol.messages import SUCCESS, TASK_ERROR
 from mep.sdk.serialize import deserialize, serialize
 
 _functions: dict[str, Callable[..., Any]] = {}
+PR_SET_PDEATHSIG = 1
 
 
 
@@ -25,7 +30,17 @@ class Outcome(NamedTuple):
     code: str = ""
 
 
-def run_task(fn_hash: str, fn_body: bytes, args: bytes) -> Outcome:
+def _die_with_parent() -> None:
+    """If the endpoint's forkserver goes (the endpoint died), this worker goes too: no orphaned user code."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == 1:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def run_task(fn_hash: str, fn_body: bytes | None, args: bytes) -> Outcome:
+    """Run one task; ``fn_body`` is None when this worker already loaded ``fn_hash``."""
     try:
         fn = _functions.get(fn_hash)
         if fn is None:
@@ -45,3 +60,14 @@ def _failure(exc: BaseException) -> Outcome:
     except Exception:  # unpicklable exception: the SDK raises RemoteError from the text
         payload = b""
     return Outcome(TASK_ERROR, payload, type_name, str(exc), text, code=ErrorCode.TASK_ERROR)
+
+
+def serve(connection: Connection) -> None:
+    """A worker process's life: run tasks from the endpoint until it hangs up (or kills us)."""
+    _die_with_parent()
+    while True:
+        try:
+            task_id, fn_hash, fn_body, args = connection.recv()
+        except EOFError:
+            return
+        connection.send((task_id, run_task(fn_hash, fn_body, args)))

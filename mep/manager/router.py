@@ -27,11 +27,17 @@ import zmq
 
 from mep import __version__
 from mep.config.manager import ManagerConfig
-from mep.errors import EndpointLostError, ErrorCode, MepError
+from mep.errors import ErrorCode, MepError
 from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server, public_from_secret
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
+    AuditStatus,
+    CANCELLED,
+    Cancel,
+    LostTask,
+    Started,
+    TasksLost,
     FAILED,
     Dispatch,
     DispatchAck,
@@ -59,11 +65,13 @@ from mep.protocol.messages import (
     Tasks,
 )
 from mep.manager.spawner_link import SpawnerLink
+from mep.manager.task_audit import TaskAuditTrail
 from mep.service.store import dumps_canonical
 
 log = logging.getLogger("mep.router")
 
 ZAP_DOMAIN = "mep-endpoints"
+STOP_GRACE = 30.0  # seconds endpoints get to finish running tasks when the manager stops
 GroupKey = tuple[str, str]  # (submitter identity id, canonical user endpoint config)
 
 
@@ -83,6 +91,9 @@ class EndpointLink:
     routing_id: bytes | None = None
     queued: list[QueuedTask] = field(default_factory=list)
     in_flight: set[str] = field(default_factory=set)
+    started: set[str] = field(default_factory=set)
+    retired: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
     functions_sent: set[str] = field(default_factory=set)
 
 
@@ -112,6 +123,7 @@ class Router:
         self.endpoints_socket.linger = 0
         make_curve_server(self.endpoints_socket, endpoint_secret_key, ZAP_DOMAIN)
         self.spawner = SpawnerLink(spawner)
+        self.audit = TaskAuditTrail(self.spawner)  # every task's records go to the spawner's audit log
         self.endpoints: dict[str, EndpointLink] = {}
         self.by_group: dict[GroupKey, str] = {}
         self.spawn_waits: dict[GroupKey, SpawnWait] = {}
@@ -119,7 +131,10 @@ class Router:
         self.functions: dict[str, Any] = {}  # fn hash -> frame, to forward to endpoints that lack it
         self.task_endpoint: dict[str, str] = {}
         self.results_out: list[tuple[Result, Any]] = []
+        self.started_out: list[str] = []
+        self.lost_out: list[LostTask] = []
         self.spawner_status: ProcessStatus | None = None
+        self.endpoint_heartbeat = config.heartbeat_interval
         self.last_heard = 0.0
         self.last_heartbeat = 0.0
         self._stopping = False
@@ -146,7 +161,8 @@ class Router:
         poller.register(self.service, zmq.POLLIN)
         poller.register(self.endpoints_socket, zmq.POLLIN)
         poller.register(self.spawner.fileno(), zmq.POLLIN)
-        while not self._stopping:
+        stop_deadline = 0.0
+        while True:
             ready = dict(poller.poll(200))
             if self.spawner.fileno() in ready and not self._from_spawner():
                 log.error("the root spawner has gone; the router stops")
@@ -154,10 +170,18 @@ class Router:
             self._drain(self.endpoints_socket, self._from_endpoint)
             self._drain(self.service, self._from_service)
             self._retry_queued()
-            self._flush_results()
+            self._flush_to_service()
+            self.audit.flush()
             self._keep_alive()
-        self._shutdown_endpoints("the manager is stopping")
-        self.service.close(linger=0)
+            if self._stopping and not stop_deadline:
+                # Graceful stop: endpoints finish what runs (their results still flow), then exit.
+                stop_deadline = time.monotonic() + STOP_GRACE
+                self._shutdown_endpoints("the manager is stopping")
+            if stop_deadline and (not self.endpoints or time.monotonic() > stop_deadline):
+                break
+        self._flush_to_service()
+        self.audit.flush()
+        self.service.close(linger=1000)
         self.endpoints_socket.close(linger=0)
         self.context.term()
         return 0
@@ -183,6 +207,7 @@ class Router:
             log.warning("no word from the service for %.0f s; registering again", now - self.last_heard)
             self._register()
         elif now - self.last_heartbeat > interval:
+            self._check_endpoints(now)
             self.spawner.send(SpawnerStatusRequest())
             processes = [process_status("router")] + ([self.spawner_status] if self.spawner_status else [])
             self.service.send_multipart(encode(Heartbeat(processes=processes)))
@@ -208,6 +233,8 @@ class Router:
                 self._results_acknowledged(header.task_ids)
             case Heartbeat():
                 pass
+            case Cancel():
+                self._cancel(header.task_ids)
             case Error(code=ErrorCode.NOT_REGISTERED):
                 log.info("the service does not know this connection (%s); registering again", header.message)
                 self._register()
@@ -223,6 +250,7 @@ class Router:
             key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
             tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime)
                      for task_id in group.task_ids if task_id in refs]
+            self.audit.accepted(group, refs)
             endpoint_id = self.by_group.get(key)
             if endpoint_id is not None:
                 self._queue_on_endpoint(self.endpoints[endpoint_id], tasks)
@@ -241,12 +269,36 @@ class Router:
             user_endpoint_config=group.user_endpoint_config, runtime=group.runtime,
             identity_assertion=group.identity_assertion))
 
-    def _fail(self, task_ids: list[str], code: str, message: str) -> None:
+    def _cancel(self, task_ids: list[str]) -> None:
+        """Tasks not yet on an endpoint end here; the endpoint stops the ones it has."""
+        wanted = set(task_ids)
+        queues = [link.queued for link in self.endpoints.values()] + [w.tasks for w in self.spawn_waits.values()]
+        for tasks in queues:
+            dropped = [task.ref.task_id for task in tasks if task.ref.task_id in wanted]
+            tasks[:] = [task for task in tasks if task.ref.task_id not in wanted]
+            self._fail(dropped, ErrorCode.CANCELLED, "cancelled by the submitter before it started", CANCELLED)
+        by_endpoint: dict[str, list[str]] = defaultdict(list)
+        for task_id in wanted:
+            endpoint_id = self.task_endpoint.get(task_id)
+            if endpoint_id in self.endpoints:
+                by_endpoint[endpoint_id].append(task_id)
+        for endpoint_id, ids in by_endpoint.items():
+            self._send_endpoint(self.endpoints[endpoint_id], Cancel(task_ids=ids))
+
+    def _fail(self, task_ids: list[str], code: str, message: str, status: str = FAILED) -> None:
         for task_id in task_ids:
             self.task_endpoint.pop(task_id, None)
-            self.results_out.append((Result(task_id=task_id, status=FAILED, code=code, message=message), None))
+            self.audit.finished(task_id, status, code=code)
+            self.results_out.append((Result(task_id=task_id, status=status, code=code, message=message), None))
 
-    def _flush_results(self) -> None:
+    def _flush_to_service(self) -> None:
+        """What this loop turn produced for the service goes in one message of each kind."""
+        if self.started_out:
+            self.service.send_multipart(encode(Started(task_ids=self.started_out)))
+            self.started_out = []
+        if self.lost_out:
+            self.service.send_multipart(encode(TasksLost(lost=self.lost_out)))
+            self.lost_out = []
         if not self.results_out:
             return
         results: list[Result] = []
@@ -292,6 +344,8 @@ class Router:
                 self._endpoint_exited(message)
             case SpawnerStatus():
                 self.spawner_status = message.process
+            case AuditStatus():
+                self.audit.on_status(message)
         return True
 
     def _spawned(self, message: Spawned) -> None:
@@ -328,8 +382,16 @@ class Router:
             if message.log_tail:
                 detail += f"; the last lines of its log:\n{message.log_tail}"
             self._fail(lost, ErrorCode.SPAWN_FAILED, detail)
-        else:
-            self._fail(lost, EndpointLostError.code, f"the user endpoint {message.how} while running this task")
+            return
+        for task_id in lost:  # the service retries them, or fails them once they used up their attempts
+            self.task_endpoint.pop(task_id, None)
+            # Anything the endpoint had counts as an attempt, started or not: a task that kills its endpoint
+            # at once may never have been reported started, and must not be retried forever.
+            attempted = task_id in link.in_flight
+            doing = "running" if task_id in link.started else "holding"
+            reason = f"the user endpoint {message.how} while {doing} this task"
+            self.lost_out.append(LostTask(task_id=task_id, attempted=attempted, reason=reason))
+            self.audit.finished(task_id, "lost", endpoint_id=link.endpoint_id, account=link.account)
 
     # --- user endpoints -------------------------------------------------------------
 
@@ -345,11 +407,18 @@ class Router:
         except MepError as exc:
             log.warning("ignoring a malformed message from endpoint %s: %s", endpoint_id, exc)
             return
+        link.last_heard = time.monotonic()
         match header:
             case Ready():
                 link.routing_id = routing_id
                 link.functions_sent.clear()
                 self._send_queued(link)
+            case Started():
+                ids = [task_id for task_id in header.task_ids if self.task_endpoint.get(task_id) == endpoint_id]
+                link.started.update(ids)
+                self.started_out += ids
+            case Heartbeat():
+                pass
             case Results():
                 self._endpoint_results(link, header, payloads)
             case IdleExit():
@@ -367,13 +436,28 @@ class Router:
                             link.endpoint_id, link.account, result.task_id)
                 continue
             link.in_flight.discard(result.task_id)
+            link.started.discard(result.task_id)
+            self.audit.finished(result.task_id, result.status, code=result.code, endpoint_id=link.endpoint_id,
+                                account=link.account)
             payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
             self.results_out.append((result, payload))
+
+    def _check_endpoints(self, now: float) -> None:
+        """Heartbeat every connected endpoint; one silent for three intervals is hung: stop it for good."""
+        for link in list(self.endpoints.values()):
+            if link.routing_id is None or link.retired:
+                continue
+            if now - link.last_heard > 3 * self.endpoint_heartbeat:
+                log.warning("endpoint %s of %s has been silent for %.0f s; stopping it", link.endpoint_id,
+                            link.account, now - link.last_heard)
+                self._retire(link, "silent", kill=True)  # its exit report then settles its tasks
+            else:
+                self._send_endpoint(link, Heartbeat())
 
     def _retry_queued(self) -> None:
         """Tasks an endpoint could not take earlier (its high-water mark was reached) go now."""
         for link in self.endpoints.values():
-            if link.queued and link.routing_id is not None:
+            if link.queued and link.routing_id is not None and not link.retired:
                 self._send_queued(link)
 
     def _queue_on_endpoint(self, link: EndpointLink, tasks: list[QueuedTask]) -> None:
@@ -384,13 +468,19 @@ class Router:
     def _send_queued(self, link: EndpointLink) -> None:
         if not link.queued:
             return
+        if self.audit.refusal:  # nothing runs unaudited
+            self._fail([task.ref.task_id for task in link.queued], ErrorCode.INTERNAL, self.audit.refusal)
+            link.queued.clear()
+            return
+        if not self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued]):
+            return  # sent once the spawner has written their "routed" records
         refs: list[TaskRef] = []
         payloads: list[Any] = []
         runtimes: dict[tuple, int] = {}
         for task in link.queued:
             runtime = runtimes.setdefault(msgspec.structs.astuple(task.runtime), len(runtimes))
             ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads),
-                          runtime=runtime)
+                          runtime=runtime, walltime=task.ref.walltime)
             payloads.append(task.args)
             if ref.fn_hash not in link.functions_sent:
                 ref.fn_frame = len(payloads)
@@ -401,6 +491,7 @@ class Router:
             for ref in refs:
                 link.in_flight.add(ref.task_id)
                 self.task_endpoint[ref.task_id] = link.endpoint_id
+            self.audit.sent(refs)
             link.queued.clear()
         else:
             link.functions_sent.difference_update(ref.fn_hash for ref in refs)
@@ -414,13 +505,15 @@ class Router:
             log.debug("endpoint %s is not reachable right now (%s); will retry", link.endpoint_id, exc.strerror)
             return False
 
-    def _retire(self, link: EndpointLink, reason: str) -> None:
+    def _retire(self, link: EndpointLink, reason: str, kill: bool = False) -> None:
         """New work for this endpoint's groups goes to a fresh endpoint from now on."""
+        link.retired = True
         for key in link.keys:
             if self.by_group.get(key) == link.endpoint_id:
                 del self.by_group[key]
-        self.spawner.send(RetireEndpoint(endpoint_id=link.endpoint_id))
-        self._send_endpoint(link, Shutdown(reason=reason))
+        self.spawner.send(RetireEndpoint(endpoint_id=link.endpoint_id, kill=kill))
+        if not kill:
+            self._send_endpoint(link, Shutdown(reason=reason))
 
     def _shutdown_endpoints(self, reason: str) -> None:
         for link in self.endpoints.values():

@@ -40,7 +40,10 @@ class SpawnerLink:
 
     def receive(self) -> msgspec.Struct | None:
         """The next envelope, or None when the other side has closed the channel."""
-        data = self.sock.recv(MAX_DATAGRAM)
+        try:
+            data = self.sock.recv(MAX_DATAGRAM)
+        except ConnectionResetError:
+            return None
         if not data:
             return None
         try:

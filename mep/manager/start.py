@@ -11,8 +11,10 @@ identities that map to that account are served.
 from __future__ import annotations
 
 import logging
+import fcntl
 import os
 import pwd
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -22,8 +24,12 @@ from setproctitle import setproctitle
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError
 from mep.manager.spawner.accounts import Account, AccountPolicy
+from mep.manager.spawner.authorize import account_policy
 from mep.manager.spawner.interpreter import check_interpreter_usable
+from mep.manager.spawner.pam import DEFAULT_LIBRARY
+from mep.manager.spawner.policy_files import check_policy_file
 from mep.manager.spawner.privdrop import drop_privileges_in_process
+from mep.manager.spawner.session_holder import PamSettings
 from mep.manager.spawner.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import SpawnerLink, channel_pair
 from mep.protocol.curve import check_public_key, generate_keypair, read_secret_key
@@ -56,6 +62,7 @@ def prepare_socket_dir(base: Path, owner_uid: int, owner_gid: int) -> Path:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise ConfigurationError(f"{base} must be a directory owned by uid {os.geteuid()} (not a symlink)")
     os.chmod(base, 0o755 if root else 0o700)
+    _hold_instance_lock(base)
     router_dir = base / "router"
     router_dir.mkdir(mode=0o755, exist_ok=True)
     if not stat.S_ISDIR(os.lstat(router_dir).st_mode):
@@ -67,6 +74,59 @@ def prepare_socket_dir(base: Path, owner_uid: int, owner_gid: int) -> Path:
     return socket_path
 
 
+_instance_lock: int | None = None
+
+
+def _hold_instance_lock(base: Path) -> None:
+    """One manager per endpoint on a host: a second one would take over the first one's socket.
+
+    The lock lives as long as this process (and its router child) does; the
+    spawner's children never inherit it (privdrop closes every descriptor).
+    """
+    global _instance_lock
+    fd = os.open(base / "manager.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigurationError(f"another manager for this endpoint is already running on this host "
+                                 f"(pid {holder}, lock {base / 'manager.lock'})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _instance_lock = fd
+
+
+def account_rules(config: ManagerConfig, router: Account | None) -> tuple[AccountPolicy, frozenset[int]]:
+    """The account policy and the owners trusted for policy files, as this process's manager would use them.
+
+    As root (``router`` given) the manager's own uids are off limits and only
+    root may own policy; otherwise the manager is single-user: only its own
+    account may run tasks, and it may own the policy files too.
+    """
+    if router is not None:
+        return account_policy(config, manager_uids=frozenset({0, router.uid})), frozenset({0})
+    own = os.geteuid()
+    return account_policy(config, manager_uids=frozenset(), only_uid=own), frozenset({0, own})
+
+
+def pam_settings(config: ManagerConfig, config_path: Path, *, trusted_owner_uids: frozenset[int]) -> PamSettings | None:
+    """``pam:`` checked at start: root only, a real service file, a library only root can have replaced."""
+    if not config.pam.enable:
+        return None
+    if os.geteuid() != 0:
+        raise ConfigurationError(f"{config_path}: pam.enable needs a manager started as root (PAM sessions are "
+                                 "opened by root); switch it off for a single-user manager")
+    service_file = Path("/etc/pam.d") / config.pam.service
+    if config.pam.library == DEFAULT_LIBRARY and not service_file.is_file():
+        # Linux-PAM falls back to /etc/pam.d/other, which on Debian allows everyone.
+        raise ConfigurationError(f"{config_path}: pam.service is {config.pam.service!r} but {service_file} does not "
+                                 "exist; install packaging/pam.d/mep there (PAM would fall back to 'other')")
+    if os.path.isabs(config.pam.library):
+        check_policy_file(Path(os.path.realpath(config.pam.library)), trusted_owner_uids=trusted_owner_uids)
+    return PamSettings(service=config.pam.service, library=config.pam.library, timeout=config.pam.timeout)
+
+
 def start_manager(config_path: Path) -> int:
     config = ManagerConfig.load(config_path)
     as_root = os.geteuid() == 0
@@ -74,20 +134,17 @@ def start_manager(config_path: Path) -> int:
     check_public_key(config.service_public_key, f"service_public_key in {config_path}")
     if as_root:
         check_interpreter_usable(sys.executable)
-        router = router_account(config.router_user)
-        policy = AccountPolicy(min_uid=config.min_uid, manager_uids=frozenset({0, router.uid}))
-        trusted = frozenset({0})
-    else:
-        router = None
-        policy = AccountPolicy(min_uid=config.min_uid, only_uid=os.geteuid())
-        trusted = frozenset({0, os.geteuid()})
+    router = router_account(config.router_user) if as_root else None
+    policy, trusted = account_rules(config, router)
+    pam = pam_settings(config, config_path, trusted_owner_uids=trusted)
     owner = (router.uid, router.gid) if router else (os.geteuid(), os.getegid())
     socket_path = prepare_socket_dir(config.socket_dir(), *owner)
     router_public, router_secret = generate_keypair()
     address = f"ipc://{socket_path}"
     router_end, spawner_end = channel_pair()
     spawner = Spawner(SpawnerSettings(config=config, router_address=address, router_public_key=router_public,
-                                      policy=policy, trusted_owner_uids=trusted, drop_privileges=as_root),
+                                      policy=policy, trusted_owner_uids=trusted, drop_privileges=as_root,
+                                      audit_log=config.audit_log_path(), pam=pam),
                       SpawnerLink(spawner_end))
     log.info("manager for endpoint %s starting (%s mode)", config.endpoint_id,
              "multi-user" if as_root else f"single-user as uid {os.geteuid()}")
@@ -108,6 +165,7 @@ def _become_router(config: ManagerConfig, account: Account | None, secret_key: s
     code = 1
     try:
         spawner_end.close()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP is the spawner's (reload); a terminal's hangup too
         if account is not None:
             drop_privileges_in_process(account)
         setproctitle(f"mep-manager router {config.endpoint_id}")

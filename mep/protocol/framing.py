@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from mep.errors import ProtocolError
-from mep.protocol.messages import PROTOCOL_VERSION, SIGNATURE, Header
+from mep.protocol.messages import PROTOCOL_VERSION, SIGNATURE, Dispatch, Header, Results, Submit, Tasks
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # one task's function or arguments, serialised
@@ -55,12 +55,14 @@ def decode(frames: Sequence[Frame]) -> tuple[Any, list[Frame]]:
         )
     payloads = list(frames[2:])
     count = len(payloads)
-    for task in getattr(header, "tasks", ()):
-        if not (0 <= task.args_frame < count and -1 <= task.fn_frame < count):
-            raise _bad_frame_index(task.task_id, count)
-    for result in getattr(header, "results", ()):
-        if not -1 <= result.payload_frame < count:
-            raise _bad_frame_index(result.task_id, count)
+    if isinstance(header, (Submit, Dispatch, Tasks)):
+        for task in header.tasks:
+            if not (0 <= task.args_frame < count and -1 <= task.fn_frame < count):
+                raise _bad_frame_index(task.task_id, count)
+    elif isinstance(header, Results):
+        for result in header.results:
+            if not -1 <= result.payload_frame < count:
+                raise _bad_frame_index(result.task_id, count)
     return header, payloads
 
 

@@ -25,6 +25,8 @@ SIGNATURE = b"MEP1"
 SUCCESS = "success"  # payload: dill of the return value
 TASK_ERROR = "error"  # the function raised; payload: dill of the exception (may be unloadable)
 FAILED = "failed"  # mep refused or lost the task; no payload; code + message say why
+CANCELLED = "cancelled"  # stopped at the submitter's request; no payload
+EXPIRED = "expired"  # the result was not collected within the retention period; no payload
 
 
 class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -77,6 +79,7 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     args_frame: int
     fn_frame: int = -1
     runtime: int = 0
+    walltime: float = 0.0  # seconds the task may run once started; 0: no limit
 
 
 # --- SDK <-> service ---------------------------------------------------------
@@ -126,6 +129,57 @@ class ResultsAck(Envelope, tag="RESULTS_ACK"):
 
     token: str = ""
     task_ids: list[str] = []
+
+
+class Cancel(Envelope, tag="CANCEL"):
+    """Stop these tasks (client -> service -> router -> endpoint); the token only on the first hop."""
+
+    token: str = ""
+    request_id: int = 0
+    task_ids: list[str] = []
+
+
+class CancelAck(Envelope, tag="CANCEL_ACK"):
+    """What the service did: ``cancelled`` never reached an endpoint; ``requested`` are being stopped."""
+
+    request_id: int = 0
+    cancelled: list[str] = []
+    requested: list[str] = []
+    finished: list[str] = []
+    unknown: list[str] = []
+
+
+class TaskQuery(Envelope, tag="TASK_QUERY"):
+    """List the caller's own tasks: by id, or filtered by endpoint, state and submission time."""
+
+    token: str = ""
+    request_id: int = 0
+    task_ids: list[str] = []
+    endpoint_id: str = ""
+    states: list[str] = []
+    since: float = 0.0
+    limit: int = 1000
+
+
+class TaskInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A task's lifecycle as the service recorded it (times are Unix seconds; 0: not yet)."""
+
+    task_id: str
+    endpoint_id: str
+    state: str
+    received_at: float
+    code: str = ""
+    message: str = ""
+    attempts: int = 0
+    dispatched_at: float = 0.0
+    started_at: float = 0.0
+    completed_at: float = 0.0
+    collected: bool = False
+
+
+class TaskList(Envelope, tag="TASK_LIST"):
+    request_id: int = 0
+    tasks: list[TaskInfo] = []
 
 
 class StatusRequest(Envelope, tag="STATUS"):
@@ -211,6 +265,26 @@ class Heartbeat(Envelope, tag="HEARTBEAT"):
     processes: list[ProcessStatus] = []
 
 
+class Started(Envelope, tag="STARTED"):
+    """These tasks are now running on a worker (endpoint -> router -> service)."""
+
+    task_ids: list[str] = []
+
+
+class LostTask(msgspec.Struct, forbid_unknown_fields=True):
+    """``attempted``: the endpoint had the task (it may have started it); counts toward its attempts."""
+
+    task_id: str
+    attempted: bool
+    reason: str
+
+
+class TasksLost(Envelope, tag="TASKS_LOST"):
+    """The endpoint holding these tasks died; the service retries or fails each (router -> service)."""
+
+    lost: list[LostTask] = []
+
+
 # --- manager router <-> user endpoint ---------------------------------------
 
 
@@ -269,9 +343,10 @@ class EndpointExited(Envelope, tag="ENDPOINT_EXITED"):
 
 
 class RetireEndpoint(Envelope, tag="RETIRE"):
-    """The router is shutting this endpoint down: never hand it out again."""
+    """The router is shutting this endpoint down: never hand it out again (``kill``: it is hung, SIGKILL it)."""
 
     endpoint_id: str = ""
+    kill: bool = False
 
 
 class SpawnerStatusRequest(Envelope, tag="SPAWNER_STATUS"):
@@ -282,12 +357,47 @@ class SpawnerStatus(Envelope, tag="SPAWNER_STATUS_REPLY"):
     process: ProcessStatus | None = None
 
 
+class TaskAudit(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One audit record of a task: ``outcome`` is accepted, routed, or the result's status."""
+
+    task_id: str
+    outcome: str
+    fn_hash: str = ""
+    endpoint_id: str = ""
+    account: str = ""
+    submitter_id: str = ""
+    code: str = ""
+
+
+class AuditTasks(Envelope, tag="AUDIT_TASKS"):
+    """Router -> spawner: task records for the audit log, which only the spawner writes."""
+
+    records: list[TaskAudit] = []
+
+
+class AuditStatus(Envelope, tag="AUDIT_STATUS"):
+    """Spawner -> router: whether the audit log can be written; while it can't, nothing is routed.
+
+    ``confirmed``: tasks whose "routed" record is written; only these may be sent to their endpoint.
+    """
+
+    ok: bool = True
+    message: str = ""  # for the submitters whose tasks are refused meanwhile
+    confirmed: list[str] = []
+
+
 Header = (
     Submit
     | SubmitAck
     | Fetch
     | Results
     | ResultsAck
+    | Cancel
+    | CancelAck
+    | TaskQuery
+    | TaskList
+    | Started
+    | TasksLost
     | StatusRequest
     | StatusReply
     | Error
@@ -307,6 +417,8 @@ Header = (
     | RetireEndpoint
     | SpawnerStatusRequest
     | SpawnerStatus
+    | AuditTasks
+    | AuditStatus
 )
 
 
@@ -322,3 +434,4 @@ class EndpointBoot(msgspec.Struct, forbid_unknown_fields=True):
     router_public_key: str
     secret_key: str
     config: dict[str, Any]
+    heartbeat_interval: float = 10.0

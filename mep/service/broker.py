@@ -30,12 +30,22 @@ from typing import Any
 import msgspec
 import zmq
 
-from mep.errors import AuthenticationError, ErrorCode, MepError, NotRegisteredError, ProtocolError, UnknownEndpointError
+from mep.errors import (
+    AuthenticationError,
+    EndpointBusyError,
+    ErrorCode,
+    MepError,
+    NotRegisteredError,
+    ProtocolError,
+    UnknownEndpointError,
+)
 from mep.protocol import decode, encode
-from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.curve import ZapHandler, make_curve_server
+from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
+    Cancel,
+    CancelAck,
     Dispatch,
     DispatchAck,
     Error,
@@ -49,12 +59,16 @@ from mep.protocol.messages import (
     Results,
     ResultsAck,
     Runtime,
+    Started,
     StatusReply,
     StatusRequest,
     Submit,
     SubmitAck,
     TaskGroup,
+    TaskList,
+    TaskQuery,
     TaskRef,
+    TasksLost,
 )
 from mep.service.state import ServiceState
 from mep.service.store import Store, StoredResult, dumps_canonical
@@ -74,6 +88,8 @@ class BrokerSettings:
     heartbeat_interval: float = 10.0
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     dispatch_batch: int = 500
+    max_attempts: int = 3  # runs of a task whose endpoint keeps dying under it
+    result_retention: float = 7 * 24 * 3600.0  # seconds an uncollected result is kept
 
 
 @dataclass
@@ -117,6 +133,7 @@ class Broker:
         self.address = self.socket.last_endpoint.decode()
         self.managers: dict[str, ManagerLink] = {}
         self.client_routes: dict[str, bytes] = {}
+        self._last_expiry = float("-inf")
         self._stop = threading.Event()
 
     # --- authentication ---------------------------------------------------------
@@ -154,6 +171,7 @@ class Broker:
                     self._handle(self._drain())
                 more_to_dispatch = self._dispatch()
                 self._expire_silent_managers()
+                self._expire_old_results()
         finally:
             self.socket.close(linger=0)
             self.context.term()
@@ -202,6 +220,12 @@ class Broker:
             case ResultsAck():
                 identity_id = self._authenticate(header.token)
                 self.store.acknowledge_results(identity_id, header.task_ids)
+            case Cancel():
+                self._cancel(routing_id, header, outbox)
+            case TaskQuery():
+                identity_id = self._authenticate(header.token)
+                outbox.reply(routing_id, TaskList(request_id=header.request_id,
+                                                  tasks=self.store.task_infos(identity_id, header)))
             case StatusRequest():
                 self._authenticate(header.token)
                 link = self.managers.get(header.endpoint_id)
@@ -230,7 +254,7 @@ class Broker:
             reason = self._task_problem(task, payloads, offered, known, limit)
             if reason is None and not self.store.add_task(
                     task.task_id, submit.endpoint_id, identity_id, task.fn_hash,
-                    payloads[task.args_frame].buffer, config, runtime):
+                    payloads[task.args_frame].buffer, config, runtime, task.walltime):
                 if self.store.task_owner(task.task_id) != identity_id:
                     reason = (ErrorCode.BAD_REQUEST, f"task id {task.task_id} is already in use")
             if reason is None:
@@ -260,6 +284,8 @@ class Broker:
                       limit: int) -> tuple[ErrorCode, str] | None:
         if not UUID_RE.match(task.task_id):
             return ErrorCode.BAD_REQUEST, f"task id {task.task_id!r} is not a lowercase UUID"
+        if not 0 <= task.walltime < float("inf"):
+            return ErrorCode.BAD_REQUEST, f"walltime {task.walltime} is not a number of seconds >= 0"
         if task.fn_hash in offered:
             code = ErrorCode.PAYLOAD_TOO_LARGE if "limit" in offered[task.fn_hash] else ErrorCode.BAD_REQUEST
             return code, offered[task.fn_hash]
@@ -269,6 +295,20 @@ class Broker:
         if size > limit:
             return ErrorCode.PAYLOAD_TOO_LARGE, f"the task's serialised arguments are {size} bytes; the limit is {limit}"
         return None
+
+    def _cancel(self, routing_id: bytes, request: Cancel, outbox: Outbox) -> None:
+        identity_id = self._authenticate(request.token)
+        outcome = self.store.request_cancel(identity_id, request.task_ids)
+        outbox.completed.extend(outcome.cancelled)
+        requested = []
+        for endpoint_id, task_ids in outcome.forwarded.items():
+            requested += task_ids
+            link = self.managers.get(endpoint_id)
+            if link is not None:  # otherwise the manager's next registration settles them
+                outbox.reply(link.routing_id, Cancel(task_ids=task_ids))
+        outbox.reply(routing_id, CancelAck(request_id=request.request_id, cancelled=outcome.cancelled,
+                                           requested=requested, finished=outcome.finished,
+                                           unknown=outcome.unknown))
 
     def _send_stored(self, routing_id: bytes, identity_id: str, task_ids: list[str], request_id: int,
                      outbox: Outbox) -> None:
@@ -298,14 +338,7 @@ class Broker:
                         outbox: Outbox) -> None:
         link = self.managers.get(endpoint_id)
         if isinstance(header, Register):
-            if header.endpoint_id != endpoint_id:
-                raise ProtocolError(f"this manager's key is registered for endpoint {endpoint_id}, "
-                                    f"not {header.endpoint_id}")
-            requeued = self.store.requeue_dispatched(endpoint_id)
-            self.managers[endpoint_id] = ManagerLink(routing_id=routing_id, last_seen=time.monotonic())
-            log.info("manager for endpoint %s (mep %s) registered; %d in-flight task(s) queued again",
-                     endpoint_id, header.mep_version or "unknown", requeued)
-            outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
+            self._register(endpoint_id, routing_id, header, link, outbox)
             return
         if link is None or link.routing_id != routing_id:
             raise NotRegisteredError("this manager connection has not registered (the service restarted, or "
@@ -315,6 +348,13 @@ class Broker:
             case Heartbeat():
                 link.processes = header.processes
                 outbox.reply(routing_id, Heartbeat())
+            case Started():
+                self.store.mark_started(endpoint_id, header.task_ids)
+            case TasksLost():
+                failed = self.store.tasks_lost(endpoint_id, header.lost, self.settings.max_attempts)
+                outbox.completed.extend(failed)
+                log.info("endpoint %s lost %d task(s): %d queued again, %d failed for good", endpoint_id,
+                         len(header.lost), len(header.lost) - len(failed), len(failed))
             case DispatchAck():
                 for rejection in header.rejected:
                     if self.store.fail_task(endpoint_id, rejection.task_id, rejection.code, rejection.message):
@@ -327,6 +367,28 @@ class Broker:
                 outbox.reply(routing_id, ResultsAck(task_ids=[r.task_id for r in header.results]))
             case _:
                 raise ProtocolError(f"a manager may not send {type(header).__name__} messages")
+
+    def _register(self, endpoint_id: str, routing_id: bytes, header: Register, link: ManagerLink | None,
+                  outbox: Outbox) -> None:
+        """Grant the endpoint's lease to this connection, unless another live manager holds it."""
+        if header.endpoint_id != endpoint_id:
+            raise ProtocolError(f"this manager's key is registered for endpoint {endpoint_id}, "
+                                f"not {header.endpoint_id}")
+        now = time.monotonic()
+        if link is not None and link.routing_id != routing_id and now - link.last_seen < self._lease:
+            raise EndpointBusyError(
+                f"another manager is serving endpoint {endpoint_id} (heard {now - link.last_seen:.0f} s ago); "
+                f"this one may take over once that one has been silent for {self._lease:.0f} s")
+        requeued, cancelled = self.store.requeue_in_flight(endpoint_id)
+        outbox.completed.extend(cancelled)
+        self.managers[endpoint_id] = ManagerLink(routing_id=routing_id, last_seen=now)
+        log.info("manager for endpoint %s (mep %s) registered; %d in-flight task(s) queued again",
+                 endpoint_id, header.mep_version or "unknown", requeued)
+        outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
+
+    @property
+    def _lease(self) -> float:
+        return 3 * self.settings.heartbeat_interval
 
     def _dispatch(self) -> bool:
         """Send waiting tasks to connected managers; True when more are waiting than one batch held."""
@@ -350,7 +412,8 @@ class Broker:
                         user_endpoint_config=msgspec.json.decode(task.config),
                         runtime=msgspec.json.decode(task.runtime, type=Runtime), task_ids=[])
                 groups[key].task_ids.append(task.task_id)
-                ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads))
+                ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads),
+                              walltime=task.walltime)
                 payloads.append(task.args)
                 if task.fn_hash not in link.functions_sent and task.fn_hash not in new_functions:
                     ref.fn_frame = len(payloads)
@@ -365,8 +428,19 @@ class Broker:
             more = more or len(queued) == self.settings.dispatch_batch
         return more
 
+    def _expire_old_results(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expiry < min(60.0, self.settings.result_retention / 2):
+            return
+        self._last_expiry = now
+        with self.store.transaction():
+            expired = self.store.expire_results(self.settings.result_retention)
+        if expired:
+            log.info("%d uncollected result(s) passed the %.0f s retention and expired", expired,
+                     self.settings.result_retention)
+
     def _expire_silent_managers(self) -> None:
-        deadline = time.monotonic() - 3 * self.settings.heartbeat_interval
+        deadline = time.monotonic() - self._lease
         for endpoint_id, link in list(self.managers.items()):
             if link.last_seen < deadline:
                 log.warning("manager for endpoint %s went silent; its tasks wait for it to return", endpoint_id)

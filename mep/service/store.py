@@ -21,12 +21,23 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mep.errors import ConfigurationError
-from mep.protocol.messages import IdentityResource, Result
+from mep.errors import ConfigurationError, ErrorCode
+from mep.protocol.messages import (
+    CANCELLED,
+    EXPIRED,
+    SUCCESS,
+    TASK_ERROR,
+    IdentityResource,
+    LostTask,
+    Result,
+    TaskInfo,
+    TaskQuery,
+)
+from mep.protocol.messages import FAILED as WIRE_FAILED
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -57,9 +68,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     args BLOB,
     config TEXT NOT NULL,
     runtime TEXT NOT NULL,
-    state TEXT NOT NULL,            -- waiting | dispatched | done
+    walltime REAL NOT NULL DEFAULT 0,   -- seconds; 0: none
+    state TEXT NOT NULL,                -- see TASK_STATES
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     dispatched_at REAL,
+    started_at REAL,
     completed_at REAL,
     result_status TEXT, result_code TEXT, result_message TEXT,
     result_error_type TEXT, result_traceback TEXT, result_payload BLOB,
@@ -69,6 +84,14 @@ CREATE INDEX IF NOT EXISTS tasks_by_endpoint_state ON tasks(endpoint_id, state, 
 """
 
 TOKEN_PREFIX = "mep_"
+
+# A task's life: waiting (accepted, on disk) -> dispatched (with its manager) -> running (a worker has it)
+# -> one terminal state. A lost endpoint sends dispatched/running tasks back to waiting.
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
+TASK_STATES = ("waiting", "dispatched", "running", *TERMINAL_STATES)
+TERMINAL_SQL = "('succeeded','failed','cancelled','expired')"
+FINAL_STATE = {SUCCESS: "succeeded", TASK_ERROR: "failed", WIRE_FAILED: "failed", CANCELLED: "cancelled",
+               EXPIRED: "expired"}
 
 
 def hash_token(token: str) -> str:
@@ -91,6 +114,15 @@ class QueuedTask:
     submitter_id: str
     config: str
     runtime: str
+    walltime: float
+
+
+@dataclass
+class CancelOutcome:
+    cancelled: list[str] = field(default_factory=list)  # never reached an endpoint: cancelled now
+    forwarded: dict[str, list[str]] = field(default_factory=dict)  # endpoint id -> ids it must stop
+    finished: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -232,12 +264,12 @@ class Store:
         return self.db.execute("SELECT body FROM functions WHERE hash=?", (fn_hash,)).fetchone()[0]
 
     def add_task(self, task_id: str, endpoint_id: str, submitter_id: str, fn_hash: str, args: bytes,
-                 config: str, runtime: str) -> bool:
+                 config: str, runtime: str, walltime: float) -> bool:
         """False when the id is already taken (a resubmission): the first one stands."""
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO tasks (id, endpoint_id, submitter_id, fn_hash, args, config, runtime,"
-            " state, created_at) VALUES (?,?,?,?,?,?,?,'waiting',?)",
-            (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, time.time()),
+            " walltime, state, created_at) VALUES (?,?,?,?,?,?,?,?,'waiting',?)",
+            (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, walltime, time.time()),
         )
         return cursor.rowcount == 1
 
@@ -247,7 +279,7 @@ class Store:
 
     def waiting_tasks(self, endpoint_id: str, limit: int) -> list[QueuedTask]:
         rows = self.db.execute(
-            "SELECT id, fn_hash, args, submitter_id, config, runtime FROM tasks"
+            "SELECT id, fn_hash, args, submitter_id, config, runtime, walltime FROM tasks"
             " WHERE endpoint_id=? AND state='waiting' ORDER BY created_at LIMIT ?",
             (endpoint_id, limit),
         ).fetchall()
@@ -260,33 +292,103 @@ class Store:
             [(now, task_id) for task_id in task_ids],
         )
 
-    def requeue_dispatched(self, endpoint_id: str) -> int:
-        """A manager (re)registered: what it had in flight is sent again (at-least-once)."""
-        cursor = self.db.execute(
-            "UPDATE tasks SET state='waiting', dispatched_at=NULL WHERE endpoint_id=? AND state='dispatched'",
-            (endpoint_id,),
+    def mark_started(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
+        now = time.time()
+        self.db.executemany(
+            "UPDATE tasks SET state='running', started_at=? WHERE id=? AND endpoint_id=? AND state='dispatched'",
+            [(now, task_id, endpoint_id) for task_id in task_ids],
         )
-        return cursor.rowcount
+
+    def requeue_in_flight(self, endpoint_id: str) -> tuple[int, list[str]]:
+        """A manager (re)registered: what its predecessor had in flight is sent again (at-least-once),
+        except what the submitter has asked to cancel meanwhile, which ends cancelled.
+
+        Returns (how many were queued again, ids cancelled now).
+        """
+        in_flight = "endpoint_id=? AND state IN ('dispatched','running')"
+        cancelled = [row[0] for row in self.db.execute(
+            f"SELECT id FROM tasks WHERE {in_flight} AND cancel_requested", (endpoint_id,))]
+        self._finish(cancelled, CANCELLED, ErrorCode.CANCELLED, "cancelled by the submitter")
+        cursor = self.db.execute(
+            f"UPDATE tasks SET state='waiting', dispatched_at=NULL, started_at=NULL WHERE {in_flight}",
+            (endpoint_id,))
+        return cursor.rowcount, cancelled
 
     def record_result(self, endpoint_id: str, result: Result, payload: bytes | None) -> bool:
         """Record a result once; a duplicate or a result for another endpoint's task is ignored."""
         cursor = self.db.execute(
-            "UPDATE tasks SET state='done', completed_at=?, result_status=?, result_code=?,"
-            " result_message=?, result_error_type=?, result_traceback=?, result_payload=?, args=NULL"
-            " WHERE id=? AND endpoint_id=? AND state<>'done'",
-            (time.time(), result.status, result.code, result.message, result.error_type,
-             result.traceback, payload, result.task_id, endpoint_id),
+            f"UPDATE tasks SET state=?, completed_at=?, result_status=?, result_code=?,"
+            f" result_message=?, result_error_type=?, result_traceback=?, result_payload=?, args=NULL"
+            f" WHERE id=? AND endpoint_id=? AND state NOT IN {TERMINAL_SQL}",
+            (FINAL_STATE.get(result.status, "failed"), time.time(), result.status, result.code, result.message,
+             result.error_type, result.traceback, payload, result.task_id, endpoint_id),
         )
         return cursor.rowcount == 1
 
     def fail_task(self, endpoint_id: str, task_id: str, code: str, message: str) -> bool:
         """A manager refused a task it was sent (never another endpoint's task)."""
+        return self.record_result(endpoint_id, Result(task_id=task_id, status=WIRE_FAILED, code=code,
+                                                      message=message), None)
+
+    def tasks_lost(self, endpoint_id: str, lost: Sequence[LostTask], max_attempts: int) -> list[str]:
+        """Tasks whose user endpoint died: queued again, or failed once they used up their attempts.
+
+        Only a task the endpoint had counts an attempt; one still queued at the
+        router goes back without penalty. Returns the ids that failed.
+        """
+        failed = []
+        for item in lost:
+            row = self.db.execute(
+                f"SELECT attempts FROM tasks WHERE id=? AND endpoint_id=? AND state NOT IN {TERMINAL_SQL}",
+                (item.task_id, endpoint_id)).fetchone()
+            if row is None:
+                continue
+            attempts = row[0] + (1 if item.attempted else 0)
+            if attempts >= max_attempts:
+                reason = f"{item.reason} (attempt {attempts} of {max_attempts}; not retried again)"
+                self.db.execute(
+                    "UPDATE tasks SET attempts=?, state='failed', completed_at=?, result_status=?, result_code=?,"
+                    " result_message=?, args=NULL WHERE id=?",
+                    (attempts, time.time(), WIRE_FAILED, ErrorCode.ENDPOINT_LOST, reason, item.task_id))
+                failed.append(item.task_id)
+            else:
+                self.db.execute(
+                    "UPDATE tasks SET attempts=?, state='waiting', dispatched_at=NULL, started_at=NULL WHERE id=?",
+                    (attempts, item.task_id))
+        return failed
+
+    def request_cancel(self, submitter_id: str, task_ids: Sequence[str]) -> CancelOutcome:
+        """Cancel what has not reached an endpoint at once; mark the rest for the endpoint to stop."""
+        outcome = CancelOutcome()
+        for task_id in task_ids:
+            row = self.db.execute("SELECT state, endpoint_id FROM tasks WHERE id=? AND submitter_id=?",
+                                  (task_id, submitter_id)).fetchone()
+            if row is None:
+                outcome.unknown.append(task_id)
+            elif row[0] in TERMINAL_STATES:
+                outcome.finished.append(task_id)
+            elif row[0] == "waiting":
+                self._finish([task_id], CANCELLED, ErrorCode.CANCELLED, "cancelled by the submitter")
+                outcome.cancelled.append(task_id)
+            else:
+                self.db.execute("UPDATE tasks SET cancel_requested=1 WHERE id=?", (task_id,))
+                outcome.forwarded.setdefault(row[1], []).append(task_id)
+        return outcome
+
+    def expire_results(self, retention: float) -> int:
+        """Results nobody collected within the retention period are dropped and reported as expired."""
         cursor = self.db.execute(
-            "UPDATE tasks SET state='done', completed_at=?, result_status='failed', result_code=?,"
-            " result_message=?, args=NULL WHERE id=? AND endpoint_id=? AND state<>'done'",
-            (time.time(), code, message, task_id, endpoint_id),
-        )
-        return cursor.rowcount == 1
+            "UPDATE tasks SET state='expired', result_payload=NULL WHERE acked_at IS NULL"
+            " AND state IN ('succeeded','failed','cancelled') AND completed_at < ?",
+            (time.time() - retention,))
+        return cursor.rowcount
+
+    def _finish(self, task_ids: Sequence[str], status: str, code: str, message: str) -> None:
+        now = time.time()
+        self.db.executemany(
+            "UPDATE tasks SET state=?, completed_at=?, result_status=?, result_code=?, result_message=?, args=NULL"
+            " WHERE id=?",
+            [(FINAL_STATE[status], now, status, code, message, task_id) for task_id in task_ids])
 
     def results_for(self, submitter_id: str, task_ids: Sequence[str]) -> tuple[list[StoredResult], list[str], list[str]]:
         """(results ready, ids still pending, ids unknown to this submitter)."""
@@ -301,8 +403,16 @@ class Store:
             ).fetchone()
             if row is None:
                 unknown.append(task_id)
-            elif row[0] != "done":
+            elif row[0] == "expired":
+                ready.append(StoredResult(Result(task_id=task_id, status=EXPIRED, code=ErrorCode.EXPIRED,
+                                                 message="the result was not collected within the service's "
+                                                         "retention period and has been deleted"), None))
+            elif row[0] not in TERMINAL_STATES:
                 pending.append(task_id)
+            elif row[1] == SUCCESS and row[6] is None:
+                ready.append(StoredResult(Result(task_id=task_id, status=EXPIRED, code=ErrorCode.EXPIRED,
+                                                 message="the result was already collected and has been deleted"),
+                                          None))
             else:
                 ready.append(_stored_result(task_id, row[1:]))
         return ready, pending, unknown
@@ -311,9 +421,34 @@ class Store:
         """The client has the results: keep the outcome, drop the bytes."""
         now = time.time()
         self.db.executemany(
-            "UPDATE tasks SET acked_at=?, result_payload=NULL WHERE id=? AND submitter_id=? AND state='done'",
+            f"UPDATE tasks SET acked_at=?, result_payload=NULL WHERE id=? AND submitter_id=?"
+            f" AND state IN {TERMINAL_SQL}",
             [(now, task_id, submitter_id) for task_id in task_ids],
         )
+
+    def task_infos(self, submitter_id: str, query: TaskQuery) -> list[TaskInfo]:
+        """The submitter's tasks, newest first, filtered as the query says."""
+        clauses = ["submitter_id=?"]
+        values: list[Any] = [submitter_id]
+        if query.task_ids:
+            clauses.append(f"id IN ({','.join('?' * len(query.task_ids))})")
+            values += query.task_ids
+        if query.endpoint_id:
+            clauses.append("endpoint_id=?")
+            values.append(query.endpoint_id)
+        if query.states:
+            clauses.append(f"state IN ({','.join('?' * len(query.states))})")
+            values += query.states
+        if query.since:
+            clauses.append("created_at>=?")
+            values.append(query.since)
+        rows = self.db.execute(
+            "SELECT id, endpoint_id, state, result_code, result_message, attempts, created_at, dispatched_at,"
+            " started_at, completed_at, acked_at IS NOT NULL FROM tasks WHERE " + " AND ".join(clauses)
+            + " ORDER BY created_at DESC LIMIT ?", (*values, max(1, min(query.limit, 10_000)))).fetchall()
+        return [TaskInfo(task_id=r[0], endpoint_id=r[1], state=r[2], code=r[3] or "", message=r[4] or "",
+                         attempts=r[5], received_at=r[6], dispatched_at=r[7] or 0.0, started_at=r[8] or 0.0,
+                         completed_at=r[9] or 0.0, collected=bool(r[10])) for r in rows]
 
     def task_states(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())

@@ -2,8 +2,14 @@
 
 ``resolve_account`` checks the name's syntax before any NSS lookup, looks the
 account up by name only, then runs ``ACCOUNT_CHECKS`` in order; the first that
-objects raises ``AccountRefused``. Checks are small named functions so later
-policy (disabled shells, expiry, PAM, allow/deny lists) slots into the list.
+objects raises ``AccountRefused``. Checks are small named functions, one rule
+each: canonical name, primary group, never root / system / ``nobody`` / the
+manager's own accounts, the admin's deny and allow lists (users and groups,
+by name, as sshd's ``DenyUsers``/``AllowUsers``/``DenyGroups``/``AllowGroups``:
+a deny always wins, and each allow list that is set must be satisfied),
+disabled login shells, and the shadow entry (expired accounts always, locked
+passwords only when the admin opts in). PAM account management, when enabled,
+comes after these, in the session holder (``session_holder``).
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import grp
 import os
 import pwd
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mep.errors import AccountRefusedError
+from mep.manager.spawner.shadow import read_shadow
 
 # Conservative on purpose: no "/", whitespace, control characters or a leading
 # "-" (which a later command line could read as an option).
@@ -25,6 +33,8 @@ MAX_ACCOUNT_NAME_LENGTH = 64
 # be represented (NFS, user namespaces): files it owns are shared with anything
 # else squashed to it.
 OVERFLOW_ID = 65534
+#: Login shells that mean "this account must not run anything" (``disabled_shells`` in the config).
+DEFAULT_DISABLED_SHELLS = frozenset({"/sbin/nologin", "/usr/sbin/nologin", "/bin/false"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,12 @@ class AccountPolicy:
     min_uid: int = 1000
     manager_uids: frozenset[int] = frozenset()  # the manager's own uid and the router's uid: never run as them
     only_uid: int | None = None  # single-user mode: only this uid is allowed
+    allow_users: frozenset[str] = frozenset()  # empty: no user list to satisfy
+    deny_users: frozenset[str] = frozenset()
+    allow_groups: frozenset[str] = frozenset()  # empty: no group list to satisfy
+    deny_groups: frozenset[str] = frozenset()
+    disabled_shells: frozenset[str] = DEFAULT_DISABLED_SHELLS
+    refuse_locked: bool = False  # accounts without a usable password are normal (SSH keys, single sign-on)
 
 
 class AccountRefused(AccountRefusedError):
@@ -189,6 +205,71 @@ def refuse_other_than_single_user(
         )
 
 
+def _group_names(passwd: pwd.struct_passwd) -> set[str]:
+    """Names of the account's groups, primary included (gids without a group have no name to match)."""
+    names = set()
+    for gid in os.getgrouplist(passwd.pw_name, passwd.pw_gid):
+        try:
+            names.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return names
+
+
+def refuse_denied(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    if name in policy.deny_users:
+        raise AccountRefused(name, "is on this endpoint's deny list", f"{name!r} is listed in deny_users")
+    denied = sorted(_group_names(passwd) & policy.deny_groups) if policy.deny_groups else []
+    if denied:
+        raise AccountRefused(
+            name,
+            f"is a member of group {denied[0]!r}, which this endpoint denies",
+            f"{name!r} is a member of {denied}, listed in deny_groups",
+        )
+
+
+def refuse_not_allowed(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    if policy.allow_users and name not in policy.allow_users:
+        raise AccountRefused(
+            name, "is not on this endpoint's list of allowed users", f"{name!r} is not listed in allow_users"
+        )
+    if policy.allow_groups and not _group_names(passwd) & policy.allow_groups:
+        raise AccountRefused(
+            name,
+            "is not a member of any group this endpoint allows",
+            f"{name!r} is a member of none of allow_groups {sorted(policy.allow_groups)}",
+        )
+
+
+def refuse_disabled_shell(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    if passwd.pw_shell in policy.disabled_shells:
+        raise AccountRefused(
+            name,
+            f"is disabled (its login shell is {passwd.pw_shell})",
+            f"{name!r} has shell {passwd.pw_shell!r}, one of disabled_shells {sorted(policy.disabled_shells)}",
+        )
+
+
+def refuse_expired_or_locked(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    """From the shadow entry, where NSS has one and it can be read; otherwise PAM decides."""
+    shadow = read_shadow(name)
+    if shadow is None:
+        return
+    if shadow.expired():
+        expired_on = time.strftime("%Y-%m-%d", time.gmtime(shadow.expire_day * 86400))
+        raise AccountRefused(
+            name,
+            f"has expired (on {expired_on})",
+            f"{name!r} has shadow account expiry day {shadow.expire_day} ({expired_on}); see chage -l {name}",
+        )
+    if policy.refuse_locked and shadow.password_locked:
+        raise AccountRefused(
+            name,
+            "has a locked password, and this endpoint refuses such accounts",
+            f"{name!r} has a password field starting with '!' or '*' and refuse_locked is true",
+        )
+
+
 # Run in order after the lookup; the first to object decides the message.
 ACCOUNT_CHECKS: tuple[AccountCheck, ...] = (
     refuse_non_canonical_name,
@@ -198,4 +279,8 @@ ACCOUNT_CHECKS: tuple[AccountCheck, ...] = (
     refuse_overflow_ids,
     refuse_manager_accounts,
     refuse_other_than_single_user,
+    refuse_denied,
+    refuse_not_allowed,
+    refuse_disabled_shell,
+    refuse_expired_or_locked,
 )

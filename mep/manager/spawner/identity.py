@@ -17,7 +17,9 @@ it, except where it maps more than a rule says or hides a mistake:
   after the other over the whole string, so a username containing ``{email}``
   gets the email substituted into it.
 * Loading refuses what could only fail or mislead later: unknown keys (a typo
-  such as ``"literall": true`` would silently turn on regular expressions),
+  such as ``"literall": true`` would silently turn on regular expressions;
+  only a string ``"comment"`` is allowed beside the known keys, as JSON has
+  no comments and the reference ignores extra keys),
   duplicate JSON keys, a trailing lone backslash (the reference compiles a rule
   that never matches), group references the match can't supply, groups in
   ``source``, and DATA_TYPEs mep does not evaluate (the reference skips them
@@ -27,6 +29,13 @@ it, except where it maps more than a rule says or hides a mistake:
 
 An identity set that yields two different accounts from the deciding mapping
 is refused as ambiguous rather than picking one.
+
+``external_identity_mapping#1.0.0`` documents run the admin's program (see
+``mep.manager.spawner.external``) with the set's mappable identities: one
+identity without ``-a`` (the first result counts, as in the reference), several
+with ``-a`` (every result counts, and disagreeing results are ambiguous). Only
+identities whose ``status`` is ``used`` or ``private`` are handed over, as for
+expressions (the reference hands every identity of a set to the program).
 """
 
 from __future__ import annotations
@@ -42,17 +51,23 @@ from globus_identity_mapping.errors import InvalidMappingError
 from globus_identity_mapping.mappers.expression import ExpressionIdentityMapping
 
 from mep.errors import ConfigurationError, MappingError, MepError, UnmappedIdentityError
+from mep.manager.spawner.external import DEFAULT_TIMEOUT_SECONDS, ExternalProgram, ProgramFailed
 from mep.manager.spawner.policy_files import read_policy_file
 
 EXPRESSION_DATA_TYPE = ExpressionIdentityMapping.DATA_TYPE
 EXTERNAL_DATA_TYPE = "external_identity_mapping#1.0.0"
+#: What ``globus-idm-validator`` passes as the gateway id; mep's dry run uses it when no endpoint is named.
+REFERENCE_TESTING_ENDPOINT_ID = "11111111-1111-1111-1111-111111111111"
 
 # Identities of the set that take part in mapping, as in the reference.
 _MAPPABLE_STATUSES = frozenset({"used", "private"})
-_DOCUMENT_KEYS = frozenset({"DATA_TYPE", "mappings"})
+# "comment" is allowed everywhere: JSON has no comments, and a string can't change a rule.
+_COMMENT_KEY = "comment"
+_DOCUMENT_KEYS = frozenset({"DATA_TYPE", "mappings", _COMMENT_KEY})
+_EXTERNAL_DOCUMENT_KEYS = frozenset({"DATA_TYPE", "command", _COMMENT_KEY})
 _REQUIRED_TEXT_KEYS = ("source", "match", "output")
 _FLAG_KEYS = ("ignore_case", "literal")
-_MAPPING_KEYS = frozenset(_REQUIRED_TEXT_KEYS + _FLAG_KEYS)
+_MAPPING_KEYS = frozenset((*_REQUIRED_TEXT_KEYS, *_FLAG_KEYS, _COMMENT_KEY))
 # The reference's placeholder syntax: ``{name}`` not escaped by an odd number of backslashes.
 _PLACEHOLDER = re.compile(r"(?<!\\)((?:\\\\)*)\{([^}]*)\}")
 _GROUP_REFERENCE = re.compile(r"[0-9]+")
@@ -62,13 +77,29 @@ _Error = TypeVar("_Error", bound=MepError)
 
 
 @dataclass(frozen=True)
+class MappingContext:
+    """What evaluating a file needs beyond the file: who may own programs, which endpoint asks."""
+
+    endpoint_id: str = REFERENCE_TESTING_ENDPOINT_ID  # passed to external programs as "-s"
+    external_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    trusted_owner_uids: frozenset[int] = frozenset({0})
+
+
+@dataclass(frozen=True)
 class MappingDecision:
     """The account a mapping produced and which rule produced it (for the audit log)."""
 
     account: str  # the local account name the mapping produced
     identity_id: str  # which identity of the set produced it
     document_index: int  # index in the file's list of documents
-    mapping_index: int  # index in that document's "mappings"
+    mapping_index: int | None  # index in that document's "mappings"; None for a program
+    program: str = ""  # the external program that decided, if one did
+
+    def rule(self) -> str:
+        """Where the decision came from, e.g. "document 0, mapping 2" or "document 1, program /x"."""
+        if self.program:
+            return f"document {self.document_index}, program {self.program}"
+        return f"document {self.document_index}, mapping {self.mapping_index}"
 
 
 @dataclass(frozen=True)
@@ -79,16 +110,16 @@ class _Candidate:
 
 @dataclass(frozen=True)
 class _DocumentOutcome:
-    mapping_index: int
+    mapping_index: int | None
     candidates: tuple[_Candidate, ...]
 
 
 class _EvaluationFailed(Exception):
     """A document could not be evaluated for this identity set; the mapping must fail closed."""
 
-    def __init__(self, mapping_index: int, reason: str) -> None:
+    def __init__(self, where: str, reason: str) -> None:
         super().__init__(reason)
-        self.mapping_index = mapping_index
+        self.where = where  # "mapping 3" or "program /path"
         self.reason = reason
 
 
@@ -102,6 +133,8 @@ class _InvalidDocument(Exception):
 
 
 class _MappingDocument(Protocol):
+    program: str  # "" for expression documents
+
     def evaluate(self, identities: Sequence[Mapping[str, object]]) -> _DocumentOutcome | None:
         """The deciding mapping's outputs, or None when nothing in this document matched."""
 
@@ -127,6 +160,7 @@ class _ExpressionRule:
 @dataclass(frozen=True)
 class _ExpressionDocument:
     rules: tuple[_ExpressionRule, ...]
+    program: str = ""
 
     def evaluate(self, identities: Sequence[Mapping[str, object]]) -> _DocumentOutcome | None:
         # Mapping-major order, as the reference's map_identities: the first
@@ -140,13 +174,39 @@ class _ExpressionDocument:
                     account = rule.apply(identity)
                 except _UnresolvedPlaceholder as error:
                     raise _EvaluationFailed(
-                        mapping_index, f"identity {identity['id']!r}: {error}"
+                        f"mapping {mapping_index}", f"identity {identity['id']!r}: {error}"
                     ) from None
                 if account is not None:
                     candidates.append(_Candidate(str(identity["id"]), account))
             if candidates:
                 return _DocumentOutcome(mapping_index, tuple(candidates))
         return None
+
+
+@dataclass(frozen=True)
+class _ExternalDocument:
+    runner: ExternalProgram
+
+    @property
+    def program(self) -> str:
+        return self.runner.command[0]
+
+    def evaluate(self, identities: Sequence[Mapping[str, object]]) -> _DocumentOutcome | None:
+        mappable = [identity for identity in identities if identity.get("status") in _MAPPABLE_STATUSES]
+        if not mappable:
+            return None
+        whole_set = len(mappable) > 1
+        try:
+            results = self.runner.run(mappable, whole_set=whole_set)
+        except ProgramFailed as failure:
+            raise _EvaluationFailed(self.runner.label, failure.reason) from None
+        if not results:
+            return None
+        if not whole_set:
+            results = results[:1]  # as the reference: without -a only the first result counts
+        return _DocumentOutcome(
+            None, tuple(_Candidate(result.identity_id, result.account) for result in results)
+        )
 
 
 def _interpolate(
@@ -190,14 +250,18 @@ def _compile_match(match: str, *, ignore_case: bool, literal: bool) -> re.Patter
         raise _InvalidDocument(f"invalid match expression {match!r}: {detail}") from None
 
 
+def _check_keys(item: Mapping[str, object], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(item) - allowed)
+    if unknown:
+        raise _InvalidDocument(f"unknown keys {unknown}; allowed: {sorted(allowed)}")
+    if not isinstance(item.get(_COMMENT_KEY, ""), str):
+        raise _InvalidDocument(f"{_COMMENT_KEY!r} must be a string")
+
+
 def _load_expression_rule(mapping: object) -> _ExpressionRule:
     if not isinstance(mapping, dict):
         raise _InvalidDocument("a mapping must be a JSON object")
-    unknown = sorted(set(mapping) - _MAPPING_KEYS)
-    if unknown:
-        raise _InvalidDocument(
-            f"unknown keys {unknown}; allowed: {sorted(_MAPPING_KEYS)}"
-        )
+    _check_keys(mapping, _MAPPING_KEYS)
     for key in _REQUIRED_TEXT_KEYS:
         if not isinstance(mapping.get(key), str):
             raise _InvalidDocument(f"{key!r} is required and must be a string")
@@ -223,10 +287,8 @@ def _load_expression_rule(mapping: object) -> _ExpressionRule:
     return _ExpressionRule(mapping["source"], pattern, mapping["output"])
 
 
-def _load_expression_document(document: Mapping[str, object]) -> _ExpressionDocument:
-    unknown = sorted(set(document) - _DOCUMENT_KEYS)
-    if unknown:
-        raise _InvalidDocument(f"unknown keys {unknown}; allowed: {sorted(_DOCUMENT_KEYS)}")
+def _load_expression_document(document: Mapping[str, object], context: MappingContext) -> _ExpressionDocument:
+    _check_keys(document, _DOCUMENT_KEYS)
     mappings = document.get("mappings")
     if not isinstance(mappings, list):
         raise _InvalidDocument("'mappings' is required and must be a list")
@@ -239,24 +301,36 @@ def _load_expression_document(document: Mapping[str, object]) -> _ExpressionDocu
     return _ExpressionDocument(tuple(rules))
 
 
-# One loader per supported DATA_TYPE; external mappers will register here.
-_DOCUMENT_LOADERS: dict[str, Callable[[Mapping[str, object]], _MappingDocument]] = {
+def _load_external_document(document: Mapping[str, object], context: MappingContext) -> _ExternalDocument:
+    _check_keys(document, _EXTERNAL_DOCUMENT_KEYS)
+    try:
+        runner = ExternalProgram.from_command(
+            document.get("command"), endpoint_id=context.endpoint_id, timeout=context.external_timeout,
+            trusted_owner_uids=context.trusted_owner_uids,
+        )
+    except ValueError as error:
+        raise _InvalidDocument(str(error)) from None
+    try:
+        runner.check_files()
+    except ConfigurationError as error:
+        raise _InvalidDocument(str(error)) from None
+    return _ExternalDocument(runner)
+
+
+# One loader per supported DATA_TYPE.
+_DOCUMENT_LOADERS: dict[str, Callable[[Mapping[str, object], MappingContext], _MappingDocument]] = {
     EXPRESSION_DATA_TYPE: _load_expression_document,
+    EXTERNAL_DATA_TYPE: _load_external_document,
 }
 
 
-def _load_document(document: object) -> _MappingDocument:
+def _load_document(document: object, context: MappingContext) -> _MappingDocument:
     if not isinstance(document, dict):
         raise _InvalidDocument("a mapping document must be a JSON object with a DATA_TYPE")
     data_type = document.get("DATA_TYPE")
     loader = _DOCUMENT_LOADERS.get(data_type) if isinstance(data_type, str) else None
     if loader is not None:
-        return loader(document)
-    if data_type == EXTERNAL_DATA_TYPE:
-        raise _InvalidDocument(
-            f"{EXTERNAL_DATA_TYPE} (an external mapping program) is not supported by mep yet;"
-            f" use {EXPRESSION_DATA_TYPE} rules"
-        )
+        return loader(document, context)
     raise _InvalidDocument(
         f"unsupported DATA_TYPE {data_type!r}; supported: {sorted(_DOCUMENT_LOADERS)}"
     )
@@ -307,18 +381,31 @@ class IdentityMapper:
         self._documents = tuple(documents)
         self._source = source
 
+    @property
+    def source(self) -> str:
+        return self._source
+
     @classmethod
-    def from_file(cls, path: Path, *, trusted_owner_uids: frozenset[int]) -> IdentityMapper:
-        """Load a mapping file that only trusted accounts can have written (see ``read_policy_file``)."""
+    def from_file(
+        cls, path: Path, *, trusted_owner_uids: frozenset[int], context: MappingContext | None = None
+    ) -> IdentityMapper:
+        """Load a mapping file that only trusted accounts can have written (see ``read_policy_file``).
+
+        External programs named in it must be owned by the same trusted accounts.
+        """
         content = read_policy_file(path, trusted_owner_uids=trusted_owner_uids)
         try:
             documents = json.loads(content, object_pairs_hook=_reject_duplicate_keys)
         except (UnicodeDecodeError, ValueError) as error:
             raise ConfigurationError(f"{path}: not valid JSON: {error}") from None
-        return cls.from_documents(documents, source=str(path))
+        context = context or MappingContext()
+        context = MappingContext(context.endpoint_id, context.external_timeout, trusted_owner_uids)
+        return cls.from_documents(documents, source=str(path), context=context)
 
     @classmethod
-    def from_documents(cls, documents: object, *, source: str = "<memory>") -> IdentityMapper:
+    def from_documents(
+        cls, documents: object, *, source: str = "<memory>", context: MappingContext | None = None
+    ) -> IdentityMapper:
         """Load parsed JSON: a list of mapping documents, or one document."""
         if isinstance(documents, dict):
             documents = [documents]
@@ -334,7 +421,7 @@ class IdentityMapper:
         loaded = []
         for document_index, document in enumerate(documents):
             try:
-                loaded.append(_load_document(document))
+                loaded.append(_load_document(document, context or MappingContext()))
             except _InvalidDocument as error:
                 where = f"document {document_index}"
                 if error.mapping_index is not None:
@@ -361,11 +448,10 @@ class IdentityMapper:
                         f"the identity mapping on this endpoint failed for {label}; ask your admin"
                         " to check the endpoint's identity mapping"
                     ),
-                    f"{self._source}: document {document_index}, mapping"
-                    f" {failure.mapping_index}: {failure.reason}",
+                    f"{self._source}: document {document_index}, {failure.where}: {failure.reason}",
                 ) from None
             if outcome is not None:
-                return self._decide(checked, document_index, outcome)
+                return self._decide(checked, document_index, document.program, outcome)
         raise _with_admin_detail(
             UnmappedIdentityError(
                 f"no local account is mapped to {label} on this endpoint;"
@@ -380,6 +466,7 @@ class IdentityMapper:
         self,
         identities: Sequence[Mapping[str, object]],
         document_index: int,
+        program: str,
         outcome: _DocumentOutcome,
     ) -> MappingDecision:
         first = outcome.candidates[0]
@@ -389,18 +476,19 @@ class IdentityMapper:
         )
         if conflicting is not None:
             by_id = {str(identity["id"]): identity for identity in identities}
+            rule = MappingDecision("", "", document_index, outcome.mapping_index, program).rule()
             raise _with_admin_detail(
                 MappingError(
                     f"ambiguous: identities {_identity_label(by_id[first.identity_id])} and"
                     f" {_identity_label(by_id[conflicting.identity_id])} map to accounts"
                     f" {first.account!r} and {conflicting.account!r}; ask your admin"
                 ),
-                f"{self._source}: document {document_index}, mapping {outcome.mapping_index}"
-                f" maps one identity set to several accounts: {outcome.candidates}",
+                f"{self._source}: {rule} maps one identity set to several accounts: {outcome.candidates}",
             )
         return MappingDecision(
             account=first.account,
             identity_id=first.identity_id,
             document_index=document_index,
             mapping_index=outcome.mapping_index,
+            program=program,
         )

@@ -43,6 +43,34 @@ def read_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> bytes
 
     Raises ``ConfigurationError`` naming the path, what is wrong and the command that fixes it.
     """
+    with os.fdopen(_open_policy_file(path, trusted_owner_uids), "rb") as policy_file:
+        return policy_file.read()
+
+
+def check_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> os.stat_result:
+    """Prove ``path`` passes the same checks as ``read_policy_file`` without reading it (a program to run).
+
+    Returns its status as checked; raises ``ConfigurationError`` like ``read_policy_file``.
+    """
+    fd = _open_policy_file(path, trusted_owner_uids)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int]) -> int:
+    """An ``O_PATH`` descriptor of ``directory`` after checking every directory from ``/`` down.
+
+    For files the root process writes (the audit log): the caller opens the
+    file relative to the descriptor with ``O_NOFOLLOW``, so no other account
+    can have swapped anything on the way. Raises ``ConfigurationError``.
+    """
+    resolved = Path(os.path.realpath(directory))
+    return _open_checked_directory(resolved, resolved, trusted_owner_uids | {0})
+
+
+def _open_policy_file(path: Path, trusted_owner_uids: frozenset[int]) -> int:
     absolute = Path(os.path.abspath(path))
     directory = Path(os.path.realpath(absolute.parent))
     directory_fd = _open_checked_directory(directory, absolute, trusted_owner_uids | {0})
@@ -58,8 +86,7 @@ def read_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> bytes
     except BaseException:
         os.close(file_fd)
         raise
-    with os.fdopen(file_fd, "rb") as policy_file:
-        return policy_file.read()
+    return file_fd
 
 
 def _open_checked_directory(directory: Path, policy_path: Path, trusted: frozenset[int]) -> int:

@@ -439,19 +439,38 @@ def _child_environment(plan: SpawnPlan, who: str) -> dict[str, str]:
         "LANG": lang if _SANE_LOCALE.fullmatch(lang) else _DEFAULT_LANG,
     }
     for key, value in plan.extra_env.items():
-        if not _ENV_KEY.fullmatch(key):
-            raise SpawnError(f"cannot start {who}: {key!r} is not a valid environment variable name")
-        if key.upper().startswith(("LD_", "PYTHON")):
-            raise SpawnError(
-                f"cannot start {who}: environment variable {key} is not allowed "
-                "(LD_* and PYTHON* variables change which code the endpoint loads)"
-            )
-        if key in _RESERVED_ENV:
-            raise SpawnError(f"cannot start {who}: environment variable {key} is set by the spawner")
-        if "\0" in value:
-            raise SpawnError(f"cannot start {who}: environment variable {key} contains a NUL byte")
+        problem = _environment_problem(key, value)
+        if problem:
+            raise SpawnError(f"cannot start {who}: {problem}")
         env[key] = value
     return env
+
+
+def _environment_problem(key: str, value: str) -> str:
+    """Why ``key=value`` may not reach a child's environment, or "" when it may."""
+    if not _ENV_KEY.fullmatch(key):
+        return f"{key!r} is not a valid environment variable name"
+    if key.upper().startswith(("LD_", "PYTHON")):
+        return (f"environment variable {key} is not allowed "
+                "(LD_* and PYTHON* variables change which code the endpoint loads)")
+    if key in _RESERVED_ENV:
+        return f"environment variable {key} is set by the spawner"
+    if "\0" in value:
+        return f"environment variable {key} contains a NUL byte"
+    return ""
+
+
+def allowed_environment(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Split variables another party exported (PAM modules) into those ``extra_env`` accepts and why not the rest."""
+    kept: dict[str, str] = {}
+    refused = []
+    for key, value in env.items():
+        problem = _environment_problem(key, value)
+        if problem:
+            refused.append(problem)
+        else:
+            kept[key] = value
+    return kept, refused
 
 
 def spawn(plan: SpawnPlan) -> SpawnedProcess:
@@ -463,15 +482,15 @@ def spawn(plan: SpawnPlan) -> SpawnedProcess:
     who = plan.title or "the endpoint"
     try:
         with ExitStack() as until_reported:
-            error_read, error_write = _pipe_above_stdio()
+            error_read, error_write = pipe_above()
             until_reported.callback(os.close, error_read)
             with ExitStack() as parent_copies:
                 parent_copies.callback(os.close, error_write)
-                stdin_read, stdin_write = _pipe_above_stdio()
+                stdin_read, stdin_write = pipe_above()
                 parent_copies.callback(os.close, stdin_read)
                 parent_copies.callback(os.close, stdin_write)
                 setup = prepare_child(plan, stdin_fd=stdin_read, error_fd=error_write)
-                _preload_stdin(stdin_write, plan.stdin_data, who)
+                preload_pipe(stdin_write, plan.stdin_data, who)
                 pid, pidfd = _fork_child(setup)
             # Our copy of the write end is closed: EOF now means the child exec'd or died.
             report = _read_report(error_read)
@@ -484,13 +503,13 @@ def spawn(plan: SpawnPlan) -> SpawnedProcess:
     raise _failure(plan, report)
 
 
-def _pipe_above_stdio() -> tuple[int, int]:
-    """A close-on-exec pipe whose ends are above 2, so dup2 onto 0-2 in the child can't clobber them."""
+def pipe_above(lowest: int = 3) -> tuple[int, int]:
+    """A close-on-exec pipe whose ends are at least ``lowest``, so dup2 onto lower fds in a child can't clobber them."""
     ends = list(os.pipe2(os.O_CLOEXEC))
     try:
         for index, fd in enumerate(ends):
-            if fd <= 2:
-                ends[index] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            if fd < lowest:
+                ends[index] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
                 os.close(fd)
     except BaseException:
         for fd in ends:
@@ -499,7 +518,7 @@ def _pipe_above_stdio() -> tuple[int, int]:
     return ends[0], ends[1]
 
 
-def _preload_stdin(fd: int, data: bytes, who: str) -> None:
+def preload_pipe(fd: int, data: bytes, who: str) -> None:
     """Write all of stdin before the fork: fitting the pipe buffer, it can never block or hit EPIPE."""
     capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
     if len(data) > capacity:

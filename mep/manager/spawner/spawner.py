@@ -1,13 +1,20 @@
-"""The root spawner's loop: answer spawn requests, watch endpoint processes, report deaths.
+"""The root spawner's loop: answer spawn requests, watch endpoint processes, report deaths, keep the audit log.
 
 For each ``SpawnRequest`` from the router: map the identity set to one
-account, check the account against policy, validate the user's config against
-the admin's schema and render the admin's template, then either hand back the
-endpoint already running for the same (account, template digest, config) or
-fork, drop privileges and exec a new one. Each endpoint gets a fresh CURVE key
-pair; the secret goes only to the endpoint's stdin, the public half to the
-router. Children are watched through pidfds, so a recycled pid can never be
-mistaken for one of ours.
+account (the mapping file is reloaded first if it changed), check the account
+against policy, validate the user's config against the admin's schema and
+render the admin's template, then either hand back the endpoint already
+running for the same (account, template digest, config) or fork, drop
+privileges and exec a new one, directly or, with PAM on, under a session
+holder (``session_holder``). Each endpoint gets a fresh CURVE key pair; the
+secret goes only to the endpoint's stdin, the public half to the router.
+Children are watched through pidfds, so a recycled pid can never be mistaken
+for one of ours.
+
+Every decision, endpoint start and exit, mapping reload and the router's task
+records go to the audit log before anything acts on them; while it can't be
+written nothing is spawned and the router is told to stop routing
+(``AuditStatus``). SIGHUP reloads the mapping file and reopens the audit log.
 """
 
 from __future__ import annotations
@@ -20,20 +27,28 @@ import signal
 import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
-from mep.errors import MepError, TaskRefusedError
-from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused, resolve_account
-from mep.manager.spawner.identity import IdentityMapper
+from mep.errors import ConfigurationError, MepError, TaskRefusedError
+from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused
+from mep.manager.spawner.audit import AuditLog, AuditUnavailableError
+from mep.manager.spawner.authorize import Authorization, authorize
+from mep.manager.spawner.identity import MappingContext
+from mep.manager.spawner.mapping_file import MappingFile, ReloadOutcome
 from mep.manager.spawner.policy_files import read_policy_file
 from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, spawn
+from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
 from mep.manager.spawner_link import SpawnerLink
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
+    AuditStatus,
+    AuditTasks,
     EndpointBoot,
     EndpointExited,
     RetireEndpoint,
@@ -52,12 +67,14 @@ EndpointKey = tuple[int, str, str]  # (uid, template digest, canonical rendered 
 @dataclass
 class EndpointProcess:
     endpoint_id: str
-    pid: int
+    pid: int  # the process we wait for: the endpoint, or its session holder
     pidfd: int
     account: Account
     key: EndpointKey
     public_key: str
     log_path: str
+    endpoint_pid: int
+    held: bool = False  # under a PAM session holder
     retired: bool = False
 
 
@@ -71,6 +88,8 @@ class SpawnerSettings:
     policy: AccountPolicy
     trusted_owner_uids: frozenset[int]
     drop_privileges: bool
+    audit_log: Path
+    pam: PamSettings | None = None  # None: PAM is off
 
 
 class Spawner:
@@ -78,29 +97,60 @@ class Spawner:
         self.settings = settings
         self.channel = channel
         config = settings.config
-        self.mapper = IdentityMapper.from_file(config.identity_mapping, trusted_owner_uids=settings.trusted_owner_uids)
+        trusted = settings.trusted_owner_uids
+        self.mapping = MappingFile(
+            config.identity_mapping, trusted_owner_uids=trusted,
+            context=MappingContext(endpoint_id=config.endpoint_id, external_timeout=config.identity_mapping_timeout,
+                                   trusted_owner_uids=trusted),
+        )
         self.renderer = TemplateRenderer(
             config.template, config.schema_file,
-            template_text=read_policy_file(config.template, trusted_owner_uids=settings.trusted_owner_uids).decode(),
-            schema_text=read_policy_file(config.schema_file, trusted_owner_uids=settings.trusted_owner_uids).decode(),
+            template_text=read_policy_file(config.template, trusted_owner_uids=trusted).decode(),
+            schema_text=read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode(),
         )
+        self.audit = AuditLog(settings.audit_log, trusted_owner_uids=trusted, endpoint_id=config.endpoint_id)
         self.children: dict[int, EndpointProcess] = {}  # pidfd -> process
         self.running: dict[EndpointKey, EndpointProcess] = {}
         self.router_pid = 0
+        self._hangup = False
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
         forbid_unpickling()
         # The router stops first (telling endpoints to finish); we follow when it hangs up the channel.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.router_pid and os.kill(self.router_pid, signal.SIGTERM))
+        signal.signal(signal.SIGHUP, self._on_hangup_signal)
+        signal.set_wakeup_fd(self._wake_write)  # a signal wakes the select below
+        config = self.settings.config
+        self._audit([{"event": "manager_started", "mapping_file": str(config.identity_mapping),
+                      "mode": "multi-user" if self.settings.drop_privileges else "single-user",
+                      "pam": self.settings.pam.service if self.settings.pam else None}], sync=True)
         while True:
-            readable, _, _ = select.select([self.channel.fileno(), *self.children], [], [])
+            readable, _, _ = select.select([self.channel.fileno(), self._wake_read, *self.children], [], [])
             for fd in readable:
-                if fd in self.children:
+                if fd == self._wake_read:
+                    self._drain_wakeups()
+                elif fd in self.children:
                     self._reap(self.children.pop(fd))
                 elif not self._serve_router():
                     self._stop_children()
                     return 0
+
+    def _on_hangup_signal(self, _signum: int, _frame: object) -> None:
+        self._hangup = True
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        if self._hangup:
+            self._hangup = False
+            log.info("SIGHUP: reloading %s and reopening the audit log", self.mapping.path)
+            self._reopen_audit_log()
+            self._record_reload(self.mapping.reload("SIGHUP"))
 
     def _serve_router(self) -> bool:
         try:
@@ -114,30 +164,93 @@ class Spawner:
                 return False
             case SpawnRequest():
                 self.channel.send(self._spawn_or_refuse(message))
+            case AuditTasks():
+                self._record_tasks(message)
             case RetireEndpoint():
                 for process in self.children.values():
                     if process.endpoint_id == message.endpoint_id:
                         process.retired = True
                         self.running.pop(process.key, None)
+                        if message.kill:
+                            _kill_endpoint(process)
             case SpawnerStatusRequest():
+                if self.audit.failure:
+                    self._reopen_audit_log()  # recovers once the admin has fixed the disk
                 self.channel.send(SpawnerStatus(process=process_status("spawner")))
             case _:
                 log.warning("ignoring an unexpected %s from the router", type(message).__name__)
         return True
 
+    # --- the audit log ----------------------------------------------------------------
+
+    def _audit(self, records: list[dict[str, Any]], *, sync: bool = False) -> bool:
+        """Write records; on failure stop: refuse spawns and tell the router. False if not written."""
+        if self.audit.failure:
+            return False
+        try:
+            self.audit.write_records(records, sync=sync)
+        except OSError:
+            log.error("the audit log can't be written (%s); no task runs until it can (fix it, then SIGHUP)",
+                      self.audit.failure)
+            self.channel.send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
+            return False
+        return True
+
+    def _record_tasks(self, message: AuditTasks) -> None:
+        """The router's task records; "routed" ones are confirmed, since their tasks wait for it."""
+        if not self._audit([{"event": "task", **msgspec.to_builtins(record)} for record in message.records]):
+            return  # the router was told when the log broke, and fails the tasks waiting for this
+        routed = [record.task_id for record in message.records if record.outcome == "routed"]
+        if routed:
+            self.channel.send(AuditStatus(ok=True, confirmed=routed))
+
+    def _reopen_audit_log(self) -> None:
+        was_broken = bool(self.audit.failure)
+        try:
+            self.audit.reopen()
+        except ConfigurationError as exc:
+            self.audit.mark_broken(str(exc))
+            log.error("%s; no task runs until the audit log can be written", exc)
+            if not was_broken:
+                self.channel.send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
+            return
+        if was_broken and self._audit([{"event": "audit_restored"}], sync=True):
+            log.info("the audit log %s can be written again; routing resumes", self.audit.path)
+            self.channel.send(AuditStatus(ok=True))
+
+    def _record_reload(self, outcome: ReloadOutcome | None) -> None:
+        if outcome is None:
+            return
+        if outcome.loaded:
+            log.info("identity mapping %s reloaded (%s)", outcome.path, outcome.trigger)
+        else:
+            log.error("identity mapping %s (%s) is broken; keeping the previous version: %s",
+                      outcome.path, outcome.trigger, outcome.error)
+        self._audit([{"event": "mapping_reload", "file": outcome.path, "trigger": outcome.trigger,
+                      "outcome": "loaded" if outcome.loaded else "kept_previous", "reason": outcome.error}],
+                    sync=True)
+
+    # --- spawning -----------------------------------------------------------------------
+
     def _spawn_or_refuse(self, request: SpawnRequest) -> Spawned | SpawnRefused:
         who = request.identities[0].username if request.identities else request.submitter_id
+        self._record_reload(self.mapping.refresh())
+        progress = Authorization()
         try:
-            return self._spawn(request)
+            if self.audit.failure:
+                raise AuditUnavailableError()
+            return self._spawn(request, progress)
         except TaskRefusedError as exc:
             message = exc.for_identity(who) if isinstance(exc, AccountRefused) else str(exc)
-            log.warning("refused %s (%s): %s [%s]", who, request.submitter_id, exc.code, exc.admin_detail or message)
+            detail = exc.admin_detail or message
+            log.warning("refused %s (%s): %s [%s]", who, request.submitter_id, exc.code, detail)
+            self._audit([_decision_record(request, progress, "refused", code=str(exc.code), reason=detail,
+                                          message=message)], sync=True)
             return SpawnRefused(request_id=request.request_id, code=exc.code, message=message)
 
-    def _spawn(self, request: SpawnRequest) -> Spawned:
+    def _spawn(self, request: SpawnRequest, progress: Authorization) -> Spawned:
         identities = [msgspec.structs.asdict(identity) for identity in request.identities]
-        decision = self.mapper.map(identities)
-        account = resolve_account(decision.account, self.settings.policy)
+        account = authorize(self.mapping.mapper, identities, self.settings.policy, progress)
         endpoint_id = str(uuid.uuid4())
         config = self.renderer.render(
             request.user_endpoint_config,
@@ -150,27 +263,49 @@ class Spawner:
         key: EndpointKey = (account.uid, self.renderer.digest, json.dumps(rendered, sort_keys=True))
         existing = self.running.get(key)
         if existing is not None:
-            return Spawned(request_id=request.request_id, endpoint_id=existing.endpoint_id, pid=existing.pid,
-                           account=account.name, public_key=existing.public_key, reused=True)
+            if not self._audit([_decision_record(request, progress, "allowed", endpoint_id=existing.endpoint_id,
+                                                 reused=True)], sync=True):
+                raise AuditUnavailableError()
+            return Spawned(request_id=request.request_id, endpoint_id=existing.endpoint_id,
+                           pid=existing.endpoint_pid, account=account.name, public_key=existing.public_key,
+                           reused=True)
+        if not self._audit([_decision_record(request, progress, "allowed", endpoint_id=endpoint_id)], sync=True):
+            raise AuditUnavailableError()
+        process = self._start_endpoint(endpoint_id, account, key, rendered)
+        self._audit([{"event": "endpoint_started", "endpoint_id": endpoint_id, "pid": process.endpoint_pid,
+                      "account": account.name, "uid": account.uid, "pam_session_holder":
+                      process.pid if process.held else None}])
+        assert progress.decision is not None
+        log.info("spawned endpoint %s (pid %d) as %s (uid %d) for %s via %s%s", endpoint_id, process.endpoint_pid,
+                 account.name, account.uid, progress.decision.identity_id, progress.decision.rule(),
+                 f" in a PAM session (holder pid {process.pid})" if process.held else "")
+        return Spawned(request_id=request.request_id, endpoint_id=endpoint_id, pid=process.endpoint_pid,
+                       account=account.name, public_key=process.public_key)
+
+    def _start_endpoint(self, endpoint_id: str, account: Account, key: EndpointKey,
+                        rendered: dict[str, Any]) -> EndpointProcess:
         public_key, secret_key = generate_keypair()
         boot = EndpointBoot(endpoint_id=endpoint_id, account=account.name,
                             router_address=self.settings.router_address,
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
-                            config=rendered)
+                            config=rendered, heartbeat_interval=self.settings.config.heartbeat_interval)
         # realpath: the log path is opened without following any symlink, and /home may be one
         log_path = os.path.join(os.path.realpath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
-        child = spawn(SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
-                                stdin_data=msgspec.json.encode(boot), log_path=log_path,
-                                drop_privileges=self.settings.drop_privileges))
-        process = EndpointProcess(endpoint_id=endpoint_id, pid=child.pid, pidfd=child.pidfd, account=account,
-                                  key=key, public_key=public_key, log_path=log_path)
-        self.children[child.pidfd] = process
+        plan = SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
+                         stdin_data=msgspec.json.encode(boot), log_path=log_path,
+                         drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}")
+        if self.settings.pam is not None:
+            held = start_session_holder(plan, self.settings.pam)
+            process = EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd,
+                                      account=account, key=key, public_key=public_key, log_path=log_path,
+                                      endpoint_pid=held.endpoint_pid, held=True)
+        else:
+            child = spawn(plan)
+            process = EndpointProcess(endpoint_id=endpoint_id, pid=child.pid, pidfd=child.pidfd, account=account,
+                                      key=key, public_key=public_key, log_path=log_path, endpoint_pid=child.pid)
+        self.children[process.pidfd] = process
         self.running[key] = process
-        log.info("spawned endpoint %s (pid %d) as %s (uid %d) for %s via mapping document %d rule %d",
-                 endpoint_id, child.pid, account.name, account.uid, decision.identity_id,
-                 decision.document_index, decision.mapping_index)
-        return Spawned(request_id=request.request_id, endpoint_id=endpoint_id, pid=child.pid,
-                       account=account.name, public_key=public_key)
+        return process
 
     def _reap(self, process: EndpointProcess) -> None:
         _, status = os.waitpid(process.pid, 0)
@@ -178,9 +313,12 @@ class Spawner:
         if self.running.get(process.key) is process:
             del self.running[process.key]
         how = _describe_exit(status)
-        log.info("endpoint %s (pid %d, %s) %s", process.endpoint_id, process.pid, process.account.name, how)
+        log.info("endpoint %s (pid %d, %s) %s", process.endpoint_id, process.endpoint_pid, process.account.name, how)
+        self._audit([{"event": "endpoint_exited", "endpoint_id": process.endpoint_id, "pid": process.endpoint_pid,
+                      "account": process.account.name, "how": how}])
         tail = "" if status == 0 else read_log_tail(process.account, process.log_path)
-        self.channel.send(EndpointExited(endpoint_id=process.endpoint_id, pid=process.pid, how=how, log_tail=tail))
+        self.channel.send(EndpointExited(endpoint_id=process.endpoint_id, pid=process.endpoint_pid, how=how,
+                                         log_tail=tail))
 
     def _stop_children(self) -> None:
         for process in self.children.values():
@@ -189,6 +327,45 @@ class Spawner:
             os.waitpid(process.pid, 0)
             os.close(process.pidfd)
         self.children.clear()
+
+
+def _decision_record(request: SpawnRequest, progress: Authorization, outcome: str, **fields: Any) -> dict[str, Any]:
+    """One audit record of a decision: who asked, which rule mapped them to which account, and the outcome."""
+    decision, account = progress.decision, progress.account
+    deciding = decision.identity_id if decision else (request.identities[0].id if request.identities else "")
+    by_id = {identity.id: identity for identity in request.identities}
+    return {
+        "event": "decision",
+        "request_id": request.request_id,
+        "submitter_id": request.submitter_id,
+        "identity": {"id": deciding, "username": by_id[deciding].username if deciding in by_id else ""},
+        "identities": [{"id": i.id, "username": i.username, "status": i.status} for i in request.identities],
+        "mapping": None if decision is None else {"rule": decision.rule(), "document": decision.document_index,
+                                                  "mapping": decision.mapping_index,
+                                                  "program": decision.program or None},
+        "account": decision.account if decision else None,
+        "uid": account.uid if account else None,
+        "outcome": outcome,
+        **fields,
+    }
+
+
+def _kill_endpoint(process: EndpointProcess) -> None:
+    """SIGKILL a hung endpoint and its workers: it leads its own session, so its process group is theirs.
+
+    The pidfd check first proves the leader is still ours and alive, so the
+    group id can't belong to anyone else yet. A held endpoint is not our
+    child: its session holder, whose child it is, does the same check and kill
+    (and then still closes the PAM session).
+    """
+    try:
+        if process.held:
+            signal.pidfd_send_signal(process.pidfd, KILL_ENDPOINT_SIGNAL)
+            return
+        signal.pidfd_send_signal(process.pidfd, 0)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # already gone: the reaper reports it
 
 
 def _describe_exit(status: int) -> str:

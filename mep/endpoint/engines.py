@@ -1,0 +1,75 @@
+"""Choose the engine a user endpoint runs its tasks on, from its config.
+
+``process`` without ``worker_python``: the process engine's forkserver pool
+of this interpreter. ``process`` with ``worker_python``: the same engine whose
+workers are bootstrap workers of that interpreter. ``htex``: Parsl's
+HighThroughputExecutor (``mep.endpoint.parsl_engine``, which alone imports
+Parsl). A ``worker_python`` that can't run tasks at all gives an engine that
+fails each task with the reason, rather than an endpoint that can't start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from mep.config.endpoint import HtexEngine, UserEndpointConfig
+from mep.endpoint.engine import ProcessEngine, _Worker
+from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
+from mep.endpoint.worker import Outcome
+from mep.errors import ErrorCode
+from mep.protocol.messages import FAILED
+
+Started = Callable[[str], None]
+Completion = Callable[[str, Outcome], None]
+
+
+class Engine(Protocol):
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None: ...
+    def cancel(self, task_id: str, outcome: Outcome) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Completion) -> Engine:
+    engine = config.engine
+    if engine.worker_python is not None:
+        try:
+            worker_runtime(engine.worker_python)
+        except WorkerEnvironmentError as exc:
+            return UnusableEngine(str(exc), on_done)
+    if isinstance(engine, HtexEngine):
+        from mep.endpoint.parsl_engine import ParslHtexEngine
+
+        return ParslHtexEngine(engine, config.idle_timeout, on_started, on_done)
+    if engine.worker_python is not None:
+        return InterpreterProcessEngine(engine.worker_python, engine.workers, on_started, on_done)
+    return ProcessEngine(engine.workers, on_started, on_done)
+
+
+class InterpreterProcessEngine(ProcessEngine):
+    """The process engine with bootstrap workers of another interpreter (``worker_python``)."""
+
+    def __init__(self, python: str, workers: int, on_started: Started, on_done: Completion) -> None:
+        self._python = python
+        super().__init__(workers, on_started, on_done)
+
+    def _start_worker(self) -> _Worker:
+        process, connection = start_worker(self._python)
+        return _Worker(process=process, connection=connection)
+
+
+class UnusableEngine:
+    """Fails every task at once with why the configured workers can't run."""
+
+    def __init__(self, reason: str, on_done: Completion) -> None:
+        self._reason = reason
+        self._on_done = on_done
+
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None:
+        self._on_done(task_id, Outcome(FAILED, code=ErrorCode.CONFIG_INVALID, message=self._reason))
+
+    def cancel(self, task_id: str, outcome: Outcome) -> None:
+        """Nothing to stop: every task was answered when it arrived."""
+
+    def shutdown(self) -> None:
+        """Nothing runs."""

@@ -1,0 +1,130 @@
+"""The audit log: one JSON object per line for every decision and every routed task, written by the spawner.
+
+Only the spawner writes it (root on a multi-user manager, the manager's own
+account in single-user mode); the router's task records reach it over the
+private channel (``AuditTasks``). Records are built from named fields only,
+never from whole requests, so no token, key or identity assertion can slip
+in; ``json.dumps`` with ``ensure_ascii`` escapes every control character and
+every non-ASCII character, so a crafted username can't start a line of its own.
+
+The file is opened like a policy file is read: every directory from ``/``
+down must be owned by root (or the single-user account) and not writable by
+others, the file is opened without following a link, must be a regular file
+of the writing account, and is created 0600. SIGHUP reopens it (for log
+rotation). When a write fails the log is *broken*: the spawner refuses to
+spawn and tells the router to stop routing until a reopen succeeds (SIGHUP,
+or the next status round).
+
+Record kinds (``event``): ``manager_started``, ``decision`` (identity,
+mapping rule, account, allowed or refused and why), ``endpoint_started``,
+``endpoint_exited``, ``task`` (accepted / routed / a result's outcome),
+``mapping_reload``, ``audit_restored``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mep.errors import ConfigurationError, ErrorCode, MepError
+from mep.manager.spawner.policy_files import open_checked_directory
+
+_OPEN_LOG = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+class AuditUnavailableError(MepError):
+    """The audit log can't be written, so the manager runs nothing (the user sees this message)."""
+
+    code = ErrorCode.INTERNAL
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this endpoint is not running tasks right now: its audit log can't be written. Ask your admin."
+        )
+
+
+class AuditLog:
+    """An open audit log; ``write`` raises ``OSError`` and marks the log broken when a record can't be written."""
+
+    def __init__(self, path: Path, *, trusted_owner_uids: frozenset[int], endpoint_id: str) -> None:
+        self.path = path
+        self.endpoint_id = endpoint_id
+        self._trusted_owner_uids = trusted_owner_uids
+        self._fd = -1
+        self.failure = ""  # why the log is broken; "" while it works
+        self._fd = _open_log(path, trusted_owner_uids)
+
+    def write(self, event: str, **fields: Any) -> None:
+        self.write_records([{"event": event, **fields}])
+
+    def write_records(self, records: Iterable[Mapping[str, Any]], *, sync: bool = False) -> None:
+        """Append the records as one write (``sync``: also wait until they are on disk)."""
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        lines = b"".join(self._line(now, record) for record in records)
+        if not lines:
+            return
+        try:
+            if self._fd == -1:
+                raise OSError(f"the log is not open ({self.failure})")
+            view = memoryview(lines)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if sync:
+                os.fdatasync(self._fd)
+        except OSError as error:
+            self.failure = f"writing {self.path} failed: {error.strerror or error}"
+            raise
+
+    def reopen(self) -> None:
+        """Open the path again (after rotation, or to recover); raises ``ConfigurationError``."""
+        fd = _open_log(self.path, self._trusted_owner_uids)
+        if self._fd != -1:
+            os.close(self._fd)
+        self._fd = fd
+        self.failure = ""
+
+    def mark_broken(self, reason: str) -> None:
+        self.failure = reason
+
+    def close(self) -> None:
+        if self._fd != -1:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _line(self, now: str, record: Mapping[str, Any]) -> bytes:
+        entry = {"time": now, "manager": {"endpoint_id": self.endpoint_id, "pid": os.getpid(), "uid": os.geteuid()}}
+        entry.update(record)
+        return json.dumps(entry, ensure_ascii=True, separators=(",", ":"), default=str).encode("ascii") + b"\n"
+
+
+def _open_log(path: Path, trusted_owner_uids: frozenset[int]) -> int:
+    path = Path(os.path.abspath(path))
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(f"cannot create the audit log's directory {path.parent}: {error.strerror}") from None
+    directory = open_checked_directory(path.parent, trusted_owner_uids=trusted_owner_uids)
+    try:
+        fd = os.open(path.name, _OPEN_LOG, 0o600, dir_fd=directory)
+    except OSError as error:
+        raise ConfigurationError(f"cannot open the audit log {path}: {error.strerror}") from None
+    finally:
+        os.close(directory)
+    status = os.fstat(fd)
+    problem = ""
+    if not stat.S_ISREG(status.st_mode):
+        problem = "it is not a regular file"
+    elif status.st_uid != os.geteuid():
+        problem = f"it is owned by uid {status.st_uid}, not by uid {os.geteuid()} that writes it"
+    elif status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"it is writable by group or others (mode {stat.S_IMODE(status.st_mode):04o})"
+    if problem:
+        os.close(fd)
+        raise ConfigurationError(f"refusing to use the audit log {path}: {problem}")
+    os.set_blocking(fd, True)
+    return fd

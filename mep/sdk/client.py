@@ -1,0 +1,112 @@
+"""``Client``: look after tasks already submitted — from this process or one long gone.
+
+Submit from a laptop, close the lid, and the next morning::
+
+    client = Client()                                   # MEP_SERVICE, MEP_SERVICE_KEY, MEP_TOKEN
+    for task in client.list_tasks(states=["succeeded"]):
+        print(task.task_id, client.get_result(task.task_id))
+
+Each call is one request to the service and its reply. Results stay on the
+service until you ``acknowledge`` them or its retention period passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mep.errors import MepError
+from mep.protocol.messages import (
+    Cancel,
+    CancelAck,
+    Fetch,
+    Results,
+    ResultsAck,
+    TaskInfo,
+    TaskList,
+    TaskQuery,
+)
+from mep.sdk.connection import ServiceSettings, request
+from mep.sdk.results import outcome
+
+
+class TaskPendingError(MepError):
+    """The task has not finished yet; ``state`` says where it is."""
+
+    def __init__(self, task_id: str, state: str) -> None:
+        super().__init__(f"task {task_id} has not finished yet (state: {state})")
+        self.state = state
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """A finished task: ``value`` on success, otherwise ``exception``."""
+
+    task_id: str
+    value: Any = None
+    exception: BaseException | None = None
+
+    def result(self) -> Any:
+        if self.exception is not None:
+            raise self.exception
+        return self.value
+
+
+class Client:
+    def __init__(self, *, service: str | None = None, service_key: str | None = None, token: str | None = None,
+                 timeout: float = 30.0) -> None:
+        self._settings = ServiceSettings.resolve(service, service_key, token)
+        self.timeout = timeout
+        self._request_ids = 0
+
+    def _ask(self, header: Any, preceded_by: Sequence[Any] = ()) -> tuple[Any, list[bytes]]:
+        self._request_ids += 1
+        header.request_id = self._request_ids
+        header.token = self._settings.token
+        return request(self._settings, header, self.timeout, preceded_by)
+
+    def get_task(self, task_id: str) -> TaskInfo:
+        """One task's lifecycle: state, attempts, timestamps, and why it failed if it did."""
+        tasks = self.list_tasks(task_ids=[task_id])
+        if not tasks:
+            raise MepError(f"the service knows no task {task_id} of yours")
+        return tasks[0]
+
+    def list_tasks(self, *, task_ids: Sequence[str] = (), endpoint_id: str = "", states: Iterable[str] = (),
+                   since: float = 0.0, limit: int = 1000) -> list[TaskInfo]:
+        """Your tasks, newest first; ``states`` among waiting, dispatched, running, succeeded, failed,
+        cancelled, expired; ``since`` a Unix time of submission."""
+        reply, _ = self._ask(TaskQuery(task_ids=list(task_ids), endpoint_id=endpoint_id, states=list(states),
+                                       since=since, limit=limit))
+        assert isinstance(reply, TaskList)
+        return reply.tasks
+
+    def get_batch_results(self, task_ids: Sequence[str]) -> dict[str, TaskOutcome]:
+        """Outcomes of the finished tasks among ``task_ids`` (unfinished ones are left out)."""
+        reply, payloads = self._ask(Fetch(task_ids=list(task_ids)))
+        assert isinstance(reply, Results)
+        if reply.unknown:
+            raise MepError(f"the service knows no task(s) {', '.join(reply.unknown)} of yours")
+        found = {}
+        for result in reply.results:
+            value, error = outcome(result, payloads[result.payload_frame] if result.payload_frame != -1 else None)
+            found[result.task_id] = TaskOutcome(result.task_id, value, error)
+        return found
+
+    def get_result(self, task_id: str) -> Any:
+        """The task's return value; its exception is raised; ``TaskPendingError`` if it isn't done."""
+        found = self.get_batch_results([task_id])
+        if task_id not in found:
+            raise TaskPendingError(task_id, self.get_task(task_id).state)
+        return found[task_id].result()
+
+    def acknowledge(self, task_ids: Sequence[str]) -> None:
+        """You have these results: the service may delete their bytes now."""
+        self._ask(TaskQuery(limit=1), preceded_by=[ResultsAck(token=self._settings.token, task_ids=list(task_ids))])
+
+    def cancel(self, task_ids: Sequence[str]) -> CancelAck:
+        """Cancel tasks: queued ones never start, running ones are stopped on the endpoint."""
+        reply, _ = self._ask(Cancel(task_ids=list(task_ids)))
+        assert isinstance(reply, CancelAck)
+        return reply

@@ -1,0 +1,239 @@
+"""Fire-and-forget that holds: cancellation, walltimes, retries, restarts and offline peers, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import mep
+from tests.harness import DOMAIN_STRIP, PYTHON, Manager, children_of, deployment, expression_mapping, wait_for
+
+pytestmark = pytest.mark.root
+
+
+def nap(seconds: float, value: object = None) -> object:
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+def die_by_signal() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_my_endpoint() -> None:
+    """Kills the user endpoint running this task (the worker's grandparent: forkserver, then endpoint)."""
+    import os
+    import signal
+
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def echo(value: object) -> object:
+    return value
+
+
+@pytest.fixture
+def setup(deploy, account_factory):
+    account = account_factory("mepreliable")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    return deploy, manager, identity
+
+
+def _client(deploy, identity) -> mep.Client:
+    return mep.Client(service=deploy.address, service_key=deploy.service_key, token=identity.token)
+
+
+def _endpoints(manager) -> list[int]:
+    router = manager.router_pid
+    return [pid for pid in children_of(manager.spawner_pid) if pid != router]
+
+
+def test_cancel_a_queued_and_a_running_task(setup) -> None:
+    deploy, manager, identity = setup
+    client = _client(deploy, identity)
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
+        running = executor.submit(nap, 60)
+        queued = executor.submit(echo, "never")
+    wait_for(lambda: client.get_task(running.task_id).state == "running", what="the long task to start")
+    assert queued.cancel()
+    assert running.cancel()
+    for future in (running, queued):
+        wait_for(lambda f=future: client.get_task(f.task_id).state == "cancelled", what="the cancel to land")
+        assert future.cancelled()
+    assert "cancelled by the submitter" in client.get_task(running.task_id).message
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
+        assert executor.submit(echo, "the worker was replaced").result(timeout=60) == "the worker was replaced"
+
+
+def test_client_cancel_from_another_process_view(setup) -> None:
+    deploy, manager, identity = setup
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
+        future = executor.submit(nap, 60)
+    client = _client(deploy, identity)
+    wait_for(lambda: client.get_task(future.task_id).state == "running", what="the task to start")
+    ack = client.cancel([future.task_id, "00000000-0000-4000-8000-000000000000"])
+    assert ack.requested == [future.task_id] and ack.unknown == ["00000000-0000-4000-8000-000000000000"]
+    wait_for(future.cancelled, what="the executor's future to see the cancellation")
+    info = client.get_task(future.task_id)
+    assert info.state == "cancelled" and info.started_at and info.completed_at >= info.started_at
+
+
+def test_walltime_stops_an_overrunning_task(setup) -> None:
+    deploy, manager, identity = setup
+    with deploy.executor(identity, manager, walltime=2) as executor:
+        slow = executor.submit(nap, 60)
+        executor.walltime = None
+        fine = executor.submit(nap, 3, "done")
+    with pytest.raises(mep.WalltimeExceededError, match="walltime of 2 s"):
+        slow.result(timeout=60)
+    assert fine.result(timeout=60) == "done"
+
+
+def test_worker_death_fails_the_task_with_its_cause_and_the_worker_is_replaced(setup) -> None:
+    deploy, manager, identity = setup
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
+        with pytest.raises(mep.WorkerLostError, match="killed by signal 9"):
+            executor.submit(die_by_signal).result(timeout=60)
+        assert executor.submit(echo, 7).result(timeout=60) == 7
+
+
+def test_task_whose_endpoint_is_killed_is_retried_elsewhere(setup) -> None:
+    deploy, manager, identity = setup
+    client = _client(deploy, identity)
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 2}) as executor:
+        futures = [executor.submit(nap, 4, n) for n in range(2)]
+        wait_for(lambda: all(client.get_task(f.task_id).state == "running" for f in futures), what="tasks to run")
+        (endpoint,) = _endpoints(manager)
+        os.killpg(endpoint, signal.SIGKILL)
+        assert [f.result(timeout=90) for f in futures] == [0, 1]
+    for future in futures:
+        info = client.get_task(future.task_id)
+        assert info.state == "succeeded" and info.attempts == 1
+    assert endpoint not in _endpoints(manager)
+
+
+def test_a_task_that_keeps_killing_its_endpoint_fails_with_the_cause(account_factory, router_account) -> None:
+    account = account_factory("mepdoomed")
+    with deployment(None, "--max-attempts", "2") as deploy:
+        manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+        identity = deploy.identity(f"{account.pw_name}@example.org")
+        with deploy.executor(identity, manager) as executor:
+            future = executor.submit(kill_my_endpoint)
+        with pytest.raises(mep.EndpointLostError, match=r"killed by signal 9 \(SIGKILL\) while (running|holding) this task \(attempt 2 of 2"):
+            future.result(timeout=120)
+        assert _client(deploy, identity).get_task(future.task_id).attempts == 2
+
+
+def test_a_stopped_endpoint_is_declared_dead_and_its_tasks_run_elsewhere(setup) -> None:
+    deploy, manager, identity = setup
+    client = _client(deploy, identity)
+    with deploy.executor(identity, manager) as executor:
+        future = executor.submit(nap, 2, "survived")
+        wait_for(lambda: client.get_task(future.task_id).state == "running", what="the task to run")
+        (endpoint,) = _endpoints(manager)
+        os.kill(endpoint, signal.SIGSTOP)
+        assert future.result(timeout=90) == "survived"
+    wait_for(lambda: "has been silent" in manager.log(), what="the router to notice")
+    assert endpoint not in _endpoints(manager)
+
+
+def test_service_crash_loses_nothing(setup) -> None:
+    deploy, manager, identity = setup
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 2}) as executor:
+        futures = [executor.submit(nap, 0.05, n) for n in range(200)]
+        time.sleep(0.5)
+        deploy.restart_service(signal.SIGKILL)
+        more = [executor.submit(echo, n) for n in range(200, 300)]
+        assert [f.result(timeout=120) for f in futures + more] == list(range(300))
+
+
+def test_endpoint_offline_at_submit_then_client_gone_then_new_process_collects(deploy, account_factory) -> None:
+    account = account_factory("mepoffline")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), wait=False)
+    manager.process.stop()  # registered, then down: tasks must wait on the service's disk
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    submit = f"""
+import json
+from mep import Executor
+def square(x):
+    return x * x
+with Executor({manager.endpoint_id!r}, service={deploy.address!r}, service_key={deploy.service_key!r},
+              token={identity.token!r}) as ex:
+    print(json.dumps([ex.submit(square, n).task_id for n in range(5)]))
+"""
+    result = subprocess.run([PYTHON, "-c", submit], capture_output=True, text=True, timeout=60, cwd="/")
+    assert result.returncode == 0, result.stderr
+    task_ids = json.loads(result.stdout)
+    client = _client(deploy, identity)
+    assert {client.get_task(t).state for t in task_ids} == {"waiting"}
+    with pytest.raises(mep.TaskPendingError, match="waiting"):
+        client.get_result(task_ids[0])
+    manager.start()
+    collect = f"""
+import json, mep
+client = mep.Client(service={deploy.address!r}, service_key={deploy.service_key!r}, token={identity.token!r})
+ids = [t.task_id for t in client.list_tasks(endpoint_id={manager.endpoint_id!r})]
+# futures re-attached in a new process resolve as the results arrive (and acknowledge them) ...
+with mep.Executor({manager.endpoint_id!r}, service={deploy.address!r}, service_key={deploy.service_key!r},
+                  token={identity.token!r}, poll_interval=1) as ex:
+    print(json.dumps(sorted(f.result(timeout=60) for f in ex.attach(ids))))
+# ... after which the service has let go of the bytes and says so
+outcomes = client.get_batch_results(ids)
+print(json.dumps(sorted({{type(outcomes[i].exception).__name__ for i in ids}})))
+"""
+    result = subprocess.run([PYTHON, "-c", collect], capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[0, 1, 4, 9, 16]", '["TaskExpiredError"]']
+
+
+def test_uncollected_results_expire(account_factory, router_account) -> None:
+    account = account_factory("mepexpire")
+    with deployment(None, "--result-retention", "2") as deploy:
+        manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+        identity = deploy.identity(f"{account.pw_name}@example.org")
+        client = _client(deploy, identity)
+        script = f"""
+from mep import Executor
+with Executor({manager.endpoint_id!r}, service={deploy.address!r}, service_key={deploy.service_key!r},
+              token={identity.token!r}) as ex:
+    print(ex.submit(abs, -1).task_id)
+"""
+        task_id = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, check=True,
+                                 cwd="/").stdout.strip()
+        wait_for(lambda: client.get_task(task_id).state == "expired", timeout=60, what="the result to expire")
+        with pytest.raises(mep.TaskExpiredError, match="retention"):
+            client.get_result(task_id)
+
+
+def test_second_manager_for_the_same_endpoint_is_fenced_out(setup) -> None:
+    """On the same host the instance lock refuses it; from another host (another run_dir) the lease does."""
+    deploy, manager, identity = setup
+    same_host = subprocess.run([PYTHON, "-m", "mep", "manager", "start", "--config", str(manager.config_path)],
+                               capture_output=True, text=True, timeout=60, cwd="/")
+    assert same_host.returncode == 2 and "already running on this host" in same_host.stderr
+    other_config = manager.config_path.with_name("other-host.yaml")
+    settings = yaml.safe_load(manager.config_path.read_text())
+    settings["run_dir"] = f"{settings['run_dir']}-other-host"
+    other_config.write_text(yaml.safe_dump(settings))
+    other_host = Manager(other_config, manager.endpoint_id, Path(settings["run_dir"]))
+    deploy.managers.append(other_host)
+    other_host.start(wait=False)
+    wait_for(lambda: "another manager is serving endpoint" in other_host.log(), what="the lease to refuse it")
+    other_host.process.stop()
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(echo, "still served").result(timeout=60) == "still served"
+
+
