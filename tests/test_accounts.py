@@ -7,19 +7,24 @@ import os
 import pwd
 import secrets
 import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 
+from mep.config.manager import ManagerConfig
 from mep.errors import AccountRefusedError
 from mep.manager.spawner.accounts import (
     ACCOUNT_CHECKS,
+    DEFAULT_DISABLED_SHELLS,
     Account,
     AccountPolicy,
     AccountRefused,
     refuse_non_canonical_name,
     resolve_account,
 )
+from mep.manager.spawner.authorize import account_policy
+from mep.manager.spawner.shadow import ShadowEntry, read_shadow
 from tests.accounts import free_uid
 
 pytestmark = pytest.mark.root
@@ -186,3 +191,114 @@ def test_message_for_identity(account_factory: MakeAccount) -> None:
         f" (uid {entry.pw_uid} < 1000); tasks can't run as it. Ask your admin."
     )
     assert "below min_uid 1000" in refused.admin_detail
+
+
+# --- the admin's lists, disabled shells, the shadow entry -------------------------------------------
+
+
+@pytest.mark.parametrize("shell", sorted(DEFAULT_DISABLED_SHELLS))
+def test_disabled_shell_is_refused(account_factory: MakeAccount, shell: str) -> None:
+    entry = account_factory(shell=shell)
+    assert refusal(entry.pw_name).reason == f"is disabled (its login shell is {shell})"
+
+
+def test_disabled_shells_are_configurable(account_factory: MakeAccount) -> None:
+    entry = account_factory(shell="/usr/sbin/nologin")
+    assert resolve_account(entry.pw_name, AccountPolicy(disabled_shells=frozenset())).shell == "/usr/sbin/nologin"
+    other = account_factory(shell="/bin/sh")
+    assert refusal(other.pw_name, AccountPolicy(disabled_shells=frozenset({"/bin/sh"}))).reason.startswith(
+        "is disabled")
+
+
+def test_expired_account_is_refused(account_factory: MakeAccount) -> None:
+    entry = account_factory()
+    subprocess.run(["chage", "-E", "0", entry.pw_name], check=True)
+    refused = refusal(entry.pw_name)
+    assert refused.reason == "has expired (on 1970-01-01)"
+    assert f"chage -l {entry.pw_name}" in refused.admin_detail
+
+
+def test_account_expiring_in_the_future_is_allowed(account_factory: MakeAccount) -> None:
+    entry = account_factory()
+    subprocess.run(["chage", "-E", "2999-01-01", entry.pw_name], check=True)
+    assert resolve_account(entry.pw_name, DEFAULT).uid == entry.pw_uid
+
+
+def test_expiry_counts_from_the_expiry_day() -> None:
+    entry = ShadowEntry(expire_day=20000, password_locked=False)
+    assert (entry.expired(today=19999), entry.expired(today=20000)) == (False, True)
+    assert not ShadowEntry(expire_day=None, password_locked=True).expired()
+
+
+def test_account_without_a_password_is_normal_unless_the_admin_refuses_locked(account_factory: MakeAccount) -> None:
+    entry = account_factory()  # useradd leaves "!" in the password field: no password, as with SSH keys
+    assert read_shadow(entry.pw_name) == ShadowEntry(expire_day=None, password_locked=True)
+    assert resolve_account(entry.pw_name, DEFAULT).uid == entry.pw_uid
+    refused = refusal(entry.pw_name, AccountPolicy(refuse_locked=True))
+    assert refused.reason == "has a locked password, and this endpoint refuses such accounts"
+
+
+def test_locked_password_is_refused_only_when_the_admin_opts_in(account_factory: MakeAccount) -> None:
+    entry = account_factory()
+    usermod("-p", "$6$salt$" + "x" * 86, entry.pw_name)
+    assert read_shadow(entry.pw_name) == ShadowEntry(expire_day=None, password_locked=False)
+    assert resolve_account(entry.pw_name, AccountPolicy(refuse_locked=True)).uid == entry.pw_uid
+    usermod("-L", entry.pw_name)
+    assert read_shadow(entry.pw_name).password_locked
+    assert resolve_account(entry.pw_name, DEFAULT).uid == entry.pw_uid
+    assert refusal(entry.pw_name, AccountPolicy(refuse_locked=True)).reason.startswith("has a locked password")
+
+
+def test_shadow_entry_unreadable_leaves_the_decision_to_pam(account_factory: MakeAccount) -> None:
+    """As a non-root process (or for LDAP/SSSD accounts without shadow data) there is no entry to judge."""
+    expired = account_factory()
+    subprocess.run(["chage", "-E", "0", expired.pw_name], check=True)
+    reader = account_factory()
+    script = (f"from mep.manager.spawner.shadow import read_shadow; print(read_shadow({expired.pw_name!r}))")
+    result = subprocess.run(["runuser", "-u", reader.pw_name, "--", sys.executable, "-c", script],
+                            capture_output=True, text=True, check=True, cwd="/")
+    assert result.stdout.strip() == "None"
+    assert read_shadow(f"mepnosuch{secrets.token_hex(4)}") is None
+
+
+def test_deny_lists_win(account_factory: MakeAccount) -> None:
+    entry = account_factory()
+    usermod("-a", "-G", "users", entry.pw_name)
+    assert refusal(entry.pw_name, AccountPolicy(deny_users=frozenset({entry.pw_name}),
+                                                allow_users=frozenset({entry.pw_name}))).reason == (
+        "is on this endpoint's deny list")
+    refused = refusal(entry.pw_name, AccountPolicy(deny_groups=frozenset({"users", "nosuchgroup"})))
+    assert refused.reason == "is a member of group 'users', which this endpoint denies"
+    primary = grp.getgrgid(entry.pw_gid).gr_name
+    assert refusal(entry.pw_name, AccountPolicy(deny_groups=frozenset({primary}))).reason.startswith(
+        "is a member of group")
+
+
+def test_allow_lists_must_each_be_satisfied(account_factory: MakeAccount) -> None:
+    member, outsider = account_factory(), account_factory()
+    usermod("-a", "-G", "users", member.pw_name)
+    groups_only = AccountPolicy(allow_groups=frozenset({"users"}))
+    assert resolve_account(member.pw_name, groups_only).uid == member.pw_uid
+    assert refusal(outsider.pw_name, groups_only).reason == "is not a member of any group this endpoint allows"
+    users_only = AccountPolicy(allow_users=frozenset({outsider.pw_name}))
+    assert resolve_account(outsider.pw_name, users_only).uid == outsider.pw_uid
+    assert refusal(member.pw_name, users_only).reason == "is not on this endpoint's list of allowed users"
+    both = AccountPolicy(allow_users=frozenset({outsider.pw_name}), allow_groups=frozenset({"users"}))
+    assert refusal(outsider.pw_name, both).reason.startswith("is not a member of any group")
+
+
+def test_policy_comes_from_the_manager_config() -> None:
+    config = ManagerConfig.model_validate({
+        "endpoint_id": "e", "service_address": "tcp://x:1", "service_public_key": "k",
+        "manager_secret_key_file": "/k", "identity_mapping": "/m", "min_uid": 2000,
+        "allow_users": ["a"], "deny_users": ["b"], "allow_groups": ["g"], "deny_groups": ["h"],
+        "disabled_shells": ["/bin/sh"], "refuse_locked": True,
+    })
+    assert account_policy(config, manager_uids=frozenset({0, 5})) == AccountPolicy(
+        min_uid=2000, manager_uids=frozenset({0, 5}), allow_users=frozenset({"a"}), deny_users=frozenset({"b"}),
+        allow_groups=frozenset({"g"}), deny_groups=frozenset({"h"}), disabled_shells=frozenset({"/bin/sh"}),
+        refuse_locked=True)
+    defaults = ManagerConfig.model_validate({
+        "endpoint_id": "e", "service_address": "tcp://x:1", "service_public_key": "k",
+        "manager_secret_key_file": "/k", "identity_mapping": "/m"})
+    assert account_policy(defaults, manager_uids=frozenset()) == AccountPolicy()

@@ -261,6 +261,12 @@ AGREEING_CASES = [
         None,
     ),
     Case("a document with no mappings maps nobody", [document()], [identity("alice@example.org")], None),
+    Case(
+        "comments are ignored, by both",
+        [{**document({**DOMAIN_STRIP, "comment": "campus accounts"}), "comment": "JSON has no comments"}],
+        [identity("alice@example.org")],
+        "alice",
+    ),
 ]
 
 

@@ -115,7 +115,8 @@ def test_prompts_are_refused_and_information_is_recorded() -> None:
 
 def test_the_library_is_configurable(pam_service: PamService, account_factory: MakeAccount) -> None:
     user = account_factory("meppamlib")
-    library = "/lib/x86_64-linux-gnu/libpam.so.0"
+    library = str(next(path for pattern in ("usr/lib/*/libpam.so.0", "lib/*/libpam.so.0", "usr/lib64/libpam.so.0")
+                       for path in Path("/").glob(pattern)))
     assert check_account(pam_service.name, user.pw_name, library=library) == []
     with pytest.raises(ConfigurationError, match="cannot load the PAM library 'libnosuchpam.so'"):
         check_account(pam_service.name, user.pw_name, library="libnosuchpam.so")
@@ -195,7 +196,7 @@ def test_refused_account_starts_nothing(pam_service: PamService, account_factory
     assert isinstance(raised.value, AccountRefusedError)
     assert "refused by this system's account checks (PAM)" in str(raised.value)
     assert "pam_acct_mgmt" in raised.value.admin_detail and "pam_acct_mgmt" not in str(raised.value)
-    assert not (Path(user.pw_dir) / "ran").exists() and set(processes_of_uid(user.pw_uid)) == leftovers
+    assert not (Path(user.pw_dir) / "ran").exists() and set(processes_of_uid(user.pw_uid)) <= leftovers
     assert pam_service.events(user.pw_name) == []
 
 
@@ -270,7 +271,7 @@ def test_pam_refusal_reaches_the_submitter_and_nothing_spawns(deploy, pam_servic
                                  " refused by this system's account checks (PAM); tasks can't run as it."
                                  " Ask your admin.")
     assert "pam_acct_mgmt failed" in manager.log(), "the detail goes to the admin's log"
-    assert children_of(manager.spawner_pid) == before and set(processes_of_uid(refused.pw_uid)) == leftovers
+    assert children_of(manager.spawner_pid) == before and set(processes_of_uid(refused.pw_uid)) <= leftovers
     assert not (Path(refused.pw_dir) / ".mep").exists()
     assert pam_service.events(refused.pw_name) == []
     audit = audit_log_of(manager.config_path).read_text()

@@ -41,6 +41,7 @@ from mep.manager.spawner.privdrop import (
     DropTarget,
     SpawnedProcess,
     SpawnPlan,
+    allowed_environment,
     close_descriptors,
     drop_bounding_set,
     drop_privileges_in_process,
@@ -710,3 +711,15 @@ def test_interpreter_check_names_a_private_directory_on_the_way(shared_dir):
 def test_interpreter_check_needs_its_probe_account():
     with pytest.raises(ConfigurationError, match="'mep-no-such-account' .* does not exist"):
         check_interpreter_usable(PYTHON, probe_account="mep-no-such-account")
+
+
+def test_exported_environment_is_filtered_by_the_same_rules() -> None:
+    """What PAM modules export reaches the endpoint only where extra_env would have accepted it."""
+    kept, refused = allowed_environment({
+        "MEP_PAM_SESSION": "open", "KRB5CCNAME": "FILE:/tmp/krb5cc_1000", "LD_PRELOAD": "/tmp/evil.so",
+        "PYTHONPATH": "/tmp", "PATH": "/tmp/bin", "HOME": "/root", "A=B": "c", "X": "a\0b",
+    })
+    assert kept == {"MEP_PAM_SESSION": "open", "KRB5CCNAME": "FILE:/tmp/krb5cc_1000"}
+    assert len(refused) == 6
+    assert any("LD_PRELOAD is not allowed" in problem for problem in refused)
+    assert any("PATH is set by the spawner" in problem for problem in refused)

@@ -56,6 +56,14 @@ def _client(deploy, identity) -> mep.Client:
     return mep.Client(service=deploy.address, service_key=deploy.service_key, token=identity.token)
 
 
+def state_of(client: mep.Client, task_id: str) -> str:
+    """The task's state, or "" while the service has not yet acknowledged its submission."""
+    try:
+        return client.get_task(task_id).state
+    except mep.MepError:
+        return ""
+
+
 def _endpoints(manager) -> list[int]:
     router = manager.router_pid
     return [pid for pid in children_of(manager.spawner_pid) if pid != router]
@@ -67,11 +75,11 @@ def test_cancel_a_queued_and_a_running_task(setup) -> None:
     with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
         running = executor.submit(nap, 60)
         queued = executor.submit(echo, "never")
-    wait_for(lambda: client.get_task(running.task_id).state == "running", what="the long task to start")
+    wait_for(lambda: state_of(client, running.task_id) == "running", what="the long task to start")
     assert queued.cancel()
     assert running.cancel()
     for future in (running, queued):
-        wait_for(lambda f=future: client.get_task(f.task_id).state == "cancelled", what="the cancel to land")
+        wait_for(lambda f=future: state_of(client, f.task_id) == "cancelled", what="the cancel to land")
         assert future.cancelled()
     assert "cancelled by the submitter" in client.get_task(running.task_id).message
     with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
@@ -83,7 +91,7 @@ def test_client_cancel_from_another_process_view(setup) -> None:
     with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
         future = executor.submit(nap, 60)
     client = _client(deploy, identity)
-    wait_for(lambda: client.get_task(future.task_id).state == "running", what="the task to start")
+    wait_for(lambda: state_of(client, future.task_id) == "running", what="the task to start")
     ack = client.cancel([future.task_id, "00000000-0000-4000-8000-000000000000"])
     assert ack.requested == [future.task_id] and ack.unknown == ["00000000-0000-4000-8000-000000000000"]
     wait_for(future.cancelled, what="the executor's future to see the cancellation")
@@ -115,7 +123,7 @@ def test_task_whose_endpoint_is_killed_is_retried_elsewhere(setup) -> None:
     client = _client(deploy, identity)
     with deploy.executor(identity, manager, user_endpoint_config={"workers": 2}) as executor:
         futures = [executor.submit(nap, 4, n) for n in range(2)]
-        wait_for(lambda: all(client.get_task(f.task_id).state == "running" for f in futures), what="tasks to run")
+        wait_for(lambda: all(state_of(client, f.task_id) == "running" for f in futures), what="tasks to run")
         (endpoint,) = _endpoints(manager)
         os.killpg(endpoint, signal.SIGKILL)
         assert [f.result(timeout=90) for f in futures] == [0, 1]
@@ -142,7 +150,7 @@ def test_a_stopped_endpoint_is_declared_dead_and_its_tasks_run_elsewhere(setup) 
     client = _client(deploy, identity)
     with deploy.executor(identity, manager) as executor:
         future = executor.submit(nap, 2, "survived")
-        wait_for(lambda: client.get_task(future.task_id).state == "running", what="the task to run")
+        wait_for(lambda: state_of(client, future.task_id) == "running", what="the task to run")
         (endpoint,) = _endpoints(manager)
         os.kill(endpoint, signal.SIGSTOP)
         assert future.result(timeout=90) == "survived"
@@ -213,7 +221,7 @@ with Executor({manager.endpoint_id!r}, service={deploy.address!r}, service_key={
 """
         task_id = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, check=True,
                                  cwd="/").stdout.strip()
-        wait_for(lambda: client.get_task(task_id).state == "expired", timeout=60, what="the result to expire")
+        wait_for(lambda: state_of(client, task_id) == "expired", timeout=60, what="the result to expire")
         with pytest.raises(mep.TaskExpiredError, match="retention"):
             client.get_result(task_id)
 
@@ -237,3 +245,46 @@ def test_second_manager_for_the_same_endpoint_is_fenced_out(setup) -> None:
         assert executor.submit(echo, "still served").result(timeout=60) == "still served"
 
 
+
+
+def test_work_arriving_as_an_endpoint_idles_out_goes_to_a_fresh_endpoint(account_factory, router_account) -> None:
+    """Forced order: the endpoint's request to exit reaches the router before the new work does."""
+    account = account_factory("mepidlerace")
+    with deployment(None, "--heartbeat-interval", "10") as deploy:  # long leases: the router is paused below
+        manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), settings={"heartbeat_interval": 10.0})
+        identity = deploy.identity(f"{account.pw_name}@example.org")
+        client = _client(deploy, identity)
+        config = {"workers": 1, "idle_timeout": 10}
+        with deploy.executor(identity, manager, user_endpoint_config=config) as executor:
+            assert executor.submit(echo, "first").result(timeout=60) == "first"
+        (first,) = _endpoints(manager)
+        endpoint_log = next(Path(f"/proc/{first}/cwd").resolve().glob(".mep/endpoints/*/endpoint.log"))
+        router = manager.router_pid
+        os.kill(router, signal.SIGSTOP)
+        try:
+            wait_for(lambda: "asking the manager to let this endpoint exit" in endpoint_log.read_text(),
+                     timeout=60, what="the endpoint to ask to exit")
+            with deploy.executor(identity, manager, user_endpoint_config=config) as executor:
+                futures = [executor.submit(echo, n) for n in range(5)]
+            wait_for(lambda: {state_of(client, f.task_id) for f in futures} == {"dispatched"},
+                     what="the new work to be on its way to the paused router")
+        finally:
+            os.kill(router, signal.SIGCONT)
+        assert [f.result(timeout=60) for f in futures] == list(range(5))
+        wait_for(lambda: first not in _endpoints(manager), what="the idle endpoint to exit")
+        assert len(_endpoints(manager)) == 1, "the work went to one fresh endpoint"
+
+
+def test_manager_sigterm_lets_running_tasks_finish(setup) -> None:
+    deploy, manager, identity = setup
+    client = _client(deploy, identity)
+    with deploy.executor(identity, manager) as executor:
+        future = executor.submit(nap, 3, "finished")
+    wait_for(lambda: state_of(client, future.task_id) == "running", what="the task to run")
+    endpoints = _endpoints(manager)
+    manager.process.stop()
+    assert future.result(timeout=60) == "finished"
+    assert client.get_task(future.task_id).attempts == 0
+    for pid in endpoints:
+        assert not Path(f"/proc/{pid}").exists(), "a stopped manager leaves no endpoint behind"
+    assert "the manager is stopping" in manager.log() or "stopping" in manager.log()

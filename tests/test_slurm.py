@@ -34,6 +34,21 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def rendezvous(number: int, expected: int) -> str:
+    """Returns only once ``expected`` tasks run at the same time: with one worker per block, in as many blocks."""
+    import os
+    import pathlib
+    import time
+
+    (pathlib.Path.home() / f"arrived-{number}").touch()
+    deadline = time.monotonic() + 150
+    while len(list(pathlib.Path.home().glob("arrived-*"))) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other tasks never ran at the same time as this one")
+        time.sleep(0.2)
+    return os.environ["SLURM_JOB_ID"]
+
+
 @pytest.fixture
 def manager(deploy):  # noqa: ANN001, ANN201
     return deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=TEMPLATES / "slurm.yaml.j2",
@@ -99,6 +114,14 @@ def test_one_account_two_partitions_gets_two_endpoints(deploy, manager, account_
     assert job_fields(seen["batch"]["job"])["Partition"] == "batch"
     assert job_fields(seen["short walltime"]["job"])["TimeLimit"] == "00:05:00"
     assert len(endpoints_of(manager, account.pw_uid)) == 3, "one endpoint per partition or walltime"
+
+
+def test_blocks_scale_out_with_waiting_tasks(deploy, manager, account_factory) -> None:
+    account = account_factory("mepscale")
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    with deploy.executor(identity, manager, user_endpoint_config={"max_blocks": 2}) as executor:
+        jobs = [future.result(timeout=180) for future in [executor.submit(rendezvous, n, 2) for n in range(2)]]
+    assert len(set(jobs)) == 2, "two tasks at once, one worker per block: Parsl's strategy asked for a second block"
 
 
 def test_config_the_schema_refuses_never_reaches_slurm(deploy, manager, account_factory) -> None:

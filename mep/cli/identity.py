@@ -9,8 +9,9 @@ configuration itself is invalid. Never a traceback.
 
 ``--config`` takes a manager's ``config.yaml`` (its mapping file, account
 rules, endpoint id and PAM settings apply) or an identity-mapping JSON file
-alone (default account rules; external programs get the reference
-validator's testing endpoint id).
+alone (``.json``, or content that is a list of documents or one document:
+default account rules; external programs get the reference validator's
+testing endpoint id).
 """
 
 from __future__ import annotations
@@ -130,7 +131,12 @@ def _check_pam(pam: PamSettings, account: str) -> None:
 
 
 def _is_mapping_file(path: Path) -> bool:
-    """A JSON list, or an object with a DATA_TYPE, is a mapping file; anything else a manager config."""
+    """A ``.json`` file, or one holding a JSON list or an object with a DATA_TYPE, is a mapping file.
+
+    Anything else is a manager config (YAML, of which JSON is a subset).
+    """
+    if path.suffix == ".json":
+        return True
     try:
         content = json.loads(path.read_bytes())
     except (OSError, ValueError):

@@ -11,7 +11,13 @@ Schema; a researcher owns only the option values. ``TemplateRenderer.render``:
    double-quoted with every non-printable character escaped), so no value can
    add, remove or retype a key, nor be cut by ``#`` or a line break;
 3. parses the YAML (safe loader, duplicate keys refused) and validates it into
-   ``UserEndpointConfig``, which forbids unknown keys.
+   ``UserEndpointConfig``, which forbids unknown keys; for an ``htex`` engine,
+   the Parsl provider's and launcher's arguments are then checked against the
+   classes' signatures (``mep.config.parsl_check``, without loading Parsl here).
+
+A refused rendered config names the field, the template file and the template
+line that produced it (found by aligning the template's literal YAML keys with
+the rendered ones). The full guide is ``docs/templates.md``.
 
 Template authoring, for admins: researcher options are top-level variables
 (``{{ workers }}``); mep's own values live under ``mep`` (``mep.mapped_user``,

@@ -21,6 +21,11 @@ from __future__ import annotations
 
 import sys
 import traceback
+import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 # The wire values of mep.protocol.messages.SUCCESS/TASK_ERROR/FAILED and of mep.errors.ErrorCode,
 # repeated because this module may not import mep (tests/test_parsl_engine.py keeps them equal).
@@ -51,7 +56,7 @@ def run_task(fn_hash: str, fn_body: bytes | None, args: bytes) -> tuple:
         return _failure(exc, dill)
 
 
-def _failure(exc: BaseException, dill) -> tuple:  # noqa: ANN001 - the dill module
+def _failure(exc: BaseException, dill: types.ModuleType) -> tuple:
     kind = type(exc)
     type_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -62,7 +67,7 @@ def _failure(exc: BaseException, dill) -> tuple:  # noqa: ANN001 - the dill modu
     return (TASK_ERROR, payload, type_name, str(exc), text, TASK_ERROR_CODE)
 
 
-def serve(connection) -> None:  # noqa: ANN001 - a multiprocessing.connection.Connection
+def serve(connection: Connection) -> None:
     """A worker's life: run tasks from the endpoint until it hangs up (or kills us)."""
     while True:
         try:

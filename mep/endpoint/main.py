@@ -125,10 +125,10 @@ class UserEndpoint:
                 last_heartbeat = now
             if self._draining_since and (not self.active or now - self._draining_since > SHUTDOWN_GRACE):
                 break
+            if now - last_heard > 3 * self.heartbeat_interval:
+                # Orphaned (its manager died with no one left to stop it): finish what runs, then go.
+                self._drain(f"the manager has been silent for {now - last_heard:.0f} s")
             idle = now - last_activity > self.config.idle_timeout
-            if idle and now - last_heard > 3 * self.heartbeat_interval:
-                self._drain_reason = "idle, and the manager has been silent"  # it may never come back
-                break
             if idle and not asked_to_exit:
                 log.info("idle for %.0f s; asking the manager to let this endpoint exit", now - last_activity)
                 self.socket.send_multipart(encode(IdleExit()))

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import parsl.launchers
 import parsl.providers
@@ -50,7 +50,8 @@ from parsl.executors import HighThroughputExecutor
 from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 from parsl.jobs.job_status_poller import JobStatusPoller
-from parsl.jobs.states import JobState
+from parsl.jobs.states import JobState, JobStatus
+from parsl.providers.base import ExecutionProvider
 
 from mep.endpoint import bootstrap
 from mep.endpoint.interpreters import OutcomeConnection, WorkerProcess, lost_worker, start_worker
@@ -106,8 +107,8 @@ class ParslHtexEngine:
         self._on_done = on_done
         self._lock = threading.RLock()  # futures' callbacks may run inside calls made under it
         self._tasks: dict[str, _Task] = {}  # submitted, not yet reported; in submission order
-        self._executor: Any = None
-        self._poller: Any = None
+        self._executor: _Executor | None = None
+        self._poller: JobStatusPoller | None = None
         self._connected_blocks: set[str] = set()
         self._waiting_since = 0.0
         self._run_dir = _private_run_dir()
@@ -176,7 +177,7 @@ class ParslHtexEngine:
         self._connected_blocks = set()
         self._waiting_since = 0.0
 
-    def _make_provider(self) -> Any:
+    def _make_provider(self) -> ExecutionProvider:
         config = self._config
         provider_class = getattr(parsl.providers, config.provider.type)
         accepted = inspect.signature(provider_class).parameters
@@ -194,7 +195,7 @@ class ParslHtexEngine:
             arguments["launcher"] = launcher_class(**config.launcher.arguments)
         return provider_class(**arguments)
 
-    def _retire(self, executor: Any) -> None:
+    def _retire(self, executor: _Executor) -> None:
         """Take down an executor in bad state; the next task starts a fresh one."""
         with self._lock:
             if self._executor is not executor:
@@ -227,7 +228,7 @@ class ParslHtexEngine:
             elif not self._waiting_since:
                 self._waiting_since = now
             elif now - self._waiting_since > self._config.start_timeout:
-                executor.set_bad_state_and_fail_all(_EngineFailure(self._start_timeout_message(executor)))
+                self._fail_all(executor, self._start_timeout_message(executor))
                 self._retire(executor)
 
     def _mark_started(self, on_workers: int) -> None:
@@ -241,7 +242,7 @@ class ParslHtexEngine:
                 running += 1
                 self._on_started(task_id)
 
-    def _start_timeout_message(self, executor: Any) -> str:
+    def _start_timeout_message(self, executor: _Executor) -> str:
         blocks = {block: job for block, job in executor.blocks_to_job_id.items()
                   if not executor.status_facade.get(block) or not executor.status_facade[block].terminal}
         try:
@@ -256,7 +257,7 @@ class ParslHtexEngine:
             "queue is busy. Ask for less, or allow a longer start_timeout"
         )
 
-    def _check_blocks(self, executor: Any, status: dict[str, Any]) -> None:
+    def _check_blocks(self, executor: _Executor, status: dict[str, JobStatus]) -> None:
         """Parsl's block error handler: fail waiting tasks when the newest block failed and none is alive."""
         if not status or executor.outstanding() == 0:
             return
@@ -271,7 +272,12 @@ class ParslHtexEngine:
             reason = f"the block of workers (job {job}) ended ({block.state.name}) while tasks were waiting or running"
         else:
             reason = f"the scheduler did not run the block of workers: {_block_failure(block)}"
-        executor.set_bad_state_and_fail_all(_EngineFailure(reason))
+        self._fail_all(executor, reason)
+
+    def _fail_all(self, executor: _Executor, reason: str) -> None:
+        """Put the executor in bad state: its tasks, and any submitted to it from now on, fail with ``reason``."""
+        with self._lock:  # Parsl walks its task table: no submit may add to it meanwhile
+            executor.set_bad_state_and_fail_all(_EngineFailure(reason))
 
     def _finish(self, task_id: str, future: Future) -> None:
         with self._lock:
@@ -291,7 +297,7 @@ def _private_run_dir() -> Path:
     return run_dir
 
 
-def _stop_executor(executor: Any, poller: Any) -> None:
+def _stop_executor(executor: _Executor, poller: JobStatusPoller | None) -> None:
     """Stop scaling, cancel every block that may still be queued or running, stop the interchange."""
     if poller is not None:
         poller.close()  # scales in (cancels) the blocks, unless the executor is in bad state
@@ -305,7 +311,7 @@ def _stop_executor(executor: Any, poller: Any) -> None:
     executor.shutdown()
 
 
-def _block_failure(block: Any) -> str:
+def _block_failure(block: JobStatus) -> str:
     message = block.message or ""
     detail = _STDERR_IN_MESSAGE.search(message)
     text = detail.group(1).strip() if detail else (block.stderr_summary or message or block.state.name)

@@ -38,6 +38,7 @@ from mep.protocol.messages import (
     LostTask,
     Started,
     TasksLost,
+    Unregister,
     FAILED,
     Dispatch,
     DispatchAck,
@@ -134,6 +135,7 @@ class Router:
         self.started_out: list[str] = []
         self.lost_out: list[LostTask] = []
         self.spawner_status: ProcessStatus | None = None
+        self.registering_since = 0.0
         self.endpoint_heartbeat = config.heartbeat_interval
         self.last_heard = 0.0
         self.last_heartbeat = 0.0
@@ -163,8 +165,11 @@ class Router:
         poller.register(self.spawner.fileno(), zmq.POLLIN)
         stop_deadline = 0.0
         while True:
+            poller.modify(self.spawner.fileno(), zmq.POLLIN | (zmq.POLLOUT if self.spawner.wants_write else 0))
             ready = dict(poller.poll(200))
-            if self.spawner.fileno() in ready and not self._from_spawner():
+            if ready.get(self.spawner.fileno(), 0) & zmq.POLLOUT:
+                self.spawner.flush()
+            if ready.get(self.spawner.fileno(), 0) & zmq.POLLIN and not self._from_spawner():
                 log.error("the root spawner has gone; the router stops")
                 break
             self._drain(self.endpoints_socket, self._from_endpoint)
@@ -181,6 +186,8 @@ class Router:
                 break
         self._flush_to_service()
         self.audit.flush()
+        if self._stopping:  # a graceful stop hands back what it holds; a crash leaves it to the lease
+            self.service.send_multipart(encode(Unregister()))
         self.service.close(linger=1000)
         self.endpoints_socket.close(linger=0)
         self.context.term()
@@ -197,6 +204,7 @@ class Router:
                 return
 
     def _register(self) -> None:
+        self.registering_since = time.monotonic()
         self.service.send_multipart(encode(Register(endpoint_id=self.config.endpoint_id, mep_version=__version__)))
         self.last_heartbeat = self.last_heard = time.monotonic()
 
@@ -224,6 +232,7 @@ class Router:
         self.last_heard = time.monotonic()
         match header:
             case Registered():
+                self.registering_since = 0.0
                 self.config = self.config.model_copy(update={"heartbeat_interval": header.heartbeat_interval})
                 log.info("registered with the service at %s", self.config.service_address)
                 self.spawner.send(SpawnerStatusRequest())
@@ -236,8 +245,10 @@ class Router:
             case Cancel():
                 self._cancel(header.task_ids)
             case Error(code=ErrorCode.NOT_REGISTERED):
-                log.info("the service does not know this connection (%s); registering again", header.message)
-                self._register()
+                # Every message sent before the service restarted draws this answer: register once per interval.
+                if time.monotonic() - self.registering_since > self.config.heartbeat_interval:
+                    log.info("the service does not know this connection (%s); registering again", header.message)
+                    self._register()
             case _:
                 log.warning("the service sent %s: %s", type(header).__name__, getattr(header, "message", ""))
 
@@ -326,6 +337,8 @@ class Router:
     def _from_spawner(self) -> bool:
         try:
             message = self.spawner.receive()
+        except BlockingIOError:
+            return True
         except MepError as exc:
             log.error("ignoring a bad message from the spawner: %s", exc)
             return True
@@ -377,7 +390,7 @@ class Router:
                  len(lost))
         if not lost:
             return
-        if link.routing_id is None:
+        if link.routing_id is None and not message.signalled:  # it failed by itself: starting it again won't help
             detail = f"the user endpoint {message.how} while starting"
             if message.log_tail:
                 detail += f"; the last lines of its log:\n{message.log_tail}"
@@ -387,7 +400,7 @@ class Router:
             self.task_endpoint.pop(task_id, None)
             # Anything the endpoint had counts as an attempt, started or not: a task that kills its endpoint
             # at once may never have been reported started, and must not be retried forever.
-            attempted = task_id in link.in_flight
+            attempted = task_id in link.in_flight or link.routing_id is None
             doing = "running" if task_id in link.started else "holding"
             reason = f"the user endpoint {message.how} while {doing} this task"
             self.lost_out.append(LostTask(task_id=task_id, attempted=attempted, reason=reason))

@@ -3,10 +3,15 @@
 Created with ``socketpair`` before the manager splits, so no other process can
 reach it. Only envelopes travel here (``SpawnRequest`` and its answers), never
 a task frame.
+
+Both ends are non-blocking with an outbox: if each side blocked writing while
+the other's buffer was full of its own writes, both would wait forever. A
+loop calls ``flush`` when the socket is writable (``wants_write``).
 """
 
 from __future__ import annotations
 
+import collections
 import socket
 
 import msgspec
@@ -28,18 +33,40 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 class SpawnerLink:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.sock.setblocking(False)
+        self._outbox: collections.deque[bytes] = collections.deque()
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._outbox)
 
     def send(self, message: msgspec.Struct) -> None:
         data = _encoder.encode(message)
         if len(data) > MAX_DATAGRAM:
             raise ProtocolError(f"{type(message).__name__} of {len(data)} bytes exceeds {MAX_DATAGRAM}")
-        self.sock.sendall(data)
+        self._outbox.append(data)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the socket takes now; the rest waits for the next ``flush``."""
+        while self._outbox:
+            try:
+                self.sock.send(self._outbox[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except (BrokenPipeError, ConnectionResetError):
+                self._outbox.clear()  # the other side is gone; receive() reports it
+                return
+            self._outbox.popleft()
 
     def receive(self) -> msgspec.Struct | None:
-        """The next envelope, or None when the other side has closed the channel."""
+        """The next envelope, or None when the other side has closed the channel.
+
+        Raises ``BlockingIOError`` when nothing is waiting (call it when the socket is readable).
+        """
         try:
             data = self.sock.recv(MAX_DATAGRAM)
         except ConnectionResetError:

@@ -251,6 +251,10 @@ class Registered(Envelope, tag="REGISTERED"):
     heartbeat_interval: float = 10.0
 
 
+class Unregister(Envelope, tag="UNREGISTER"):
+    """The manager is stopping: dispatch nothing more; what it had goes back to waiting."""
+
+
 class Dispatch(Envelope, tag="DISPATCH"):
     tasks: list[TaskRef] = []
     groups: list[TaskGroup] = []
@@ -336,10 +340,13 @@ class SpawnRefused(Envelope, tag="SPAWN_REFUSED"):
 
 
 class EndpointExited(Envelope, tag="ENDPOINT_EXITED"):
+    """``signalled``: killed from outside (OOM killer, an admin), not a failure of its own making."""
+
     endpoint_id: str = ""
     pid: int = 0
     how: str = ""
     log_tail: str = ""
+    signalled: bool = False
 
 
 class RetireEndpoint(Envelope, tag="RETIRE"):
@@ -402,6 +409,7 @@ Header = (
     | StatusReply
     | Error
     | Register
+    | Unregister
     | Registered
     | Dispatch
     | DispatchAck

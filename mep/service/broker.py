@@ -69,6 +69,7 @@ from mep.protocol.messages import (
     TaskQuery,
     TaskRef,
     TasksLost,
+    Unregister,
 )
 from mep.service.state import ServiceState
 from mep.service.store import Store, StoredResult, dumps_canonical
@@ -350,6 +351,12 @@ class Broker:
                 outbox.reply(routing_id, Heartbeat())
             case Started():
                 self.store.mark_started(endpoint_id, header.task_ids)
+            case Unregister():
+                del self.managers[endpoint_id]
+                requeued, cancelled = self.store.requeue_in_flight(endpoint_id)
+                outbox.completed.extend(cancelled)
+                log.info("manager for endpoint %s stopped; %d task(s) it held wait for its return", endpoint_id,
+                         requeued)
             case TasksLost():
                 failed = self.store.tasks_lost(endpoint_id, header.lost, self.settings.max_attempts)
                 outbox.completed.extend(failed)
@@ -375,7 +382,11 @@ class Broker:
             raise ProtocolError(f"this manager's key is registered for endpoint {endpoint_id}, "
                                 f"not {header.endpoint_id}")
         now = time.monotonic()
-        if link is not None and link.routing_id != routing_id and now - link.last_seen < self._lease:
+        if link is not None and link.routing_id == routing_id:  # a repeated REGISTER on a live connection
+            link.last_seen = now
+            outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
+            return
+        if link is not None and now - link.last_seen < self._lease:
             raise EndpointBusyError(
                 f"another manager is serving endpoint {endpoint_id} (heard {now - link.last_seen:.0f} s ago); "
                 f"this one may take over once that one has been silent for {self._lease:.0f} s")

@@ -31,13 +31,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mep.errors import ConfigurationError, ErrorCode, MepError
+from mep.errors import ConfigurationError, ErrorCode, TaskRefusedError
 from mep.manager.spawner.policy_files import open_checked_directory
 
 _OPEN_LOG = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
-class AuditUnavailableError(MepError):
+class AuditUnavailableError(TaskRefusedError):
     """The audit log can't be written, so the manager runs nothing (the user sees this message)."""
 
     code = ErrorCode.INTERNAL
@@ -55,7 +55,6 @@ class AuditLog:
         self.path = path
         self.endpoint_id = endpoint_id
         self._trusted_owner_uids = trusted_owner_uids
-        self._fd = -1
         self.failure = ""  # why the log is broken; "" while it works
         self._fd = _open_log(path, trusted_owner_uids)
 

@@ -83,8 +83,9 @@ class ExternalProgram:
     connector_id: str = POSIX_CONNECTOR_ID
 
     @classmethod
-    def from_command(cls, command: object, **settings: object) -> ExternalProgram:
-        """Validate a document's ``command`` (the reference also accepts numbers as arguments)."""
+    def from_command(cls, command: object, *, endpoint_id: str, timeout: float = DEFAULT_TIMEOUT_SECONDS,
+                     trusted_owner_uids: frozenset[int] = frozenset({0})) -> ExternalProgram:
+        """Validate a document's ``command`` (the reference also accepts numbers as arguments); ``ValueError``."""
         if (
             not isinstance(command, list)
             or not command
@@ -96,7 +97,7 @@ class ExternalProgram:
             raise ValueError(f"the program {argv[0]!r} must be an absolute path (no PATH search)")
         if any("\0" in arg for arg in argv):
             raise ValueError("an argument of 'command' contains a NUL byte")
-        return cls(command=argv, **settings)  # type: ignore[arg-type]
+        return cls(command=argv, endpoint_id=endpoint_id, timeout=timeout, trusted_owner_uids=trusted_owner_uids)
 
     @property
     def label(self) -> str:

@@ -130,7 +130,10 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
             file_actions=[(os.POSIX_SPAWN_DUP2, stdin_read, 0), (os.POSIX_SPAWN_DUP2, report_write, REPORT_FD)],
             setsid=True, setsigmask=(), setsigdef=_resettable_signals(),
         )
-    except OSError as error:
+    except (OSError, SpawnError) as error:  # SpawnError: the request does not fit the pipe
+        os.close(report_read)
+        if isinstance(error, SpawnError):
+            raise
         raise SpawnError(f"cannot start a session holder for {account.name}: {error}") from None
     finally:
         for fd in (stdin_read, stdin_write, report_write):

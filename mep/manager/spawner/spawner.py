@@ -127,7 +127,11 @@ class Spawner:
                       "mode": "multi-user" if self.settings.drop_privileges else "single-user",
                       "pam": self.settings.pam.service if self.settings.pam else None}], sync=True)
         while True:
-            readable, _, _ = select.select([self.channel.fileno(), self._wake_read, *self.children], [], [])
+            writable = [self.channel.fileno()] if self.channel.wants_write else []
+            readable, writable, _ = select.select([self.channel.fileno(), self._wake_read, *self.children],
+                                                  writable, [])
+            if writable:
+                self.channel.flush()
             for fd in readable:
                 if fd == self._wake_read:
                     self._drain_wakeups()
@@ -155,6 +159,8 @@ class Spawner:
     def _serve_router(self) -> bool:
         try:
             message = self.channel.receive()
+        except BlockingIOError:
+            return True  # woken for nothing
         except MepError as exc:
             log.error("%s", exc)
             return True
@@ -318,7 +324,7 @@ class Spawner:
                       "account": process.account.name, "how": how}])
         tail = "" if status == 0 else read_log_tail(process.account, process.log_path)
         self.channel.send(EndpointExited(endpoint_id=process.endpoint_id, pid=process.endpoint_pid, how=how,
-                                         log_tail=tail))
+                                         log_tail=tail, signalled=os.WIFSIGNALED(status)))
 
     def _stop_children(self) -> None:
         for process in self.children.values():
