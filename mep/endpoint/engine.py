@@ -28,6 +28,23 @@ log = logging.getLogger(__name__)
 
 Started = Callable[[str], None]
 Completion = Callable[[str, Outcome], None]
+WorkerStarter = Callable[[], tuple[Any, Connection]]
+"""Starts one worker: (a process with ``sentinel``, ``is_alive``, ``kill``, ``join``, ``exitcode``; its connection)."""
+
+
+def _forkserver_starter() -> WorkerStarter:
+    """Local workers from a forkserver, started before the endpoint opens any socket."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mep.endpoint.worker"])
+
+    def start() -> tuple[Any, Connection]:
+        ours, theirs = context.Pipe()
+        process = context.Process(target=serve, args=(theirs,), name="mep-worker", daemon=True)
+        process.start()
+        theirs.close()
+        return process, ours
+
+    return start
 
 
 @dataclass
@@ -57,9 +74,9 @@ class ProcessEngine:
     cause and is replaced too.
     """
 
-    def __init__(self, workers: int, on_started: Started, on_done: Completion) -> None:
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["mep.endpoint.worker"])
+    def __init__(self, workers: int, on_started: Started, on_done: Completion,
+                 start_worker: WorkerStarter | None = None) -> None:
+        self._start = start_worker or _forkserver_starter()
         self._on_started = on_started
         self._on_done = on_done
         self._lock = threading.Lock()
@@ -103,11 +120,8 @@ class ProcessEngine:
     # --- the engine's own thread ----------------------------------------------------
 
     def _start_worker(self) -> _Worker:
-        ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=serve, args=(theirs,), name="mep-worker", daemon=True)
-        process.start()
-        theirs.close()
-        return _Worker(process=process, connection=ours)
+        process, connection = self._start()
+        return _Worker(process=process, connection=connection)
 
     def _loop(self) -> None:
         while True:
@@ -157,9 +171,10 @@ class ProcessEngine:
 
     def _collect(self, worker: _Worker) -> None:
         try:
-            task_id, outcome = worker.connection.recv()
+            task_id, fields = worker.connection.recv()
         except (EOFError, OSError):
             return  # died mid-reply: its sentinel is ready too
+        outcome = Outcome(*fields)
         worker.task = None
         if worker.cancel_outcome is None:
             self._on_done(task_id, outcome)

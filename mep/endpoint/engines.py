@@ -10,18 +10,15 @@ fails each task with the reason, rather than an endpoint that can't start.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Protocol
 
 from mep.config.endpoint import HtexEngine, UserEndpointConfig
-from mep.endpoint.engine import ProcessEngine, _Worker
+from mep.endpoint.engine import Completion, ProcessEngine, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
-
-Started = Callable[[str], None]
-Completion = Callable[[str, Outcome], None]
 
 
 class Engine(Protocol):
@@ -42,20 +39,9 @@ def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Comple
 
         return ParslHtexEngine(engine, config.idle_timeout, on_started, on_done)
     if engine.worker_python is not None:
-        return InterpreterProcessEngine(engine.worker_python, engine.workers, on_started, on_done)
+        return ProcessEngine(engine.workers, on_started, on_done,
+                             start_worker=functools.partial(start_worker, engine.worker_python))
     return ProcessEngine(engine.workers, on_started, on_done)
-
-
-class InterpreterProcessEngine(ProcessEngine):
-    """The process engine with bootstrap workers of another interpreter (``worker_python``)."""
-
-    def __init__(self, python: str, workers: int, on_started: Started, on_done: Completion) -> None:
-        self._python = python
-        super().__init__(workers, on_started, on_done)
-
-    def _start_worker(self) -> _Worker:
-        process, connection = start_worker(self._python)
-        return _Worker(process=process, connection=connection)
 
 
 class UnusableEngine:

@@ -121,15 +121,7 @@ class WorkerProcess:
             self.sentinel = -1
 
 
-class OutcomeConnection(Connection):
-    """The endpoint's end of a bootstrap worker's connection: replies become ``Outcome``s."""
-
-    def recv(self) -> tuple[str, Outcome]:
-        task_id, fields = super().recv()
-        return task_id, Outcome(*fields)
-
-
-def start_worker(python: str) -> tuple[WorkerProcess, OutcomeConnection]:
+def start_worker(python: str) -> tuple[WorkerProcess, Connection]:
     """Start ``python`` as a bootstrap worker and send it the bootstrap; raises OSError if it can't start."""
     ours, theirs = socket.socketpair()
     try:
@@ -140,7 +132,7 @@ def start_worker(python: str) -> tuple[WorkerProcess, OutcomeConnection]:
         raise
     finally:
         theirs.close()
-    connection = OutcomeConnection(ours.detach())
+    connection = Connection(ours.detach())
     connection.send_bytes(bootstrap_source())
     return WorkerProcess(popen), connection
 

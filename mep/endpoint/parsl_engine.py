@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,7 @@ from parsl.jobs.states import JobState, JobStatus
 from parsl.providers.base import ExecutionProvider
 
 from mep.endpoint import bootstrap
-from mep.endpoint.interpreters import OutcomeConnection, WorkerProcess, lost_worker, start_worker
+from mep.endpoint.interpreters import WorkerProcess, lost_worker, start_worker
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
@@ -336,7 +337,7 @@ def _failed_outcome(exc: BaseException) -> Outcome:
 
 # --- the Parsl worker's side ------------------------------------------------------------
 
-_bootstrap_workers: dict[str, tuple[WorkerProcess, OutcomeConnection]] = {}
+_bootstrap_workers: dict[str, tuple[WorkerProcess, Connection]] = {}
 
 
 def run_on_worker(buffer: bytes, worker_python: str | None) -> Outcome:
@@ -349,7 +350,7 @@ def run_on_worker(buffer: bytes, worker_python: str | None) -> Outcome:
     process, connection = _bootstrap_workers[worker_python]
     try:
         connection.send(("", fn_hash, fn_body, args))
-        return connection.recv()[1]
+        return Outcome(*connection.recv()[1])
     except (EOFError, OSError):
         del _bootstrap_workers[worker_python]
         connection.close()

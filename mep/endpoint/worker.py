@@ -1,26 +1,25 @@
-"""Code that runs inside a worker process: load the function once, call it, package the outcome."""
+"""Inside a local worker process: the bootstrap's task loop, tied to the endpoint's life.
+
+The task logic itself lives in ``mep.endpoint.bootstrap`` (standard library and
+dill only), so local workers and ``worker_python`` workers run the very same
+code; ``Outcome`` is the endpoint's view of what the bootstrap reports.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
-import traceback
-from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from mep.errors import ErrorCode
-from mep.protocol.messages import SUCCESS, TASK_ERROR
-from mep.sdk.serialize import deserialize, serialize
+from mep.endpoint import bootstrap
 
-_functions: dict[str, Callable[..., Any]] = {}
 PR_SET_PDEATHSIG = 1
 
 
-
 class Outcome(NamedTuple):
-    """What became of one task, ready to become a wire ``Result``."""
+    """What became of one task, ready to become a wire ``Result`` (the bootstrap's reply fields)."""
 
     status: str
     payload: bytes = b""
@@ -39,35 +38,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def run_task(fn_hash: str, fn_body: bytes | None, args: bytes) -> Outcome:
-    """Run one task; ``fn_body`` is None when this worker already loaded ``fn_hash``."""
-    try:
-        fn = _functions.get(fn_hash)
-        if fn is None:
-            fn = _functions[fn_hash] = deserialize(fn_body)
-        call_args, call_kwargs = deserialize(args)
-        return Outcome(SUCCESS, serialize(fn(*call_args, **call_kwargs)))
-    except BaseException as exc:  # the task's failure is data to send back, whatever it is
-        return _failure(exc)
-
-
-def _failure(exc: BaseException) -> Outcome:
-    kind = type(exc)
-    type_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    text = "".join(traceback.format_exception(exc))
-    try:
-        payload = serialize(exc)
-    except Exception:  # unpicklable exception: the SDK raises RemoteError from the text
-        payload = b""
-    return Outcome(TASK_ERROR, payload, type_name, str(exc), text, code=ErrorCode.TASK_ERROR)
-
-
 def serve(connection: Connection) -> None:
-    """A worker process's life: run tasks from the endpoint until it hangs up (or kills us)."""
+    """A local worker's life: the bootstrap's loop, dying with the endpoint."""
     _die_with_parent()
-    while True:
-        try:
-            task_id, fn_hash, fn_body, args = connection.recv()
-        except EOFError:
-            return
-        connection.send((task_id, run_task(fn_hash, fn_body, args)))
+    bootstrap.serve(connection)
