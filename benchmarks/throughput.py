@@ -28,7 +28,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import hashlib
-import json
 import os
 import platform
 import pwd
@@ -50,7 +49,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # tests/ is not installed
 
 from mep import Executor  # noqa: E402
-from mep.config.manager import ManagerConfig  # noqa: E402
 from mep.protocol import PROTOCOL_VERSION, SIGNATURE, decode, encode  # noqa: E402
 from mep.errors import MepError  # noqa: E402
 from mep.protocol.messages import Submit, TaskRef  # noqa: E402
@@ -65,8 +63,6 @@ from tests.harness import (  # noqa: E402
     Manager,
     deployment,
     expression_mapping,
-    start_process,
-    wait_for,
 )
 
 REPEATS = 3
@@ -226,28 +222,8 @@ class Session:
     workers: int
 
     def start_manager(self) -> Manager:
-        """A manager with the shipped defaults, run as whoever runs the benchmark.
-
-        Not ``Deployment.start_manager``: that puts the endpoint socket under
-        /run, which only root can write; the default socket directory works
-        for root (multi-user) and for an ordinary account (single-user) alike.
-        """
-        name = f"ep{len(self.deploy.managers)}"
-        config_dir = self.deploy.root / name
-        registered = self.deploy.admin("endpoint", "add", name, "--config-dir", str(config_dir),
-                                       "--service-address", self.deploy.address)
-        config_path = Path(registered["manager config"])
-        (config_dir / "identity_mapping.json").write_text(json.dumps(expression_mapping(DOMAIN_STRIP)))
-        process = start_process([PYTHON, "-m", "mep", "manager", "start", "--config", str(config_path)],
-                                config_dir / "manager.log")
-        manager = Manager(process, config_path, registered["endpoint_id"],
-                          run_dir=ManagerConfig.load(config_path).socket_dir())
-        self.deploy.managers.append(manager)  # stopped, and its socket directory removed, with the deployment
-        wait_for(lambda: "registered with the service" in manager.log() or process.popen.poll() is not None,
-                 what="the manager to register")
-        if process.popen.poll() is not None:
-            raise RuntimeError(f"the manager exited at start:\n{manager.log()}")
-        return manager
+        """A manager with the shipped local template, multi-user as root and single-user otherwise."""
+        return self.deploy.start_manager(expression_mapping(DOMAIN_STRIP))
 
     def executor(self, manager: Manager) -> Executor:
         return self.deploy.executor(self.identity, manager, user_endpoint_config={"workers": self.workers})

@@ -288,3 +288,24 @@ def test_manager_sigterm_lets_running_tasks_finish(setup) -> None:
     for pid in endpoints:
         assert not Path(f"/proc/{pid}").exists(), "a stopped manager leaves no endpoint behind"
     assert "the manager is stopping" in manager.log() or "stopping" in manager.log()
+
+
+def test_a_crashed_manager_leaves_endpoints_running_and_its_restart_adopts_them(setup) -> None:
+    deploy, manager, identity = setup
+    client = _client(deploy, identity)
+    with deploy.executor(identity, manager) as executor:
+        future = executor.submit(nap, 6, "kept")
+    wait_for(lambda: state_of(client, future.task_id) == "running", what="the task to run")
+    (endpoint,) = _endpoints(manager)
+    os.killpg(manager.spawner_pid, signal.SIGKILL)  # spawner and router at once: the whole manager crashes
+    manager.process.popen.wait()
+    assert Path(f"/proc/{endpoint}").exists(), "a crash must not take the user's endpoint with it"
+    manager.start()
+    assert future.result(timeout=60) == "kept"
+    log_after_restart = manager.log().rsplit("starting (multi-user mode)", 1)[1]
+    assert "adopted endpoint" in log_after_restart and str(endpoint) in log_after_restart
+    assert client.get_task(future.task_id).attempts == 0, "the run in progress carried on; nothing was retried"
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(echo, "same endpoint").result(timeout=60) == "same endpoint"
+    assert "spawned endpoint" not in manager.log().rsplit("starting (multi-user mode)", 1)[1]
+    assert Path(f"/proc/{endpoint}").exists()

@@ -48,6 +48,7 @@ log = logging.getLogger("mep.endpoint")
 
 RESEND_AFTER = 10.0
 SHUTDOWN_GRACE = 30.0  # seconds running tasks get to finish when the manager stops this endpoint
+ORPHAN_AFTER = 60.0  # seconds without the manager after which the endpoint stops waiting to be adopted
 
 
 @dataclass
@@ -125,8 +126,8 @@ class UserEndpoint:
                 last_heartbeat = now
             if self._draining_since and (not self.active or now - self._draining_since > SHUTDOWN_GRACE):
                 break
-            if now - last_heard > 3 * self.heartbeat_interval:
-                # Orphaned (its manager died with no one left to stop it): finish what runs, then go.
+            if now - last_heard > max(3 * self.heartbeat_interval, ORPHAN_AFTER):
+                # Orphaned (its manager died and did not come back to adopt it): finish what runs, then go.
                 self._drain(f"the manager has been silent for {now - last_heard:.0f} s")
             idle = now - last_activity > self.config.idle_timeout
             if idle and not asked_to_exit:
@@ -166,6 +167,11 @@ class UserEndpoint:
                 for task in header.tasks:
                     if task.fn_frame != -1:
                         self.functions[task.fn_hash] = payloads[task.fn_frame].bytes
+                    if task.task_id in self.active:
+                        continue  # sent again after a manager restart: the run in progress stands
+                    if task.task_id in self.unacknowledged:
+                        self._send_results([self.unacknowledged[task.task_id][:2]])  # done already: say so again
+                        continue
                     self.active[task.task_id] = ActiveTask(walltime=task.walltime)
                     if refuse_mismatch(header.runtimes, task, self.config, self._task_done):
                         continue

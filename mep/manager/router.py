@@ -55,6 +55,7 @@ from mep.protocol.messages import (
     ResultsAck,
     Shutdown,
     RetireEndpoint,
+    RouterStopping,
     Runtime,
     Spawned,
     SpawnerStatus,
@@ -181,6 +182,7 @@ class Router:
             if self._stopping and not stop_deadline:
                 # Graceful stop: endpoints finish what runs (their results still flow), then exit.
                 stop_deadline = time.monotonic() + STOP_GRACE
+                self.spawner.send(RouterStopping())
                 self._shutdown_endpoints("the manager is stopping")
             if stop_deadline and (not self.endpoints or time.monotonic() > stop_deadline):
                 break
@@ -421,6 +423,11 @@ class Router:
             log.warning("ignoring a malformed message from endpoint %s: %s", endpoint_id, exc)
             return
         link.last_heard = time.monotonic()
+        if link.routing_id not in (None, routing_id) or (link.routing_id is None and not isinstance(header, Ready)):
+            # An adopted endpoint reconnecting after a manager restart: its first message tells us where it is.
+            link.routing_id = routing_id
+            self._send_endpoint(link, Heartbeat())
+            self._send_queued(link)
         match header:
             case Ready():
                 link.routing_id = routing_id

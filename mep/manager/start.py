@@ -32,7 +32,7 @@ from mep.manager.spawner.privdrop import drop_privileges_in_process
 from mep.manager.spawner.session_holder import PamSettings
 from mep.manager.spawner.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import SpawnerLink, channel_pair
-from mep.protocol.curve import check_public_key, generate_keypair, read_secret_key
+from mep.protocol.curve import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
 
 log = logging.getLogger("mep.manager")
 
@@ -97,6 +97,19 @@ def _hold_instance_lock(base: Path) -> None:
     _instance_lock = fd
 
 
+def router_keypair(path: Path) -> tuple[str, str]:
+    """The router's endpoint-facing key pair, kept across restarts so adopted endpoints can reconnect.
+
+    It lives beside the instance lock in the manager's own run directory
+    (owned by the manager's account, 0600); the router gets the secret from its
+    parent, never from the file.
+    """
+    if not path.exists():
+        write_secret_key(path, generate_keypair()[1])
+    secret = read_secret_key(path)
+    return public_from_secret(secret), secret
+
+
 def account_rules(config: ManagerConfig, router: Account | None) -> tuple[AccountPolicy, frozenset[int]]:
     """The account policy and the owners trusted for policy files, as this process's manager would use them.
 
@@ -139,12 +152,13 @@ def start_manager(config_path: Path) -> int:
     pam = pam_settings(config, config_path, trusted_owner_uids=trusted)
     owner = (router.uid, router.gid) if router else (os.geteuid(), os.getegid())
     socket_path = prepare_socket_dir(config.socket_dir(), *owner)
-    router_public, router_secret = generate_keypair()
+    router_public, router_secret = router_keypair(config.socket_dir() / "router.key")
     address = f"ipc://{socket_path}"
     router_end, spawner_end = channel_pair()
     spawner = Spawner(SpawnerSettings(config=config, router_address=address, router_public_key=router_public,
                                       policy=policy, trusted_owner_uids=trusted, drop_privileges=as_root,
-                                      audit_log=config.audit_log_path(), pam=pam),
+                                      audit_log=config.audit_log_path(), pam=pam,
+                                      registry_path=config.socket_dir() / "endpoints.json"),
                       SpawnerLink(spawner_end))
     log.info("manager for endpoint %s starting (%s mode)", config.endpoint_id,
              "multi-user" if as_root else f"single-user as uid {os.geteuid()}")

@@ -349,6 +349,10 @@ class EndpointExited(Envelope, tag="ENDPOINT_EXITED"):
     signalled: bool = False
 
 
+class RouterStopping(Envelope, tag="ROUTER_STOPPING"):
+    """The router is stopping on purpose: when it hangs up, stop the endpoints rather than keep them for adoption."""
+
+
 class RetireEndpoint(Envelope, tag="RETIRE"):
     """The router is shutting this endpoint down: never hand it out again (``kill``: it is hung, SIGKILL it)."""
 
@@ -423,6 +427,7 @@ Header = (
     | SpawnRefused
     | EndpointExited
     | RetireEndpoint
+    | RouterStopping
     | SpawnerStatusRequest
     | SpawnerStatus
     | AuditTasks

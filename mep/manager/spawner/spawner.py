@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import select
 import signal
 import sys
@@ -35,6 +36,7 @@ import msgspec
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
 from mep.errors import ConfigurationError, MepError, TaskRefusedError
+from mep.manager.spawner import registry
 from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused
 from mep.manager.spawner.audit import AuditLog, AuditUnavailableError
 from mep.manager.spawner.authorize import Authorization, authorize
@@ -52,6 +54,7 @@ from mep.protocol.messages import (
     EndpointBoot,
     EndpointExited,
     RetireEndpoint,
+    RouterStopping,
     Spawned,
     SpawnerStatus,
     SpawnerStatusRequest,
@@ -76,6 +79,13 @@ class EndpointProcess:
     endpoint_pid: int
     held: bool = False  # under a PAM session holder
     retired: bool = False
+    adopted: bool = False  # started by an earlier life of this manager: not our child
+
+    def record(self) -> registry.EndpointRecord:
+        return registry.EndpointRecord(
+            endpoint_id=self.endpoint_id, pid=self.pid, start_time=registry.start_time(self.pid),
+            owner_uid=os.stat(f"/proc/{self.pid}").st_uid, endpoint_pid=self.endpoint_pid, account=self.account.name,
+            key=self.key, public_key=self.public_key, log_path=self.log_path, held=self.held)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class SpawnerSettings:
     trusted_owner_uids: frozenset[int]
     drop_privileges: bool
     audit_log: Path
+    registry_path: Path
     pam: PamSettings | None = None  # None: PAM is off
 
 
@@ -112,6 +123,7 @@ class Spawner:
         self.children: dict[int, EndpointProcess] = {}  # pidfd -> process
         self.running: dict[EndpointKey, EndpointProcess] = {}
         self.router_pid = 0
+        self._router_stopping = False  # the router said it is stopping on purpose (not crashing)
         self._hangup = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -126,6 +138,7 @@ class Spawner:
         self._audit([{"event": "manager_started", "mapping_file": str(config.identity_mapping),
                       "mode": "multi-user" if self.settings.drop_privileges else "single-user",
                       "pam": self.settings.pam.service if self.settings.pam else None}], sync=True)
+        self._adopt()
         while True:
             writable = [self.channel.fileno()] if self.channel.wants_write else []
             readable, writable, _ = select.select([self.channel.fileno(), self._wake_read, *self.children],
@@ -138,7 +151,11 @@ class Spawner:
                 elif fd in self.children:
                     self._reap(self.children.pop(fd))
                 elif not self._serve_router():
-                    self._stop_children()
+                    if self._router_stopping:
+                        self._stop_children()
+                    else:  # a crash: what runs is left for the next manager to adopt
+                        log.warning("the router died; %d endpoint(s) keep running for the manager's next start to "
+                                    "adopt", len(self.children))
                     return 0
 
     def _on_hangup_signal(self, _signum: int, _frame: object) -> None:
@@ -172,6 +189,8 @@ class Spawner:
                 self.channel.send(self._spawn_or_refuse(message))
             case AuditTasks():
                 self._record_tasks(message)
+            case RouterStopping():
+                self._router_stopping = True
             case RetireEndpoint():
                 for process in self.children.values():
                     if process.endpoint_id == message.endpoint_id:
@@ -311,14 +330,50 @@ class Spawner:
                                       key=key, public_key=public_key, log_path=log_path, endpoint_pid=child.pid)
         self.children[process.pidfd] = process
         self.running[key] = process
+        self._save_registry()
         return process
 
+    def _adopt(self) -> None:
+        """Take back the endpoints an earlier life of this manager left running when it died."""
+        for record in registry.load_live(self.settings.registry_path):
+            try:
+                account = Account.from_passwd(pwd.getpwnam(record.account))
+                pidfd = os.pidfd_open(record.pid)
+            except (KeyError, OSError) as exc:
+                log.warning("cannot adopt endpoint %s of %s: %s", record.endpoint_id, record.account, exc)
+                continue
+            process = EndpointProcess(endpoint_id=record.endpoint_id, pid=record.pid, pidfd=pidfd, account=account,
+                                      key=record.key, public_key=record.public_key, log_path=record.log_path,
+                                      endpoint_pid=record.endpoint_pid, held=record.held, adopted=True)
+            self.children[pidfd] = process
+            self.running[process.key] = process
+            log.info("adopted endpoint %s (pid %d) of %s from the manager's previous life", record.endpoint_id,
+                     record.endpoint_pid, record.account)
+            self._audit([{"event": "endpoint_adopted", "endpoint_id": record.endpoint_id,
+                          "pid": record.endpoint_pid, "account": record.account}])
+            self.channel.send(Spawned(endpoint_id=record.endpoint_id, pid=record.endpoint_pid,
+                                      account=record.account, public_key=record.public_key, reused=True))
+        self._save_registry()
+
+    def _save_registry(self) -> None:
+        records = []
+        for process in self.children.values():
+            try:
+                records.append(process.record())
+            except OSError:
+                continue  # exiting right now: the reaper will report it
+        registry.save(self.settings.registry_path, records)
+
     def _reap(self, process: EndpointProcess) -> None:
-        _, status = os.waitpid(process.pid, 0)
+        if process.adopted:  # not our child: its exit status went to init
+            status = signal.SIGKILL  # unknown; report it as killed, so its tasks are retried
+        else:
+            _, status = os.waitpid(process.pid, 0)
         os.close(process.pidfd)
         if self.running.get(process.key) is process:
             del self.running[process.key]
-        how = _describe_exit(status)
+        self._save_registry()
+        how = _describe_exit(status) if not process.adopted else "ended (adopted, so its exit status is unknown)"
         log.info("endpoint %s (pid %d, %s) %s", process.endpoint_id, process.endpoint_pid, process.account.name, how)
         self._audit([{"event": "endpoint_exited", "endpoint_id": process.endpoint_id, "pid": process.endpoint_pid,
                       "account": process.account.name, "how": how}])
@@ -330,9 +385,13 @@ class Spawner:
         for process in self.children.values():
             signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)
         for process in self.children.values():
-            os.waitpid(process.pid, 0)
+            if process.adopted:
+                select.select([process.pidfd], [], [])  # not our child: wait for its pidfd instead
+            else:
+                os.waitpid(process.pid, 0)
             os.close(process.pidfd)
         self.children.clear()
+        self._save_registry()
 
 
 def _decision_record(request: SpawnRequest, progress: Authorization, outcome: str, **fields: Any) -> dict[str, Any]:
