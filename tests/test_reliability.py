@@ -309,3 +309,19 @@ def test_a_crashed_manager_leaves_endpoints_running_and_its_restart_adopts_them(
         assert executor.submit(echo, "same endpoint").result(timeout=60) == "same endpoint"
     assert "spawned endpoint" not in manager.log().rsplit("starting (multi-user mode)", 1)[1]
     assert Path(f"/proc/{endpoint}").exists()
+
+
+def big_result(size: int) -> bytes:
+    return b"x" * size
+
+
+def test_oversize_config_and_result_get_clear_errors(setup) -> None:
+    deploy, manager, identity = setup
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1, "note": "x" * 100_000}) as executor:
+        future = executor.submit(echo, 1)
+    with pytest.raises(mep.MepError, match="user_endpoint_config is .* bytes as JSON; the limit is"):
+        future.result(timeout=60)
+    with deploy.executor(identity, manager) as executor:
+        with pytest.raises(mep.MepError, match="serialised result is .* bytes; the limit is"):
+            executor.submit(big_result, 11 * 1024 * 1024).result(timeout=120)
+        assert executor.submit(echo, "next").result(timeout=60) == "next"

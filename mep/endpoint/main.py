@@ -28,9 +28,11 @@ from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode, MepError
 from mep.protocol import decode, encode
 from mep.protocol.curve import make_curve_client
+from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 from mep.protocol.messages import (
     CANCELLED,
     FAILED,
+    SUCCESS,
     Cancel,
     EndpointBoot,
     Heartbeat,
@@ -208,6 +210,11 @@ class UserEndpoint:
                 continue
             if self.active.pop(task_id, None) is None:
                 continue  # a cancel and a completion crossed: the first one stands
+            if len(outcome.payload) > DEFAULT_MAX_PAYLOAD_BYTES:
+                outcome = Outcome(FAILED, code=ErrorCode.PAYLOAD_TOO_LARGE,
+                                  message=f"the serialised {'result' if outcome.status == SUCCESS else 'exception'} "
+                                          f"is {len(outcome.payload)} bytes; the limit is "
+                                          f"{DEFAULT_MAX_PAYLOAD_BYTES}: write large output to a file instead")
             result = Result(task_id=task_id, status=outcome.status, code=outcome.code, message=outcome.message,
                             error_type=outcome.error_type, traceback=outcome.traceback)
             finished.append((result, outcome.payload))

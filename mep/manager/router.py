@@ -27,7 +27,7 @@ import zmq
 
 from mep import __version__
 from mep.config.manager import ManagerConfig
-from mep.errors import ErrorCode, MepError
+from mep.errors import ErrorCode, MepError, ProtocolError
 from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server, public_from_secret
 from mep.protocol.guard import forbid_unpickling, process_status
@@ -119,6 +119,7 @@ class Router:
         self.service = self.context.socket(zmq.DEALER)
         self.service.linger = 0
         self.service.sndhwm = self.service.rcvhwm = 100_000
+        self.service.reconnect_ivl_max = 5000  # back off to 5 s while the service is down
         make_curve_client(self.service, config.service_public_key, manager_secret_key)
         self.endpoints_socket = self.context.socket(zmq.ROUTER)
         self.endpoints_socket.router_mandatory = True
@@ -137,6 +138,7 @@ class Router:
         self.lost_out: list[LostTask] = []
         self.spawner_status: ProcessStatus | None = None
         self.registering_since = 0.0
+        self.last_endpoint_check = 0.0
         self.endpoint_heartbeat = config.heartbeat_interval
         self.last_heard = 0.0
         self.last_heartbeat = 0.0
@@ -212,12 +214,14 @@ class Router:
 
     def _keep_alive(self) -> None:
         now = time.monotonic()
-        interval = self.config.heartbeat_interval
+        if now - self.last_endpoint_check > self.endpoint_heartbeat:  # the endpoints' own cadence
+            self._check_endpoints(now)
+            self.last_endpoint_check = now
+        interval = self.config.heartbeat_interval  # the service's cadence, as it told us
         if now - self.last_heard > 3 * interval:
             log.warning("no word from the service for %.0f s; registering again", now - self.last_heard)
             self._register()
         elif now - self.last_heartbeat > interval:
-            self._check_endpoints(now)
             self.spawner.send(SpawnerStatusRequest())
             processes = [process_status("router")] + ([self.spawner_status] if self.spawner_status else [])
             self.service.send_multipart(encode(Heartbeat(processes=processes)))
@@ -255,6 +259,8 @@ class Router:
                 log.warning("the service sent %s: %s", type(header).__name__, getattr(header, "message", ""))
 
     def _dispatch(self, dispatch: Dispatch, payloads: list[Any]) -> None:
+        if self._stopping:
+            return  # not acknowledged: our UNREGISTER hands these back to the service
         refs = {ref.task_id: ref for ref in dispatch.tasks}
         for ref in dispatch.tasks:
             if ref.fn_frame != -1:
@@ -275,12 +281,18 @@ class Router:
 
     def _request_spawn(self, key: GroupKey, group: TaskGroup, tasks: list[QueuedTask]) -> None:
         self._next_request += 1
-        self.spawn_waits[key] = SpawnWait(request_id=self._next_request, tasks=tasks)
-        self.spawn_requests[self._next_request] = key
-        self.spawner.send(SpawnRequest(
+        request = SpawnRequest(
             request_id=self._next_request, submitter_id=group.submitter_id, identities=group.identities,
             user_endpoint_config=group.user_endpoint_config, runtime=group.runtime,
-            identity_assertion=group.identity_assertion))
+            identity_assertion=group.identity_assertion)
+        try:
+            self.spawner.send(request)
+        except ProtocolError as exc:  # e.g. an enormous config: refuse these tasks, never crash on them
+            self._fail([task.ref.task_id for task in tasks], ErrorCode.CONFIG_INVALID,
+                       f"the user endpoint config can't be handled: {exc}")
+            return
+        self.spawn_waits[key] = SpawnWait(request_id=self._next_request, tasks=tasks)
+        self.spawn_requests[self._next_request] = key
 
     def _cancel(self, task_ids: list[str]) -> None:
         """Tasks not yet on an endpoint end here; the endpoint stops the ones it has."""

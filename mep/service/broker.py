@@ -81,6 +81,7 @@ CLIENT = "client"
 MANAGER_PREFIX = "manager:"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 DRAIN_LIMIT = 1000
+MAX_CONFIG_BYTES = 64 * 1024
 
 
 @dataclass
@@ -245,6 +246,9 @@ class Broker:
         if submit.runtime is None:
             raise ProtocolError("SUBMIT must carry the client's runtime")
         config = dumps_canonical(submit.user_endpoint_config)
+        if len(config) > MAX_CONFIG_BYTES:
+            raise ProtocolError(f"user_endpoint_config is {len(config)} bytes as JSON; the limit is "
+                                f"{MAX_CONFIG_BYTES}: pass options, not data")
         runtime = dumps_canonical(msgspec.to_builtins(submit.runtime))
         limit = self.settings.max_payload_bytes
         offered = self._store_offered_functions(submit.tasks, payloads, limit)

@@ -334,14 +334,19 @@ class Store:
         """Tasks whose user endpoint died: queued again, or failed once they used up their attempts.
 
         Only a task the endpoint had counts an attempt; one still queued at the
-        router goes back without penalty. Returns the ids that failed.
+        router goes back without penalty. A task whose cancellation was pending
+        ends cancelled. Returns the ids that ended.
         """
         failed = []
         for item in lost:
             row = self.db.execute(
-                f"SELECT attempts FROM tasks WHERE id=? AND endpoint_id=? AND state NOT IN {TERMINAL_SQL}",
-                (item.task_id, endpoint_id)).fetchone()
+                f"SELECT attempts, cancel_requested FROM tasks WHERE id=? AND endpoint_id=?"
+                f" AND state NOT IN {TERMINAL_SQL}", (item.task_id, endpoint_id)).fetchone()
             if row is None:
+                continue
+            if row[1]:  # its submitter wanted it stopped anyway
+                self._finish([item.task_id], CANCELLED, ErrorCode.CANCELLED, "cancelled by the submitter")
+                failed.append(item.task_id)
                 continue
             attempts = row[0] + (1 if item.attempted else 0)
             if attempts >= max_attempts:

@@ -26,6 +26,7 @@ import pwd
 import select
 import signal
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ from mep.protocol.messages import (
 
 log = logging.getLogger("mep.spawner")
 
+STOP_GRACE = 45.0  # seconds endpoints get after SIGTERM (they give running tasks 30) before SIGKILL
 EndpointKey = tuple[int, str, str]  # (uid, template digest, canonical rendered config)
 
 
@@ -382,15 +384,24 @@ class Spawner:
                                          log_tail=tail, signalled=os.WIFSIGNALED(status)))
 
     def _stop_children(self) -> None:
+        """SIGTERM every endpoint; those still there after the grace period are SIGKILLed."""
         for process in self.children.values():
             signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)
-        for process in self.children.values():
-            if process.adopted:
-                select.select([process.pidfd], [], [])  # not our child: wait for its pidfd instead
-            else:
-                os.waitpid(process.pid, 0)
-            os.close(process.pidfd)
-        self.children.clear()
+        deadline = time.monotonic() + STOP_GRACE
+        while self.children:
+            exited, _, _ = select.select(list(self.children), [], [], max(0.0, deadline - time.monotonic()))
+            if not exited:
+                log.warning("%d endpoint(s) ignored SIGTERM for %.0f s; killing them", len(self.children),
+                            STOP_GRACE)
+                for process in self.children.values():
+                    _kill_endpoint(process)
+                deadline = float("inf")
+                continue
+            for fd in exited:
+                process = self.children.pop(fd)
+                if not process.adopted:  # an adopted one is not our child: its pidfd said it ended
+                    os.waitpid(process.pid, 0)
+                os.close(process.pidfd)
         self._save_registry()
 
 
