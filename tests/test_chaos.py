@@ -20,7 +20,7 @@ from concurrent.futures import Future
 import pytest
 
 import mep
-from tests.harness import DOMAIN_STRIP, children_of, expression_mapping, wait_for
+from tests.harness import DOMAIN_STRIP, expression_mapping, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -55,7 +55,7 @@ class Supervisor(threading.Thread):
                 self.restarts += 1
 
 
-def _kill(victim: str, deploy, manager, rng: random.Random) -> str:  # noqa: ANN001
+def _kill(victim: str, deploy, manager, accounts: list[str], rng: random.Random) -> str:  # noqa: ANN001
     """SIGKILL one process of the given kind, waiting first for the supervisor to have it running."""
     if victim == "service":
         deploy.restart_service(signal.SIGKILL)
@@ -64,7 +64,7 @@ def _kill(victim: str, deploy, manager, rng: random.Random) -> str:  # noqa: ANN
         pid = wait_for(lambda: _alive_pid(lambda: getattr(manager, f"{victim}_pid")), timeout=120,
                        what=f"a {victim} to kill")
     else:
-        pid = rng.choice(wait_for(lambda: _alive_pid(lambda: _endpoint_pids(manager)), timeout=120,
+        pid = rng.choice(wait_for(lambda: _alive_pid(lambda: _endpoint_pids(accounts)), timeout=120,
                                   what="an endpoint to kill"))
     try:
         os.killpg(pid, signal.SIGKILL) if victim == "endpoint" else os.kill(pid, signal.SIGKILL)
@@ -73,9 +73,18 @@ def _kill(victim: str, deploy, manager, rng: random.Random) -> str:  # noqa: ANN
     return f"killed {victim}"
 
 
-def _endpoint_pids(manager) -> list[int]:  # noqa: ANN001
-    router = manager.router_pid
-    return [pid for pid in children_of(manager.spawner_pid) if pid != router]
+def _endpoint_pids(accounts: list[str]) -> list[int]:
+    """These accounts' user endpoints, adopted ones (not the spawner's children) included."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                title = handle.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.split(" ")[:2] in [["mep-endpoint", account] for account in accounts]:
+            found.append(int(entry))
+    return found
 
 
 def _alive_pid(find):  # noqa: ANN001, ANN202
@@ -113,7 +122,8 @@ def test_nothing_is_lost_while_processes_are_killed(deploy, account_factory) -> 
                 f"no task completed for {STALL_LIMIT:.0f} s ({done}/{total} done); events: {events}")
             while kill_at and done >= kill_at[0]:
                 kill_at.pop(0)
-                events.append(_kill(rng.choice(["service", "router", "spawner", "endpoint"]), deploy, manager, rng))
+                events.append(_kill(rng.choice(["service", "router", "spawner", "endpoint"]), deploy, manager,
+                                    [account.pw_name for account in accounts], rng))
             time.sleep(0.2)
     finally:
         supervisor.stopping.set()
