@@ -325,3 +325,31 @@ def test_oversize_config_and_result_get_clear_errors(setup) -> None:
         with pytest.raises(mep.MepError, match="serialised result is .* bytes; the limit is"):
             executor.submit(big_result, 11 * 1024 * 1024).result(timeout=120)
         assert executor.submit(echo, "next").result(timeout=60) == "next"
+
+
+def whoami() -> int:
+    import os
+
+    return os.getuid()
+
+
+def test_disabled_account_loses_its_endpoint_and_a_changed_mapping_applies_at_once(deploy, account_factory) -> None:
+    first, second = account_factory("mepremap"), account_factory("mepremap")
+    mapping = [{"DATA_TYPE": "expression_identity_mapping#1.0.0",
+                "mappings": [{"source": "{username}", "match": "researcher@example\\.org", "output": first.pw_name}]}]
+    manager = deploy.start_manager(mapping)
+    identity = deploy.identity("researcher@example.org")
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(whoami).result(timeout=60) == first.pw_uid
+        mapping[0]["mappings"][0]["output"] = second.pw_name
+        mapping_file = manager.config_path.parent / "identity_mapping.json"
+        replacement = mapping_file.with_name("identity_mapping.new")
+        replacement.write_text(json.dumps(mapping))
+        os.replace(replacement, mapping_file)
+        wait_for(lambda: "mapping each submitter afresh" in manager.log(), what="the router to forget its shortcut")
+        assert executor.submit(whoami).result(timeout=60) == second.pw_uid
+        (endpoint,) = [pid for pid in _endpoints(manager) if os.stat(f"/proc/{pid}").st_uid == second.pw_uid]
+        subprocess.run(["usermod", "--shell", "/usr/sbin/nologin", second.pw_name], check=True)
+        wait_for(lambda: not Path(f"/proc/{endpoint}").exists(), what="the disabled account's endpoint to stop")
+        with pytest.raises(mep.AccountRefusedError, match="shell"):
+            executor.submit(whoami).result(timeout=60)

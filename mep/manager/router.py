@@ -54,6 +54,7 @@ from mep.protocol.messages import (
     Results,
     ResultsAck,
     Shutdown,
+    RemapGroups,
     RetireEndpoint,
     RouterStopping,
     Runtime,
@@ -371,6 +372,9 @@ class Router:
                 self._endpoint_exited(message)
             case SpawnerStatus():
                 self.spawner_status = message.process
+            case RemapGroups():
+                log.info("mapping each submitter afresh: %s", message.reason)
+                self.by_group.clear()
             case AuditStatus():
                 self.audit.on_status(message)
         return True

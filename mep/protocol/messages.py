@@ -360,6 +360,12 @@ class RetireEndpoint(Envelope, tag="RETIRE"):
     kill: bool = False
 
 
+class RemapGroups(Envelope, tag="REMAP_GROUPS"):
+    """Forget which endpoint serves which submitter: the mapping changed, or an account was disabled."""
+
+    reason: str = ""
+
+
 class SpawnerStatusRequest(Envelope, tag="SPAWNER_STATUS"):
     pass
 
@@ -428,6 +434,7 @@ Header = (
     | EndpointExited
     | RetireEndpoint
     | RouterStopping
+    | RemapGroups
     | SpawnerStatusRequest
     | SpawnerStatus
     | AuditTasks

@@ -38,7 +38,7 @@ from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
 from mep.errors import ConfigurationError, MepError, TaskRefusedError
 from mep.manager.spawner import registry
-from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused
+from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused, resolve_account
 from mep.manager.spawner.audit import AuditLog, AuditUnavailableError
 from mep.manager.spawner.authorize import Authorization, authorize
 from mep.manager.spawner.identity import MappingContext
@@ -54,6 +54,7 @@ from mep.protocol.messages import (
     AuditTasks,
     EndpointBoot,
     EndpointExited,
+    RemapGroups,
     RetireEndpoint,
     RouterStopping,
     Spawned,
@@ -200,9 +201,10 @@ class Spawner:
                         self.running.pop(process.key, None)
                         if message.kill:
                             _kill_endpoint(process)
-            case SpawnerStatusRequest():
+            case SpawnerStatusRequest():  # the router's heartbeat: a good moment to look around
                 if self.audit.failure:
                     self._reopen_audit_log()  # recovers once the admin has fixed the disk
+                self._revalidate()
                 self.channel.send(SpawnerStatus(process=process_status("spawner")))
             case _:
                 log.warning("ignoring an unexpected %s from the router", type(message).__name__)
@@ -334,6 +336,31 @@ class Spawner:
         self.running[key] = process
         self._save_registry()
         return process
+
+    def _revalidate(self) -> None:
+        """Pick up a changed mapping file, and stop endpoints whose accounts policy now refuses.
+
+        Either way the router forgets its submitter-to-endpoint shortcuts, so the
+        next task of each submitter is mapped and checked afresh.
+        """
+        outcome = self.mapping.refresh()
+        self._record_reload(outcome)
+        reasons = ["the identity mapping changed"] if outcome is not None and outcome.loaded else []
+        for process in list(self.children.values()):
+            if process.retired:
+                continue
+            try:
+                resolve_account(process.account.name, self.settings.policy)
+            except AccountRefused as exc:
+                log.warning("stopping endpoint %s: %s [%s]", process.endpoint_id, exc, exc.admin_detail)
+                self._audit([{"event": "endpoint_stopped", "endpoint_id": process.endpoint_id,
+                              "account": process.account.name, "reason": exc.admin_detail or str(exc)}])
+                process.retired = True
+                self.running.pop(process.key, None)
+                signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)  # running tasks get to finish
+                reasons.append(f"account {process.account.name} is no longer allowed")
+        if reasons:
+            self.channel.send(RemapGroups(reason="; ".join(reasons)))
 
     def _adopt(self) -> None:
         """Take back the endpoints an earlier life of this manager left running when it died."""
