@@ -23,6 +23,14 @@ if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
     fi
 fi
 
+if [ ! -w "$repo" ]; then  # pip builds in the source tree: use a private copy of a read-only checkout
+    copy=$(mktemp -d)
+    trap 'rm -rf "$copy"' EXIT
+    mkdir "$copy/src"
+    for part in pyproject.toml README.md mep templates identity_maps packaging; do cp -r "$repo/$part" "$copy/src/"; done
+    repo="$copy/src"
+fi
+
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 # pip's warnings about this machine's local package index locations are noise, not errors
 "$venv/bin/pip" install --quiet --disable-pip-version-check "$repo[test]" 2>&1 | grep -v '^WARNING: Location' || true
