@@ -302,18 +302,19 @@ def test_endpoint_and_session_survive_a_manager_crash_and_restart(deploy, pam_se
     identity = deploy.identity(f"{user.pw_name}@example.org")
     executor = deploy.executor(identity, manager, user_endpoint_config={"idle_timeout": 10})
     try:
-        executor.submit(nap, 6)
+        future = executor.submit(nap, 6)
         wait_for(lambda: pam_service.events(user.pw_name) == ["open_session"], what="the session to open")
         (holder,) = [pid for pid in children_of(manager.spawner_pid) if pid != manager.router_pid]
         (endpoint,) = children_of(holder)
         os.killpg(manager.process.popen.pid, signal.SIGKILL)  # spawner and router die together: a crash
         manager.process.popen.wait()
         assert os.path.exists(f"/proc/{holder}") and os.path.exists(f"/proc/{endpoint}")
-        manager.start()  # a new manager serves the endpoint id again (and may run the task anew)
-        assert os.path.exists(f"/proc/{holder}") and os.path.exists(f"/proc/{endpoint}")
-        assert pam_service.events(user.pw_name, holder) == ["open_session"], "the session is intact"
+        manager.start()  # the new manager adopts the endpoint, session and all
+        assert "adopted endpoint" in manager.log().rsplit("starting (", 1)[1]
+        future.result(timeout=60)
+        assert pam_service.events(user.pw_name) == ["open_session"], "one session, intact: nothing ran anew"
         wait_for(lambda: not os.path.exists(f"/proc/{endpoint}"), timeout=90,
-                 what="the orphaned endpoint to finish and exit")
+                 what="the adopted endpoint to idle out and exit")
         wait_for(lambda: pam_service.events(user.pw_name, holder) == ["open_session", "close_session"],
                  what="its holder to close the session")
         wait_for(lambda: not os.path.exists(f"/proc/{holder}"), what="the holder to exit")
