@@ -353,3 +353,19 @@ def test_disabled_account_loses_its_endpoint_and_a_changed_mapping_applies_at_on
         wait_for(lambda: not Path(f"/proc/{endpoint}").exists(), what="the disabled account's endpoint to stop")
         with pytest.raises(mep.AccountRefusedError, match="shell"):
             executor.submit(whoami).result(timeout=60)
+
+
+def test_one_identity_can_never_see_or_touch_anothers_tasks(setup) -> None:
+    deploy, manager, identity = setup
+    other = deploy.identity("someone-else@example.org")
+    with deploy.executor(identity, manager) as executor:
+        future = executor.submit(echo, "mine")
+    assert future.result(timeout=60) == "mine"
+    intruder = _client(deploy, other)
+    with pytest.raises(mep.MepError, match="knows no task"):
+        intruder.get_task(future.task_id)
+    with pytest.raises(mep.MepError, match="knows no task"):
+        intruder.get_result(future.task_id)
+    assert intruder.cancel([future.task_id]).unknown == [future.task_id]
+    assert intruder.list_tasks() == []
+    assert _client(deploy, identity).get_task(future.task_id).state == "succeeded"
