@@ -3,7 +3,7 @@
 Run from the repository root with a world-readable interpreter (the user
 endpoint execs it as another account when run as root):
 
-    /opt/mepdev/bin/python benchmarks/throughput.py [--tasks N] [--workers W]
+    /opt/mep/venv/bin/python benchmarks/throughput.py [--tasks N] [--workers W]
 
 It stands up a real deployment with ``tests/harness.py`` (as root: a
 multi-user manager and a temporary account the tasks run as; as anyone else:

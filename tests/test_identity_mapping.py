@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -796,7 +797,7 @@ def test_policy_file_single_user_mode_as_that_user(policy_dir: Path) -> None:
             "    print(error)\n"
         )
         result = subprocess.run(
-            ["/opt/mepdev/bin/python", "-c", script, str(path)],
+            [sys.executable, "-c", script, str(path)],
             user=account.pw_uid,
             group=account.pw_gid,
             extra_groups=[],

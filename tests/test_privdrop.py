@@ -64,9 +64,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates accounts and drops privileges: needs root"),
 ]
 
-# The test run's interpreter: /opt/mepdev/bin/python, a venv every account can read.
+# The test run's interpreter: the world-readable venv scripts/test.sh installs (every account can read it).
 PYTHON = sys.executable
-PYENV_PYTHON = "/root/.pyenv/versions/3.11.7/bin/python3"
 ENV_WHITELIST = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG"}
 WAIT_GUARD_SECONDS = 120  # only so a broken spawn fails the test instead of hanging it
 
@@ -687,15 +686,22 @@ def test_interpreter_check_passes_for_a_world_readable_venv():
     assert check_interpreter_usable(PYTHON) is None
 
 
-@pytest.mark.skipif(not os.path.exists(PYENV_PYTHON), reason=f"{PYENV_PYTHON} is not on this machine")
-def test_interpreter_check_refuses_pyenv_under_root():
-    with pytest.raises(ConfigurationError) as failure:
-        check_interpreter_usable(PYENV_PYTHON)
-    assert str(failure.value) == (
-        f"the mep installation at {PYENV_PYTHON} can't be used by other accounts: /root is mode 0700. "
-        "Install mep into a world-readable virtual environment (e.g. /usr/bin/python3 -m venv /opt/mep/venv)"
-        " and start the manager from it."
-    )
+def test_interpreter_check_refuses_an_installation_under_a_private_directory():
+    """Like pyenv's python under a 0700 /root: made here, so the test runs on any machine."""
+    private = Path(tempfile.mkdtemp(prefix="mep-private-", dir="/var/tmp"))
+    try:
+        os.chmod(private, 0o700)
+        (private / "python3").symlink_to(sys.executable)
+        python = str(private / "python3")
+        with pytest.raises(ConfigurationError) as failure:
+            check_interpreter_usable(python)
+        assert str(failure.value) == (
+            f"the mep installation at {python} can't be used by other accounts: {private} is mode 0700. "
+            "Install mep into a world-readable virtual environment (e.g. /usr/bin/python3 -m venv /opt/mep/venv)"
+            " and start the manager from it."
+        )
+    finally:
+        shutil.rmtree(private)
 
 
 def test_interpreter_check_names_a_private_directory_on_the_way(shared_dir):
