@@ -15,6 +15,7 @@ import secrets
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import pytest
 
@@ -112,24 +113,7 @@ def account_factory() -> Iterator[Callable[..., pwd.struct_passwd]]:
     """Call with ``unix_account``'s arguments; every account made is removed at teardown."""
     with ExitStack() as accounts:
 
-        def make(
-            prefix: str = "meptest",
-            *,
-            name: str | None = None,
-            uid: int | None = None,
-            shell: str = "/bin/bash",
-            create_home: bool = True,
-            primary_group_missing: bool = False,
-        ) -> pwd.struct_passwd:
-            return accounts.enter_context(
-                unix_account(
-                    prefix,
-                    name=name,
-                    uid=uid,
-                    shell=shell,
-                    create_home=create_home,
-                    primary_group_missing=primary_group_missing,
-                )
-            )
+        def make(*args: Any, **kwargs: Any) -> pwd.struct_passwd:
+            return accounts.enter_context(unix_account(*args, **kwargs))
 
         yield make
