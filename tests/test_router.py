@@ -99,7 +99,8 @@ class Peers:
         while len(confirmed) < count:
             message = self.spawner.receive()
             if isinstance(message, AuditTasks):
-                routed = [record.task_id for record in message.records if record.outcome == "routed"]
+                routed = [task_id for record in message.records if record.outcome == "routed"
+                          for task_id in record.task_ids]
                 if routed:
                     self.spawner.send(AuditStatus(ok=True, confirmed=routed))
                     confirmed += routed

@@ -8,6 +8,7 @@ them, and sent again if the acknowledgement does not come.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -255,8 +256,32 @@ def _release_boot_pipe() -> None:
     os.close(devnull)
 
 
+_PR_SET_DUMPABLE = 4
+
+
+def _make_undumpable() -> None:
+    """Keep this process's memory from every process of the account, its own tasks included.
+
+    Without it a task (same uid) could read the endpoint's CURVE secret from
+    /proc/<pid>/mem. Non-dumpable, the kernel makes /proc/<pid>/ root's and
+    refuses ptrace and /proc/<pid>/{mem,environ,fd} to anyone without
+    CAP_SYS_PTRACE, and writes no core dump. Workers exec'd from here (the
+    forkserver, worker_python interpreters) are dumpable again but start from
+    a fresh image that never held the secret; a plain fork inherits the flag.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(code)}")
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _make_undumpable()  # before the secret is read into this process
+    except OSError as exc:
+        log.error("refusing to read this endpoint's keys: %s", exc)
+        return 2
     try:
         boot = msgspec.json.decode(sys.stdin.buffer.read(), type=EndpointBoot)
     except msgspec.MsgspecError as exc:

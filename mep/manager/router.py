@@ -508,12 +508,14 @@ class Router:
             self._fail([task.ref.task_id for task in link.queued], ErrorCode.INTERNAL, self.audit.refusal)
             link.queued.clear()
             return
-        if not self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued]):
+        cleared = self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued])
+        if not cleared:
             return  # sent once the spawner has written their "routed" records
+        sendable = [task for task in link.queued if task.ref.task_id in cleared]
         refs: list[TaskRef] = []
         payloads: list[Any] = []
         runtimes: dict[tuple, int] = {}
-        for task in link.queued:
+        for task in sendable:
             runtime = runtimes.setdefault(msgspec.structs.astuple(task.runtime), len(runtimes))
             ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads),
                           runtime=runtime, walltime=task.ref.walltime)
@@ -528,7 +530,7 @@ class Router:
                 link.in_flight.add(ref.task_id)
                 self.task_endpoint[ref.task_id] = link.endpoint_id
             self.audit.sent(refs)
-            link.queued.clear()
+            link.queued = [task for task in link.queued if task.ref.task_id not in cleared]
         else:
             link.functions_sent.difference_update(ref.fn_hash for ref in refs)
 

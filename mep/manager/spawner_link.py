@@ -21,6 +21,21 @@ from mep.protocol.messages import Header
 
 MAX_DATAGRAM = 1024 * 1024
 
+# The router's descriptors, as the spawner passes them to the fresh router process (0-2 are /dev/null).
+CHANNEL_FD = 3  # its end of this channel
+LOCK_FD = 4  # the instance lock, held as long as any part of the manager runs
+LOG_FD = 5  # a pipe the spawner relays to its own log
+
+
+class RouterBoot(msgspec.Struct, forbid_unknown_fields=True):
+    """What the spawner writes to a new router's stdin (secrets travel there, never in argv or the environment)."""
+
+    config: dict  # the ManagerConfig, as JSON
+    manager_secret_key: str  # for the service link
+    endpoint_address: str  # ipc:// address of the endpoint socket
+    endpoint_secret_key: str  # the router's endpoint-facing key, kept across restarts
+    log_level: int
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Header)
 

@@ -1,11 +1,11 @@
 """``mep manager start``: check everything as root, then split into spawner (root) and router.
 
-Like OpenSSH's privilege separation: the parent keeps root and becomes the
-spawner; the forked child drops to the router account before it opens a
-single socket, and talks to the parent only over a socketpair. No ZeroMQ
-context exists before the fork. Started as an ordinary account the manager
-is single-user: the same split happens without a privilege change, and only
-identities that map to that account are served.
+Like OpenSSH's privilege separation: this process keeps root and becomes the
+spawner; the router is a fresh interpreter it starts (and restarts when it
+dies) as the router account, which opens every socket and talks to the
+spawner only over a socketpair (``spawner.router_process``). Started as an
+ordinary account the manager is single-user: the same split happens without a
+privilege change, and only identities that map to that account are served.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import fcntl
 import os
 import pwd
-import signal
 import stat
 import sys
 from pathlib import Path
@@ -28,10 +27,10 @@ from mep.manager.spawner.authorize import account_policy
 from mep.manager.spawner.interpreter import check_interpreter_usable
 from mep.manager.spawner.pam import DEFAULT_LIBRARY
 from mep.manager.spawner.policy_files import check_policy_file
-from mep.manager.spawner.privdrop import drop_privileges_in_process
+from mep.manager.spawner.router_process import RouterLaunch, single_user_account
 from mep.manager.spawner.session_holder import PamSettings
 from mep.manager.spawner.spawner import Spawner, SpawnerSettings
-from mep.manager.spawner_link import SpawnerLink, channel_pair
+from mep.manager.spawner_link import RouterBoot
 from mep.protocol.curve import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
 
 log = logging.getLogger("mep.manager")
@@ -80,8 +79,9 @@ _instance_lock: int | None = None
 def _hold_instance_lock(base: Path) -> None:
     """One manager per endpoint on a host: a second one would take over the first one's socket.
 
-    The lock lives as long as this process (and its router child) does; the
-    spawner's children never inherit it (privdrop closes every descriptor).
+    The lock lives as long as this process (and its router child, which is
+    handed it) does; the endpoints never inherit it (privdrop closes every
+    descriptor it is not told to pass).
     """
     global _instance_lock
     fd = os.open(base / "manager.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -154,42 +154,17 @@ def start_manager(config_path: Path) -> int:
     socket_path = prepare_socket_dir(config.socket_dir(), *owner)
     router_public, router_secret = router_keypair(config.socket_dir() / "router.key")
     address = f"ipc://{socket_path}"
-    router_end, spawner_end = channel_pair()
+    assert _instance_lock is not None
+    launch = RouterLaunch(
+        account=router or single_user_account(), drop_privileges=as_root, lock_fd=_instance_lock,
+        boot=RouterBoot(config=config.model_dump(mode="json", by_alias=True), manager_secret_key=secret_key,
+                        endpoint_address=address, endpoint_secret_key=router_secret,
+                        log_level=logging.getLogger().getEffectiveLevel()))
     spawner = Spawner(SpawnerSettings(config=config, router_address=address, router_public_key=router_public,
                                       policy=policy, trusted_owner_uids=trusted, drop_privileges=as_root,
                                       audit_log=config.audit_log_path(), pam=pam,
-                                      registry_path=config.socket_dir() / "endpoints.json"),
-                      SpawnerLink(spawner_end))
+                                      registry_path=config.socket_dir() / "endpoints.json", router=launch))
     log.info("manager for endpoint %s starting (%s mode)", config.endpoint_id,
              "multi-user" if as_root else f"single-user as uid {os.geteuid()}")
-    router_pid = os.fork()
-    if router_pid == 0:
-        _become_router(config, router, secret_key, address, router_secret, router_end, spawner_end)
-    router_end.close()
     setproctitle(f"mep-manager spawner {config.endpoint_id}")
-    spawner.router_pid = router_pid
-    code = spawner.run()
-    _, status = os.waitpid(router_pid, 0)
-    return code or os.waitstatus_to_exitcode(status)
-
-
-def _become_router(config: ManagerConfig, account: Account | None, secret_key: str, address: str,
-                   router_secret: str, router_end, spawner_end) -> None:  # noqa: ANN001 - sockets
-    """The forked child: drop to the router account, then serve. Never returns."""
-    code = 1
-    try:
-        spawner_end.close()
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP is the spawner's (reload); a terminal's hangup too
-        if account is not None:
-            drop_privileges_in_process(account)
-        setproctitle(f"mep-manager router {config.endpoint_id}")
-        from mep.manager.router import Router  # imported after the drop: nothing of it runs as root
-
-        code = Router(config, secret_key, address, router_secret, router_end).run()
-    except ConfigurationError as exc:
-        log.error("router: %s", exc)
-    except BaseException:
-        log.exception("router failed")
-    finally:
-        logging.shutdown()
-        os._exit(code)
+    return spawner.run()

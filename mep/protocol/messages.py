@@ -375,10 +375,14 @@ class SpawnerStatus(Envelope, tag="SPAWNER_STATUS_REPLY"):
 
 
 class TaskAudit(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One audit record of a task: ``outcome`` is accepted, routed, or the result's status."""
+    """One audit record of a task: ``outcome`` is accepted, routed, or the result's status.
 
-    task_id: str
-    outcome: str
+    A "routed" record covers a batch: ``task_ids`` (not ``task_id``) sent together to one endpoint.
+    """
+
+    task_id: str = ""
+    outcome: str = ""
+    task_ids: list[str] = []
     fn_hash: str = ""
     endpoint_id: str = ""
     account: str = ""
@@ -395,7 +399,7 @@ class AuditTasks(Envelope, tag="AUDIT_TASKS"):
 class AuditStatus(Envelope, tag="AUDIT_STATUS"):
     """Spawner -> router: whether the audit log can be written; while it can't, nothing is routed.
 
-    ``confirmed``: tasks whose "routed" record is written; only these may be sent to their endpoint.
+    ``confirmed``: tasks whose "routed" record is on disk; only these may be sent to their endpoint.
     """
 
     ok: bool = True

@@ -30,8 +30,9 @@ import os
 import re
 import signal
 import stat
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -53,8 +54,8 @@ STEP_EXIT_CODES: dict[str, int] = {
     "set_no_new_privs": 208,  # prctl(PR_SET_NO_NEW_PRIVS)
     "set_umask": 209,  # umask 077
     "enter_home": 210,  # chdir to the home, or / if that fails
-    "open_log": 211,  # create the log (and its directories) as the account; fds 1 and 2
-    "close_descriptors": 212,  # close every inherited fd above 2
+    "open_log": 211,  # create the log (and its directories) as the account, or /dev/null; fds 1 and 2
+    "close_descriptors": 212,  # passed fds to 3, 4, ...; close every other inherited fd above 2
     "exec_endpoint": 213,  # execve the interpreter with the whitelisted environment
 }
 
@@ -69,6 +70,9 @@ _DEFAULT_LANG = "C.UTF-8"
 _SYSTEM_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 
 _MAX_REPORT_BYTES = 4096
+# Passed descriptors land on 3, 4, ...; every pipe and copy the parent makes for the child sits above them.
+_MAX_PASSED_FDS = 6
+_LOWEST_PARENT_FD = 3 + _MAX_PASSED_FDS
 _RESETTABLE_SIGNALS = tuple(
     sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 )
@@ -123,7 +127,10 @@ class SpawnPlan:
     ``LD_*`` or ``PYTHON*`` keys, redefine the variables the spawner sets, or
     hold NUL bytes. ``drop_privileges=False`` is single-user mode: the caller
     already runs as ``account`` and every step but the drop still applies.
-    ``title`` names the process in error messages.
+    ``title`` names the process in error messages. ``log_path`` "" sends
+    stdout and stderr to ``/dev/null``. ``pass_fds`` are the parent's
+    descriptors the child gets at 3, 4, ... in that order (every other one is
+    closed).
     """
 
     account: Account
@@ -133,6 +140,7 @@ class SpawnPlan:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     drop_privileges: bool = True
     title: str = ""
+    pass_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,7 @@ class ChildSetup(DropTarget):
 
     stdin_fd: int
     error_fd: int
+    pass_fds: tuple[int, ...]  # each above 2 + len(pass_fds), so moving them to 3, 4, ... clobbers none
     home: str
     log_path: str
     log_directories: tuple[tuple[str, str], ...]  # (component, its absolute path), from "/"
@@ -277,11 +286,16 @@ def enter_home(setup: ChildSetup) -> None:
 def open_log(setup: ChildSetup) -> None:
     """Create the log as the account, never following a symbolic link, and make it fds 1 and 2.
 
-    Each directory is created 0700 when missing and then opened without
+    Without a log path, fds 1 and 2 are ``/dev/null``. Each directory is created 0700 when missing and then opened without
     following links, so a link the user planted anywhere on the way is refused
     rather than followed. ``O_NONBLOCK`` turns a planted FIFO into an error
     instead of a hang, ``O_NOCTTY`` keeps a terminal from becoming ours.
     """
+    if not setup.log_path:
+        log = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        return
     directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name, path in setup.log_directories:
@@ -304,8 +318,11 @@ def open_log(setup: ChildSetup) -> None:
 
 
 def close_descriptors(setup: ChildSetup) -> None:
-    """Close every descriptor above 2 but the close-on-exec error pipe (sockets, databases, logs)."""
-    os.closerange(3, setup.error_fd)
+    """Put the passed descriptors at 3, 4, ...; close every other one above 2 but the close-on-exec error pipe."""
+    for number, fd in enumerate(setup.pass_fds, start=3):
+        os.dup2(fd, number)  # inheritable
+    lowest = 3 + len(setup.pass_fds)
+    os.closerange(lowest, setup.error_fd)
     os.closerange(setup.error_fd + 1, setup.fd_ceiling)
 
 
@@ -379,8 +396,11 @@ def _permitted_capabilities() -> int:
 # --- The parent ------------------------------------------------------------------------
 
 
-def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int) -> ChildSetup:
-    """Check ``plan`` and compute everything the child will need; raises ``SpawnError``."""
+def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int, pass_fds: tuple[int, ...] = ()) -> ChildSetup:
+    """Check ``plan`` and compute everything the child will need; raises ``SpawnError``.
+
+    ``pass_fds`` are copies of ``plan.pass_fds`` above ``2 + len(plan.pass_fds)``, as is ``error_fd``.
+    """
     account = plan.account
     who = plan.title or "the endpoint"
     if not plan.argv or not os.path.isabs(plan.argv[0]):
@@ -388,7 +408,7 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int) -> ChildSetu
     if any("\0" in arg for arg in plan.argv):
         raise SpawnError(f"cannot start {who}: an argument contains a NUL byte")
     log_path = plan.log_path
-    if not os.path.isabs(log_path) or os.path.normpath(log_path) != log_path or "\0" in log_path:
+    if log_path and (not os.path.isabs(log_path) or os.path.normpath(log_path) != log_path or "\0" in log_path):
         raise SpawnError(f"cannot start {who}: log path {log_path!r} is not a normalised absolute path")
     if log_path == "/":
         raise SpawnError(f"cannot start {who}: log path {log_path!r} names no file")
@@ -397,6 +417,8 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int) -> ChildSetu
             f"cannot start {who} as {account.name} (uid {account.uid}) in single-user mode: "
             f"without a drop a child can only run as this process's own uid {os.geteuid()}"
         )
+    if len(plan.pass_fds) > _MAX_PASSED_FDS:
+        raise SpawnError(f"cannot start {who}: at most {_MAX_PASSED_FDS} descriptors can be passed")
     log_directory, log_name = os.path.split(log_path)
     components = [part for part in log_directory.split("/") if part]
     steps = CHILD_STEPS
@@ -410,6 +432,7 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int) -> ChildSetu
         cap_last_cap=target.cap_last_cap,
         stdin_fd=stdin_fd,
         error_fd=error_fd,
+        pass_fds=pass_fds,
         home=account.home,
         log_path=log_path,
         log_directories=tuple(
@@ -482,14 +505,18 @@ def spawn(plan: SpawnPlan) -> SpawnedProcess:
     who = plan.title or "the endpoint"
     try:
         with ExitStack() as until_reported:
-            error_read, error_write = pipe_above()
+            error_read, error_write = pipe_above(_LOWEST_PARENT_FD)
             until_reported.callback(os.close, error_read)
             with ExitStack() as parent_copies:
                 parent_copies.callback(os.close, error_write)
-                stdin_read, stdin_write = pipe_above()
+                stdin_read, stdin_write = pipe_above(_LOWEST_PARENT_FD)
                 parent_copies.callback(os.close, stdin_read)
                 parent_copies.callback(os.close, stdin_write)
-                setup = prepare_child(plan, stdin_fd=stdin_read, error_fd=error_write)
+                passed = []
+                for fd in plan.pass_fds[:_MAX_PASSED_FDS + 1]:  # one too many: prepare_child says so
+                    passed.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _LOWEST_PARENT_FD))
+                    parent_copies.callback(os.close, passed[-1])
+                setup = prepare_child(plan, stdin_fd=stdin_read, error_fd=error_write, pass_fds=tuple(passed))
                 preload_pipe(stdin_write, plan.stdin_data, who)
                 pid, pidfd = _fork_child(setup)
             # Our copy of the write end is closed: EOF now means the child exec'd or died.
@@ -530,8 +557,16 @@ def preload_pipe(fd: int, data: bytes, who: str) -> None:
         view = view[os.write(fd, view) :]
 
 
+_fork_lock = threading.Lock()  # the collector switch is process-wide: one fork at a time across threads
+
+
 def _fork_child(setup: ChildSetup) -> tuple[int, int]:
     """Fork with signals blocked and the collector off; the child never returns from here."""
+    with _fork_lock:
+        return _fork_child_locked(setup)
+
+
+def _fork_child_locked(setup: ChildSetup) -> tuple[int, int]:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
@@ -615,23 +650,34 @@ def drop_privileges_in_process(account: Account) -> None:
 
 
 def read_log_tail(account: Account, path: str, max_lines: int = 20, max_bytes: int = 8192) -> str:
-    """The last lines of a log the account owns, or "" if it can't be read as that account.
+    """The last lines of a log the account owns, or "" if it is not such a file.
 
-    As root the file is opened with the account's effective ids (as OpenSSH's
-    ``temporarily_use_uid`` does) and without following a final symbolic link,
-    so a link or a file the user can't read yields "" rather than root's data.
-    The effective ids are process-wide while the file is opened: call this from
-    the spawner's single thread.
+    Every directory on the path is opened without following a symbolic link,
+    and the file must be a regular file owned by the account, so a link or a
+    file of anyone else yields "" rather than root's data. No effective id
+    changes (they are process-wide, and the spawner forks endpoints from
+    other threads meanwhile): the checks stand in for the account's
+    permissions, and what the account owns it could read anyway.
     """
-    acting_as_user = _effective_ids(account) if os.geteuid() == 0 else nullcontext()
-    with acting_as_user:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        except OSError:
+    directory = -1
+    try:
+        if not os.path.isabs(path) or os.path.normpath(path) != path:
             return ""
+        parent, name = os.path.split(path)
+        directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        for component in [part for part in parent.split("/") if part]:
+            directory, above = _open_directory_nofollow(directory, component, path), directory
+            os.close(above)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=directory)
+    except OSError:
+        return ""
+    finally:
+        if directory != -1:
+            os.close(directory)
     try:
         size = os.fstat(fd)
-        if not stat.S_ISREG(size.st_mode):
+        if not stat.S_ISREG(size.st_mode) or size.st_uid != account.uid:
             return ""
         if size.st_size > max_bytes:
             # One byte more than the window: if it is a newline, the first line is whole.
@@ -642,17 +688,3 @@ def read_log_tail(account: Account, path: str, max_lines: int = 20, max_bytes: i
         os.close(fd)
     lines = data.decode("utf-8", "replace").splitlines()
     return "\n".join(lines[max(0, len(lines) - max_lines) :])
-
-
-@contextmanager
-def _effective_ids(account: Account) -> Iterator[None]:
-    saved_egid, saved_groups = os.getegid(), os.getgroups()
-    try:
-        os.setgroups(account.groups)
-        os.setegid(account.gid)
-        os.seteuid(account.uid)
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(saved_egid)
-        os.setgroups(saved_groups)

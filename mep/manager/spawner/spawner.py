@@ -11,10 +11,23 @@ secret goes only to the endpoint's stdin, the public half to the router.
 Children are watched through pidfds, so a recycled pid can never be mistaken
 for one of ours.
 
+Nothing slow runs on the loop. Mapping (an external program may take its
+5 s), rendering and starting (a PAM stack may take its 30 s) run in worker
+threads whose outcomes are posted back to the loop, which alone owns the
+process tables and the channel: several accounts' spawns run at once, one
+account's run one at a time (a second request for it waits, then usually
+reuses the endpoint the first one started). Any error in a request, an
+``OSError`` included, refuses that request alone.
+
 Every decision, endpoint start and exit, mapping reload and the router's task
-records go to the audit log before anything acts on them; while it can't be
+records go to the audit log before anything acts on them; one writer thread
+writes it in order with group commit (``audit.AuditWriter``). While it can't be
 written nothing is spawned and the router is told to stop routing
 (``AuditStatus``). SIGHUP reloads the mapping file and reopens the audit log.
+
+The spawner supervises the router (``router_process``): if it dies, a fresh
+one is started after a backoff and told of every running endpoint, as after a
+manager restart, so the endpoints reconnect and their work carries on.
 """
 
 from __future__ import annotations
@@ -23,12 +36,15 @@ import json
 import logging
 import os
 import pwd
+import queue
 import select
 import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +52,17 @@ import msgspec
 
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
-from mep.errors import ConfigurationError, MepError, TaskRefusedError
+from mep.errors import ErrorCode, MepError, SpawnError, TaskRefusedError
 from mep.manager.spawner import registry
 from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused, resolve_account
-from mep.manager.spawner.audit import AuditLog, AuditUnavailableError
+from mep.manager.spawner.audit import AuditLog, AuditUnavailableError, AuditWriter
 from mep.manager.spawner.authorize import Authorization, authorize
-from mep.manager.spawner.identity import MappingContext
+from mep.manager.spawner.identity import IdentityMapper, MappingContext
 from mep.manager.spawner.mapping_file import MappingFile, ReloadOutcome
 from mep.manager.spawner.policy_files import read_policy_file
 from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, spawn
+from mep.manager.spawner.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
 from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
-from mep.manager.spawner_link import SpawnerLink
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
@@ -67,6 +83,7 @@ from mep.protocol.messages import (
 log = logging.getLogger("mep.spawner")
 
 STOP_GRACE = 45.0  # seconds endpoints get after SIGTERM (they give running tasks 30) before SIGKILL
+SPAWN_WORKERS = 8  # spawns (mapping, PAM, start) in progress at once, across accounts
 EndpointKey = tuple[int, str, str]  # (uid, template digest, canonical rendered config)
 
 
@@ -103,13 +120,31 @@ class SpawnerSettings:
     drop_privileges: bool
     audit_log: Path
     registry_path: Path
+    router: RouterLaunch
     pam: PamSettings | None = None  # None: PAM is off
 
 
+@dataclass
+class PendingSpawn:
+    """One spawn request on its way through the workers; filled in as it goes."""
+
+    request: SpawnRequest
+    router_life: int  # which router asked: a later one never asked, and gets no answer to it
+    mapper: IdentityMapper
+    progress: Authorization = field(default_factory=Authorization)
+    account: Account | None = None
+    key: EndpointKey | None = None
+    rendered: dict[str, Any] = field(default_factory=dict)
+    endpoint_id: str = ""
+
+    @property
+    def who(self) -> str:
+        return self.request.identities[0].username if self.request.identities else self.request.submitter_id
+
+
 class Spawner:
-    def __init__(self, settings: SpawnerSettings, channel: SpawnerLink) -> None:
+    def __init__(self, settings: SpawnerSettings) -> None:
         self.settings = settings
-        self.channel = channel
         config = settings.config
         trusted = settings.trusted_owner_uids
         self.mapping = MappingFile(
@@ -122,47 +157,154 @@ class Spawner:
             template_text=read_policy_file(config.template, trusted_owner_uids=trusted).decode(),
             schema_text=read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode(),
         )
-        self.audit = AuditLog(settings.audit_log, trusted_owner_uids=trusted, endpoint_id=config.endpoint_id)
+        self.audit: AuditWriter | None = None  # opened once the router runs: it must never hold the log
         self.children: dict[int, EndpointProcess] = {}  # pidfd -> process
         self.running: dict[EndpointKey, EndpointProcess] = {}
-        self.router_pid = 0
+        self.router: RouterProcess | None = None
+        self.router_life = 0  # counts the routers started
+        self._restart_at = 0.0  # when to start the next router (monotonic); 0: none due
+        self._backoff = RestartBackoff()
         self._router_stopping = False  # the router said it is stopping on purpose (not crashing)
+        self._stop_requested = False  # SIGTERM/SIGINT: no router is started again
         self._hangup = False
+        self._starting: dict[int, list[PendingSpawn]] = {}  # uid -> requests waiting for its start in progress
+        self._workers = ThreadPoolExecutor(max_workers=SPAWN_WORKERS, thread_name_prefix="spawn")
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
         forbid_unpickling()
         # The router stops first (telling endpoints to finish); we follow when it hangs up the channel.
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.router_pid and os.kill(self.router_pid, signal.SIGTERM))
+            signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hangup_signal)
         signal.set_wakeup_fd(self._wake_write)  # a signal wakes the select below
+        self._start_router()
+        try:
+            audit_log = AuditLog(self.settings.audit_log, trusted_owner_uids=self.settings.trusted_owner_uids,
+                                 endpoint_id=self.settings.config.endpoint_id)
+        except BaseException:
+            self._kill_router()
+            raise
+        self.audit = AuditWriter(audit_log, post=self._post, on_broken=self._audit_broke)
         config = self.settings.config
-        self._audit([{"event": "manager_started", "mapping_file": str(config.identity_mapping),
-                      "mode": "multi-user" if self.settings.drop_privileges else "single-user",
-                      "pam": self.settings.pam.service if self.settings.pam else None}], sync=True)
+        self.audit.write([{"event": "manager_started", "mapping_file": str(config.identity_mapping),
+                           "mode": "multi-user" if self.settings.drop_privileges else "single-user",
+                           "pam": self.settings.pam.service if self.settings.pam else None}], sync=True)
         self._adopt()
+        try:
+            return self._serve()
+        finally:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self.audit.close()
+
+    def _serve(self) -> int:
         while True:
-            writable = [self.channel.fileno()] if self.channel.wants_write else []
-            readable, writable, _ = select.select([self.channel.fileno(), self._wake_read, *self.children],
-                                                  writable, [])
-            if writable:
-                self.channel.flush()
-            for fd in readable:
-                if fd == self._wake_read:
-                    self._drain_wakeups()
-                elif fd in self.children:
+            router, watched = self.router, dict(self.children)
+            readable = [self._wake_read, *watched]
+            writable = []
+            if router is not None:
+                readable += [router.channel.fileno(), router.pidfd] + ([router.log_read] if router.log_read != -1 else [])
+                writable = [router.channel.fileno()] if router.channel.wants_write else []
+            timeout = max(0.0, self._restart_at - time.monotonic()) if self._restart_at else None
+            readable, writable, _ = select.select(readable, writable, [], timeout)
+            ready = set(readable)
+            if writable and router is self.router:
+                router.channel.flush()
+            if self._wake_read in ready:
+                self._drain_wakeups()  # may start or end a router, or register endpoints
+            if router is not None and router is self.router:
+                if router.log_read in ready:
+                    router.relay_log()
+                if router.channel.fileno() in ready and not self._serve_router():
+                    self._router_gone()
+                elif router.pidfd in ready:
+                    # What it sent last (its stop notice, its last task records) is still worth reading.
+                    while select.select([router.channel.fileno()], [], [], 0)[0] and self._serve_router():
+                        pass
+                    self._router_gone()
+            for fd, process in watched.items():  # closed descriptors' numbers may have been reused meanwhile
+                if fd in ready and self.children.get(fd) is process:
                     self._reap(self.children.pop(fd))
-                elif not self._serve_router():
-                    if self._router_stopping:
-                        self._stop_children()
-                    else:  # a crash: what runs is left for the next manager to adopt
-                        log.warning("the router died; %d endpoint(s) keep running for the manager's next start to "
-                                    "adopt", len(self.children))
+            if self.router is None:
+                if self._router_stopping or self._stop_requested:
+                    self._stop_children()
                     return 0
+                if time.monotonic() >= self._restart_at:
+                    self._restart_router()
+
+    # --- the router -------------------------------------------------------------------
+
+    def _start_router(self) -> None:
+        """Start a router; raises ``SpawnError`` if it could not be started."""
+        self.router = start_router(self.settings.router)
+        self.router_life += 1
+        self._restart_at = 0.0
+        log.info("router started (pid %d)", self.router.pid)
+
+    def _restart_router(self) -> None:
+        try:
+            self._start_router()
+        except (SpawnError, OSError) as exc:
+            delay = self._backoff.next_delay(0.0)
+            log.error("could not start the router (%s); trying again in %.1f s", exc, delay)
+            self._restart_at = time.monotonic() + delay
+            return
+        if self.audit is not None and self.audit.failure:
+            self._send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
+        for process in self.children.values():  # what runs is adopted, as after a manager restart
+            if not process.retired:
+                self._send(Spawned(endpoint_id=process.endpoint_id, pid=process.endpoint_pid,
+                                   account=process.account.name, public_key=process.public_key, reused=True))
+
+    def _router_gone(self) -> None:
+        """The router hung up or died: after a stop we follow it; after a crash a new one starts soon."""
+        router, self.router = self.router, None
+        assert router is not None
+        try:
+            signal.pidfd_send_signal(router.pidfd, signal.SIGKILL)  # it hung up: whatever it still does is moot
+        except ProcessLookupError:
+            pass
+        _, status = os.waitpid(router.pid, 0)
+        router.close()
+        ran_for = time.monotonic() - router.started_at
+        if self._router_stopping or self._stop_requested:
+            log.info("the router has stopped; stopping")
+            return
+        delay = self._backoff.next_delay(ran_for)
+        log.error("the router (pid %d) %s after %.0f s; starting a new one in %.1f s (%d endpoint(s) keep running)",
+                  router.pid, _describe_exit(status), ran_for, delay, len(self.children))
+        self._restart_at = time.monotonic() + delay
+
+    def _kill_router(self) -> None:
+        if self.router is not None:
+            self._stop_requested = True
+            signal.pidfd_send_signal(self.router.pidfd, signal.SIGKILL)
+            self._router_gone()
+
+    def _send(self, message: msgspec.Struct) -> None:
+        """To the router, if one runs (a later one learns what it needs when it starts)."""
+        if self.router is not None:
+            self.router.channel.send(message)
+
+    def _on_stop_signal(self, _signum: int, _frame: object) -> None:
+        self._stop_requested = True
+        if self.router is not None:
+            try:
+                signal.pidfd_send_signal(self.router.pidfd, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def _on_hangup_signal(self, _signum: int, _frame: object) -> None:
         self._hangup = True
+
+    def _post(self, callback: Callable[[], None]) -> None:
+        """From any thread: run ``callback`` on the loop."""
+        self._inbox.put(callback)
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop wakes anyway
 
     def _drain_wakeups(self) -> None:
         try:
@@ -170,6 +312,12 @@ class Spawner:
                 pass
         except BlockingIOError:
             pass
+        while True:
+            try:
+                callback = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            callback()
         if self._hangup:
             self._hangup = False
             log.info("SIGHUP: reloading %s and reopening the audit log", self.mapping.path)
@@ -177,8 +325,10 @@ class Spawner:
             self._record_reload(self.mapping.reload("SIGHUP"))
 
     def _serve_router(self) -> bool:
+        """Handle one message from the router; False when it has closed the channel."""
+        assert self.router is not None
         try:
-            message = self.channel.receive()
+            message = self.router.channel.receive()
         except BlockingIOError:
             return True  # woken for nothing
         except MepError as exc:
@@ -186,10 +336,10 @@ class Spawner:
             return True
         match message:
             case None:
-                log.info("the router closed the channel; stopping")
+                log.info("the router closed the channel")
                 return False
             case SpawnRequest():
-                self.channel.send(self._spawn_or_refuse(message))
+                self._spawn_request(message)
             case AuditTasks():
                 self._record_tasks(message)
             case RouterStopping():
@@ -205,47 +355,47 @@ class Spawner:
                 if self.audit.failure:
                     self._reopen_audit_log()  # recovers once the admin has fixed the disk
                 self._revalidate()
-                self.channel.send(SpawnerStatus(process=process_status("spawner")))
+                self._send(SpawnerStatus(process=process_status("spawner")))
             case _:
                 log.warning("ignoring an unexpected %s from the router", type(message).__name__)
         return True
 
     # --- the audit log ----------------------------------------------------------------
 
-    def _audit(self, records: list[dict[str, Any]], *, sync: bool = False) -> bool:
-        """Write records; on failure stop: refuse spawns and tell the router. False if not written."""
-        if self.audit.failure:
-            return False
-        try:
-            self.audit.write_records(records, sync=sync)
-        except OSError:
-            log.error("the audit log can't be written (%s); no task runs until it can (fix it, then SIGHUP)",
-                      self.audit.failure)
-            self.channel.send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
-            return False
-        return True
+    def _audit_broke(self) -> None:
+        self._send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
 
     def _record_tasks(self, message: AuditTasks) -> None:
-        """The router's task records; "routed" ones are confirmed, since their tasks wait for it."""
-        if not self._audit([{"event": "task", **msgspec.to_builtins(record)} for record in message.records]):
-            return  # the router was told when the log broke, and fails the tasks waiting for this
-        routed = [record.task_id for record in message.records if record.outcome == "routed"]
-        if routed:
-            self.channel.send(AuditStatus(ok=True, confirmed=routed))
+        """The router's task records; "routed" ones are confirmed once on disk, since their tasks wait for it."""
+        records = [{"event": "task", **msgspec.to_builtins(record)} for record in message.records]
+        routed = [task_id for record in message.records if record.outcome == "routed" for task_id in record.task_ids]
+        router_life = self.router_life
+
+        def confirm(written: bool) -> None:
+            # not written: the router was told when the log broke, and fails the tasks waiting for this
+            if written and routed and router_life == self.router_life:
+                self._send(AuditStatus(ok=True, confirmed=routed))
+
+        self.audit.write(records, sync=bool(routed), then=confirm)
 
     def _reopen_audit_log(self) -> None:
         was_broken = bool(self.audit.failure)
-        try:
-            self.audit.reopen()
-        except ConfigurationError as exc:
-            self.audit.mark_broken(str(exc))
-            log.error("%s; no task runs until the audit log can be written", exc)
-            if not was_broken:
-                self.channel.send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
-            return
-        if was_broken and self._audit([{"event": "audit_restored"}], sync=True):
-            log.info("the audit log %s can be written again; routing resumes", self.audit.path)
-            self.channel.send(AuditStatus(ok=True))
+
+        def reopened(error: str) -> None:
+            if error:
+                log.error("%s; no task runs until the audit log can be written", error)
+                if not was_broken:
+                    self._audit_broke()
+                return
+            if was_broken:
+                self.audit.write([{"event": "audit_restored"}], sync=True, then=restored)
+
+        def restored(written: bool) -> None:
+            if written:
+                log.info("the audit log %s can be written again; routing resumes", self.audit.log.path)
+                self._send(AuditStatus(ok=True))
+
+        self.audit.reopen(then=reopened)
 
     def _record_reload(self, outcome: ReloadOutcome | None) -> None:
         if outcome is None:
@@ -255,32 +405,127 @@ class Spawner:
         else:
             log.error("identity mapping %s (%s) is broken; keeping the previous version: %s",
                       outcome.path, outcome.trigger, outcome.error)
-        self._audit([{"event": "mapping_reload", "file": outcome.path, "trigger": outcome.trigger,
-                      "outcome": "loaded" if outcome.loaded else "kept_previous", "reason": outcome.error}],
-                    sync=True)
+        self.audit.write([{"event": "mapping_reload", "file": outcome.path, "trigger": outcome.trigger,
+                           "outcome": "loaded" if outcome.loaded else "kept_previous", "reason": outcome.error}],
+                         sync=True)
 
-    # --- spawning -----------------------------------------------------------------------
+    # --- spawning: the loop's steps ---------------------------------------------------------
 
-    def _spawn_or_refuse(self, request: SpawnRequest) -> Spawned | SpawnRefused:
-        who = request.identities[0].username if request.identities else request.submitter_id
+    def _spawn_request(self, request: SpawnRequest) -> None:
+        """Map and render in a worker; ``_authorized`` takes it from there on the loop."""
         self._record_reload(self.mapping.refresh())
-        progress = Authorization()
+        pending = PendingSpawn(request=request, router_life=self.router_life, mapper=self.mapping.mapper)
+        if self.audit.failure:
+            self._refuse(pending, AuditUnavailableError())
+            return
+        self._in_worker(lambda: self._authorize(pending), lambda done: self._authorized(pending, done))
+
+    def _authorized(self, pending: PendingSpawn, done: Future) -> None:
+        if pending.router_life != self.router_life:
+            return  # the router that asked is gone; the one now running never asked
         try:
-            if self.audit.failure:
-                raise AuditUnavailableError()
-            return self._spawn(request, progress)
-        except TaskRefusedError as exc:
+            done.result()
+        except Exception as exc:
+            self._refuse(pending, exc)
+            return
+        self._start_or_reuse(pending)
+
+    def _start_or_reuse(self, pending: PendingSpawn) -> None:
+        """Hand back the running endpoint for this key, or start one: one start at a time per account."""
+        if pending.router_life != self.router_life:
+            return
+        assert pending.account is not None and pending.key is not None
+        existing = self.running.get(pending.key)
+        if existing is not None:
+            self.audit.write([_decision_record(pending.request, pending.progress, "allowed",
+                                               endpoint_id=existing.endpoint_id, reused=True)], sync=True)
+            self._answer(pending, Spawned(request_id=pending.request.request_id, endpoint_id=existing.endpoint_id,
+                                          pid=existing.endpoint_pid, account=pending.account.name,
+                                          public_key=existing.public_key, reused=True))
+            return
+        uid = pending.account.uid
+        if uid in self._starting:
+            self._starting[uid].append(pending)  # after the start in progress, which it may well reuse
+            return
+        self._starting[uid] = []
+        pending.endpoint_id = str(uuid.uuid4())
+        self._in_worker(lambda: self._start(pending), lambda done: self._started(pending, done))
+
+    def _started(self, pending: PendingSpawn, done: Future) -> None:
+        assert pending.account is not None
+        waiting = self._starting.pop(pending.account.uid, [])
+        try:
+            process = done.result()
+        except Exception as exc:
+            self._refuse(pending, exc)
+        else:
+            self._register(pending, process)
+        for other in waiting:
+            self._start_or_reuse(other)
+
+    def _register(self, pending: PendingSpawn, process: EndpointProcess) -> None:
+        """A new endpoint runs: track it, record it, and tell the router (the one that asked, or its successor)."""
+        self.children[process.pidfd] = process
+        self.running[process.key] = process
+        account = process.account
+        self.audit.write([{"event": "endpoint_started", "endpoint_id": process.endpoint_id,
+                           "pid": process.endpoint_pid, "account": account.name, "uid": account.uid,
+                           "pam_session_holder": process.pid if process.held else None}])
+        if not self._save_registry():
+            # A manager restarted after a crash could not adopt it: it must not serve.
+            process.retired = True
+            self.running.pop(process.key, None)
+            _stop_endpoint(process)
+            self._refuse(pending, SpawnError(
+                f"could not record the new endpoint in {self.settings.registry_path}; ask your admin"))
+            return
+        assert pending.progress.decision is not None
+        log.info("spawned endpoint %s (pid %d) as %s (uid %d) for %s via %s%s", process.endpoint_id,
+                 process.endpoint_pid, account.name, account.uid, pending.progress.decision.identity_id,
+                 pending.progress.decision.rule(),
+                 f" in a PAM session (holder pid {process.pid})" if process.held else "")
+        self._answer(pending, Spawned(request_id=pending.request.request_id, endpoint_id=process.endpoint_id,
+                                      pid=process.endpoint_pid, account=account.name,
+                                      public_key=process.public_key))
+
+    def _refuse(self, pending: PendingSpawn, exc: Exception) -> None:
+        """Refuse one request, saying why: a refusal by policy, or any error on the way (never the spawner's end)."""
+        who = pending.who
+        if isinstance(exc, TaskRefusedError):
+            code = exc.code
             message = exc.for_identity(who) if isinstance(exc, AccountRefused) else str(exc)
             detail = exc.admin_detail or message
-            log.warning("refused %s (%s): %s [%s]", who, request.submitter_id, exc.code, detail)
-            self._audit([_decision_record(request, progress, "refused", code=str(exc.code), reason=detail,
-                                          message=message)], sync=True)
-            return SpawnRefused(request_id=request.request_id, code=exc.code, message=message)
+        elif isinstance(exc, OSError):
+            code = ErrorCode.SPAWN_FAILED
+            message = "the manager could not start an endpoint for this request (a system error); ask your admin"
+            detail = f"{exc.strerror or exc} (errno {exc.errno}, {type(exc).__name__}, {exc.filename or 'no file'})"
+        else:
+            log.error("handling the spawn request of %s failed", who, exc_info=exc)
+            code = ErrorCode.INTERNAL
+            message = "the manager failed to handle this request (an internal error); ask your admin"
+            detail = f"{type(exc).__name__}: {exc}"
+        log.warning("refused %s (%s): %s [%s]", who, pending.request.submitter_id, code, detail)
+        self.audit.write([_decision_record(pending.request, pending.progress, "refused", code=str(code),
+                                           reason=detail, message=message)], sync=True)
+        self._answer(pending, SpawnRefused(request_id=pending.request.request_id, code=code, message=message))
 
-    def _spawn(self, request: SpawnRequest, progress: Authorization) -> Spawned:
+    def _answer(self, pending: PendingSpawn, answer: Spawned | SpawnRefused) -> None:
+        if pending.router_life == self.router_life:
+            self._send(answer)
+        elif isinstance(answer, Spawned) and not answer.reused:  # started for a router since replaced
+            self._send(Spawned(endpoint_id=answer.endpoint_id, pid=answer.pid, account=answer.account,
+                               public_key=answer.public_key, reused=True))
+
+    def _in_worker(self, job: Callable[[], Any], then: Callable[[Future], None]) -> None:
+        """Run ``job`` in a worker thread, then ``then(its future)`` on the loop."""
+        self._workers.submit(job).add_done_callback(lambda done: self._post(lambda: then(done)))
+
+    # --- spawning: in worker threads (they touch no table of the loop's) -----------------
+
+    def _authorize(self, pending: PendingSpawn) -> None:
+        request = pending.request
         identities = [msgspec.structs.asdict(identity) for identity in request.identities]
-        account = authorize(self.mapping.mapper, identities, self.settings.policy, progress)
-        endpoint_id = str(uuid.uuid4())
+        account = authorize(pending.mapper, identities, self.settings.policy, pending.progress)
         config = self.renderer.render(
             request.user_endpoint_config,
             mapped_user={"name": account.name, "uid": account.uid, "gid": account.gid, "home": account.home,
@@ -288,36 +533,23 @@ class Spawner:
             user_runtime=msgspec.to_builtins(request.runtime) if request.runtime else {},
             endpoint={"id": self.settings.config.endpoint_id},
         )
-        rendered = config.model_dump(mode="json")
-        key: EndpointKey = (account.uid, self.renderer.digest, json.dumps(rendered, sort_keys=True))
-        existing = self.running.get(key)
-        if existing is not None:
-            if not self._audit([_decision_record(request, progress, "allowed", endpoint_id=existing.endpoint_id,
-                                                 reused=True)], sync=True):
-                raise AuditUnavailableError()
-            return Spawned(request_id=request.request_id, endpoint_id=existing.endpoint_id,
-                           pid=existing.endpoint_pid, account=account.name, public_key=existing.public_key,
-                           reused=True)
-        if not self._audit([_decision_record(request, progress, "allowed", endpoint_id=endpoint_id)], sync=True):
-            raise AuditUnavailableError()
-        process = self._start_endpoint(endpoint_id, account, key, rendered)
-        self._audit([{"event": "endpoint_started", "endpoint_id": endpoint_id, "pid": process.endpoint_pid,
-                      "account": account.name, "uid": account.uid, "pam_session_holder":
-                      process.pid if process.held else None}])
-        assert progress.decision is not None
-        log.info("spawned endpoint %s (pid %d) as %s (uid %d) for %s via %s%s", endpoint_id, process.endpoint_pid,
-                 account.name, account.uid, progress.decision.identity_id, progress.decision.rule(),
-                 f" in a PAM session (holder pid {process.pid})" if process.held else "")
-        return Spawned(request_id=request.request_id, endpoint_id=endpoint_id, pid=process.endpoint_pid,
-                       account=account.name, public_key=process.public_key)
+        pending.rendered = config.model_dump(mode="json")
+        pending.account = account
+        pending.key = (account.uid, self.renderer.digest, json.dumps(pending.rendered, sort_keys=True))
 
-    def _start_endpoint(self, endpoint_id: str, account: Account, key: EndpointKey,
-                        rendered: dict[str, Any]) -> EndpointProcess:
+    def _start(self, pending: PendingSpawn) -> EndpointProcess:
+        """The decision on disk, then the endpoint started (PAM's account and session steps included)."""
+        if not self.audit.write_and_wait([_decision_record(pending.request, pending.progress, "allowed",
+                                                           endpoint_id=pending.endpoint_id)]):
+            raise AuditUnavailableError()
+        account, key = pending.account, pending.key
+        assert account is not None and key is not None
+        endpoint_id = pending.endpoint_id
         public_key, secret_key = generate_keypair()
         boot = EndpointBoot(endpoint_id=endpoint_id, account=account.name,
                             router_address=self.settings.router_address,
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
-                            config=rendered, heartbeat_interval=self.settings.config.heartbeat_interval)
+                            config=pending.rendered, heartbeat_interval=self.settings.config.heartbeat_interval)
         # realpath: the log path is opened without following any symlink, and /home may be one
         log_path = os.path.join(os.path.realpath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
         plan = SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
@@ -325,17 +557,14 @@ class Spawner:
                          drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}")
         if self.settings.pam is not None:
             held = start_session_holder(plan, self.settings.pam)
-            process = EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd,
-                                      account=account, key=key, public_key=public_key, log_path=log_path,
-                                      endpoint_pid=held.endpoint_pid, held=True)
-        else:
-            child = spawn(plan)
-            process = EndpointProcess(endpoint_id=endpoint_id, pid=child.pid, pidfd=child.pidfd, account=account,
-                                      key=key, public_key=public_key, log_path=log_path, endpoint_pid=child.pid)
-        self.children[process.pidfd] = process
-        self.running[key] = process
-        self._save_registry()
-        return process
+            return EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd,
+                                   account=account, key=key, public_key=public_key, log_path=log_path,
+                                   endpoint_pid=held.endpoint_pid, held=True)
+        child = spawn(plan)
+        return EndpointProcess(endpoint_id=endpoint_id, pid=child.pid, pidfd=child.pidfd, account=account,
+                               key=key, public_key=public_key, log_path=log_path, endpoint_pid=child.pid)
+
+    # --- endpoints ----------------------------------------------------------------------
 
     def _revalidate(self) -> None:
         """Pick up a changed mapping file, and stop endpoints whose accounts policy now refuses.
@@ -353,14 +582,14 @@ class Spawner:
                 resolve_account(process.account.name, self.settings.policy)
             except AccountRefused as exc:
                 log.warning("stopping endpoint %s: %s [%s]", process.endpoint_id, exc, exc.admin_detail)
-                self._audit([{"event": "endpoint_stopped", "endpoint_id": process.endpoint_id,
-                              "account": process.account.name, "reason": exc.admin_detail or str(exc)}])
+                self.audit.write([{"event": "endpoint_stopped", "endpoint_id": process.endpoint_id,
+                                   "account": process.account.name, "reason": exc.admin_detail or str(exc)}])
                 process.retired = True
                 self.running.pop(process.key, None)
-                signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)  # running tasks get to finish
+                _stop_endpoint(process)  # running tasks get to finish
                 reasons.append(f"account {process.account.name} is no longer allowed")
         if reasons:
-            self.channel.send(RemapGroups(reason="; ".join(reasons)))
+            self._send(RemapGroups(reason="; ".join(reasons)))
 
     def _adopt(self) -> None:
         """Take back the endpoints an earlier life of this manager left running when it died."""
@@ -378,42 +607,51 @@ class Spawner:
             self.running[process.key] = process
             log.info("adopted endpoint %s (pid %d) of %s from the manager's previous life", record.endpoint_id,
                      record.endpoint_pid, record.account)
-            self._audit([{"event": "endpoint_adopted", "endpoint_id": record.endpoint_id,
-                          "pid": record.endpoint_pid, "account": record.account}])
-            self.channel.send(Spawned(endpoint_id=record.endpoint_id, pid=record.endpoint_pid,
-                                      account=record.account, public_key=record.public_key, reused=True))
+            self.audit.write([{"event": "endpoint_adopted", "endpoint_id": record.endpoint_id,
+                               "pid": record.endpoint_pid, "account": record.account}])
+            self._send(Spawned(endpoint_id=record.endpoint_id, pid=record.endpoint_pid,
+                               account=record.account, public_key=record.public_key, reused=True))
         self._save_registry()
 
-    def _save_registry(self) -> None:
+    def _save_registry(self) -> bool:
+        """Record what runs, for a restarted manager to adopt; False (and logged) if it can't be written."""
         records = []
         for process in self.children.values():
             try:
                 records.append(process.record())
             except OSError:
                 continue  # exiting right now: the reaper will report it
-        registry.save(self.settings.registry_path, records)
+        try:
+            registry.save(self.settings.registry_path, records)
+        except OSError as exc:
+            log.error("could not write the endpoint registry %s (%s): a manager restarted after a crash would not "
+                      "adopt the endpoints that run now", self.settings.registry_path, exc)
+            return False
+        return True
 
     def _reap(self, process: EndpointProcess) -> None:
-        if process.adopted:  # not our child: its exit status went to init
-            status = signal.SIGKILL  # unknown; report it as killed, so its tasks are retried
-        else:
-            _, status = os.waitpid(process.pid, 0)
+        status = signal.SIGKILL  # unknown (adopted, so not our child): report it as killed, so its tasks are retried
+        if not process.adopted:
+            try:
+                _, status = os.waitpid(process.pid, 0)
+            except ChildProcessError:
+                pass
         os.close(process.pidfd)
         if self.running.get(process.key) is process:
             del self.running[process.key]
         self._save_registry()
         how = _describe_exit(status) if not process.adopted else "ended (adopted, so its exit status is unknown)"
         log.info("endpoint %s (pid %d, %s) %s", process.endpoint_id, process.endpoint_pid, process.account.name, how)
-        self._audit([{"event": "endpoint_exited", "endpoint_id": process.endpoint_id, "pid": process.endpoint_pid,
-                      "account": process.account.name, "how": how}])
+        self.audit.write([{"event": "endpoint_exited", "endpoint_id": process.endpoint_id,
+                           "pid": process.endpoint_pid, "account": process.account.name, "how": how}])
         tail = "" if status == 0 else read_log_tail(process.account, process.log_path)
-        self.channel.send(EndpointExited(endpoint_id=process.endpoint_id, pid=process.endpoint_pid, how=how,
-                                         log_tail=tail, signalled=os.WIFSIGNALED(status)))
+        self._send(EndpointExited(endpoint_id=process.endpoint_id, pid=process.endpoint_pid, how=how,
+                                  log_tail=tail, signalled=os.WIFSIGNALED(status)))
 
     def _stop_children(self) -> None:
         """SIGTERM every endpoint; those still there after the grace period are SIGKILLed."""
         for process in self.children.values():
-            signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)
+            _stop_endpoint(process)
         deadline = time.monotonic() + STOP_GRACE
         while self.children:
             exited, _, _ = select.select(list(self.children), [], [], max(0.0, deadline - time.monotonic()))
@@ -451,6 +689,14 @@ def _decision_record(request: SpawnRequest, progress: Authorization, outcome: st
         "outcome": outcome,
         **fields,
     }
+
+
+def _stop_endpoint(process: EndpointProcess) -> None:
+    """SIGTERM: running tasks get to finish."""
+    try:
+        signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # already gone: the reaper reports it
 
 
 def _kill_endpoint(process: EndpointProcess) -> None:

@@ -1,0 +1,121 @@
+"""The router as the spawner's child: a fresh interpreter as the router account, restarted when it dies.
+
+``start_router`` forks and, in the child, runs privdrop's checked steps: a
+new session, the drop to the router account (none in single-user mode),
+no_new_privs, stdout and stderr on ``/dev/null``, every descriptor closed but
+the three it is handed at fixed numbers (``spawner_link.CHANNEL_FD``,
+``LOCK_FD``, ``LOG_FD``), then ``execve`` of ``python -I -m
+mep.manager.router_main``. The secrets (the manager's service key and the
+router's endpoint-facing key) reach it on a stdin pipe, never in argv or the
+environment. Its log lines come back on a pipe that the spawner copies to
+its own stderr, so the router never holds the manager's terminal or log file.
+
+``RestartBackoff`` spaces restarts of a router that keeps dying: 0.5 s, doubling
+to 30 s, back to 0.5 s once a router has run for a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import sys
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from mep.manager.spawner.accounts import Account
+from mep.manager.spawner.privdrop import SpawnPlan, spawn
+from mep.manager.spawner_link import RouterBoot, SpawnerLink, channel_pair
+
+log = logging.getLogger("mep.spawner")
+
+ROUTER_MODULE = "mep.manager.router_main"
+FIRST_RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+STABLE_AFTER = 60.0  # seconds a router must run before its death counts as a fresh failure
+_RELAY_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class RouterLaunch:
+    """What every start of the router needs, fixed when the manager starts."""
+
+    account: Account
+    drop_privileges: bool
+    boot: RouterBoot
+    lock_fd: int
+
+
+@dataclass
+class RouterProcess:
+    pid: int
+    pidfd: int
+    channel: SpawnerLink
+    log_read: int  # -1 once it reached end of file
+    started_at: float
+
+    def relay_log(self) -> None:
+        """Copy what the router logged to our stderr; at end of file, close the pipe."""
+        try:
+            data = os.read(self.log_read, _RELAY_CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            os.close(self.log_read)
+            self.log_read = -1
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(2, view):]
+        except OSError:
+            pass  # our stderr is gone: the router's lines are lost, never the router
+
+    def close(self) -> None:
+        while self.log_read != -1:  # what it said last, up to its end
+            os.set_blocking(self.log_read, True)
+            self.relay_log()
+        os.close(self.pidfd)
+        self.channel.sock.close()
+
+
+def start_router(launch: RouterLaunch) -> RouterProcess:
+    """Fork, drop and exec a router; raises ``SpawnError`` (naming the failed step) if it could not start."""
+    router_end, spawner_end = channel_pair()
+    log_read, log_write = os.pipe2(os.O_CLOEXEC)
+    try:
+        child = spawn(SpawnPlan(
+            account=launch.account, argv=[sys.executable, "-I", "-m", ROUTER_MODULE],
+            stdin_data=msgspec.json.encode(launch.boot), log_path="", drop_privileges=launch.drop_privileges,
+            title="the router", pass_fds=(router_end.fileno(), launch.lock_fd, log_write)))
+    except BaseException:
+        spawner_end.close()
+        os.close(log_read)
+        raise
+    finally:
+        router_end.close()
+        os.close(log_write)
+    os.set_blocking(log_read, False)
+    return RouterProcess(pid=child.pid, pidfd=child.pidfd, channel=SpawnerLink(spawner_end), log_read=log_read,
+                         started_at=time.monotonic())
+
+
+class RestartBackoff:
+    def __init__(self) -> None:
+        self._delay = FIRST_RESTART_DELAY
+
+    def next_delay(self, ran_for: float) -> float:
+        """Seconds to wait before starting again a router that died after ``ran_for`` seconds."""
+        if ran_for >= STABLE_AFTER:
+            self._delay = FIRST_RESTART_DELAY
+        delay = self._delay
+        self._delay = min(2 * self._delay, MAX_RESTART_DELAY)
+        return delay
+
+
+def single_user_account() -> Account:
+    """The account a single-user manager's router runs as: its own."""
+    return Account.from_passwd(pwd.getpwuid(os.geteuid()))
+
