@@ -36,7 +36,7 @@ import msgspec
 
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
-from mep.errors import ConfigurationError, MepError, TaskRefusedError
+from mep.errors import ConfigurationError, MepError, QuotaExceededError, TaskRefusedError
 from mep.manager.spawner import registry
 from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused, resolve_account
 from mep.manager.spawner.audit import AuditLog, AuditUnavailableError
@@ -298,6 +298,7 @@ class Spawner:
             return Spawned(request_id=request.request_id, endpoint_id=existing.endpoint_id,
                            pid=existing.endpoint_pid, account=account.name, public_key=existing.public_key,
                            reused=True)
+        self._check_endpoint_limit(account)
         if not self._audit([_decision_record(request, progress, "allowed", endpoint_id=endpoint_id)], sync=True):
             raise AuditUnavailableError()
         process = self._start_endpoint(endpoint_id, account, key, rendered)
@@ -310,6 +311,15 @@ class Spawner:
                  f" in a PAM session (holder pid {process.pid})" if process.held else "")
         return Spawned(request_id=request.request_id, endpoint_id=endpoint_id, pid=process.endpoint_pid,
                        account=account.name, public_key=process.public_key)
+
+    def _check_endpoint_limit(self, account: Account) -> None:
+        limit = self.settings.config.max_endpoints_per_account
+        running = sum(1 for process in self.children.values() if process.account.uid == account.uid and not process.retired)
+        if running >= limit:
+            raise QuotaExceededError(
+                f"account {account.name} already runs {running} user endpoint(s) on this endpoint, the most it "
+                f"allows (max_endpoints_per_account: {limit}); each distinct user_endpoint_config needs its own: "
+                f"reuse one you already use, or wait until one idles out")
 
     def _start_endpoint(self, endpoint_id: str, account: Account, key: EndpointKey,
                         rendered: dict[str, Any]) -> EndpointProcess:
