@@ -10,11 +10,13 @@ limits into ``Credit`` for the service: cumulative counts since the last
 what the limits leave after what is held and what the service may still
 send on credit already given, so the router holds at most its limits (plus
 one task's bytes, the service's allowed overshoot) whatever the backlog.
+Credit outstanding is also kept within one submitter's share (below).
 
 A submitter holding ``share`` of either limit here is listed ``full``: the
-service sends no more of its tasks until it drops below, which keeps room for
-everyone else's (a spawn for another user is never stuck behind one user's
-backlog). Function bodies no held task needs are dropped and named in
+service sends no more of its tasks until it drops below. As credit outstanding
+never exceeds one share either, a submitter holds less than two shares, which
+keeps room for everyone else's tasks (a spawn for another user is never stuck
+behind one user's backlog). Function bodies no held task needs are dropped and named in
 ``forget``, so the service sends them again with the next task that uses them.
 """
 
@@ -110,8 +112,10 @@ class HeldWork:
         always with ``again`` (the heartbeat repeats it, in case one was lost)."""
         outstanding_tasks = max(0, self._granted_tasks - self._received_tasks)
         outstanding_bytes = max(0, self._granted_bytes - self._received_bytes)
-        room_tasks = self.max_tasks - self.tasks - outstanding_tasks
-        room_bytes = self.max_bytes - self.bytes - outstanding_bytes
+        # Credit given is not yet anyone's: cap it at one submitter's share, so that one submitter can never take
+        # more than twice its share (its share, then the credit outstanding when it got there).
+        room_tasks = min(self.max_tasks - self.tasks, int(self.share * self.max_tasks)) - outstanding_tasks
+        room_bytes = min(self.max_bytes - self.bytes, int(self.share * self.max_bytes)) - outstanding_bytes
         if room_tasks > 0 and room_bytes > 0:
             self._granted_tasks += room_tasks
             self._granted_bytes += room_bytes
