@@ -3,7 +3,9 @@
 The router holds every network socket and every task, and no privilege. It
 groups dispatched tasks by (submitter, user endpoint config); for a group
 without a live endpoint it asks the root spawner for one over the private
-socketpair, queueing the group's tasks until the endpoint connects. User
+socketpair, queueing the group's tasks until the endpoint connects. It asks
+the service for work only as it has room (``CREDIT``, see ``mep.manager.flow``)
+and sends each endpoint only as many tasks as that endpoint's window. User
 endpoints connect to one ipc ROUTER socket with the CURVE key the spawner gave
 each of them; the ZAP handler turns that key into the endpoint id, and a
 result is accepted only from the endpoint its task was sent to.
@@ -303,9 +305,7 @@ class Router:
         """Send queued spawn requests while fewer than max_concurrent_spawns await an answer."""
         while self.spawn_queue and len(self.spawn_requests) < self.config.max_concurrent_spawns:
             key = self.spawn_queue.popleft()
-            wait = self.spawn_waits.get(key)
-            if wait is None:  # all its tasks were cancelled meanwhile
-                continue
+            wait = self.spawn_waits[key]
             group = wait.group
             self._next_request += 1
             request = SpawnRequest(
@@ -549,6 +549,8 @@ class Router:
             self._drop(link.queued, ErrorCode.INTERNAL, self.audit.refusal)
             link.queued.clear()
             return
+        # Records for the next window's worth go ahead, so they are written by the time results free the slots.
+        self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued[:link.window]])
         batch = link.queued[:max(0, link.window - len(link.in_flight))]
         if not batch or not self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in batch]):
             return  # sent once a result frees a slot, or once the spawner has written their "routed" records

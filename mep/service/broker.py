@@ -6,7 +6,8 @@ ZAP handler) says which kind: a registered manager key becomes
 ``manager:<endpoint id>``, any other key is a client, who must then present a
 token in each request. Each loop turn drains whatever has arrived, handles it
 in one SQLite transaction, and only after the commit sends the
-acknowledgements; then it dispatches waiting tasks to connected managers.
+acknowledgements; then it dispatches waiting tasks to connected managers, as
+many as each has asked for (``CREDIT``), round-robin across submitters.
 Busy turns therefore coalesce many messages into one fsync and one dispatch
 batch; an idle broker answers a lone message at once.
 
