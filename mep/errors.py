@@ -34,6 +34,8 @@ class ErrorCode(StrEnum):
     WALLTIME_EXCEEDED = "walltime_exceeded"
     WORKER_LOST = "worker_lost"
     ENDPOINT_BUSY = "endpoint_busy"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    AUTH_THROTTLED = "auth_throttled"
     INTERNAL = "internal"
 
 
@@ -64,6 +66,12 @@ class AuthenticationError(MepError):
     """The caller's token is unknown or revoked, or a key did not match."""
 
     code = ErrorCode.UNAUTHENTICATED
+
+
+class AuthenticationThrottledError(AuthenticationError):
+    """Too many failed authentications came from this address lately; it is refused for a while."""
+
+    code = ErrorCode.AUTH_THROTTLED
 
 
 class NotRegisteredError(ProtocolError):
@@ -156,6 +164,13 @@ class WorkerLostError(TaskRefusedError):
     code = ErrorCode.WORKER_LOST
 
 
+class QuotaExceededError(TaskRefusedError):
+    """A limit the admin set was reached (queued tasks or stored results of an identity, endpoints of an
+    account); the message names the limit and what to do."""
+
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
 class TaskExpiredError(MepError):
     """The task's result was not collected within the service's retention period."""
 
@@ -190,6 +205,7 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
     cls.code: cls
     for cls in (
         AuthenticationError,
+        AuthenticationThrottledError,
         ProtocolError,
         PayloadTooLargeError,
         UnknownEndpointError,
@@ -203,6 +219,7 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         EndpointLostError,
         WalltimeExceededError,
         WorkerLostError,
+        QuotaExceededError,
         TaskExpiredError,
         TaskCancelledError,
     )

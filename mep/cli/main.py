@@ -84,16 +84,28 @@ def service() -> None:
               help="Runs a task gets when its user endpoint keeps dying under it.")
 @click.option("--result-retention", type=click.FloatRange(min=1), default=7 * 24 * 3600.0, show_default=True,
               help="Seconds an uncollected result is kept before it expires.")
+@click.option("--max-queued-tasks", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Unfinished tasks one identity may have; SUBMIT beyond it is refused (quota_exceeded).")
+@click.option("--max-result-bytes", type=click.IntRange(min=0), default=10 * 1024**3, show_default=True,
+              help="Stored, uncollected result bytes one identity may have before its SUBMITs are refused.")
+@click.option("--max-auth-failures", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Failed token checks from one address within --auth-failure-window before it is refused "
+                   "(auth_throttled) for that long; 0: no limit.")
+@click.option("--auth-failure-window", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds over which failed token checks are counted, and how long an address is refused.")
 @_friendly
 def service_start(state_dir: Path | None, listen: str, address_file: Path | None, heartbeat_interval: float,
-                  max_payload_bytes: int, max_attempts: int, result_retention: float) -> None:
+                  max_payload_bytes: int, max_attempts: int, result_retention: float, max_queued_tasks: int,
+                  max_result_bytes: int, max_auth_failures: int, auth_failure_window: float) -> None:
     """Run the service in the foreground."""
     from mep.service.broker import Broker, BrokerSettings
 
     state = _state(state_dir)
     broker = Broker(state, BrokerSettings(listen=listen, heartbeat_interval=heartbeat_interval,
                                           max_payload_bytes=max_payload_bytes, max_attempts=max_attempts,
-                                          result_retention=result_retention))
+                                          result_retention=result_retention, max_queued_tasks=max_queued_tasks,
+                                          max_result_bytes=max_result_bytes, max_auth_failures=max_auth_failures,
+                                          auth_failure_window=auth_failure_window))
     if address_file is not None:
         address_file.write_text(broker.address + "\n")
     broker.serve_forever()

@@ -71,6 +71,17 @@ class ManagerConfig(BaseModel):
                                             description="Accounts with one of these login shells are refused")
     refuse_locked: bool = Field(default=False, description="Also refuse accounts whose password is locked (!, *)")
     pam: PamConfig = Field(default_factory=PamConfig)
+    # Flow control and limits (docs/reliability.md, "Limits and back-pressure").
+    max_queued_tasks: int = Field(default=10_000, ge=1, description="Tasks the router holds at most, for all "
+                                  "endpoints together, before they go to an endpoint; the rest wait at the service")
+    max_queued_bytes: int = Field(default=256 * 1024**2, ge=1024**2, description="Bytes of arguments and function "
+                                  "bodies the router holds at most (one task more may arrive)")
+    submitter_share: float = Field(default=0.25, gt=0, le=1, description="Fraction of either limit one submitter "
+                                   "may fill; beyond it the service sends that submitter's tasks no more for now")
+    max_concurrent_spawns: int = Field(default=4, ge=1, description="User endpoints being started at once; "
+                                       "further spawn requests wait their turn")
+    max_endpoints_per_account: int = Field(default=8, ge=1, description="User endpoints running at once for one "
+                                           "account; a spawn beyond it is refused (quota_exceeded)")
     audit_log: Path | None = Field(default=None, description="JSON-lines audit log; default "
                                    "/var/log/mep/audit-<endpoint id>.jsonl as root, ~/.mep/log/... otherwise")
 

@@ -22,7 +22,7 @@ import msgspec
 import zmq
 from setproctitle import setproctitle
 
-from mep.config.endpoint import UserEndpointConfig
+from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engines import make_engine
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
@@ -35,6 +35,7 @@ from mep.protocol.messages import (
     FAILED,
     SUCCESS,
     Cancel,
+    Credit,
     EndpointBoot,
     Heartbeat,
     IdleExit,
@@ -102,6 +103,8 @@ class UserEndpoint:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._drain("SIGTERM"))
         self.socket.send_multipart(encode(Ready(endpoint_id=self.boot.endpoint_id, pid=os.getpid())))
+        credit = encode(Credit(tasks=task_window(self.config)))
+        self.socket.send_multipart(credit)
         log.info("endpoint %s ready as %s with the %s engine", self.boot.endpoint_id, self.boot.account,
                  self.config.engine.type)
         poller = zmq.Poller()
@@ -126,6 +129,7 @@ class UserEndpoint:
             self._resend_unacknowledged(now)
             if now - last_heartbeat > self.heartbeat_interval:
                 self.socket.send_multipart(encode(Heartbeat()))
+                self.socket.send_multipart(credit)  # again: a new router (after a restart) learns it here
                 last_heartbeat = now
             if self._draining_since and (not self.active or now - self._draining_since > SHUTDOWN_GRACE):
                 break
@@ -247,6 +251,18 @@ class UserEndpoint:
                 payloads.append(payload)
             self.unacknowledged[result.task_id] = (result, payload, now)
         self.socket.send_multipart(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
+
+
+def task_window(config: UserEndpointConfig) -> int:
+    """How many tasks to let the router send at once: what the engine can run, plus a small prefetch, so a
+    worker that finishes finds its next task here rather than a round trip away (docs/protocol.md, CREDIT)."""
+    engine = config.engine
+    if isinstance(engine, HtexEngine):
+        nodes = engine.provider.arguments.get("nodes_per_block", 1)
+        slots = engine.workers_per_node * engine.max_blocks * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
+    else:
+        slots = engine.workers
+    return slots + max(2, slots // 4)
 
 
 def _release_boot_pipe() -> None:

@@ -3,7 +3,9 @@
 The router holds every network socket and every task, and no privilege. It
 groups dispatched tasks by (submitter, user endpoint config); for a group
 without a live endpoint it asks the root spawner for one over the private
-socketpair, queueing the group's tasks until the endpoint connects. User
+socketpair, queueing the group's tasks until the endpoint connects. It asks
+the service for work only as it has room (``CREDIT``, see ``mep.manager.flow``)
+and sends each endpoint only as many tasks as that endpoint's window. User
 endpoints connect to one ipc ROUTER socket with the CURVE key the spawner gave
 each of them; the ZAP handler turns that key into the endpoint id, and a
 result is accepted only from the endpoint its task was sent to.
@@ -18,7 +20,7 @@ import os
 import signal
 import socket as socketlib
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,7 @@ from mep.protocol.messages import (
     AuditStatus,
     CANCELLED,
     Cancel,
+    Credit,
     LostTask,
     Started,
     TasksLost,
@@ -67,6 +70,7 @@ from mep.protocol.messages import (
     TaskRef,
     Tasks,
 )
+from mep.manager.flow import HeldWork, QueuedTask
 from mep.manager.spawner_link import SpawnerLink
 from mep.manager.task_audit import TaskAuditTrail
 from mep.service.store import dumps_canonical
@@ -76,13 +80,6 @@ log = logging.getLogger("mep.router")
 ZAP_DOMAIN = "mep-endpoints"
 STOP_GRACE = 30.0  # seconds endpoints get to finish running tasks when the manager stops
 GroupKey = tuple[str, str]  # (submitter identity id, canonical user endpoint config)
-
-
-@dataclass
-class QueuedTask:
-    ref: TaskRef
-    args: Any  # zmq.Frame
-    runtime: Runtime
 
 
 @dataclass
@@ -98,13 +95,15 @@ class EndpointLink:
     retired: bool = False
     last_heard: float = field(default_factory=time.monotonic)
     functions_sent: set[str] = field(default_factory=set)
+    window: int = 1  # tasks it may hold at once, as its CREDIT says (1 until it has said)
 
 
 @dataclass
 class SpawnWait:
-    """Tasks of one group waiting for the spawner's answer."""
+    """Tasks of one group waiting for the spawner's answer (request_id 0: waiting for a spawn slot)."""
 
-    request_id: int
+    group: TaskGroup
+    request_id: int = 0
     tasks: list[QueuedTask] = field(default_factory=list)
 
 
@@ -131,8 +130,9 @@ class Router:
         self.endpoints: dict[str, EndpointLink] = {}
         self.by_group: dict[GroupKey, str] = {}
         self.spawn_waits: dict[GroupKey, SpawnWait] = {}
-        self.spawn_requests: dict[int, GroupKey] = {}
-        self.functions: dict[str, Any] = {}  # fn hash -> frame, to forward to endpoints that lack it
+        self.spawn_requests: dict[int, GroupKey] = {}  # sent to the spawner, not yet answered
+        self.spawn_queue: deque[GroupKey] = deque()  # waiting for one of max_concurrent_spawns
+        self.held = HeldWork(config.max_queued_tasks, config.max_queued_bytes, config.submitter_share)
         self.task_endpoint: dict[str, str] = {}
         self.results_out: list[tuple[Result, Any]] = []
         self.started_out: list[str] = []
@@ -179,6 +179,7 @@ class Router:
             self._drain(self.endpoints_socket, self._from_endpoint)
             self._drain(self.service, self._from_service)
             self._retry_queued()
+            self._send_credit()
             self._flush_to_service()
             self.audit.flush()
             self._keep_alive()
@@ -226,6 +227,7 @@ class Router:
             self.spawner.send(SpawnerStatusRequest())
             processes = [process_status("router")] + ([self.spawner_status] if self.spawner_status else [])
             self.service.send_multipart(encode(Heartbeat(processes=processes)))
+            self._send_credit(again=True)
             self.last_heartbeat = now
 
     # --- service ------------------------------------------------------------------
@@ -240,6 +242,7 @@ class Router:
         match header:
             case Registered():
                 self.registering_since = 0.0
+                self.held.registered()
                 self.config = self.config.model_copy(update={"heartbeat_interval": header.heartbeat_interval})
                 log.info("registered with the service at %s", self.config.service_address)
                 self.spawner.send(SpawnerStatusRequest())
@@ -262,14 +265,21 @@ class Router:
     def _dispatch(self, dispatch: Dispatch, payloads: list[Any]) -> None:
         if self._stopping:
             return  # not acknowledged: our UNREGISTER hands these back to the service
-        refs = {ref.task_id: ref for ref in dispatch.tasks}
+        self.held.received(len(dispatch.tasks), sum(len(frame) for frame in payloads))
         for ref in dispatch.tasks:
             if ref.fn_frame != -1:
-                self.functions[ref.fn_hash] = payloads[ref.fn_frame]
+                self.held.offer_function(ref.fn_hash, payloads[ref.fn_frame])
+        # A body the service believes we hold may have been dropped meanwhile (CREDIT.forget crossed this
+        # DISPATCH): such tasks go back, to come again with their body.
+        refs = {ref.task_id: ref for ref in dispatch.tasks if ref.fn_hash in self.held.functions}
+        returned = [ref.task_id for ref in dispatch.tasks if ref.task_id not in refs]
         for group in dispatch.groups:
             key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
-            tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime)
+            tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime, group.submitter_id)
                      for task_id in group.task_ids if task_id in refs]
+            if not tasks:
+                continue
+            self.held.hold(tasks)
             self.audit.accepted(group, refs)
             endpoint_id = self.by_group.get(key)
             if endpoint_id is not None:
@@ -277,32 +287,51 @@ class Router:
             elif key in self.spawn_waits:
                 self.spawn_waits[key].tasks.extend(tasks)
             else:
-                self._request_spawn(key, group, tasks)
-        self.service.send_multipart(encode(DispatchAck(accepted=list(refs))))
+                self.spawn_waits[key] = SpawnWait(group=group, tasks=tasks)
+                self.spawn_queue.append(key)
+                self._start_spawns()
+        self.held.prune()
+        self.service.send_multipart(encode(DispatchAck(accepted=list(refs), returned=returned)))
 
-    def _request_spawn(self, key: GroupKey, group: TaskGroup, tasks: list[QueuedTask]) -> None:
-        self._next_request += 1
-        request = SpawnRequest(
-            request_id=self._next_request, submitter_id=group.submitter_id, identities=group.identities,
-            user_endpoint_config=group.user_endpoint_config, runtime=group.runtime,
-            identity_assertion=group.identity_assertion)
-        try:
-            self.spawner.send(request)
-        except ProtocolError as exc:  # e.g. an enormous config: refuse these tasks, never crash on them
-            self._fail([task.ref.task_id for task in tasks], ErrorCode.CONFIG_INVALID,
-                       f"the user endpoint config can't be handled: {exc}")
+    def _send_credit(self, again: bool = False) -> None:
+        """Ask the service for as much work as there is room for (never while registering: see protocol.md)."""
+        if self.registering_since or self._stopping:
             return
-        self.spawn_waits[key] = SpawnWait(request_id=self._next_request, tasks=tasks)
-        self.spawn_requests[self._next_request] = key
+        credit = self.held.credit(again=again)
+        if credit is not None:
+            self.service.send_multipart(encode(credit))
+
+    def _start_spawns(self) -> None:
+        """Send queued spawn requests while fewer than max_concurrent_spawns await an answer."""
+        while self.spawn_queue and len(self.spawn_requests) < self.config.max_concurrent_spawns:
+            key = self.spawn_queue.popleft()
+            wait = self.spawn_waits[key]
+            group = wait.group
+            self._next_request += 1
+            request = SpawnRequest(
+                request_id=self._next_request, submitter_id=group.submitter_id, identities=group.identities,
+                user_endpoint_config=group.user_endpoint_config, runtime=group.runtime,
+                identity_assertion=group.identity_assertion)
+            try:
+                self.spawner.send(request)
+            except ProtocolError as exc:  # e.g. an enormous config: refuse these tasks, never crash on them
+                del self.spawn_waits[key]
+                self._drop(wait.tasks, ErrorCode.CONFIG_INVALID, f"the user endpoint config can't be handled: {exc}")
+                continue
+            wait.request_id = self._next_request
+            self.spawn_requests[self._next_request] = key
+        if self.spawn_queue:
+            log.info("%d group(s) wait for a spawn slot (max_concurrent_spawns is %d)", len(self.spawn_queue),
+                     self.config.max_concurrent_spawns)
 
     def _cancel(self, task_ids: list[str]) -> None:
         """Tasks not yet on an endpoint end here; the endpoint stops the ones it has."""
         wanted = set(task_ids)
         queues = [link.queued for link in self.endpoints.values()] + [w.tasks for w in self.spawn_waits.values()]
         for tasks in queues:
-            dropped = [task.ref.task_id for task in tasks if task.ref.task_id in wanted]
+            dropped = [task for task in tasks if task.ref.task_id in wanted]
             tasks[:] = [task for task in tasks if task.ref.task_id not in wanted]
-            self._fail(dropped, ErrorCode.CANCELLED, "cancelled by the submitter before it started", CANCELLED)
+            self._drop(dropped, ErrorCode.CANCELLED, "cancelled by the submitter before it started", CANCELLED)
         by_endpoint: dict[str, list[str]] = defaultdict(list)
         for task_id in wanted:
             endpoint_id = self.task_endpoint.get(task_id)
@@ -310,6 +339,11 @@ class Router:
                 by_endpoint[endpoint_id].append(task_id)
         for endpoint_id, ids in by_endpoint.items():
             self._send_endpoint(self.endpoints[endpoint_id], Cancel(task_ids=ids))
+
+    def _drop(self, tasks: list[QueuedTask], code: str, message: str, status: str = FAILED) -> None:
+        """Held tasks that end here (refused, cancelled): their outcome goes to the service, their room is free."""
+        self.held.release(tasks)
+        self._fail([task.ref.task_id for task in tasks], code, message, status)
 
     def _fail(self, task_ids: list[str], code: str, message: str, status: str = FAILED) -> None:
         for task_id in task_ids:
@@ -367,7 +401,8 @@ class Router:
                 wait = self.spawn_waits.pop(key, None) if key else None
                 if wait is not None:
                     log.info("spawn refused (%s): %s", message.code, message.message)
-                    self._fail([task.ref.task_id for task in wait.tasks], message.code, message.message)
+                    self._drop(wait.tasks, message.code, message.message)
+                self._start_spawns()
             case EndpointExited():
                 self._endpoint_exited(message)
             case SpawnerStatus():
@@ -393,6 +428,7 @@ class Router:
             self.by_group[key] = link.endpoint_id
         if wait is not None:
             self._queue_on_endpoint(link, wait.tasks)
+        self._start_spawns()
 
     def _endpoint_exited(self, message: EndpointExited) -> None:
         link = self.endpoints.pop(message.endpoint_id, None)
@@ -403,6 +439,7 @@ class Router:
                 del self.by_group[key]
         for public_key in [k for k, v in self.endpoint_keys.items() if v == link.endpoint_id]:
             del self.endpoint_keys[public_key]
+        self.held.release(link.queued)
         lost = list(link.in_flight) + [task.ref.task_id for task in link.queued]
         log.info("endpoint %s of %s %s; %d task(s) lost with it", link.endpoint_id, link.account, message.how,
                  len(lost))
@@ -455,6 +492,9 @@ class Router:
                 self.started_out += ids
             case Heartbeat():
                 pass
+            case Credit():
+                link.window = max(1, header.tasks)
+                self._send_queued(link)
             case Results():
                 self._endpoint_results(link, header, payloads)
             case IdleExit():
@@ -502,27 +542,30 @@ class Router:
             self._send_queued(link)
 
     def _send_queued(self, link: EndpointLink) -> None:
+        """Send the endpoint as many queued tasks as its window has room for, oldest first."""
         if not link.queued:
             return
         if self.audit.refusal:  # nothing runs unaudited
-            self._fail([task.ref.task_id for task in link.queued], ErrorCode.INTERNAL, self.audit.refusal)
+            self._drop(link.queued, ErrorCode.INTERNAL, self.audit.refusal)
             link.queued.clear()
             return
-        cleared = self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued])
-        if not cleared:
-            return  # sent once the spawner has written their "routed" records
-        sendable = [task for task in link.queued if task.ref.task_id in cleared]
+        # Records for the next window's worth go ahead, so they are written by the time results free the slots.
+        cleared = self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued[:link.window]])
+        room = max(0, link.window - len(link.in_flight))
+        batch = [task for task in link.queued[:room] if task.ref.task_id in cleared]
+        if not batch:
+            return  # sent once a result frees a slot, or once the spawner has written their "routed" records
         refs: list[TaskRef] = []
         payloads: list[Any] = []
         runtimes: dict[tuple, int] = {}
-        for task in sendable:
+        for task in batch:
             runtime = runtimes.setdefault(msgspec.structs.astuple(task.runtime), len(runtimes))
             ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads),
                           runtime=runtime, walltime=task.ref.walltime)
             payloads.append(task.args)
             if ref.fn_hash not in link.functions_sent:
                 ref.fn_frame = len(payloads)
-                payloads.append(self.functions[ref.fn_hash])
+                payloads.append(self.held.functions[ref.fn_hash])
                 link.functions_sent.add(ref.fn_hash)
             refs.append(ref)
         if self._send_endpoint(link, Tasks(tasks=refs, runtimes=[Runtime(*key) for key in runtimes]), payloads):
@@ -530,7 +573,9 @@ class Router:
                 link.in_flight.add(ref.task_id)
                 self.task_endpoint[ref.task_id] = link.endpoint_id
             self.audit.sent(refs)
-            link.queued = [task for task in link.queued if task.ref.task_id not in cleared]
+            sent = {ref.task_id for ref in refs}
+            link.queued = [task for task in link.queued if task.ref.task_id not in sent]
+            self.held.release(batch)
         else:
             link.functions_sent.difference_update(ref.fn_hash for ref in refs)
 

@@ -261,8 +261,27 @@ class Dispatch(Envelope, tag="DISPATCH"):
 
 
 class DispatchAck(Envelope, tag="DISPATCH_ACK"):
+    """``returned``: tasks the router does not hold (it lacked their function body): waiting again, uncharged."""
+
     accepted: list[str] = []
     rejected: list[Rejection] = []
+    returned: list[str] = []
+
+
+class Credit(Envelope, tag="CREDIT"):
+    """Flow control: how much work the sender has room for (docs/protocol.md, "Credit").
+
+    Router -> service: ``tasks`` and ``payload_bytes`` are cumulative since the
+    last REGISTERED (the service may have sent that many in all); ``full``
+    names submitters to send no more tasks of for now; ``forget`` names
+    function bodies the router dropped. Endpoint -> router: ``tasks`` is how
+    many tasks the endpoint may hold at once (workers plus a small prefetch).
+    """
+
+    tasks: int = 0
+    payload_bytes: int = 0
+    full: list[str] = []
+    forget: list[str] = []
 
 
 class Heartbeat(Envelope, tag="HEARTBEAT"):
@@ -427,6 +446,7 @@ Header = (
     | Registered
     | Dispatch
     | DispatchAck
+    | Credit
     | Heartbeat
     | Ready
     | Tasks

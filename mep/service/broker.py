@@ -6,7 +6,8 @@ ZAP handler) says which kind: a registered manager key becomes
 ``manager:<endpoint id>``, any other key is a client, who must then present a
 token in each request. Each loop turn drains whatever has arrived, handles it
 in one SQLite transaction, and only after the commit sends the
-acknowledgements; then it dispatches waiting tasks to connected managers.
+acknowledgements; then it dispatches waiting tasks to connected managers, as
+many as each has asked for (``CREDIT``), round-robin across submitters.
 Busy turns therefore coalesce many messages into one fsync and one dispatch
 batch; an idle broker answers a lone message at once.
 
@@ -46,6 +47,7 @@ from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
     Cancel,
     CancelAck,
+    Credit,
     Dispatch,
     DispatchAck,
     Error,
@@ -73,6 +75,7 @@ from mep.protocol.messages import (
 )
 from mep.service.state import ServiceState
 from mep.service.store import Store, StoredResult, dumps_canonical
+from mep.service.throttle import FailedAuthentications
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +95,36 @@ class BrokerSettings:
     dispatch_batch: int = 500
     max_attempts: int = 3  # runs of a task whose endpoint keeps dying under it
     result_retention: float = 7 * 24 * 3600.0  # seconds an uncollected result is kept
+    max_queued_tasks: int = 100_000  # unfinished tasks per identity; SUBMIT beyond is refused per task
+    max_result_bytes: int = 10 * 1024**3  # stored, uncollected result bytes per identity before SUBMIT is refused
+    max_auth_failures: int = 100  # failed token checks per source address within auth_failure_window (0: no limit)
+    auth_failure_window: float = 60.0  # seconds; also how long a source over the limit is refused
 
 
 @dataclass
 class ManagerLink:
-    """A connected manager: where to send, what it already holds, when it last spoke."""
+    """A connected manager: where to send, what it already holds, when it last spoke, what it has room for.
+
+    Credit counts are cumulative since the last REGISTERED: the manager may
+    have been sent ``credit_tasks`` tasks and ``credit_bytes`` payload bytes in
+    all (a task is sent while some byte credit is left, so the last one may
+    overshoot by its own size).
+    """
 
     routing_id: bytes
     last_seen: float
     functions_sent: set[str] = field(default_factory=set)
     processes: list[ProcessStatus] = field(default_factory=list)
+    credit_tasks: int = 0
+    credit_bytes: int = 0
+    sent_tasks: int = 0
+    sent_bytes: int = 0
+    full: frozenset[str] = frozenset()  # submitters the manager holds its share of: skip them for now
+    last_submitter: str = ""  # where the round-robin across submitters resumes
+
+    def reset_credit(self) -> None:
+        self.credit_tasks = self.credit_bytes = self.sent_tasks = self.sent_bytes = 0
+        self.full = frozenset()
 
 
 @dataclass
@@ -137,6 +160,8 @@ class Broker:
         self.client_routes: dict[str, bytes] = {}
         self._last_expiry = float("-inf")
         self._stop = threading.Event()
+        self.failed_authentications = FailedAuthentications(settings.max_auth_failures, settings.auth_failure_window)
+        self._source = ""  # network address of the peer whose message is being handled
 
     # --- authentication ---------------------------------------------------------
 
@@ -148,8 +173,10 @@ class Broker:
         return MANAGER_PREFIX + endpoint_id if endpoint_id else CLIENT
 
     def _authenticate(self, token: str) -> str:
+        self.failed_authentications.check(self._source)
         identity_id = self.store.identity_for_token(token)
         if identity_id is None:
+            self.failed_authentications.failed(self._source)
             raise AuthenticationError("the token is unknown or has been revoked; ask your mep admin for a new one")
         return identity_id
 
@@ -198,6 +225,7 @@ class Broker:
                     if len(frames) < 2:
                         raise ProtocolError("empty message")
                     peer = frames[1].get("User-Id")
+                    self._source = frames[1].get("Peer-Address")
                     header, payloads = decode(frames[1:])
                     request_id = getattr(header, "request_id", 0)
                     self._handle_one(peer, routing_id, header, payloads, outbox)
@@ -255,12 +283,14 @@ class Broker:
         known = self.store.known_functions(task.fn_hash for task in submit.tasks)
         accepted: list[str] = []
         rejected: list[Rejection] = []
+        quota = _Quota(self.settings, self.store, identity_id)
         for task in submit.tasks:
-            reason = self._task_problem(task, payloads, offered, known, limit)
-            if reason is None and not self.store.add_task(
-                    task.task_id, submit.endpoint_id, identity_id, task.fn_hash,
-                    payloads[task.args_frame].buffer, config, runtime, task.walltime):
-                if self.store.task_owner(task.task_id) != identity_id:
+            reason = self._task_problem(task, payloads, offered, known, limit) or quota.problem(task.task_id)
+            if reason is None:
+                if self.store.add_task(task.task_id, submit.endpoint_id, identity_id, task.fn_hash,
+                                       payloads[task.args_frame].buffer, config, runtime, task.walltime):
+                    quota.unfinished += 1
+                elif self.store.task_owner(task.task_id) != identity_id:
                     reason = (ErrorCode.BAD_REQUEST, f"task id {task.task_id} is already in use")
             if reason is None:
                 accepted.append(task.task_id)
@@ -366,10 +396,18 @@ class Broker:
                 outbox.completed.extend(failed)
                 log.info("endpoint %s lost %d task(s): %d queued again, %d failed for good", endpoint_id,
                          len(header.lost), len(header.lost) - len(failed), len(failed))
+            case Credit():
+                link.credit_tasks = max(link.credit_tasks, header.tasks)
+                link.credit_bytes = max(link.credit_bytes, header.payload_bytes)
+                link.full = frozenset(header.full)
+                link.functions_sent.difference_update(header.forget)
             case DispatchAck():
                 for rejection in header.rejected:
                     if self.store.fail_task(endpoint_id, rejection.task_id, rejection.code, rejection.message):
                         outbox.completed.append(rejection.task_id)
+                if header.returned:  # it lacked their function bodies: send them again, bodies included
+                    self.store.return_to_waiting(endpoint_id, header.returned)
+                    link.functions_sent.clear()
             case Results():
                 for result in header.results:
                     payload = payloads[result.payload_frame].buffer if result.payload_frame != -1 else None
@@ -388,6 +426,7 @@ class Broker:
         now = time.monotonic()
         if link is not None and link.routing_id == routing_id:  # a repeated REGISTER on a live connection
             link.last_seen = now
+            link.reset_credit()  # the manager counts its credit afresh from REGISTERED too
             outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
             return
         if link is not None and now - link.last_seen < self._lease:
@@ -406,18 +445,25 @@ class Broker:
         return 3 * self.settings.heartbeat_interval
 
     def _dispatch(self) -> bool:
-        """Send waiting tasks to connected managers; True when more are waiting than one batch held."""
+        """Send waiting tasks to connected managers, as far as each one's credit goes.
+
+        True when a manager took a full batch and has credit left (more may be waiting).
+        """
         more = False
         for endpoint_id, link in list(self.managers.items()):
-            queued = self.store.waiting_tasks(endpoint_id, self.settings.dispatch_batch)
-            if not queued:
+            room = min(link.credit_tasks - link.sent_tasks, self.settings.dispatch_batch)
+            if room <= 0 or link.sent_bytes >= link.credit_bytes:
                 continue
+            candidates = self.store.waiting_tasks(endpoint_id, room, after=link.last_submitter, exclude=link.full)
             groups: dict[tuple[str, str, str], TaskGroup] = {}
             identity_sets: dict[str, list] = {}
             tasks: list[TaskRef] = []
             payloads: list[Any] = []
             new_functions: set[str] = set()
-            for task in queued:
+            sent_bytes = link.sent_bytes
+            for task in candidates:
+                if sent_bytes >= link.credit_bytes:
+                    break  # the rest wait for more credit; the task that crossed the line still goes
                 key = (task.submitter_id, task.config, task.runtime)
                 if key not in groups:
                     if task.submitter_id not in identity_sets:
@@ -429,18 +475,25 @@ class Broker:
                 groups[key].task_ids.append(task.task_id)
                 ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads),
                               walltime=task.walltime)
-                payloads.append(task.args)
+                payloads.append(self.store.task_args(task.task_id))
+                sent_bytes += task.args_bytes
                 if task.fn_hash not in link.functions_sent and task.fn_hash not in new_functions:
                     ref.fn_frame = len(payloads)
                     payloads.append(self.store.function_body(task.fn_hash))
+                    sent_bytes += len(payloads[-1])
                     new_functions.add(task.fn_hash)
                 tasks.append(ref)
+            if not tasks:
+                continue
             if not self._send(link.routing_id, encode(Dispatch(tasks=tasks, groups=list(groups.values())), payloads)):
                 continue
             link.functions_sent |= new_functions
+            link.sent_tasks += len(tasks)
+            link.sent_bytes = sent_bytes
+            link.last_submitter = candidates[len(tasks) - 1].submitter_id
             with self.store.transaction():
-                self.store.mark_dispatched([task.task_id for task in queued])
-            more = more or len(queued) == self.settings.dispatch_batch
+                self.store.mark_dispatched([ref.task_id for ref in tasks])
+            more = more or (len(tasks) == self.settings.dispatch_batch and link.sent_tasks < link.credit_tasks)
         return more
 
     def _expire_old_results(self) -> None:
@@ -472,6 +525,32 @@ class Broker:
                 raise
             log.info("peer has disconnected; its messages wait on disk")
         return False
+
+
+class _Quota:
+    """An identity's limits while one SUBMIT is judged: unfinished tasks, and result bytes not yet collected."""
+
+    def __init__(self, settings: BrokerSettings, store: Store, identity_id: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.identity_id = identity_id
+        self.unfinished = store.unfinished_tasks(identity_id)
+        self.result_bytes = store.uncollected_result_bytes(identity_id)
+
+    def problem(self, task_id: str) -> tuple[ErrorCode, str] | None:
+        settings = self.settings
+        if self.result_bytes <= settings.max_result_bytes and self.unfinished < settings.max_queued_tasks:
+            return None
+        if self.store.task_owner(task_id) == self.identity_id:
+            return None  # a resubmission of a task already accepted (the SDK resends until acknowledged)
+        if self.result_bytes > settings.max_result_bytes:
+            return ErrorCode.QUOTA_EXCEEDED, (
+                f"your uncollected results hold {self.result_bytes} bytes, more than this service's limit of "
+                f"{settings.max_result_bytes} bytes per identity; new tasks are refused until you collect results "
+                f"(an Executor collects them as they arrive; Client.acknowledge(task_ids)) or they expire")
+        return ErrorCode.QUOTA_EXCEEDED, (
+            f"you have {self.unfinished} unfinished tasks, the most this service allows per identity "
+            f"({settings.max_queued_tasks}); submit more once some have finished")
 
 
 def _results_message(stored: list[StoredResult]) -> tuple[Results, list[bytes]]:

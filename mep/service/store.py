@@ -14,6 +14,7 @@ message a revoked caller sends.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import secrets
 import sqlite3
@@ -81,6 +82,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     acked_at REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_endpoint_state ON tasks(endpoint_id, state, created_at);
+-- Partial indexes: each holds only the rows its question is about, so fair dispatch and the quota checks
+-- seek instead of scanning however many tasks the table holds.
+CREATE INDEX IF NOT EXISTS tasks_waiting_by_submitter ON tasks(endpoint_id, submitter_id, created_at)
+    WHERE state='waiting';
+CREATE INDEX IF NOT EXISTS tasks_unfinished_by_submitter ON tasks(submitter_id)
+    WHERE state IN ('waiting','dispatched','running');
+CREATE INDEX IF NOT EXISTS tasks_uncollected_by_submitter ON tasks(submitter_id)
+    WHERE result_payload IS NOT NULL;
 """
 
 TOKEN_PREFIX = "mep_"
@@ -106,11 +115,11 @@ class NewIdentity:
 
 @dataclass(frozen=True)
 class QueuedTask:
-    """A task on its way to a manager, with what the router needs to route it."""
+    """A task on its way to a manager, with what the router needs to route it (its arguments: ``task_args``)."""
 
     task_id: str
     fn_hash: str
-    args: bytes
+    args_bytes: int
     submitter_id: str
     config: str
     runtime: str
@@ -277,13 +286,70 @@ class Store:
         row = self.db.execute("SELECT submitter_id FROM tasks WHERE id=?", (task_id,)).fetchone()
         return row[0] if row else None
 
-    def waiting_tasks(self, endpoint_id: str, limit: int) -> list[QueuedTask]:
-        rows = self.db.execute(
-            "SELECT id, fn_hash, args, submitter_id, config, runtime, walltime FROM tasks"
-            " WHERE endpoint_id=? AND state='waiting' ORDER BY created_at LIMIT ?",
-            (endpoint_id, limit),
-        ).fetchall()
-        return [QueuedTask(*row) for row in rows]
+    def waiting_tasks(self, endpoint_id: str, limit: int, *, after: str = "",
+                      exclude: frozenset[str] = frozenset()) -> list[QueuedTask]:
+        """Up to ``limit`` waiting tasks of the endpoint, dealt round-robin across their submitters.
+
+        Submitters are taken in id order, starting after ``after`` (the last one
+        served) and wrapping around, skipping ``exclude``; each round gives
+        every one of them its oldest task not yet taken. So a submitter's first
+        task waits for at most one task of each other submitter, however long
+        their backlogs. Every query seeks the partial index of waiting tasks.
+        """
+        submitters = self._waiting_submitters(endpoint_id, after, exclude, limit)
+        taken: dict[str, list[QueuedTask]] = {}
+        share = max(1, limit // max(1, len(submitters)))
+        active = submitters
+        while active and sum(map(len, taken.values())) < limit:
+            still_waiting = []
+            for submitter in active:
+                rows = self.db.execute(
+                    "SELECT id, fn_hash, length(args), submitter_id, config, runtime, walltime FROM tasks"
+                    " WHERE endpoint_id=? AND state='waiting' AND submitter_id=? ORDER BY created_at LIMIT ? OFFSET ?",
+                    (endpoint_id, submitter, share, len(taken.get(submitter, ())))).fetchall()
+                taken.setdefault(submitter, []).extend(QueuedTask(*row) for row in rows)
+                if len(rows) == share:
+                    still_waiting.append(submitter)
+            active = still_waiting
+        dealt = [task for round_ in itertools.zip_longest(*(taken[s] for s in submitters)) for task in round_ if task]
+        return dealt[:limit]
+
+    def _waiting_submitters(self, endpoint_id: str, after: str, exclude: frozenset[str], limit: int) -> list[str]:
+        """Distinct submitters with waiting tasks, in id order from just after ``after``, wrapping; at most ``limit``."""
+        found: list[str] = []
+        for low, high in ((after, None), ("", after)):
+            cursor = low
+            while len(found) < limit:
+                row = self.db.execute(
+                    "SELECT submitter_id FROM tasks WHERE endpoint_id=? AND state='waiting' AND submitter_id>?"
+                    " ORDER BY submitter_id LIMIT 1", (endpoint_id, cursor)).fetchone()
+                if row is None or (high is not None and row[0] > high):
+                    break
+                cursor = row[0]
+                if cursor not in exclude:
+                    found.append(cursor)
+            if not after:
+                break
+        return found
+
+    def task_args(self, task_id: str) -> bytes:
+        return self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()[0]
+
+    def return_to_waiting(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
+        """Dispatched tasks the manager handed back unheld: they wait again without using an attempt."""
+        self.db.executemany(
+            "UPDATE tasks SET state='waiting', dispatched_at=NULL WHERE id=? AND endpoint_id=? AND state='dispatched'",
+            [(task_id, endpoint_id) for task_id in task_ids])
+
+    def unfinished_tasks(self, submitter_id: str) -> int:
+        """Tasks of this identity not yet finished (waiting, dispatched or running)."""
+        return self.db.execute("SELECT count(*) FROM tasks WHERE submitter_id=?"
+                               " AND state IN ('waiting','dispatched','running')", (submitter_id,)).fetchone()[0]
+
+    def uncollected_result_bytes(self, submitter_id: str) -> int:
+        """Bytes of this identity's stored results not yet acknowledged (length() reads no blob content)."""
+        return self.db.execute("SELECT coalesce(sum(length(result_payload)), 0) FROM tasks WHERE submitter_id=?"
+                               " AND result_payload IS NOT NULL", (submitter_id,)).fetchone()[0]
 
     def mark_dispatched(self, task_ids: Sequence[str]) -> None:
         now = time.time()

@@ -52,7 +52,7 @@ import msgspec
 
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
-from mep.errors import ErrorCode, MepError, SpawnError, TaskRefusedError
+from mep.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
 from mep.manager.spawner import registry
 from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused, resolve_account
 from mep.manager.spawner.audit import AuditLog, AuditUnavailableError, AuditWriter
@@ -447,6 +447,11 @@ class Spawner:
         if uid in self._starting:
             self._starting[uid].append(pending)  # after the start in progress, which it may well reuse
             return
+        try:
+            self._check_endpoint_limit(pending.account)
+        except QuotaExceededError as exc:
+            self._refuse(pending, exc)
+            return
         self._starting[uid] = []
         pending.endpoint_id = str(uuid.uuid4())
         self._in_worker(lambda: self._start(pending), lambda done: self._started(pending, done))
@@ -462,6 +467,15 @@ class Spawner:
             self._register(pending, process)
         for other in waiting:
             self._start_or_reuse(other)
+
+    def _check_endpoint_limit(self, account: Account) -> None:
+        limit = self.settings.config.max_endpoints_per_account
+        running = sum(1 for process in self.children.values() if process.account.uid == account.uid and not process.retired)
+        if running >= limit:
+            raise QuotaExceededError(
+                f"account {account.name} already runs {running} user endpoint(s) on this endpoint, the most it "
+                f"allows (max_endpoints_per_account: {limit}); each distinct user_endpoint_config needs its own: "
+                f"reuse one you already use, or wait until one idles out")
 
     def _register(self, pending: PendingSpawn, process: EndpointProcess) -> None:
         """A new endpoint runs: track it, record it, and tell the router (the one that asked, or its successor)."""
