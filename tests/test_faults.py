@@ -161,3 +161,30 @@ def test_a_stalled_service_keeps_its_managers_leases(account_factory, deploy) ->
     assert "did not run for" in deploy.service.log()
     assert "went silent" not in deploy.service.log(), "the stall was the service's, not the manager's"
     assert runs_of(account) == [1]
+
+
+# --- 5. a killed PAM session holder loses nothing and leaves no orphan ----------------------------------
+
+
+def test_a_killed_session_holder_leaves_its_endpoint_to_finish_its_tasks_once(account_factory, deploy,
+                                                                             pam_service: PamService) -> None:
+    account = account_factory("mepfaultholder")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), settings=pam_settings(pam_service))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 2}) as executor:
+        futures = [executor.submit(counted_nap, 1.5, n) for n in range(6)]
+        wait_for(lambda: len(runs_of(account)) >= 2, what="tasks to run")
+        holder, endpoint = holder_and_endpoint(manager)
+        os.kill(holder, signal.SIGKILL)
+        assert sorted(future.result(timeout=120)[0] for future in futures) == list(range(6))
+        wait_for(lambda: not os.path.exists(f"/proc/{endpoint}"), timeout=60,
+                 what="the endpoint to finish its tasks and exit")
+        assert executor.submit(counted_nap, 0, 6).result(timeout=60)[0] == 6, "a fresh endpoint takes new work"
+    assert sorted(runs_of(account)) == list(range(7)), "every task ran exactly once"
+    log = manager.log()
+    assert f"the PAM session holder (pid {holder})" in log and "the endpoint finishes its tasks" in log
+    assert "which this router does not know" not in log
+    lost = [line for line in log.splitlines() if "lost with it" in line and "; 0 task(s)" not in line]
+    assert not lost, lost
+    events = pam_service.events(account.pw_name, holder)
+    assert events == ["open_session"], "the holder died with the session open; nothing can close it now"
