@@ -188,3 +188,103 @@ def test_a_killed_session_holder_leaves_its_endpoint_to_finish_its_tasks_once(ac
     assert not lost, lost
     events = pam_service.events(account.pw_name, holder)
     assert events == ["open_session"], "the holder died with the session open; nothing can close it now"
+
+
+# --- 6. what a task leaves behind: its output, its processes; an adopted endpoint's old results -----------
+
+
+def chatty(megabytes: int) -> str:
+    """A MiB of output per unit, from Python and from a child process (fd-level, not just sys.stdout)."""
+    import subprocess
+    import sys
+
+    for _ in range(megabytes * 1024):
+        sys.stdout.write("x" * 1023 + "\n")
+    subprocess.run(["sh", "-c", "echo from the child >&2"], check=True)
+    return "said a lot"
+
+
+def start_grandchild(then_sleep: float) -> int:
+    """Leaves a `setsid` grandchild behind (its parent exits at once, so it is nobody's child but ours)."""
+    import os
+    import subprocess
+    import time
+
+    path = os.path.expanduser("~/grandchild")
+    subprocess.run(["sh", "-c", f"setsid sh -c 'echo $$ > {path}.tmp; mv {path}.tmp {path}; exec sleep 300' &"],
+                   check=True)
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    time.sleep(then_sleep)
+    return int(open(path).read())
+
+
+def endpoint_log(account: pwd.struct_passwd) -> str:
+    return "".join(path.read_text(errors="replace")
+                   for path in Path(account.pw_dir).glob(".mep/endpoints/*/endpoint.log"))
+
+
+def test_a_tasks_output_is_capped_in_the_endpoint_log(account_factory, deploy) -> None:
+    account = account_factory("mepfaultout")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    with deploy.executor(identity, manager) as executor:
+        future = executor.submit(chatty, 4)
+        assert future.result(timeout=60) == "said a lot"
+        assert executor.submit(chatty, 0).result(timeout=60) == "said a lot"
+    log = endpoint_log(account)
+    total = 4 * 1024 * 1024 + len("from the child\n")
+    assert (f"--- output of task {future.task_id}: {total} bytes; only the first 65536 are kept here, "
+            f"{total - 65536} dropped") in log
+    assert "from the child" in log, "a child process's output is captured too (the small task's)"
+    assert len(log) < 256 * 1024, "4 MiB of output left at most 64 KiB per task in the log"
+
+
+def test_a_tasks_setsid_grandchild_is_ended_with_the_task_and_with_its_cancellation(account_factory,
+                                                                                    deploy) -> None:
+    account = account_factory("mepfaultorphan")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    marker = Path(account.pw_dir) / "grandchild"
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
+        grandchild = executor.submit(start_grandchild, 0).result(timeout=60)
+        wait_for(lambda: not os.path.exists(f"/proc/{grandchild}"), what="the finished task's grandchild to end")
+        assert "left 1 process(es) running; they were killed" in endpoint_log(account)
+        marker.unlink()
+        cancelled = executor.submit(start_grandchild, 300)
+        wait_for(marker.exists, what="the second grandchild to start")
+        grandchild = int(marker.read_text())
+        assert cancelled.cancel()
+        wait_for(lambda: not os.path.exists(f"/proc/{grandchild}"), what="the cancelled task's grandchild to end")
+        assert executor.submit(counted_nap, 0, 1).result(timeout=60) == (1, account.pw_uid)
+
+
+def test_an_adopted_endpoints_old_results_are_not_refused_noisily_and_it_still_idles_out(account_factory,
+                                                                                          deploy) -> None:
+    """Results the endpoint sent while the service was stopped, then the manager crashed: the new router never
+    sent those tasks. The endpoint's resends must neither flood the log nor keep it alive for ever."""
+    account = account_factory("mepfaultadopt")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    executor = deploy.executor(identity, manager, user_endpoint_config={"workers": 4, "idle_timeout": 10})
+    try:
+        futures = [executor.submit(counted_nap, 0.5, n) for n in range(8)]
+        wait_for(lambda: len(runs_of(account)) >= 4, what="tasks to run")
+        os.kill(deploy.service.popen.pid, signal.SIGSTOP)  # no acknowledgement reaches the endpoint now
+        wait_for(lambda: len(runs_of(account)) == 8, what="every task to run")
+        time.sleep(1.5)  # ... and finish, its result unacknowledged
+        (endpoint,) = [pid for pid in children_of(manager.spawner_pid) if pid != manager.router_pid]
+        os.killpg(manager.process.popen.pid, signal.SIGKILL)  # the whole manager crashes
+        manager.process.popen.wait()
+        os.kill(deploy.service.popen.pid, signal.SIGCONT)
+        offset = len(manager.log())
+        manager.start()
+        assert sorted(future.result(timeout=60)[0] for future in futures) == list(range(8))
+        wait_for(lambda: not os.path.exists(f"/proc/{endpoint}"), timeout=90,
+                 what="the adopted endpoint to be rid of its old results and idle out")
+        new_life = manager.log()[offset:]
+        assert "resends results of tasks this router has not been given" in new_life, "the case under test"
+        assert "which was not sent to it" not in new_life
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    assert sorted(runs_of(account)) == list(range(8)), "nothing ran again"

@@ -79,6 +79,9 @@ STOP_GRACE = 30.0  # seconds endpoints get to finish running tasks when the mana
 # Seconds (at least; 3 heartbeats if longer) a started or adopted endpoint gets to say its first word.
 # Startup includes the engine (Parsl's takes seconds) and retries after an early key refusal.
 HELLO_TIMEOUT = 30.0
+# Heartbeat intervals after registering within which the service sends again every task still open here;
+# an adopted endpoint's result for a task not sent by then is for one the service has finished.
+UNCLAIMED_GRACE = 10
 GroupKey = tuple[str, str]  # (submitter identity id, canonical user endpoint config)
 
 
@@ -104,7 +107,7 @@ class EndpointLink:
     functions_sent: set[str] = field(default_factory=set)
     stopped_because: str = ""  # why the router had it killed, for its tasks' reasons
     adopted: bool = False  # from the manager's previous life: it may hold results this router never sent
-    unclaimed: int = 0  # results it sent for tasks this router does not know (yet)
+    unclaimed: dict[str, float] = field(default_factory=dict)  # task id -> first resent while registered
 
 
 @dataclass
@@ -491,6 +494,7 @@ class Router:
                 continue
             link.in_flight.discard(result.task_id)
             link.started.discard(result.task_id)
+            link.unclaimed.pop(result.task_id, None)
             self.audit.finished(result.task_id, result.status, code=result.code, endpoint_id=link.endpoint_id,
                                 account=link.account)
             payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
@@ -511,12 +515,20 @@ class Router:
             log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
                         link.endpoint_id, link.account, task_id)
             return
+        now = time.monotonic()
         if not link.unclaimed:
             log.info("adopted endpoint %s (%s) resends results of tasks this router has not been given (yet); "
                      "they are dropped: the service sends the open ones again, and their results then count",
                      link.endpoint_id, link.account)
-        link.unclaimed += 1
-        log.debug("adopted endpoint %s resent a result for task %s, unknown here; dropped", link.endpoint_id, task_id)
+        if self.registering_since or task_id not in link.unclaimed:
+            link.unclaimed[task_id] = now  # the wait starts once the service could have sent it again
+            log.debug("adopted endpoint %s resent a result for task %s, unknown here; dropped", link.endpoint_id,
+                      task_id)
+        elif now - link.unclaimed[task_id] > UNCLAIMED_GRACE * self.config.heartbeat_interval:
+            # Long registered and never sent it: the service has its outcome. Let the endpoint forget it,
+            # or it resends it for ever and never idles out. (If the service sends it after all, it runs again.)
+            del link.unclaimed[task_id]
+            self._send_endpoint(link, ResultsAck(task_ids=[task_id]))
 
     def _check_endpoints(self, now: float) -> None:
         """Heartbeat every connected endpoint; one silent for three intervals is hung: stop it for good.
