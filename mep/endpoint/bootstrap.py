@@ -13,13 +13,25 @@ The wire between the endpoint and this worker is a
 ``multiprocessing.connection.Connection`` of plain tuples: the endpoint sends
 ``(task id, function hash, function body or None, args)`` and gets back
 ``(task id, (status, payload, error type, message, traceback, code))``, the
-fields of ``mep.endpoint.worker.Outcome``. Tasks' own output goes to the
-worker's stdout and stderr, which is the endpoint's log.
+fields of ``mep.endpoint.worker.Outcome``.
+
+A task's own output (its stdout and stderr, its child processes' too) is
+captured through a pipe while it runs: the first ``KEPT_OUTPUT`` bytes go to
+the endpoint's log (the worker's own stdout) when the task ends, framed with
+the task id, and the rest is counted and dropped, so one chatty task can't
+fill the user's disk. The worker is a child subreaper
+(``PR_SET_CHILD_SUBREAPER``), so every process a task starts stays its
+descendant, even one that called ``setsid`` and whose parent exited; when the
+task ends, whatever it left running is killed and reaped before the worker
+takes the next task.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import traceback
 import types
 from typing import TYPE_CHECKING
@@ -34,6 +46,9 @@ TASK_ERROR = "error"
 FAILED = "failed"
 TASK_ERROR_CODE = "task_error"
 CONFIG_INVALID_CODE = "config_invalid"
+
+KEPT_OUTPUT = 65536  # bytes of each task's output kept in the endpoint's log
+PR_SET_CHILD_SUBREAPER = 36
 
 _functions: dict = {}
 
@@ -67,14 +82,134 @@ def _failure(exc: BaseException, dill: types.ModuleType) -> tuple:
     return (TASK_ERROR, payload, type_name, str(exc), text, TASK_ERROR_CODE)
 
 
+class _CapturedOutput:
+    """fds 1 and 2 into a pipe for one task; a thread keeps the first ``KEPT_OUTPUT`` bytes and counts the rest."""
+
+    def __init__(self) -> None:
+        _flush_streams()
+        self._saved = (os.dup(1), os.dup(2))
+        read, write = os.pipe()
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        self.kept = bytearray()
+        self.total = 0
+        self._reader = threading.Thread(target=self._read, args=(read,), name="task-output", daemon=True)
+        self._reader.start()
+
+    def _read(self, fd: int) -> None:
+        try:
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                self.total += len(chunk)
+                self.kept += chunk[:max(0, KEPT_OUTPUT - len(self.kept))]
+        finally:
+            os.close(fd)
+
+    def restore(self) -> None:
+        """The worker's own stdout and stderr back (the log); the pipe ends once the task's processes are gone."""
+        _flush_streams()
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+
+    def write_to_log(self, task_id: str) -> None:
+        self._reader.join(5.0)  # EOF once every writer is gone; a writer we could not kill is not waited for
+        if not self.total:
+            return
+        dropped = self.total - len(self.kept)
+        header = f"--- output of task {task_id}: {self.total} bytes"
+        if dropped:
+            header += f"; only the first {len(self.kept)} are kept here, {dropped} dropped"
+        text = header.encode() + b"\n" + bytes(self.kept)
+        if not text.endswith(b"\n"):
+            text += b"\n"
+        _write_all(1, text + f"--- end of the output of task {task_id}\n".encode())
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:  # a task may have closed or replaced them
+            pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _become_subreaper() -> None:
+    """Orphans of a task's processes come to this worker rather than to init, so they can be ended."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: left-over processes are not tracked
+        pass
+
+
+def _children() -> list:
+    pids = []
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{thread}/children") as handle:
+                pids += [int(pid) for pid in handle.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def end_leftover_processes() -> int:
+    """SIGKILL and reap every process the task left behind; returns how many there were.
+
+    They are all this worker's children by now (it is a subreaper): killing
+    one hands its own children to us, hence the rounds.
+    """
+    ended = set()
+    for _ in range(1000):
+        children = _children()
+        if not children:
+            break
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            ended.add(pid)
+    return len(ended)
+
+
+def _run_contained(task_id: str, fn_hash: str, fn_body: bytes | None, args: bytes) -> tuple:
+    """``run_task``, its output captured and capped, and whatever it left running ended."""
+    output = _CapturedOutput()
+    try:
+        return run_task(fn_hash, fn_body, args)
+    finally:
+        output.restore()
+        leftovers = end_leftover_processes()
+        output.write_to_log(task_id)
+        if leftovers:
+            _write_all(1, f"task {task_id} left {leftovers} process(es) running; they were killed\n".encode())
+
+
 def serve(connection: Connection) -> None:
     """A worker's life: run tasks from the endpoint until it hangs up (or kills us)."""
+    _become_subreaper()
     while True:
         try:
             task_id, fn_hash, fn_body, args = connection.recv()
         except EOFError:
             return
-        connection.send((task_id, run_task(fn_hash, fn_body, args)))
+        connection.send((task_id, _run_contained(task_id, fn_hash, fn_body, args)))
 
 
 if __name__ == "__mep_bootstrap__":  # run by interpreters.LOADER, which defines __connection__

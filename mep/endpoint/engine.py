@@ -108,7 +108,7 @@ class ProcessEngine:
         self._wake()
         self._thread.join()
         for worker in self._workers:
-            worker.process.kill()
+            _kill_tree(worker.process)
             worker.process.join()
             worker.connection.close()
         os.close(self._wake_read)
@@ -150,7 +150,7 @@ class ProcessEngine:
             for worker in self._workers:
                 if worker.task is not None and worker.task.task_id == task_id and worker.cancel_outcome is None:
                     worker.cancel_outcome = outcome
-                    worker.process.kill()  # the sentinel reports it; the task ends with the cancel outcome
+                    _kill_tree(worker.process)  # the sentinel reports it; the task ends with the cancel outcome
         self._cancels.clear()
 
     def _assign(self) -> None:
@@ -190,6 +190,48 @@ class ProcessEngine:
                 message=f"the worker process running this task {_describe(worker.process.exitcode)}")
             self._on_done(worker.task.task_id, outcome)
         self._workers[self._workers.index(worker)] = self._start_worker()
+
+
+def _kill_tree(process: Any) -> None:
+    """SIGKILL a worker and every process under it, so a stopped task leaves nothing running.
+
+    A worker is a child subreaper (``mep.endpoint.bootstrap``): what its task
+    started, ``setsid`` or not, is below it. Each process is stopped before its
+    children are read, so none can fork behind our back; the worker is ours
+    and not yet reaped (checked first), so its pid is still it.
+    """
+    if process.exitcode is not None:
+        return  # exited and reaped: nothing of it to stop, and its pid may be another's now
+    stopped: list[int] = []
+    pending = [process.pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except OSError:
+            continue  # gone already
+        stopped.append(pid)
+        pending += _children_of(pid)
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _children_of(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children") as handle:
+                children += [int(child) for child in handle.read().split()]
+        except OSError:
+            continue
+    return children
 
 
 def _describe(exitcode: int | None) -> str:

@@ -104,6 +104,10 @@ class WorkerProcess:
         self.sentinel = os.pidfd_open(popen.pid)
 
     @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
     def exitcode(self) -> int | None:
         return self._popen.poll()
 

@@ -30,6 +30,7 @@ from mep.errors import ErrorCode, MepError
 from mep.protocol import decode, encode
 from mep.protocol.curve import make_curve_client
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
+from mep.protocol.liveness import PauseDetector
 from mep.protocol.messages import (
     CANCELLED,
     FAILED,
@@ -53,6 +54,10 @@ log = logging.getLogger("mep.endpoint")
 RESEND_AFTER = 10.0
 SHUTDOWN_GRACE = 30.0  # seconds running tasks get to finish when the manager stops this endpoint
 ORPHAN_AFTER = 60.0  # seconds without the manager after which the endpoint stops waiting to be adopted
+# After the router refuses this endpoint's key (libzmq then gives up on the connection for good, and drops
+# what was queued on it): connect again after this long, doubling up to the maximum.
+REFUSED_RETRY_FIRST = 0.2
+REFUSED_RETRY_MAX = 5.0
 
 
 @dataclass
@@ -87,6 +92,11 @@ class UserEndpoint:
         self.socket.linger = 1000
         self.socket.reconnect_ivl_max = 5000
         make_curve_client(self.socket, boot.router_public_key, boot.secret_key)
+        # The router may not know our key yet when we first connect (it learns it from the spawner, which
+        # may report the spawn after we are up): a refusal is watched for and answered by connecting again.
+        self.refusals = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._reconnect_at = 0.0
+        self._reconnect_delay = REFUSED_RETRY_FIRST
         self.socket.connect(boot.router_address)
         self._draining_since = 0.0
         self._drain_reason = ""
@@ -110,6 +120,8 @@ class UserEndpoint:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
+        poller.register(self.refusals, zmq.POLLIN)
+        pause = PauseDetector(longest_turn=2 * self.heartbeat_interval)
         now = time.monotonic()
         last_activity = last_heard = last_heartbeat = now
         asked_to_exit = False
@@ -117,11 +129,16 @@ class UserEndpoint:
             ready = dict(poller.poll(self._poll_timeout()))
             if self._wake_read in ready:
                 os.read(self._wake_read, 65536)
+            if self.refusals in ready:
+                self._refused()
+            self._reconnect_if_due()
             while self.socket.poll(0):
                 self._receive(self.socket.recv_multipart(copy=False))
                 last_heard = time.monotonic()
             self._handle_engine_events()
             now = time.monotonic()
+            if pause.paused(now):
+                last_heard = now  # this endpoint did not run (stopped): the manager's silence was ours
             self._enforce_walltimes(now)
             if self.active or self.unacknowledged:
                 last_activity = now
@@ -143,6 +160,8 @@ class UserEndpoint:
                 asked_to_exit = True
         log.info("endpoint stopping (%s); %d task(s) unfinished", self._drain_reason, len(self.active))
         self.engine.shutdown()
+        self.socket.disable_monitor()
+        self.refusals.close()
         self.socket.close()
         self.context.term()
         return 0
@@ -154,7 +173,27 @@ class UserEndpoint:
         for task in self.active.values():
             if task.walltime and task.started_at:
                 timeout = min(timeout, max(0.0, task.started_at + task.walltime - now))
+        if self._reconnect_at:
+            timeout = min(timeout, max(0.0, self._reconnect_at - now))
         return int(timeout * 1000) + 1
+
+    def _refused(self) -> None:
+        """The router refused our key: libzmq will not try again by itself, so we do, after a pause."""
+        while self.refusals.poll(0):
+            self.refusals.recv_multipart()
+        if not self._reconnect_at:
+            log.warning("the manager's router refused this endpoint's key (it may not have been told it yet); "
+                        "connecting again in %.1f s", self._reconnect_delay)
+            self._reconnect_at = time.monotonic() + self._reconnect_delay
+            self._reconnect_delay = min(2 * self._reconnect_delay, REFUSED_RETRY_MAX)
+
+    def _reconnect_if_due(self) -> None:
+        if self._reconnect_at and time.monotonic() >= self._reconnect_at:
+            self._reconnect_at = 0.0
+            self.socket.disconnect(self.boot.router_address)
+            self.socket.connect(self.boot.router_address)
+            # What was queued went with the refused connection: say hello again (results are resent anyway).
+            self.socket.send_multipart(encode(Ready(endpoint_id=self.boot.endpoint_id, pid=os.getpid())))
 
     def _drain(self, reason: str) -> None:
         """Take no more work; exit once running tasks finish (or the grace period ends)."""

@@ -33,6 +33,7 @@ from mep.errors import ErrorCode, MepError, ProtocolError
 from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server, public_from_secret
 from mep.protocol.guard import forbid_unpickling, process_status
+from mep.protocol.liveness import PauseDetector
 from mep.protocol.messages import (
     AuditStatus,
     CANCELLED,
@@ -79,6 +80,12 @@ log = logging.getLogger("mep.router")
 
 ZAP_DOMAIN = "mep-endpoints"
 STOP_GRACE = 30.0  # seconds endpoints get to finish running tasks when the manager stops
+# Seconds (at least; 3 heartbeats if longer) a started or adopted endpoint gets to say its first word.
+# Startup includes the engine (Parsl's takes seconds) and retries after an early key refusal.
+HELLO_TIMEOUT = 30.0
+# Heartbeat intervals after registering within which the service sends again every task still open here;
+# an adopted endpoint's result for a task not sent by then is for one the service has finished.
+UNCLAIMED_GRACE = 10
 GroupKey = tuple[str, str]  # (submitter identity id, canonical user endpoint config)
 
 
@@ -93,9 +100,12 @@ class EndpointLink:
     in_flight: set[str] = field(default_factory=set)
     started: set[str] = field(default_factory=set)
     retired: bool = False
-    last_heard: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)  # until it connects: when it was started
     functions_sent: set[str] = field(default_factory=set)
     window: int = 1  # tasks it may hold at once, as its CREDIT says (1 until it has said)
+    stopped_because: str = ""  # why the router had it killed, for its tasks' reasons
+    adopted: bool = False  # from the manager's previous life: it may hold results this router never sent
+    unclaimed: dict[str, float] = field(default_factory=dict)  # task id -> first resent while registered
 
 
 @dataclass
@@ -143,6 +153,7 @@ class Router:
         self.endpoint_heartbeat = config.heartbeat_interval
         self.last_heard = 0.0
         self.last_heartbeat = 0.0
+        self.pause = PauseDetector(longest_turn=config.heartbeat_interval)
         self._stopping = False
         self._next_request = 0
 
@@ -216,6 +227,8 @@ class Router:
 
     def _keep_alive(self) -> None:
         now = time.monotonic()
+        if paused := self.pause.paused(now):
+            self._forgive_own_pause(now, paused)
         if now - self.last_endpoint_check > self.endpoint_heartbeat:  # the endpoints' own cadence
             self._check_endpoints(now)
             self.last_endpoint_check = now
@@ -229,6 +242,14 @@ class Router:
             self.service.send_multipart(encode(Heartbeat(processes=processes)))
             self._send_credit(again=True)
             self.last_heartbeat = now
+
+    def _forgive_own_pause(self, now: float, paused: float) -> None:
+        """This process did not run (stopped, starved): the silence was ours, so every peer starts afresh."""
+        log.warning("this router did not run for %.1f s (stopped or starved); its endpoints and the service get "
+                    "a fresh %.0f s before any of them is taken for silent", paused, 3 * self.endpoint_heartbeat)
+        self.last_heard = max(self.last_heard, now)
+        for link in self.endpoints.values():
+            link.last_heard = max(link.last_heard, now)
 
     # --- service ------------------------------------------------------------------
 
@@ -420,7 +441,8 @@ class Router:
         link = self.endpoints.get(message.endpoint_id)
         if link is None:
             link = self.endpoints[message.endpoint_id] = EndpointLink(
-                endpoint_id=message.endpoint_id, pid=message.pid, account=message.account)
+                endpoint_id=message.endpoint_id, pid=message.pid, account=message.account,
+                adopted=message.reused and not message.request_id)
             self.endpoint_keys[message.public_key] = message.endpoint_id
             log.info("endpoint %s (pid %d) started for %s", message.endpoint_id, message.pid, message.account)
         if key is not None:
@@ -457,7 +479,7 @@ class Router:
             # at once may never have been reported started, and must not be retried forever.
             attempted = task_id in link.in_flight or link.routing_id is None
             doing = "running" if task_id in link.started else "holding"
-            reason = f"the user endpoint {message.how} while {doing} this task"
+            reason = f"the user endpoint {link.stopped_because or message.how} while {doing} this task"
             self.lost_out.append(LostTask(task_id=task_id, attempted=attempted, reason=reason))
             self.audit.finished(task_id, "lost", endpoint_id=link.endpoint_id, account=link.account)
 
@@ -508,24 +530,66 @@ class Router:
             # task_endpoint holds a task from when it is sent to an endpoint until the service has the
             # result, so an endpoint's resend (say, after a service restart) is forwarded again.
             if self.task_endpoint.get(result.task_id) != link.endpoint_id:
-                log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
-                            link.endpoint_id, link.account, result.task_id)
+                self._refuse_result(link, result.task_id)
                 continue
             link.in_flight.discard(result.task_id)
             link.started.discard(result.task_id)
+            link.unclaimed.pop(result.task_id, None)
             self.audit.finished(result.task_id, result.status, code=result.code, endpoint_id=link.endpoint_id,
                                 account=link.account)
             payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
             self.results_out.append((result, payload))
 
+    def _refuse_result(self, link: EndpointLink, task_id: str) -> None:
+        """A result for a task this router did not send to ``link``.
+
+        An adopted endpoint resends the results it holds unacknowledged, which
+        this new router never sent it: those still in flight at the service
+        come back in its next dispatch (the endpoint then sends the result
+        again, and it is accepted), the others the service has already. Either
+        way nothing is to be done, so they are dropped quietly, with one line
+        per endpoint. From any other endpoint it is worth a warning: a result
+        is accepted only from the endpoint its task was sent to.
+        """
+        if not link.adopted:
+            log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
+                        link.endpoint_id, link.account, task_id)
+            return
+        now = time.monotonic()
+        if not link.unclaimed:
+            log.info("adopted endpoint %s (%s) resends results of tasks this router has not been given (yet); "
+                     "they are dropped: the service sends the open ones again, and their results then count",
+                     link.endpoint_id, link.account)
+        if self.registering_since or task_id not in link.unclaimed:
+            link.unclaimed[task_id] = now  # the wait starts once the service could have sent it again
+            log.debug("adopted endpoint %s resent a result for task %s, unknown here; dropped", link.endpoint_id,
+                      task_id)
+        elif now - link.unclaimed[task_id] > UNCLAIMED_GRACE * self.config.heartbeat_interval:
+            # Long registered and never sent it: the service has its outcome. Let the endpoint forget it,
+            # or it resends it for ever and never idles out. (If the service sends it after all, it runs again.)
+            del link.unclaimed[task_id]
+            self._send_endpoint(link, ResultsAck(task_ids=[task_id]))
+
     def _check_endpoints(self, now: float) -> None:
-        """Heartbeat every connected endpoint; one silent for three intervals is hung: stop it for good."""
+        """Heartbeat every connected endpoint; one silent for three intervals is hung: stop it for good.
+
+        One that never says its first word is stopped the same way, after ``HELLO_TIMEOUT``: its tasks
+        must not wait behind it forever.
+        """
         for link in list(self.endpoints.values()):
-            if link.routing_id is None or link.retired:
+            if link.retired:
                 continue
-            if now - link.last_heard > 3 * self.endpoint_heartbeat:
+            silent = now - link.last_heard
+            if link.routing_id is None:
+                if silent > max(3 * self.endpoint_heartbeat, HELLO_TIMEOUT):
+                    log.warning("endpoint %s of %s has not connected %.0f s after it was started; stopping it",
+                                link.endpoint_id, link.account, silent)
+                    link.stopped_because = f"did not connect to the manager within {silent:.0f} s and was stopped"
+                    self._retire(link, "never connected", kill=True)
+            elif silent > 3 * self.endpoint_heartbeat:
                 log.warning("endpoint %s of %s has been silent for %.0f s; stopping it", link.endpoint_id,
-                            link.account, now - link.last_heard)
+                            link.account, silent)
+                link.stopped_because = f"was silent for {silent:.0f} s and was stopped"
                 self._retire(link, "silent", kill=True)  # its exit report then settles its tasks
             else:
                 self._send_endpoint(link, Heartbeat())

@@ -44,6 +44,7 @@ from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, make_curve_server
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.guard import forbid_unpickling, process_status
+from mep.protocol.liveness import PauseDetector
 from mep.protocol.messages import (
     Cancel,
     CancelAck,
@@ -162,6 +163,7 @@ class Broker:
         self._stop = threading.Event()
         self.failed_authentications = FailedAuthentications(settings.max_auth_failures, settings.auth_failure_window)
         self._source = ""  # network address of the peer whose message is being handled
+        self._pause = PauseDetector(longest_turn=settings.heartbeat_interval)
 
     # --- authentication ---------------------------------------------------------
 
@@ -508,7 +510,14 @@ class Broker:
                      self.settings.result_retention)
 
     def _expire_silent_managers(self) -> None:
-        deadline = time.monotonic() - self._lease
+        now = time.monotonic()
+        if paused := self._pause.paused(now):
+            # The service itself did not run (stopped, starved): the managers' silence was its own.
+            log.warning("the service did not run for %.1f s (stopped or starved); every manager's lease starts "
+                        "afresh", paused)
+            for link in self.managers.values():
+                link.last_seen = max(link.last_seen, now)
+        deadline = now - self._lease
         for endpoint_id, link in list(self.managers.items()):
             if link.last_seen < deadline:
                 log.warning("manager for endpoint %s went silent; its tasks wait for it to return", endpoint_id)

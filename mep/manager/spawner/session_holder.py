@@ -20,9 +20,13 @@ Before ``pam_setcred`` the holder sets the account's own groups (as su's
 endpoint gets are then read back, and root's group is refused.
 
 The spawner watches the holder's pidfd: the holder's exit is the endpoint's.
-The holder is not killed when the spawner exits, so the endpoint and its
-session outlive a crash or restart of the manager; the session closes when
-the endpoint ends.
+It also holds the endpoint's own pidfd, for the one case where they differ:
+a holder killed while its endpoint runs. The endpoint is then kept (watched
+as an adopted one), told to finish its tasks and exit, and its exit is
+reported once; its session is never closed (the PAM handle died with the
+holder). The holder is not killed when the spawner exits, so the endpoint and
+its session outlive a crash or restart of the manager; the session closes
+when the endpoint ends.
 """
 
 from __future__ import annotations

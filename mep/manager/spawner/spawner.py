@@ -99,7 +99,8 @@ class EndpointProcess:
     endpoint_pid: int
     held: bool = False  # under a PAM session holder
     retired: bool = False
-    adopted: bool = False  # started by an earlier life of this manager: not our child
+    adopted: bool = False  # not our child (started by an earlier life of this manager, or its holder died)
+    endpoint_pidfd: int = -1  # a held endpoint's own pidfd: seen alive when its holder dies first
 
     def record(self) -> registry.EndpointRecord:
         return registry.EndpointRecord(
@@ -573,7 +574,8 @@ class Spawner:
             held = start_session_holder(plan, self.settings.pam)
             return EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd,
                                    account=account, key=key, public_key=public_key, log_path=log_path,
-                                   endpoint_pid=held.endpoint_pid, held=True)
+                                   endpoint_pid=held.endpoint_pid, held=True,
+                                   endpoint_pidfd=_held_endpoint_pidfd(held.endpoint_pid, held.holder_pid))
         child = spawn(plan)
         return EndpointProcess(endpoint_id=endpoint_id, pid=child.pid, pidfd=child.pidfd, account=account,
                                key=key, public_key=public_key, log_path=log_path, endpoint_pid=child.pid)
@@ -616,7 +618,9 @@ class Spawner:
                 continue
             process = EndpointProcess(endpoint_id=record.endpoint_id, pid=record.pid, pidfd=pidfd, account=account,
                                       key=record.key, public_key=record.public_key, log_path=record.log_path,
-                                      endpoint_pid=record.endpoint_pid, held=record.held, adopted=True)
+                                      endpoint_pid=record.endpoint_pid, held=record.held, adopted=True,
+                                      endpoint_pidfd=_held_endpoint_pidfd(record.endpoint_pid, record.pid)
+                                      if record.held else -1)
             self.children[pidfd] = process
             self.running[process.key] = process
             log.info("adopted endpoint %s (pid %d) of %s from the manager's previous life", record.endpoint_id,
@@ -651,16 +655,51 @@ class Spawner:
             except ChildProcessError:
                 pass
         os.close(process.pidfd)
+        if self._outlives_its_holder(process, status):
+            return
+        if process.endpoint_pidfd != -1:
+            os.close(process.endpoint_pidfd)
         if self.running.get(process.key) is process:
             del self.running[process.key]
         self._save_registry()
-        how = _describe_exit(status) if not process.adopted else "ended (adopted, so its exit status is unknown)"
+        how = _describe_exit(status) if not process.adopted else "ended (not our child, so its exit status is unknown)"
         log.info("endpoint %s (pid %d, %s) %s", process.endpoint_id, process.endpoint_pid, process.account.name, how)
         self.audit.write([{"event": "endpoint_exited", "endpoint_id": process.endpoint_id,
                            "pid": process.endpoint_pid, "account": process.account.name, "how": how}])
         tail = "" if status == 0 else read_log_tail(process.account, process.log_path)
         self._send(EndpointExited(endpoint_id=process.endpoint_id, pid=process.endpoint_pid, how=how,
                                   log_tail=tail, signalled=os.WIFSIGNALED(status)))
+
+    def _outlives_its_holder(self, process: EndpointProcess, status: int) -> bool:
+        """A session holder died (killed) while its endpoint runs on: the endpoint is not lost with it.
+
+        From now on the endpoint is watched through its own pidfd, as an adopted
+        one (it is init's child now). It is told to finish what it holds and
+        exit (SIGTERM), so its tasks complete once and their results count; new
+        work for its submitters goes to a fresh endpoint. Its exit is reported
+        once, when it comes. Its PAM session can't be closed any more: the
+        handle died with the holder.
+        """
+        if process.endpoint_pidfd == -1 or select.select([process.endpoint_pidfd], [], [], 0)[0]:
+            return False  # it ended first (the holder then exits as it did), or was never seen
+        log.warning("the PAM session holder (pid %d) of endpoint %s (pid %d, %s) %s while the endpoint ran; "
+                    "the endpoint finishes its tasks and exits (its PAM session can't be closed any more)",
+                    process.pid, process.endpoint_id, process.endpoint_pid, process.account.name,
+                    _describe_exit(status) if not process.adopted else "ended")
+        self.audit.write([{"event": "session_holder_lost", "endpoint_id": process.endpoint_id, "pid": process.pid,
+                           "endpoint_pid": process.endpoint_pid, "account": process.account.name}])
+        process.pid, process.pidfd, process.endpoint_pidfd = process.endpoint_pid, process.endpoint_pidfd, -1
+        process.held, process.adopted, process.retired = False, True, True
+        if self.running.get(process.key) is process:
+            del self.running[process.key]
+        self.children[process.pidfd] = process
+        self._save_registry()
+        try:
+            signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)  # drain: running tasks get to finish
+        except ProcessLookupError:
+            pass  # ended just now: its pidfd reports it
+        self._send(RemapGroups(reason=f"endpoint {process.endpoint_id} lost its PAM session holder"))
+        return True
 
     def _stop_children(self) -> None:
         """SIGTERM every endpoint; those still there after the grace period are SIGKILLed."""
@@ -729,6 +768,23 @@ def _kill_endpoint(process: EndpointProcess) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # already gone: the reaper reports it
+
+
+def _held_endpoint_pidfd(endpoint_pid: int, holder_pid: int) -> int:
+    """A pidfd for a held endpoint, or -1 if it is gone; its parent being the holder proves the pid is it."""
+    try:
+        pidfd = os.pidfd_open(endpoint_pid)
+    except OSError:
+        return -1
+    try:
+        with open(f"/proc/{endpoint_pid}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        parent = 0
+    if parent != holder_pid:  # exited and reaped already: the pid may be someone else's now
+        os.close(pidfd)
+        return -1
+    return pidfd
 
 
 def _describe_exit(status: int) -> str:
