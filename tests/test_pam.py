@@ -131,7 +131,7 @@ def test_holder_opens_the_session_around_the_endpoint(pam_service: PamService, a
     script = f"cat > {marker}.stdin; env > {marker}.env; id -u > {marker}; while [ -e {marker} ]; do sleep 0.1; done"
     held = start_session_holder(shell_plan(user, script, stdin=b"boot document"), PamSettings(pam_service.name))
     try:
-        wait_for(marker.exists, what="the endpoint to run")
+        wait_for(lambda: marker.exists() and marker.read_text().strip(), what="the endpoint to run")  # written, not just created
         assert marker.read_text().strip() == str(user.pw_uid)
         assert Path(f"{marker}.stdin").read_text() == "boot document", "the boot document passes through"
         assert pam_service.events(user.pw_name) == ["open_session"], "open while the endpoint runs"
