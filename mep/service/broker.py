@@ -435,6 +435,7 @@ class Broker:
                     payloads.append(self.store.function_body(task.fn_hash))
                     new_functions.add(task.fn_hash)
                 tasks.append(ref)
+            self.state.signer.sign_groups(endpoint_id, groups.values())  # checked by the spawner and endpoint
             if not self._send(link.routing_id, encode(Dispatch(tasks=tasks, groups=list(groups.values())), payloads)):
                 continue
             link.functions_sent |= new_functions

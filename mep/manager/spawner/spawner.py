@@ -1,10 +1,11 @@
 """The root spawner's loop: answer spawn requests, watch endpoint processes, report deaths, keep the audit log.
 
-For each ``SpawnRequest`` from the router: map the identity set to one
+For each ``SpawnRequest`` from the router: verify the service's signed
+identity assertion (the router is not trusted for who submitted), map the identity set to one
 account (the mapping file is reloaded first if it changed), check the account
 against policy, validate the user's config against the admin's schema and
 render the admin's template, then either hand back the endpoint already
-running for the same (account, template digest, config) or fork, drop
+running for the same (identity, account, template digest, config) or fork, drop
 privileges and exec a new one, directly or, with PAM on, under a session
 holder (``session_holder``). Each endpoint gets a fresh CURVE key pair; the
 secret goes only to the endpoint's stdin, the public half to the router.
@@ -44,9 +45,10 @@ from mep.manager.spawner.authorize import Authorization, authorize
 from mep.manager.spawner.identity import MappingContext
 from mep.manager.spawner.mapping_file import MappingFile, ReloadOutcome
 from mep.manager.spawner.policy_files import read_policy_file
-from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, spawn
+from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
 from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
 from mep.manager.spawner_link import SpawnerLink
+from mep.protocol.assertions import AssertionVerifier, NonceCache, check_spawn_claims
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
@@ -54,6 +56,7 @@ from mep.protocol.messages import (
     AuditTasks,
     EndpointBoot,
     EndpointExited,
+    IdentityResource,
     RemapGroups,
     RetireEndpoint,
     RouterStopping,
@@ -67,7 +70,8 @@ from mep.protocol.messages import (
 log = logging.getLogger("mep.spawner")
 
 STOP_GRACE = 45.0  # seconds endpoints get after SIGTERM (they give running tasks 30) before SIGKILL
-EndpointKey = tuple[int, str, str]  # (uid, template digest, canonical rendered config)
+# (identity id, "" when identities may share endpoints; uid; template digest; canonical rendered config)
+EndpointKey = tuple[str, int, str, str]
 
 
 @dataclass
@@ -123,6 +127,8 @@ class Spawner:
             schema_text=read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode(),
         )
         self.audit = AuditLog(settings.audit_log, trusted_owner_uids=trusted, endpoint_id=config.endpoint_id)
+        self.assertions = AssertionVerifier(config.service_signing_keys, config.endpoint_id)
+        self.nonces = NonceCache()
         self.children: dict[int, EndpointProcess] = {}  # pidfd -> process
         self.running: dict[EndpointKey, EndpointProcess] = {}
         self.router_pid = 0
@@ -268,6 +274,7 @@ class Spawner:
         try:
             if self.audit.failure:
                 raise AuditUnavailableError()
+            self._check_assertion(request)
             return self._spawn(request, progress)
         except TaskRefusedError as exc:
             message = exc.for_identity(who) if isinstance(exc, AccountRefused) else str(exc)
@@ -276,6 +283,13 @@ class Spawner:
             self._audit([_decision_record(request, progress, "refused", code=str(exc.code), reason=detail,
                                           message=message)], sync=True)
             return SpawnRefused(request_id=request.request_id, code=exc.code, message=message)
+
+    def _check_assertion(self, request: SpawnRequest) -> None:
+        """Before anything is mapped or started: the service must have signed this identity set and config."""
+        verified = self.assertions.verify(request.identity_assertion)
+        check_spawn_claims(verified.claims, submitter_id=request.submitter_id, identities=request.identities,
+                           config=request.user_endpoint_config)
+        self.nonces.use(verified.claims)
 
     def _spawn(self, request: SpawnRequest, progress: Authorization) -> Spawned:
         identities = [msgspec.structs.asdict(identity) for identity in request.identities]
@@ -289,7 +303,9 @@ class Spawner:
             endpoint={"id": self.settings.config.endpoint_id},
         )
         rendered = config.model_dump(mode="json")
-        key: EndpointKey = (account.uid, self.renderer.digest, json.dumps(rendered, sort_keys=True))
+        shared = self.settings.config.share_endpoints_across_identities
+        key: EndpointKey = ("" if shared else request.submitter_id, account.uid, self.renderer.digest,
+                            json.dumps(rendered, sort_keys=True))
         existing = self.running.get(key)
         if existing is not None:
             if not self._audit([_decision_record(request, progress, "allowed", endpoint_id=existing.endpoint_id,
@@ -300,7 +316,7 @@ class Spawner:
                            reused=True)
         if not self._audit([_decision_record(request, progress, "allowed", endpoint_id=endpoint_id)], sync=True):
             raise AuditUnavailableError()
-        process = self._start_endpoint(endpoint_id, account, key, rendered)
+        process = self._start_endpoint(endpoint_id, account, key, rendered, None if shared else request.identities)
         self._audit([{"event": "endpoint_started", "endpoint_id": endpoint_id, "pid": process.endpoint_pid,
                       "account": account.name, "uid": account.uid, "pam_session_holder":
                       process.pid if process.held else None}])
@@ -311,18 +327,24 @@ class Spawner:
         return Spawned(request_id=request.request_id, endpoint_id=endpoint_id, pid=process.endpoint_pid,
                        account=account.name, public_key=process.public_key)
 
-    def _start_endpoint(self, endpoint_id: str, account: Account, key: EndpointKey,
-                        rendered: dict[str, Any]) -> EndpointProcess:
+    def _start_endpoint(self, endpoint_id: str, account: Account, key: EndpointKey, rendered: dict[str, Any],
+                        serves: list[IdentityResource] | None) -> EndpointProcess:
+        """``serves``: the identity set whose tasks alone it may run (key[0] is its id); None: any (shared)."""
         public_key, secret_key = generate_keypair()
+        config = self.settings.config
         boot = EndpointBoot(endpoint_id=endpoint_id, account=account.name,
                             router_address=self.settings.router_address,
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
-                            config=rendered, heartbeat_interval=self.settings.config.heartbeat_interval)
+                            config=rendered, heartbeat_interval=config.heartbeat_interval,
+                            manager_endpoint_id=config.endpoint_id, identity_id=key[0], identities=serves or [],
+                            serves_any_identity=serves is None, assertion_keys=config.service_signing_keys)
         # realpath: the log path is opened without following any symlink, and /home may be one
         log_path = os.path.join(os.path.realpath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
         plan = SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
                          stdin_data=msgspec.json.encode(boot), log_path=log_path,
-                         drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}")
+                         drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}",
+                         resource_limits=resource_limits(config.endpoint_limits),
+                         no_new_privs=not config.allow_setuid_helpers)
         if self.settings.pam is not None:
             held = start_session_holder(plan, self.settings.pam)
             process = EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd,
