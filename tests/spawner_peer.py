@@ -151,7 +151,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
                  settings: dict[str, Any] | None = None) -> Iterator[SpawnerPeer]:
     """A running spawner for ``mapping``; stopped (with its endpoints) and removed afterwards."""
     from mep.manager.spawner.spawner import Spawner, SpawnerSettings
-    from mep.manager.start import account_rules, router_account
+    from mep.manager.start import account_rules, pam_settings, router_account
 
     directory = Path(tempfile.mkdtemp(prefix="mep-spawner-", dir="/var/tmp"))
     os.chmod(directory, 0o755)  # endpoints connect to the socket in it as their accounts
@@ -168,6 +168,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
             "router_user": router_user, "service_signing_keys": [signer.public_key], "heartbeat_interval": 1.0,
             **(settings or {})})
         policy, trusted = account_rules(config, router_account(router_user))
+        pam = pam_settings(config, mapping_path, trusted_owner_uids=trusted)
         router_end, spawner_end = channel_pair()
         pid = os.fork()
         if pid == 0:  # the spawner: never returns into the test
@@ -179,7 +180,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
                     config=config, router_address=f"ipc://{directory}/endpoints.sock",
                     router_public_key=router_public, policy=policy,
                     trusted_owner_uids=trusted, drop_privileges=True, audit_log=config.audit_log_path(),
-                    registry_path=directory / "endpoints.json"), SpawnerLink(spawner_end))
+                    registry_path=directory / "endpoints.json", pam=pam), SpawnerLink(spawner_end))
                 code = spawner.run()
             except BaseException:
                 logging.exception("the spawner failed")

@@ -472,6 +472,8 @@ def _lowered_limit(name: str, value: int, who: str) -> tuple[str, int, int, int]
     _, hard = resource.getrlimit(number)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
+    if number == resource.RLIMIT_NOFILE:
+        value = min(value, _read_int("/proc/sys/fs/nr_open"))  # the kernel refuses more, even to root
     return name, number, value, value
 
 
