@@ -90,7 +90,7 @@ class ManagerConfig(BaseModel):
     pam: PamConfig = Field(default_factory=PamConfig)
     audit_log: Path | None = Field(default=None, description="JSON-lines audit log; default "
                                    "/var/log/mep/audit-<endpoint id>.jsonl as root, ~/.mep/log/... otherwise")
-    service_signing_keys: list[str] = Field(
+    service_signing_keys: list[Annotated[str, Field(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]] = Field(
         default_factory=list, max_length=4,
         description="The service's Ed25519 public keys (ed25519:...) its identity assertions must be signed with; "
                     "two during a key rollover (mep manager pin-signing-key)")
