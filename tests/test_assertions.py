@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import msgspec
@@ -154,3 +157,27 @@ def test_a_deployment_signs_and_runs_tasks_end_to_end(deploy, account_factory) -
         assert executor.submit(whoami).result(timeout=60) == account.pw_uid
     pinned = [line for line in manager.config_path.read_text().splitlines() if "ed25519:" in line]
     assert pinned and deploy.admin("signing-key", "show")["signing key"] in pinned[0]
+
+
+def _pin(manager, *args: str) -> None:  # noqa: ANN001 - a harness Manager
+    result = subprocess.run([sys.executable, "-m", "mep", "manager", "pin-signing-key", "--config",
+                             str(manager.config_path), *args], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_key_rollover_keeps_tasks_running(deploy, account_factory) -> None:
+    account = account_factory("meprotate")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    old = deploy.admin("signing-key", "show")["signing key"]
+    new = deploy.admin("signing-key", "rotate")["next signing key"]
+    _pin(manager, new)  # 2. both keys valid on the manager
+    manager.process.stop()
+    manager.start()
+    deploy.admin("signing-key", "rotate", "--finish")  # 3. the service signs with the new key
+    deploy.restart_service(signal.SIGTERM)
+    assert deploy.admin("signing-key", "show") == {"signing key": new}
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(whoami).result(timeout=60) == account.pw_uid
+    _pin(manager, "--remove", old)  # 4. the old key is gone; only the new one is trusted
+    assert old not in manager.config_path.read_text() and new in manager.config_path.read_text()
