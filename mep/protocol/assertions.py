@@ -47,7 +47,10 @@ FORMAT_VERSION = 1
 ALGORITHM = "Ed25519"
 SIGNING_CONTEXT = b"mep identity assertion v1\0"
 PUBLIC_KEY_PREFIX = "ed25519:"
-DEFAULT_LIFETIME = 3600.0  # seconds a dispatched group may wait in the router before its endpoint sees it
+# Seconds a dispatched group may wait in the router before its endpoint sees it: long, since a task still
+# queued there when it expires fails. A longer life only widens the window for replaying a group's own tasks
+# into its own identity's endpoint; spawn requests can't be replayed (the spawner remembers nonces till expiry).
+DEFAULT_LIFETIME = 24 * 3600.0
 CLOCK_SKEW = 300.0  # seconds the service's clock may run ahead of the manager's
 _CACHE_LIMIT = 10_000  # verified assertions remembered per verifier (by signature)
 
