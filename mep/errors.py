@@ -36,6 +36,12 @@ class ErrorCode(StrEnum):
     ENDPOINT_BUSY = "endpoint_busy"
     QUOTA_EXCEEDED = "quota_exceeded"
     AUTH_THROTTLED = "auth_throttled"
+    # The service's signed identity assertion failed a check where the tasks were to run (docs/identity.md).
+    ASSERTION_MISSING = "assertion_missing"
+    ASSERTION_INVALID = "assertion_invalid"
+    ASSERTION_EXPIRED = "assertion_expired"
+    ASSERTION_REPLAYED = "assertion_replayed"
+    ASSERTION_MISMATCH = "assertion_mismatch"
     INTERNAL = "internal"
 
 
@@ -146,6 +152,36 @@ class SpawnError(TaskRefusedError):
     code = ErrorCode.SPAWN_FAILED
 
 
+class AssertionRefusedError(TaskRefusedError):
+    """The service's signed statement of who submitted the tasks is malformed, unknown-keyed or badly signed."""
+
+    code = ErrorCode.ASSERTION_INVALID
+
+
+class AssertionMissingError(AssertionRefusedError):
+    """The tasks (or the spawn request for them) carry no signed identity assertion."""
+
+    code = ErrorCode.ASSERTION_MISSING
+
+
+class AssertionExpiredError(AssertionRefusedError):
+    """The identity assertion is past its expiry (or dated in the future: check the clocks)."""
+
+    code = ErrorCode.ASSERTION_EXPIRED
+
+
+class AssertionReplayedError(AssertionRefusedError):
+    """The identity assertion was already used for a spawn request."""
+
+    code = ErrorCode.ASSERTION_REPLAYED
+
+
+class AssertionMismatchError(AssertionRefusedError):
+    """The request or task does not match what the service signed (identity, endpoint, config, task)."""
+
+    code = ErrorCode.ASSERTION_MISMATCH
+
+
 class EndpointLostError(TaskRefusedError):
     """The user endpoint exited before the task finished."""
 
@@ -216,6 +252,11 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         ConfigInvalidError,
         TemplateError,
         SpawnError,
+        AssertionRefusedError,
+        AssertionMissingError,
+        AssertionExpiredError,
+        AssertionReplayedError,
+        AssertionMismatchError,
         EndpointLostError,
         WalltimeExceededError,
         WorkerLostError,

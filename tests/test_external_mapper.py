@@ -224,6 +224,15 @@ def test_no_answer_is_no_mapping_and_the_next_document_decides(program: Program,
     assert "no local account is mapped" in str(refusal(UnmappedIdentityError, [external(command)], [ALICE]))
 
 
+def test_an_empty_account_name_is_no_mapping_never_an_account(program: Program) -> None:
+    empty = f"print(json.dumps({{'result': [{{'id': '{ALICE['id']}', 'output': ''}}]}}))"
+    domain_strip = {"DATA_TYPE": EXPRESSION,
+                    "mappings": [{"source": "{username}", "match": r"(.*)@example\.org", "output": "{0}_local"}]}
+    decision = mapper(external([program(empty)]), domain_strip).map([ALICE])
+    assert (decision.account, decision.document_index) == ("alice_local", 1)
+    assert "no local account is mapped" in str(refusal(UnmappedIdentityError, [external([program(empty)])], [ALICE]))
+
+
 def test_program_does_not_have_to_read_its_input(program: Program) -> None:
     ignores_stdin = f"""
     print(json.dumps({{"result": [{{"id": "{ALICE['id']}", "output": "alice"}}]}}))
@@ -270,8 +279,6 @@ BROKEN_PROGRAMS = [
            "each result must be"),
     Broken("foreign id", "print(json.dumps({'result': [{'id': '00000000-0000-4000-8000-000000000000', "
            "'output': 'root'}]}))", "which it was not asked about"),
-    Broken("empty account", f"print(json.dumps({{'result': [{{'id': '{ALICE['id']}', 'output': ''}}]}}))",
-           "empty account name"),
     Broken("too much output", "sys.stdout.write('x' * 2_000_000)", "printed more than"),
     Broken("hangs", "time.sleep(60)", "did not answer within 1 s"),
     Broken("hangs after its answer", ANSWER_ALL + "\nsys.stdout.flush(); os.close(1); os.close(2); time.sleep(60)",

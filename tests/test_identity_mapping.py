@@ -334,6 +334,13 @@ DIFFERENCES = [
         "svc-svc",
         "{email}-svc",
     ),
+    Difference(
+        'an empty output is no mapping (reference: the account "")',
+        rule("{username}", r"(.*)@example\.org", "{0}"),
+        identity("@example.org"),
+        "",
+        None,
+    ),
 ]
 
 
@@ -346,6 +353,16 @@ def test_mep_is_stricter_than_reference(case: Difference) -> None:
             mapper.map([case.identity])
     else:
         assert mapper.map([case.identity]).account == case.mep
+
+
+def test_empty_output_is_no_mapping_and_the_next_rule_decides() -> None:
+    empty_group = rule("{username}", r"(.*)@example\.org", "{0}")
+    fallback = rule("{username}", r".*@example\.org", "guest")
+    decision = IdentityMapper.from_documents([document(empty_group, fallback)]).map([identity("@example.org")])
+    assert (decision.account, decision.mapping_index) == ("guest", 1)
+    with pytest.raises(UnmappedIdentityError):
+        IdentityMapper.from_documents([document(rule("{username}", ".*", "{email}"))]).map(
+            [identity("alice@example.org", email="")])
 
 
 def test_unmapped_message_names_first_identity_and_hides_rules() -> None:
@@ -595,7 +612,7 @@ def assert_maps_like_reference(mapping: dict[str, object], subject: dict[str, ob
             IdentityMapper.from_documents(document(mapping)).map([subject])
         return
     mapper = IdentityMapper.from_documents(document(mapping))
-    if expected is None:
+    if not expected:  # None, or "": mep's deliberate difference (an empty output is no mapping)
         with pytest.raises(UnmappedIdentityError):
             mapper.map([subject])
     else:

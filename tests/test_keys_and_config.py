@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mep.errors import ConfigurationError
+from mep.protocol.assertions import AssertionSigner, generate_signing_key
 from mep.protocol.curve import check_public_key, generate_keypair, read_secret_key, write_secret_key
 
 
@@ -60,7 +61,8 @@ def _valid_config(directory: Path) -> Path:
     config.write_text(yaml.safe_dump({
         "endpoint_id": "2b0e3f0c-6a55-4a7e-9a43-1d8a9c1e6a11", "service_address": "tcp://127.0.0.1:1",
         "service_public_key": generate_keypair()[0], "manager_secret_key_file": "manager.key",
-        "identity_mapping": "identity_mapping.json", "run_dir": str(directory / "run")}))
+        "identity_mapping": "identity_mapping.json", "run_dir": str(directory / "run"),
+        "service_signing_keys": [AssertionSigner(generate_signing_key()).public_key]}))
     return config
 
 
@@ -70,6 +72,8 @@ def _valid_config(directory: Path) -> Path:
     (lambda c: c.pop("endpoint_id"), "endpoint_id"),
     (lambda c: c.update(service_public_key="abc"), "service_public_key"),
     (lambda c: c.update(manager_secret_key_file="missing.key"), "missing.key does not exist"),
+    (lambda c: c.update(service_signing_keys=[]), "mep manager pin-signing-key"),
+    (lambda c: c.update(service_signing_keys=["ed25519:short"]), "service_signing_keys.0"),
     pytest.param(lambda c: c.update(router_user="no-such-router-account"), "no-such-router-account",
                  marks=pytest.mark.root),
 ])

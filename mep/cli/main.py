@@ -240,6 +240,9 @@ def demo(as_user: str | None, tasks: int) -> None:
 
 cli.add_command(template)
 cli.add_command(identity_group)
+from mep.cli.signing import register as register_signing_commands  # noqa: E402 - uses the helpers above
+
+register_signing_commands(service, manager)
 
 
 def main() -> int:

@@ -35,6 +35,23 @@ class PamConfig(BaseModel):
                            description="Seconds to wait for account and session management per endpoint")
 
 
+class EndpointLimits(BaseModel):
+    """``endpoint_limits:``: resource limits (soft and hard) set on every user endpoint before exec.
+
+    A limit only ever lowers: one above the manager's own hard limit stays at
+    that hard limit (raising it needs CAP_SYS_RESOURCE). Unset: inherited.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nproc: int | None = Field(default=None, ge=1, description="Processes of the account (RLIMIT_NPROC)")
+    address_space: int | None = Field(default=None, ge=1 << 26, description="Bytes of virtual memory per "
+                                      "process (RLIMIT_AS)")
+    cpu: int | None = Field(default=None, ge=1, description="CPU seconds per process (RLIMIT_CPU)")
+    nofile: int | None = Field(default=None, ge=16, description="Open files per process (RLIMIT_NOFILE)")
+    core: int | None = Field(default=None, ge=0, description="Bytes of a core dump (RLIMIT_CORE); 0: none")
+
+
 def shipped_templates_dir() -> Path:
     """Where the templates that ship with mep were installed (``<prefix>/share/mep/templates``)."""
     installed = Path(sys.prefix) / "share" / "mep" / "templates"
@@ -84,6 +101,17 @@ class ManagerConfig(BaseModel):
                                            "account; a spawn beyond it is refused (quota_exceeded)")
     audit_log: Path | None = Field(default=None, description="JSON-lines audit log; default "
                                    "/var/log/mep/audit-<endpoint id>.jsonl as root, ~/.mep/log/... otherwise")
+    service_signing_keys: list[Annotated[str, Field(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]] = Field(
+        default_factory=list, max_length=4,
+        description="The service's Ed25519 public keys (ed25519:...) its identity assertions must be signed with; "
+                    "two during a key rollover (mep manager pin-signing-key)")
+    share_endpoints_across_identities: bool = Field(
+        default=False, description="Let identities that map to one account share a user endpoint (and its "
+                                   "workers): one identity's code can then tamper with the other's results")
+    endpoint_limits: EndpointLimits = Field(default_factory=EndpointLimits)
+    allow_setuid_helpers: bool = Field(
+        default=False, description="Start user endpoints without no_new_privs and with the capability bounding "
+                                   "set, for a scheduler's setuid client (PBS's pbs_iff)")
 
     @classmethod
     def load(cls, path: Path) -> ManagerConfig:

@@ -26,8 +26,9 @@ from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engines import make_engine
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
-from mep.errors import ErrorCode, MepError
+from mep.errors import AssertionRefusedError, ErrorCode, MepError
 from mep.protocol import decode, encode
+from mep.protocol.assertions import AssertionVerifier, Verified, check_task_claims
 from mep.protocol.curve import make_curve_client
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 from mep.protocol.liveness import PauseDetector
@@ -46,6 +47,7 @@ from mep.protocol.messages import (
     ResultsAck,
     Shutdown,
     Started,
+    TaskRef,
     Tasks,
 )
 
@@ -79,6 +81,7 @@ class UserEndpoint:
     def __init__(self, boot: EndpointBoot, config: UserEndpointConfig) -> None:
         self.boot = boot
         self.config = config
+        self.assertions = AssertionVerifier(boot.assertion_keys, boot.manager_endpoint_id)
         self.heartbeat_interval = boot.heartbeat_interval
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
@@ -210,6 +213,7 @@ class UserEndpoint:
             return
         match header:
             case Tasks():
+                checked = [self._verify_assertion(text) for text in header.assertions]  # once per message
                 for task in header.tasks:
                     if task.fn_frame != -1:
                         self.functions[task.fn_hash] = payloads[task.fn_frame].bytes
@@ -219,7 +223,8 @@ class UserEndpoint:
                         self._send_results([self.unacknowledged[task.task_id][:2]])  # done already: say so again
                         continue
                     self.active[task.task_id] = ActiveTask(walltime=task.walltime)
-                    if refuse_mismatch(header.runtimes, task, self.config, self._task_done):
+                    if self._refuse_unasserted(checked, task) or refuse_mismatch(
+                            header.runtimes, task, self.config, self._task_done):
                         continue
                     self.engine.submit(task.task_id, task.fn_hash, self.functions[task.fn_hash],
                                        payloads[task.args_frame].bytes)
@@ -237,6 +242,31 @@ class UserEndpoint:
                 self._drain(header.reason or "the manager asked this endpoint to stop")
             case _:
                 log.warning("ignoring an unexpected %s message", type(header).__name__)
+
+    def _verify_assertion(self, assertion: str) -> Verified | AssertionRefusedError:
+        """A group's assertion, checked (its signature once per endpoint: cached), or why it was refused."""
+        try:
+            return self.assertions.verify(assertion)
+        except AssertionRefusedError as exc:
+            return exc
+
+    def _refuse_unasserted(self, checked: list[Verified | AssertionRefusedError], task: TaskRef) -> bool:
+        """Fail a task the service did not sign for the identity this endpoint serves; True if it did.
+
+        The router is not trusted for who submitted a task: only the service's
+        signed assertion is. ``checked``: the message's assertions, verified.
+        """
+        verified = checked[task.assertion] if 0 <= task.assertion < len(checked) else self._verify_assertion("")
+        try:
+            if isinstance(verified, AssertionRefusedError):
+                raise verified
+            serves = None if self.boot.serves_any_identity else self.boot.identity_id
+            check_task_claims(verified, task.task_id, serves)
+        except AssertionRefusedError as exc:
+            log.warning("refused task %s (%s): %s", task.task_id, exc.code, exc.admin_detail)
+            self._task_done(task.task_id, Outcome(FAILED, code=exc.code, message=str(exc)))
+            return True
+        return False
 
     def _handle_engine_events(self) -> None:
         started: list[str] = []

@@ -36,6 +36,7 @@ class QueuedTask:
     args: Any  # zmq.Frame
     runtime: Runtime
     submitter_id: str
+    assertion: str = ""  # the group's signed identity assertion, which the endpoint checks
 
 
 class HeldWork:

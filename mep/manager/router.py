@@ -296,8 +296,8 @@ class Router:
         returned = [ref.task_id for ref in dispatch.tasks if ref.task_id not in refs]
         for group in dispatch.groups:
             key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
-            tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime, group.submitter_id)
-                     for task_id in group.task_ids if task_id in refs]
+            tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime, group.submitter_id,
+                                group.identity_assertion) for task_id in group.task_ids if task_id in refs]
             if not tasks:
                 continue
             self.held.hold(tasks)
@@ -622,17 +622,20 @@ class Router:
         refs: list[TaskRef] = []
         payloads: list[Any] = []
         runtimes: dict[tuple, int] = {}
+        assertions: dict[str, int] = {}
         for task in batch:
             runtime = runtimes.setdefault(msgspec.structs.astuple(task.runtime), len(runtimes))
             ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads),
-                          runtime=runtime, walltime=task.ref.walltime)
+                          runtime=runtime, walltime=task.ref.walltime,
+                          assertion=assertions.setdefault(task.assertion, len(assertions)))
             payloads.append(task.args)
             if ref.fn_hash not in link.functions_sent:
                 ref.fn_frame = len(payloads)
                 payloads.append(self.held.functions[ref.fn_hash])
                 link.functions_sent.add(ref.fn_hash)
             refs.append(ref)
-        if self._send_endpoint(link, Tasks(tasks=refs, runtimes=[Runtime(*key) for key in runtimes]), payloads):
+        tasks = Tasks(tasks=refs, runtimes=[Runtime(*key) for key in runtimes], assertions=list(assertions))
+        if self._send_endpoint(link, tasks, payloads):
             for ref in refs:
                 link.in_flight.add(ref.task_id)
                 self.task_endpoint[ref.task_id] = link.endpoint_id

@@ -145,6 +145,10 @@ def start_manager(config_path: Path) -> int:
     as_root = os.geteuid() == 0
     secret_key = read_secret_key(config.manager_secret_key_file)
     check_public_key(config.service_public_key, f"service_public_key in {config_path}")
+    if not config.service_signing_keys:
+        raise ConfigurationError(f"{config_path}: service_signing_keys is empty, so no task could be verified; run "
+                                 f"'mep manager pin-signing-key --config {config_path} KEY' with the key "
+                                 "'mep service signing-key show' prints on the service host")
     if as_root:
         check_interpreter_usable(sys.executable)
     router = router_account(config.router_user) if as_root else None

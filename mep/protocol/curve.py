@@ -53,7 +53,12 @@ def write_secret_key(path: Path, secret: str) -> None:
 
 
 def read_secret_key(path: Path) -> str:
-    """Read a secret key file, refusing one that group or others can read or write."""
+    """Read a CURVE secret key file, refusing one that group or others can read or write."""
+    return _check_key_text(read_private_text(path), path)
+
+
+def read_private_text(path: Path) -> str:
+    """Read a secret file (any key format) that only its owner, this account, can read or write."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -74,7 +79,7 @@ def read_secret_key(path: Path) -> str:
                 f"secret key file {path} is owned by uid {info.st_uid}, not by the account "
                 f"reading it (uid {os.geteuid()})"
             )
-        return _check_key_text(handle.read(), path)
+        return handle.read()
 
 
 def check_public_key(key: str, what: str) -> str:

@@ -71,7 +71,8 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A task inside a batch: frames index the message's payload frames.
 
     ``fn_frame`` is -1 when the receiver already holds the function ``fn_hash``.
-    ``runtime`` indexes ``Tasks.runtimes`` (router -> endpoint only).
+    ``runtime`` indexes ``Tasks.runtimes`` and ``assertion`` ``Tasks.assertions``
+    (router -> endpoint only).
     """
 
     task_id: str
@@ -79,6 +80,7 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     args_frame: int
     fn_frame: int = -1
     runtime: int = 0
+    assertion: int = 0
     walltime: float = 0.0  # seconds the task may run once started; 0: no limit
 
 
@@ -230,8 +232,9 @@ class IdentityResource(msgspec.Struct, forbid_unknown_fields=True, omit_defaults
 class TaskGroup(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Who submitted a set of tasks, with which config and runtime.
 
-    ``identity_assertion`` is reserved for the service's signature over
-    ``identities`` so the spawner need not trust the router (later issue).
+    ``identity_assertion`` is the service's signed statement of all this
+    (``mep.protocol.assertions``), checked by the spawner and the user
+    endpoint so neither need trust the router.
     """
 
     submitter_id: str
@@ -317,10 +320,11 @@ class Ready(Envelope, tag="READY"):
 
 
 class Tasks(Envelope, tag="TASKS"):
-    """Tasks for one endpoint, with the runtimes of the clients that submitted them."""
+    """Tasks for one endpoint, with the runtimes of the clients that submitted them and their groups' assertions."""
 
     tasks: list[TaskRef] = []
     runtimes: list[Runtime] = []
+    assertions: list[str] = []
 
 
 class IdleExit(Envelope, tag="IDLE_EXIT"):
@@ -479,3 +483,10 @@ class EndpointBoot(msgspec.Struct, forbid_unknown_fields=True):
     secret_key: str
     config: dict[str, Any]
     heartbeat_interval: float = 10.0
+    # Whom this endpoint serves, checked against each task's signed assertion with these pinned keys;
+    # serves_any_identity: the admin lets identities mapped to one account share endpoints.
+    manager_endpoint_id: str = ""
+    identity_id: str = ""
+    identities: list[IdentityResource] = []
+    serves_any_identity: bool = False
+    assertion_keys: list[str] = []

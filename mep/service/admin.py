@@ -25,7 +25,7 @@ def register_endpoint(state: ServiceState, name: str, config_dir: Path, service_
     """Create the manager's key pair, register its public key, and write its config directory.
 
     The secret key is written 0600 beside a ``config.yaml`` that pins the
-    service's public key; the directory is created 0700.
+    service's public key and its signing key(s); the directory is created 0700.
     """
     config_dir = config_dir.absolute()
     config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -43,6 +43,7 @@ def register_endpoint(state: ServiceState, name: str, config_dir: Path, service_
         "service_public_key": state.public_key,
         "manager_secret_key_file": secret_path.name,
         "identity_mapping": str(identity_mapping or config_dir / "identity_mapping.json"),
+        "service_signing_keys": state.pinnable_signing_keys(),
     }
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "w") as handle:

@@ -487,6 +487,7 @@ class Broker:
                 tasks.append(ref)
             if not tasks:
                 continue
+            self.state.signer.sign_groups(endpoint_id, groups.values())  # checked by the spawner and endpoint
             if not self._send(link.routing_id, encode(Dispatch(tasks=tasks, groups=list(groups.values())), payloads)):
                 continue
             link.functions_sent |= new_functions

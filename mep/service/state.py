@@ -4,6 +4,8 @@ Layout (directory 0700)::
 
     service.key        secret key, 0600
     service.key.pub    public key: pinned by managers and SDKs
+    signing.key        Ed25519 key that signs identity assertions, 0600 (its public half: pinned by managers)
+    signing.next.key   the next signing key, staged by 'mep service signing-key rotate' (0600)
     mep.db             SQLite (see store.py)
 """
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mep.errors import ConfigurationError
-from mep.protocol.curve import generate_keypair, public_from_secret, read_secret_key, write_secret_key
+from mep.protocol.assertions import AssertionSigner, generate_signing_key, public_key_text
+from mep.protocol.curve import generate_keypair, public_from_secret, read_private_text, read_secret_key, write_secret_key
 from mep.service.store import Store
 
 
@@ -25,6 +28,23 @@ class ServiceState:
     secret_key: str
     public_key: str
     store: Store
+    signer: AssertionSigner
+
+    @staticmethod
+    def signing_key_path(directory: Path) -> Path:
+        return directory / "signing.key"
+
+    @staticmethod
+    def next_signing_key_path(directory: Path) -> Path:
+        return directory / "signing.next.key"
+
+    def pinnable_signing_keys(self) -> list[str]:
+        """The public keys a manager should pin now: the signing key, and the next one once staged."""
+        keys = [self.signer.public_key]
+        staged = self.next_signing_key_path(self.directory)
+        if staged.exists():
+            keys.append(public_key_text(read_private_text(staged)))
+        return keys
 
     @classmethod
     def open(cls, directory: Path) -> ServiceState:
@@ -43,5 +63,8 @@ class ServiceState:
             write_secret_key(secret_path, secret)
             (directory / "service.key.pub").write_text(public + "\n")
         secret = read_secret_key(secret_path)
+        signing_path = cls.signing_key_path(directory)
+        if not signing_path.exists():
+            write_secret_key(signing_path, generate_signing_key())
         return cls(directory=directory, secret_key=secret, public_key=public_from_secret(secret),
-                   store=Store(directory / "mep.db"))
+                   store=Store(directory / "mep.db"), signer=AssertionSigner(read_private_text(signing_path)))

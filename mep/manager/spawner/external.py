@@ -167,7 +167,7 @@ def parse_output(stdout: bytes, input_ids: Sequence[str], program: str) -> list[
                 f" (asked about {list(input_ids)}); its answer is not trusted"
             )
         if not item["output"]:
-            raise ProgramFailed(f"{program} mapped identity {identity_id} to an empty account name")
+            continue  # an empty account name is no mapping for this identity, never an account named ""
         results.append(ProgramResult(identity_id=identity_id, account=item["output"]))
     return results
 

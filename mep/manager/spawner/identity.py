@@ -154,7 +154,8 @@ class _ExpressionRule:
         match = self.pattern.fullmatch(source)
         if match is None:
             return None
-        return _interpolate(self.output, identity, match.groups())
+        # An empty output is no mapping for this identity (the reference would hand back ""), never an account "".
+        return _interpolate(self.output, identity, match.groups()) or None
 
 
 @dataclass(frozen=True)

@@ -28,20 +28,26 @@ import fcntl
 import gc
 import os
 import re
+import resource
 import signal
 import stat
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from mep.errors import SpawnError
 from mep.manager.spawner.accounts import Account
 
+if TYPE_CHECKING:
+    from mep.config.manager import EndpointLimits
+
 #: Exit status of a child that failed at each step, in the order the steps run,
 #: so an admin who only sees "exited with status 206" can tell where it stopped.
-#: Single-user mode (``drop_privileges=False``) skips the steps marked [drop].
+#: Single-user mode (``drop_privileges=False``) skips the steps marked [drop];
+#: ``no_new_privs=False`` (the admin's ``allow_setuid_helpers``) skips
+#: ``drop_bounding_set`` and ``set_no_new_privs``.
 STEP_EXIT_CODES: dict[str, int] = {
     "attach_stdin": 200,  # dup2 the parent's stdin pipe onto fd 0
     "reset_signals": 201,  # default dispositions, empty signal mask
@@ -51,6 +57,7 @@ STEP_EXIT_CODES: dict[str, int] = {
     "drop_bounding_set": 205,  # [drop] empty the capability bounding set
     "set_uid": 206,  # [drop] setresuid(u, u, u)
     "verify_drop": 207,  # [drop] ids and groups re-read, no capability left, setuid(0) fails
+    "set_resource_limits": 214,  # the admin's endpoint_limits, soft and hard (added later: hence its number)
     "set_no_new_privs": 208,  # prctl(PR_SET_NO_NEW_PRIVS)
     "set_umask": 209,  # umask 077
     "enter_home": 210,  # chdir to the home, or / if that fails
@@ -130,7 +137,10 @@ class SpawnPlan:
     ``title`` names the process in error messages. ``log_path`` "" sends
     stdout and stderr to ``/dev/null``. ``pass_fds`` are the parent's
     descriptors the child gets at 3, 4, ... in that order (every other one is
-    closed).
+    closed). ``resource_limits``: (``RLIMIT_*`` name, value) pairs set as soft
+    and hard limit before exec, each only ever lowered (see
+    ``resource_limits``). ``no_new_privs=False`` leaves the capability bounding
+    set and lets setuid programs gain privileges, for a scheduler's setuid client.
     """
 
     account: Account
@@ -141,6 +151,8 @@ class SpawnPlan:
     drop_privileges: bool = True
     title: str = ""
     pass_fds: tuple[int, ...] = ()
+    resource_limits: tuple[tuple[str, int], ...] = ()
+    no_new_privs: bool = True
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,7 @@ class ChildSetup(DropTarget):
     argv: tuple[str, ...]
     env: Mapping[str, str]
     steps: tuple[Callable[[ChildSetup], None], ...]
+    rlimits: tuple[tuple[str, int, int, int], ...] = ()  # (name, resource, soft, hard), already lowered only
 
 
 # --- The child's steps, in order -------------------------------------------------------
@@ -259,13 +272,24 @@ def verify_drop(target: DropTarget) -> None:
     raise _CheckFailed("setuid(0) succeeded after the drop")
 
 
+def set_resource_limits(setup: ChildSetup) -> None:
+    """The admin's limits, whether or not PAM (pam_limits) set others: each one reported by name if refused."""
+    for name, number, soft, hard in setup.rlimits:
+        try:
+            resource.setrlimit(number, (soft, hard))
+        except (OSError, ValueError) as exc:
+            raise OSError(getattr(exc, "errno", None) or errno_codes.EINVAL,
+                          f"setting {name} to soft {soft}, hard {hard} failed: {exc}") from None
+
+
 def set_no_new_privs(target: DropTarget) -> None:
     """No exec from here on can gain privileges (setuid bits and file capabilities are ignored).
 
-    Nothing the endpoint runs in this phase needs a setuid helper. Revisit with
-    the PAM session and Slurm work: a setuid scheduler client or a PAM module
-    that execs a setuid helper would fail under this flag (and under the empty
-    bounding set that ``drop_bounding_set`` leaves).
+    Nothing the endpoint runs needs a setuid helper unless the admin says a
+    scheduler's setuid client does (``allow_setuid_helpers``, e.g. PBS's
+    ``pbs_iff``): then this step and ``drop_bounding_set`` are skipped, since
+    either would make that client fail. PAM modules run in the session
+    holder, before this.
     """
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
@@ -345,6 +369,7 @@ CHILD_STEPS: tuple[Callable[[ChildSetup], None], ...] = (
     reset_signals,
     new_session,
     *DROP_STEPS,
+    set_resource_limits,
     set_no_new_privs,
     set_umask,
     enter_home,
@@ -421,9 +446,10 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int, pass_fds: tu
         raise SpawnError(f"cannot start {who}: at most {_MAX_PASSED_FDS} descriptors can be passed")
     log_directory, log_name = os.path.split(log_path)
     components = [part for part in log_directory.split("/") if part]
-    steps = CHILD_STEPS
-    if not plan.drop_privileges:
-        steps = tuple(step for step in CHILD_STEPS if step not in DROP_STEPS)
+    skipped: set[Callable[..., None]] = set() if plan.drop_privileges else set(DROP_STEPS)
+    if not plan.no_new_privs:
+        skipped |= {drop_bounding_set, set_no_new_privs}
+    steps = tuple(step for step in CHILD_STEPS if step not in skipped)
     target = DropTarget.of(account)
     return ChildSetup(
         uid=target.uid,
@@ -445,7 +471,32 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int, pass_fds: tu
         argv=tuple(plan.argv),
         env=_child_environment(plan, who),
         steps=steps,
+        rlimits=tuple(_lowered_limit(name, value, who) for name, value in plan.resource_limits),
     )
+
+
+def resource_limits(limits: EndpointLimits) -> tuple[tuple[str, int], ...]:
+    """The manager config's ``endpoint_limits`` as ``SpawnPlan.resource_limits``."""
+    names = {"nproc": "RLIMIT_NPROC", "address_space": "RLIMIT_AS", "cpu": "RLIMIT_CPU", "nofile": "RLIMIT_NOFILE",
+             "core": "RLIMIT_CORE"}
+    return tuple((names[key], value) for key, value in limits.model_dump().items() if value is not None)
+
+
+def _lowered_limit(name: str, value: int, who: str) -> tuple[str, int, int, int]:
+    """(name, resource, soft, hard) for ``value``, never above the current hard limit.
+
+    Raising a hard limit needs CAP_SYS_RESOURCE, which a container's root may
+    lack: a limit above it stays at the hard limit, which is still a limit.
+    """
+    number = getattr(resource, name, None)
+    if not name.startswith("RLIMIT_") or not isinstance(number, int):
+        raise SpawnError(f"cannot start {who}: {name} is not a resource limit")
+    _, hard = resource.getrlimit(number)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    if number == resource.RLIMIT_NOFILE:
+        value = min(value, _read_int("/proc/sys/fs/nr_open"))  # the kernel refuses more, even to root
+    return name, number, value, value
 
 
 def _child_environment(plan: SpawnPlan, who: str) -> dict[str, str]:

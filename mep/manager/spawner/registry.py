@@ -28,7 +28,7 @@ class EndpointRecord:
     owner_uid: int  # who that process runs as (root for a session holder)
     endpoint_pid: int
     account: str
-    key: tuple[int, str, str]
+    key: tuple[str, int, str, str]  # the spawner's EndpointKey
     public_key: str
     log_path: str
     held: bool

@@ -91,6 +91,8 @@ class HolderRequest(msgspec.Struct, forbid_unknown_fields=True):
     stdin_data: bytes
     log_path: str
     title: str
+    resource_limits: list[tuple[str, int]] = []
+    no_new_privs: bool = True
 
 
 class HolderReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -121,6 +123,7 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
     request = HolderRequest(
         service=pam.service, library=pam.library, requested_by=_own_name(), account=dataclasses.asdict(account),
         argv=list(plan.argv), stdin_data=plan.stdin_data, log_path=plan.log_path, title=plan.title,
+        resource_limits=list(plan.resource_limits), no_new_privs=plan.no_new_privs,
     )
     argv = [sys.executable, "-I", "-m", __name__]
     stdin_read, stdin_write = pipe_above(_LOWEST_PARENT_FD)
@@ -294,6 +297,7 @@ def _run_session(pam: PamHandle, request: HolderRequest, account: Account, forwa
         child = spawn(SpawnPlan(
             account=dataclasses.replace(account, groups=groups), argv=request.argv,
             stdin_data=request.stdin_data, log_path=request.log_path, extra_env=environment, title=request.title,
+            resource_limits=tuple(map(tuple, request.resource_limits)), no_new_privs=request.no_new_privs,
         ))
     except PamError as error:
         _report(HolderReport(outcome="session_failed", step=error.step, detail=f"PAM for {who}: {error.detail}"))

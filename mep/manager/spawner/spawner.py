@@ -1,10 +1,11 @@
 """The root spawner's loop: answer spawn requests, watch endpoint processes, report deaths, keep the audit log.
 
-For each ``SpawnRequest`` from the router: map the identity set to one
+For each ``SpawnRequest`` from the router: verify the service's signed
+identity assertion (the router is not trusted for who submitted), map the identity set to one
 account (the mapping file is reloaded first if it changed), check the account
 against policy, validate the user's config against the admin's schema and
 render the admin's template, then either hand back the endpoint already
-running for the same (account, template digest, config) or fork, drop
+running for the same (identity, account, template digest, config) or fork, drop
 privileges and exec a new one, directly or, with PAM on, under a session
 holder (``session_holder``). Each endpoint gets a fresh CURVE key pair; the
 secret goes only to the endpoint's stdin, the public half to the router.
@@ -60,9 +61,10 @@ from mep.manager.spawner.authorize import Authorization, authorize
 from mep.manager.spawner.identity import IdentityMapper, MappingContext
 from mep.manager.spawner.mapping_file import MappingFile, ReloadOutcome
 from mep.manager.spawner.policy_files import read_policy_file
-from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, spawn
+from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
 from mep.manager.spawner.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
 from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
+from mep.protocol.assertions import AssertionVerifier, NonceCache, check_spawn_claims
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.messages import (
@@ -70,6 +72,7 @@ from mep.protocol.messages import (
     AuditTasks,
     EndpointBoot,
     EndpointExited,
+    IdentityResource,
     RemapGroups,
     RetireEndpoint,
     RouterStopping,
@@ -84,7 +87,8 @@ log = logging.getLogger("mep.spawner")
 
 STOP_GRACE = 45.0  # seconds endpoints get after SIGTERM (they give running tasks 30) before SIGKILL
 SPAWN_WORKERS = 8  # spawns (mapping, PAM, start) in progress at once, across accounts
-EndpointKey = tuple[int, str, str]  # (uid, template digest, canonical rendered config)
+# (identity id, "" when identities may share endpoints; uid; template digest; canonical rendered config)
+EndpointKey = tuple[str, int, str, str]
 
 
 @dataclass
@@ -159,6 +163,8 @@ class Spawner:
             schema_text=read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode(),
         )
         self.audit: AuditWriter | None = None  # opened once the router runs: it must never hold the log
+        self.assertions = AssertionVerifier(config.service_signing_keys, config.endpoint_id)
+        self.nonces = NonceCache()
         self.children: dict[int, EndpointProcess] = {}  # pidfd -> process
         self.running: dict[EndpointKey, EndpointProcess] = {}
         self.router: RouterProcess | None = None
@@ -537,8 +543,16 @@ class Spawner:
 
     # --- spawning: in worker threads (they touch no table of the loop's) -----------------
 
+    def _check_assertion(self, request: SpawnRequest) -> None:
+        """Before anything is mapped or started: the service must have signed this identity set and config."""
+        verified = self.assertions.verify(request.identity_assertion)
+        check_spawn_claims(verified.claims, submitter_id=request.submitter_id, identities=request.identities,
+                           config=request.user_endpoint_config)
+        self.nonces.use(verified.claims)
+
     def _authorize(self, pending: PendingSpawn) -> None:
         request = pending.request
+        self._check_assertion(request)  # before anything is mapped: the verifier and nonce cache are thread-safe
         identities = [msgspec.structs.asdict(identity) for identity in request.identities]
         account = authorize(pending.mapper, identities, self.settings.policy, pending.progress)
         config = self.renderer.render(
@@ -550,7 +564,9 @@ class Spawner:
         )
         pending.rendered = config.model_dump(mode="json")
         pending.account = account
-        pending.key = (account.uid, self.renderer.digest, json.dumps(pending.rendered, sort_keys=True))
+        shared = self.settings.config.share_endpoints_across_identities
+        pending.key = ("" if shared else request.submitter_id, account.uid, self.renderer.digest,
+                       json.dumps(pending.rendered, sort_keys=True))
 
     def _start(self, pending: PendingSpawn) -> EndpointProcess:
         """The decision on disk, then the endpoint started (PAM's account and session steps included)."""
@@ -560,16 +576,22 @@ class Spawner:
         account, key = pending.account, pending.key
         assert account is not None and key is not None
         endpoint_id = pending.endpoint_id
+        serves = [] if not key[0] else pending.request.identities  # the identity set whose tasks alone it may run
         public_key, secret_key = generate_keypair()
+        config = self.settings.config
         boot = EndpointBoot(endpoint_id=endpoint_id, account=account.name,
                             router_address=self.settings.router_address,
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
-                            config=pending.rendered, heartbeat_interval=self.settings.config.heartbeat_interval)
+                            config=pending.rendered, heartbeat_interval=config.heartbeat_interval,
+                            manager_endpoint_id=config.endpoint_id, identity_id=key[0], identities=serves,
+                            serves_any_identity=not key[0], assertion_keys=config.service_signing_keys)
         # realpath: the log path is opened without following any symlink, and /home may be one
         log_path = os.path.join(os.path.realpath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
         plan = SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
                          stdin_data=msgspec.json.encode(boot), log_path=log_path,
-                         drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}")
+                         drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}",
+                         resource_limits=resource_limits(config.endpoint_limits),
+                         no_new_privs=not config.allow_setuid_helpers)
         if self.settings.pam is not None:
             held = start_session_holder(plan, self.settings.pam)
             return EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd,

@@ -1,0 +1,148 @@
+"""``mep service signing-key ...`` and ``mep manager pin-signing-key``: the keys of signed identity assertions.
+
+The service signs who submitted each group of tasks with its signing key;
+managers pin the public half (``service_signing_keys`` in their config). A
+rollover keeps two keys valid: ``rotate`` stages the next key, managers pin it
+beside the current one, ``rotate --finish`` makes it the signing key, and the
+old pin is removed later. ``docs/identity.md`` has the steps.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+import yaml
+
+from mep.cli.main import _friendly, default_state_dir, state_dir_option
+from mep.errors import ConfigurationError
+from mep.protocol.assertions import generate_signing_key, parse_public_key, public_key_text
+from mep.protocol.curve import read_private_text, write_secret_key
+
+_MAX_PINNED = 4  # as ManagerConfig.service_signing_keys allows
+
+
+def _state_directory(state_dir: Path | None) -> Path:
+    return (state_dir or default_state_dir("service")).expanduser().absolute()
+
+
+@click.group("signing-key")
+def signing_key() -> None:
+    """The Ed25519 key the service signs identity assertions with."""
+
+
+@signing_key.command("show")
+@state_dir_option
+@_friendly
+def show(state_dir: Path | None) -> None:
+    """Print the public signing key(s) managers must pin."""
+    from mep.service.state import ServiceState
+
+    state = ServiceState.open(_state_directory(state_dir))
+    keys = state.pinnable_signing_keys()
+    click.echo(f"signing key: {keys[0]}")
+    if len(keys) > 1:
+        click.echo(f"next signing key: {keys[1]}")
+
+
+@signing_key.command("generate")
+@state_dir_option
+@_friendly
+def generate(state_dir: Path | None) -> None:
+    """Create the signing key (the service also creates it on first start); never replaces one."""
+    from mep.service.state import ServiceState
+
+    directory = _state_directory(state_dir)
+    if ServiceState.signing_key_path(directory).exists():
+        raise ConfigurationError(f"{ServiceState.signing_key_path(directory)} already exists; "
+                                 "to replace it, use 'mep service signing-key rotate'")
+    state = ServiceState.open(directory)
+    click.echo(f"signing key: {state.signer.public_key}")
+    click.echo("pin it in each manager: mep manager pin-signing-key --config CONFIG KEY")
+
+
+@signing_key.command("rotate")
+@state_dir_option
+@click.option("--finish", is_flag=True, help="Make the staged key the signing key (after managers pinned it).")
+@_friendly
+def rotate(state_dir: Path | None, finish: bool) -> None:
+    """Stage the next signing key; with --finish, switch to it. Restart the service after --finish."""
+    from mep.service.state import ServiceState
+
+    directory = _state_directory(state_dir)
+    ServiceState.open(directory)  # checks the directory's owner and mode; creates the current key if missing
+    current, staged = ServiceState.signing_key_path(directory), ServiceState.next_signing_key_path(directory)
+    if not finish:
+        if staged.exists():
+            raise ConfigurationError(f"a next signing key is already staged ({staged}); pin it in every manager, "
+                                     "then run 'mep service signing-key rotate --finish'")
+        write_secret_key(staged, generate_signing_key())
+        click.echo(f"next signing key: {public_key_text(read_private_text(staged))}")
+        click.echo("pin it in every manager beside the current key (mep manager pin-signing-key) and restart them; "
+                   "then run 'mep service signing-key rotate --finish'")
+        return
+    if not staged.exists():
+        raise ConfigurationError(f"no next signing key is staged in {directory}; run "
+                                 "'mep service signing-key rotate' first")
+    previous = public_key_text(read_private_text(current))
+    read_private_text(staged)  # refuse a staged key with loose permissions before it is used
+    os.replace(current, directory / "signing.previous.key")  # kept only for the record
+    os.replace(staged, current)
+    click.echo(f"signing key: {public_key_text(read_private_text(current))}")
+    click.echo("restart the service to sign with it; once endpoints started before the new key was pinned "
+               f"have exited, unpin the old key: mep manager pin-signing-key --remove --config CONFIG {previous}")
+
+
+@click.command("pin-signing-key")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              required=True, help="The manager's config.yaml.")
+@click.option("--remove", is_flag=True, help="Unpin the key instead (the end of a rollover).")
+@click.argument("key")
+@_friendly
+def pin_signing_key(config_path: Path, remove: bool, key: str) -> None:
+    """Pin (or unpin) a service signing key in a manager's config; restart the manager to apply it."""
+    parse_public_key(key)
+    text = config_path.read_text()
+    settings = yaml.safe_load(text)
+    if not isinstance(settings, dict):
+        raise ConfigurationError(f"{config_path} must be a YAML mapping of settings")
+    keys = list(settings.get("service_signing_keys") or [])
+    if remove:
+        if key not in keys:
+            raise ConfigurationError(f"{key} is not pinned in {config_path}")
+        if keys == [key]:
+            raise ConfigurationError(f"{key} is the only pinned key in {config_path}; pin its successor first")
+        keys.remove(key)
+    elif key not in keys:
+        if len(keys) >= _MAX_PINNED:
+            raise ConfigurationError(f"{config_path} already pins {len(keys)} keys; unpin an old one first")
+        keys.append(key)
+    settings["service_signing_keys"] = keys
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # keep its comment lines
+    _replace_file(config_path, header + yaml.safe_dump(settings, sort_keys=False))
+    for pinned in keys:
+        click.echo(f"pinned: {pinned}")
+    click.echo("restart the manager to apply it")
+
+
+def register(service: click.Group, manager: click.Group) -> None:
+    """Add these commands to ``mep service`` and ``mep manager``."""
+    service.add_command(signing_key)
+    manager.add_command(pin_signing_key)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``text`` in place of ``path`` atomically, keeping its owner and mode."""
+    info = path.stat()
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(temporary, info.st_mode & 0o7777)
+        os.chown(temporary, info.st_uid, info.st_gid)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
