@@ -213,7 +213,7 @@ class Spawner:
             if writable and router is self.router:
                 router.channel.flush()
             if self._wake_read in ready:
-                self._drain_wakeups()  # may start or end a router, or register endpoints
+                self._drain_wakeups()  # outcomes of spawns and audit writes: may register endpoints
             if router is not None and router is self.router:
                 if router.log_read in ready:
                     router.relay_log()
