@@ -305,7 +305,7 @@ def test_endpoint_and_session_survive_a_manager_crash_and_restart(deploy, pam_se
         future = executor.submit(nap, 6)
         wait_for(lambda: pam_service.events(user.pw_name) == ["open_session"], what="the session to open")
         (holder,) = [pid for pid in children_of(manager.spawner_pid) if pid != manager.router_pid]
-        (endpoint,) = children_of(holder)
+        (endpoint,) = wait_for(lambda: children_of(holder), what="the endpoint (forked after the hook ran)")
         os.killpg(manager.process.popen.pid, signal.SIGKILL)  # spawner and router die together: a crash
         manager.process.popen.wait()
         assert os.path.exists(f"/proc/{holder}") and os.path.exists(f"/proc/{endpoint}")

@@ -44,7 +44,6 @@ from mep.manager.spawner.privdrop import (
     allowed_environment,
     close_descriptors,
     drop_bounding_set,
-    drop_privileges_in_process,
     enter_home,
     new_session,
     prepare_child,
@@ -476,27 +475,6 @@ def test_verify_drop_aborts_when_setuid_0_still_works():
     outcome = _in_child(drop_to_root_without_capabilities)
     assert outcome["raised"] == "_CheckFailed"
     assert outcome["message"] == "setuid(0) succeeded after the drop"
-
-
-def test_drop_privileges_in_process_uses_the_same_checked_steps(user):
-    def drop_twice() -> dict:
-        drop_privileges_in_process(user)
-        status = _proc_status()
-        try:
-            drop_privileges_in_process(user)  # no longer root: the first privileged call fails
-        except DropStepError as exc:
-            return {"status": status, "step": exc.step, "errno": exc.errno, "message": str(exc)}
-        return {"status": status}
-
-    outcome = _in_child(drop_twice)["value"]
-    assert _status_ids(outcome["status"]["Uid"]) == {user.uid}
-    assert _status_ids(outcome["status"]["Groups"]) == set(user.groups)
-    assert int(outcome["status"]["CapBnd"], 16) == 0
-    assert outcome["status"]["NoNewPrivs"] == "1"
-    assert (outcome["step"], outcome["errno"]) == ("set_groups", errno.EPERM)
-    assert outcome["message"] == (
-        f"dropping privileges to {user.name} failed at step 'set_groups': [Errno 1] Operation not permitted"
-    )
 
 
 def test_reset_signals_alone(user):

@@ -8,6 +8,7 @@ start an endpoint and return.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 import mep
-from tests.harness import DOMAIN_STRIP, children_of, expression_mapping, wait_for
+from mep.manager.spawner.audit import AuditLog, AuditWriter
+from tests.test_audit import exhaust, log_dir, small_filesystem  # noqa: F401 - fixtures
+from tests.harness import DOMAIN_STRIP, audit_log_of, children_of, expression_mapping, wait_for
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture
 
 pytestmark = pytest.mark.root
@@ -85,3 +88,55 @@ def test_an_unwritable_registry_refuses_the_request_and_the_spawner_carries_on(d
     assert os.path.exists(f"/proc/{spawner}")
     with deploy.executor(identity, manager) as executor:
         assert executor.submit(whoami).result(timeout=60) == account.pw_uid
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def test_routed_tasks_are_audited_one_record_per_batch_before_they_run(deploy, account_factory) -> None:
+    account = account_factory("mepbatch")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    with deploy.executor(identity, manager) as executor:
+        futures = [executor.submit(square, n) for n in range(300)]
+        assert [future.result(timeout=120) for future in futures] == [n * n for n in range(300)]
+    manager.process.stop()
+    lines = [json.loads(line) for line in audit_log_of(manager.config_path).read_text().splitlines()]
+    routed = [record for record in lines if record["event"] == "task" and record["outcome"] == "routed"]
+    listed = [task_id for record in routed for task_id in record["task_ids"]]
+    assert sorted(listed) == sorted(future.task_id for future in futures), "each task in exactly one batch"
+    assert len(routed) < len(futures) / 10, f"{len(routed)} records for {len(futures)} tasks: batches, not tasks"
+    position = {id(record): index for index, record in enumerate(lines)}
+    for record in routed:  # every batch's record precedes the outcome of each of its tasks
+        done = [index for index, line in enumerate(lines) if line.get("task_id") in set(record["task_ids"])
+                and line["outcome"] == "success"]
+        assert min(done) > position[id(record)]
+
+
+def test_the_audit_writer_keeps_order_confirms_after_writing_and_reports_a_break_once(small_filesystem) -> None:
+    log_path = small_filesystem / "audit.jsonl"
+    posted: list = []  # what the writer hands to the spawner's loop, run here in the order it came
+    broken: list[str] = []
+    writer = AuditWriter(AuditLog(log_path, trusted_owner_uids=frozenset({0}), endpoint_id="ep"),
+                         post=posted.append, on_broken=lambda: broken.append(writer.failure))
+    confirmed: list[tuple[int, bool]] = []
+    for n in range(50):
+        writer.write([{"event": "task", "n": n}], sync=n % 10 == 0, then=lambda ok, n=n: confirmed.append((n, ok)))
+    assert writer.write_and_wait([{"event": "decision", "n": 50}])  # returns once it is on disk
+    wait_for(lambda: len(posted) == 50, what="the writes' outcomes")
+    for callback in posted:
+        callback()
+    assert confirmed == [(n, True) for n in range(50)]
+    assert [json.loads(line)["n"] for line in log_path.read_text().splitlines()] == list(range(51))
+
+    posted.clear()
+    exhaust(small_filesystem, log_path)
+    writer.write([{"event": "task", "n": 51}], then=lambda ok: confirmed.append((51, ok)))
+    assert not writer.write_and_wait([{"event": "decision", "n": 52}])
+    wait_for(lambda: len(posted) == 2, what="the failed write's outcome and the break")
+    for callback in posted:
+        callback()
+    assert confirmed[-1] == (51, False) and len(broken) == 1 and "No space left on device" in broken[0]
+    writer.close()
+    assert not writer.write_and_wait([{"event": "decision", "n": 53}]), "a closed writer takes nothing"

@@ -169,6 +169,8 @@ class AuditWriter:
     on_broken: Callable[[], None]
     _queue: queue.SimpleQueue[_Write | _Reopen | None] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
+    _closed: bool = False
+    _closing: threading.Lock = field(default_factory=threading.Lock)  # nothing is queued behind the last item
 
     def __post_init__(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -180,24 +182,35 @@ class AuditWriter:
 
     def write(self, records: list[Mapping[str, Any]], *, sync: bool = False,
               then: Callable[[bool], None] | None = None) -> None:
-        self._queue.put(_Write(records, sync, then))
+        self._put(_Write(records, sync, then))
 
     def write_and_wait(self, records: list[Mapping[str, Any]]) -> bool:
         """From a worker thread: True once the records are on disk, False if the log can't take them."""
         item = _Write(records, sync=True, written=threading.Event())
-        self._queue.put(item)
+        if not self._put(item):
+            return False
         item.written.wait()
         return item.ok
 
     def reopen(self, then: Callable[[str], None]) -> None:
-        self._queue.put(_Reopen(then))
+        self._put(_Reopen(then))
 
     def close(self) -> None:
-        """Write what is queued, then stop the thread."""
-        self._queue.put(None)
+        """Write what is queued, then stop the thread; later records are dropped (the spawner is exiting)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         if self._thread is not None:
             self._thread.join()
         self.log.close()
+
+    def _put(self, item: _Write | _Reopen) -> bool:
+        with self._closing:
+            if not self._closed:
+                self._queue.put(item)
+            return not self._closed
 
     def _run(self) -> None:
         while True:

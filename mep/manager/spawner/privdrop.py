@@ -310,9 +310,9 @@ def enter_home(setup: ChildSetup) -> None:
 def open_log(setup: ChildSetup) -> None:
     """Create the log as the account, never following a symbolic link, and make it fds 1 and 2.
 
-    Without a log path, fds 1 and 2 are ``/dev/null``. Each directory is created 0700 when missing and then opened without
-    following links, so a link the user planted anywhere on the way is refused
-    rather than followed. ``O_NONBLOCK`` turns a planted FIFO into an error
+    Without a log path, fds 1 and 2 are ``/dev/null``. Each directory is
+    created 0700 when missing and then opened without following links, so a
+    link the user planted anywhere on the way is refused rather than followed. ``O_NONBLOCK`` turns a planted FIFO into an error
     instead of a hang, ``O_NOCTTY`` keeps a terminal from becoming ours.
     """
     if not setup.log_path:
@@ -355,7 +355,7 @@ def exec_endpoint(setup: ChildSetup) -> None:
     os.execve(setup.executable, setup.argv, setup.env)
 
 
-#: The drop itself, shared by ``spawn`` and ``drop_privileges_in_process``.
+#: The drop itself (single-user mode skips these steps).
 DROP_STEPS: tuple[Callable[[DropTarget], None], ...] = (
     set_gid,
     set_groups,
@@ -676,25 +676,6 @@ def _failure(plan: SpawnPlan, report: bytes) -> DropStepError:
 def _read_int(path: str) -> int:
     with open(path, encoding="ascii") as file:
         return int(file.read())
-
-
-def drop_privileges_in_process(account: Account) -> None:
-    """Become ``account`` for good in this process (the router half), then set no_new_privs.
-
-    The same checked steps as ``spawn``'s child, without fork or exec: only
-    for mep's own code in a freshly forked, single-threaded process (the ids
-    of every thread change). Raises ``DropStepError`` naming the failed step.
-    """
-    target = DropTarget.of(account)
-    for step in (*DROP_STEPS, set_no_new_privs):
-        try:
-            step(target)
-        except (OSError, _CheckFailed) as exc:
-            raise DropStepError(
-                f"dropping privileges to {account.name} failed at step {step.__name__!r}: {exc}",
-                step=step.__name__,
-                errno=exc.errno if isinstance(exc, OSError) else None,
-            ) from None
 
 
 # --- Reading what the account wrote -----------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import select
 import sys
 import time
 from dataclasses import dataclass
@@ -74,9 +75,12 @@ class RouterProcess:
             pass  # our stderr is gone: the router's lines are lost, never the router
 
     def close(self) -> None:
-        while self.log_read != -1:  # what it said last, up to its end
-            os.set_blocking(self.log_read, True)
+        """After its death: relay what it said last, close the rest."""
+        while self.log_read != -1 and select.select([self.log_read], [], [], 1.0)[0]:
             self.relay_log()
+        if self.log_read != -1:  # a child of its still holds the pipe: its lines are not worth a wait
+            os.close(self.log_read)
+            self.log_read = -1
         os.close(self.pidfd)
         self.channel.sock.close()
 

@@ -211,7 +211,8 @@ class Spawner:
             readable = [self._wake_read, *watched]
             writable = []
             if router is not None:
-                readable += [router.channel.fileno(), router.pidfd] + ([router.log_read] if router.log_read != -1 else [])
+                readable += [router.channel.fileno(), router.pidfd]
+                readable += [router.log_read] if router.log_read != -1 else []
                 writable = [router.channel.fileno()] if router.channel.wants_write else []
             timeout = max(0.0, self._restart_at - time.monotonic()) if self._restart_at else None
             readable, writable, _ = select.select(readable, writable, [], timeout)
@@ -219,7 +220,7 @@ class Spawner:
             if writable and router is self.router:
                 router.channel.flush()
             if self._wake_read in ready:
-                self._drain_wakeups()  # may start or end a router, or register endpoints
+                self._drain_wakeups()  # outcomes of spawns and audit writes: may register endpoints
             if router is not None and router is self.router:
                 if router.log_read in ready:
                     router.relay_log()
@@ -268,10 +269,11 @@ class Spawner:
         """The router hung up or died: after a stop we follow it; after a crash a new one starts soon."""
         router, self.router = self.router, None
         assert router is not None
-        try:
-            signal.pidfd_send_signal(router.pidfd, signal.SIGKILL)  # it hung up: whatever it still does is moot
-        except ProcessLookupError:
-            pass
+        if not self._router_stopping:
+            try:
+                signal.pidfd_send_signal(router.pidfd, signal.SIGKILL)  # it hung up: what it still does is moot
+            except ProcessLookupError:
+                pass
         _, status = os.waitpid(router.pid, 0)
         router.close()
         ran_for = time.monotonic() - router.started_at
@@ -324,7 +326,10 @@ class Spawner:
                 callback = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            callback()
+            try:
+                callback()
+            except Exception:  # a bug in one outcome's handling must not end the spawner for everyone
+                log.exception("handling a spawn's or an audit write's outcome failed")
         if self._hangup:
             self._hangup = False
             log.info("SIGHUP: reloading %s and reopening the audit log", self.mapping.path)
@@ -442,6 +447,9 @@ class Spawner:
         if pending.router_life != self.router_life:
             return
         assert pending.account is not None and pending.key is not None
+        if self.audit.failure:
+            self._refuse(pending, AuditUnavailableError())
+            return
         existing = self.running.get(pending.key)
         if existing is not None:
             self.audit.write([_decision_record(pending.request, pending.progress, "allowed",
