@@ -289,8 +289,11 @@ class Router:
                 self.functions[ref.fn_hash] = payloads[ref.fn_frame]
         for group in dispatch.groups:
             key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
+            # One sent to an endpoint already (the service sends it again after re-registering us) stays
+            # there: that endpoint answers it or is reported lost with it. Sent again, it could arrive after
+            # the endpoint had forgotten its acknowledged result, and run twice.
             tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime)
-                     for task_id in group.task_ids if task_id in refs]
+                     for task_id in group.task_ids if task_id in refs and task_id not in self.task_endpoint]
             self.audit.accepted(group, refs)
             endpoint_id = self.by_group.get(key)
             if endpoint_id is not None:
@@ -426,8 +429,18 @@ class Router:
         for public_key in [k for k, v in self.endpoint_keys.items() if v == link.endpoint_id]:
             del self.endpoint_keys[public_key]
         lost = list(link.in_flight) + [task.ref.task_id for task in link.queued]
+        # Results it sent that the service has not acknowledged: if the service never got them (it was
+        # unreachable), it must hear these tasks are lost, or they stay dispatched for good. It ignores the
+        # report for those it has. Not charged an attempt: they ran to the end.
+        unconfirmed = [task_id for task_id, endpoint_id in self.task_endpoint.items()
+                       if endpoint_id == link.endpoint_id and task_id not in link.in_flight]
+        for task_id in unconfirmed:
+            del self.task_endpoint[task_id]
+            self.lost_out.append(LostTask(task_id=task_id, attempted=False, reason=(
+                f"the user endpoint {link.stopped_because or message.how} before the service had this task's "
+                "result")))
         log.info("endpoint %s of %s %s; %d task(s) lost with it", link.endpoint_id, link.account, message.how,
-                 len(lost))
+                 len(lost) + len(unconfirmed))
         if not lost:
             return
         if link.routing_id is None and not message.signalled:  # it failed by itself: starting it again won't help
