@@ -158,8 +158,8 @@ def test_a_stalled_service_keeps_its_managers_leases(account_factory, deploy) ->
         time.sleep(5)
         os.kill(deploy.service.popen.pid, signal.SIGCONT)
         assert future.result(timeout=60) == (1, account.pw_uid)
-    assert "did not run for" in deploy.service.log()
     assert "went silent" not in deploy.service.log(), "the stall was the service's, not the manager's"
+    assert "did not run for" in deploy.service.log()
     assert runs_of(account) == [1]
 
 
@@ -233,11 +233,11 @@ def test_a_tasks_output_is_capped_in_the_endpoint_log(account_factory, deploy) -
         assert future.result(timeout=60) == "said a lot"
         assert executor.submit(chatty, 0).result(timeout=60) == "said a lot"
     log = endpoint_log(account)
+    assert len(log) < 256 * 1024, "4 MiB of output left at most 64 KiB per task in the log"
     total = 4 * 1024 * 1024 + len("from the child\n")
     assert (f"--- output of task {future.task_id}: {total} bytes; only the first 65536 are kept here, "
             f"{total - 65536} dropped") in log
     assert "from the child" in log, "a child process's output is captured too (the small task's)"
-    assert len(log) < 256 * 1024, "4 MiB of output left at most 64 KiB per task in the log"
 
 
 def test_a_tasks_setsid_grandchild_is_ended_with_the_task_and_with_its_cancellation(account_factory,

@@ -151,7 +151,10 @@ class UserEndpoint:
                 self.socket.send_multipart(encode(Heartbeat()))
                 self.socket.send_multipart(credit)  # again: a new router (after a restart) learns it here
                 last_heartbeat = now
-            if self._draining_since and (not self.active or now - self._draining_since > SHUTDOWN_GRACE):
+            # Draining ends once every task is done and its result acknowledged (a result not yet with the
+            # service would be lost with this process), or when the grace period is over.
+            finished = not self.active and not self.unacknowledged
+            if self._draining_since and (finished or now - self._draining_since > SHUTDOWN_GRACE):
                 break
             if now - last_heard > max(3 * self.heartbeat_interval, ORPHAN_AFTER):
                 # Orphaned (its manager died and did not come back to adopt it): finish what runs, then go.

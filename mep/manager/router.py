@@ -296,8 +296,12 @@ class Router:
         returned = [ref.task_id for ref in dispatch.tasks if ref.task_id not in refs]
         for group in dispatch.groups:
             key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
+            # One sent to an endpoint already (the service sends it again after re-registering us) stays
+            # there: that endpoint answers it or is reported lost with it. Sent again, it could arrive after
+            # the endpoint had forgotten its acknowledged result, and run twice.
             tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime, group.submitter_id,
-                                group.identity_assertion) for task_id in group.task_ids if task_id in refs]
+                                group.identity_assertion)
+                     for task_id in group.task_ids if task_id in refs and task_id not in self.task_endpoint]
             if not tasks:
                 continue
             self.held.hold(tasks)
@@ -463,8 +467,18 @@ class Router:
             del self.endpoint_keys[public_key]
         self.held.release(link.queued)
         lost = list(link.in_flight) + [task.ref.task_id for task in link.queued]
+        # Results it sent that the service has not acknowledged: if the service never got them (it was
+        # unreachable), it must hear these tasks are lost, or they stay dispatched for good. It ignores the
+        # report for those it has. Not charged an attempt: they ran to the end.
+        unconfirmed = [task_id for task_id, endpoint_id in self.task_endpoint.items()
+                       if endpoint_id == link.endpoint_id and task_id not in link.in_flight]
+        for task_id in unconfirmed:
+            del self.task_endpoint[task_id]
+            self.lost_out.append(LostTask(task_id=task_id, attempted=False, reason=(
+                f"the user endpoint {link.stopped_because or message.how} before the service had this task's "
+                "result")))
         log.info("endpoint %s of %s %s; %d task(s) lost with it", link.endpoint_id, link.account, message.how,
-                 len(lost))
+                 len(lost) + len(unconfirmed))
         if not lost:
             return
         if link.routing_id is None and not message.signalled:  # it failed by itself: starting it again won't help
