@@ -150,7 +150,6 @@ class SpawnerPeer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-@contextmanager
 def _router_is_the_test(channel: socket.socket) -> None:
     """The spawner's router is the test: its first (and only) router start hands over the test's channel.
 
@@ -173,6 +172,7 @@ def _router_is_the_test(channel: socket.socket) -> None:
     spawner_module.start_router = start_router
 
 
+@contextmanager
 def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router: bool = False,
                  settings: dict[str, Any] | None = None) -> Iterator[SpawnerPeer]:
     """A running spawner for ``mapping``; stopped (with its endpoints) and removed afterwards."""
