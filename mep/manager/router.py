@@ -560,10 +560,12 @@ class Router:
         An adopted endpoint resends the results it holds unacknowledged, which
         this new router never sent it: those still in flight at the service
         come back in its next dispatch (the endpoint then sends the result
-        again, and it is accepted), the others the service has already. Either
-        way nothing is to be done, so they are dropped quietly, with one line
-        per endpoint. From any other endpoint it is worth a warning: a result
-        is accepted only from the endpoint its task was sent to.
+        again, and it is accepted), the others the service has already. So
+        they are dropped quietly, with one line per endpoint; one still unsent
+        ``UNCLAIMED_GRACE`` intervals after registering is acknowledged to the
+        endpoint, so that it stops resending it. From any other endpoint it is
+        worth a warning: a result is accepted only from the endpoint its task
+        was sent to.
         """
         if not link.adopted:
             log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
