@@ -39,6 +39,7 @@ __all__ = [
     "ConfigInvalidError",
     "EndpointLostError",
     "Executor",
+    "ShellFunction",
     "MappingError",
     "MepError",
     "RemoteError",
@@ -48,12 +49,14 @@ __all__ = [
     "TaskCancelledError",
     "TaskExpiredError",
     "TaskPendingError",
+    "Tasks",
     "TaskRefusedError",
     "TemplateError",
     "UnknownEndpointError",
     "UnmappedIdentityError",
     "WalltimeExceededError",
     "WorkerLostError",
+    "progress",
 ]
 
 
@@ -62,8 +65,16 @@ def __getattr__(name: str):  # lazy: the service and manager import mep without 
         from mep.sdk.executor import Executor
 
         return Executor
-    if name in ("Client", "TaskPendingError"):
+    if name in ("Client", "TaskPendingError", "Tasks"):
         from mep.sdk import client
 
         return getattr(client, name)
+    if name == "ShellFunction":
+        from mep.sdk.shell import ShellFunction
+
+        return ShellFunction
+    if name == "progress":
+        from mep.sdk.progress import progress
+
+        return progress
     raise AttributeError(name)

@@ -126,8 +126,9 @@ def test_config_is_taken_at_submit_and_keep_retrying_waits_for_the_service(
     account = account_factory("mepconfig")
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
     identity = deploy.identity(f"{account.pw_name}@example.org")
-    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}, keep_retrying=True,
-                         answer_timeout=4) as executor:
+    executor = deploy.executor(identity, manager, user_endpoint_config={"workers": 1}, keep_retrying=True,
+                               answer_timeout=4)
+    try:  # not `with`: if an assertion fails, leaving must not wait for a service that keep_retrying awaits
         assert executor.submit(worker_count).result(timeout=60) == 1
         stop_service(deploy)
         first = executor.submit(worker_count)
@@ -140,6 +141,8 @@ def test_config_is_taken_at_submit_and_keep_retrying_waits_for_the_service(
         assert not any(future.done() for future in (first, second, third))
         deploy.start_service(deploy.address)
         assert [future.result(timeout=120) for future in (first, second, third)] == [1, 3, 2]
+    finally:
+        executor.shutdown(wait=False)
 
 
 # --- Ctrl-C -------------------------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ def die_mid_handshake(address: str, when: str) -> None:
     """One life of a service that dies mid-handshake: returns once the SDK has connected and it has died."""
     host, port = host_port(address)
     peer = subprocess.Popen([PYTHON, "-c", DYING_PEER, host, str(port), when], stdout=subprocess.PIPE,
-                            text=True, cwd="/")
-    assert peer.stdout.readline().strip() == "listening"
+                            stderr=subprocess.PIPE, text=True, cwd="/")
+    assert peer.stdout.readline().strip() == "listening", peer.communicate()[1]
     assert peer.wait(timeout=60) == -signal.SIGKILL, "the SDK never connected to the dying service"
 
 
@@ -76,8 +76,10 @@ def test_crash_looping_service_is_retried_and_tasks_complete_once_it_stays_up(
     account = account_factory("mepcrash")
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
     identity = deploy.identity(f"{account.pw_name}@example.org")
-    with deploy.executor(identity, manager, keep_retrying=True) as executor:
+    executor = deploy.executor(identity, manager, keep_retrying=True)
+    try:  # not `with`: if an assertion fails, leaving must not wait for a service that keep_retrying awaits
         assert executor.submit(add, 0, 0).result(timeout=60) == 0
+        manager.process.stop()  # the manager connects to the service too: each dying life is the SDK's alone
         deploy.service.popen.kill()
         deploy.service.popen.wait(timeout=30)
         futures = []
@@ -88,7 +90,10 @@ def test_crash_looping_service_is_retried_and_tasks_complete_once_it_stays_up(
         assert not any(future.done() for future in futures), [f for f in futures if f.done()]
         assert handshake_failures(caplog) >= 6, "the dying service never failed a handshake"
         deploy.start_service(deploy.address)
+        manager.start()
         assert [future.result(timeout=120) for future in futures] == [life + 1 for life in range(6)]
+    finally:
+        executor.shutdown(wait=False)
 
 
 def test_executor_with_a_wrong_key_fails_fast_with_the_key_message(deploy) -> None:

@@ -60,6 +60,7 @@ from mep.protocol.messages import (
     TaskRef,
 )
 from mep.sdk.connection import ServiceSettings
+from mep.sdk.display import html_table
 from mep.sdk.results import outcome
 from mep.sdk.serialize import FunctionCache, client_runtime, serialize_args
 
@@ -130,6 +131,9 @@ class TaskFuture(concurrent.futures.Future):
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} {self._state_text()}>"
+
+    def _repr_html_(self) -> str:
+        return html_table("mep task", ("task id", "state"), [(self.task_id, self._state_text())])
 
     def _state_text(self) -> str:
         if self.cancelled():
@@ -226,7 +230,9 @@ class Executor(concurrent.futures.Executor):
         self._link = _Link(self._settings.address)
         self._runtime = client_runtime()
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake_pending = False  # a wake byte is in the pipe and the I/O thread has not yet taken commands
+        # True while the I/O thread sleeps with no submission in flight: only then must a submit wake it (an
+        # acknowledgement wakes it otherwise); one pipe write per batch, not one GIL hand-off per submit
+        self._wake_for_submit = False
         self._wake_read, self._wake_write = os.pipe()
         # not at interpreter exit: the (daemon) thread may still be polling these
         weakref.finalize(self, _close_all, self._wake_read, self._wake_write).atexit = False
@@ -234,12 +240,37 @@ class Executor(concurrent.futures.Executor):
         self._all_acknowledged = threading.Condition()
         self._unacknowledged = 0
         self._failure: MepError | None = None
+        self._state = _State()  # the I/O thread's; other threads only read its sizes (for repr)
         self._thread = threading.Thread(target=self._run, name=f"mep-executor-{endpoint_id[:8]}", daemon=True)
         self._thread.start()
 
     @property
     def service(self) -> str:
         return self._settings.address
+
+    def _counts(self) -> list[tuple[str, int]]:
+        state = self._state
+        return [("queued here", len(state.queued) + self._commands.qsize()),
+                ("sent, not yet acknowledged", sum(len(flight.tasks) for flight in list(state.in_flight.values()))),
+                ("accepted, waiting for results", len(state.awaiting_result))]
+
+    def _status(self) -> str:
+        if self._failure is not None:
+            return f"failed: {self._failure}"
+        if self._closing.is_set():
+            return "shut down"
+        return "open"
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{count} {what}" for what, count in self._counts())
+        return (f"<mep.Executor endpoint {self.endpoint_id} via {self.service}, {self._status()}: {counts}; "
+                f"config {self.user_endpoint_config}>")
+
+    def _repr_html_(self) -> str:
+        rows = [("endpoint", self.endpoint_id), ("service", self.service), ("status", self._status()),
+                ("user_endpoint_config", self.user_endpoint_config), ("walltime", self.walltime),
+                *self._counts()]
+        return html_table("mep.Executor", ("", ""), rows)
 
     # --- public API ---------------------------------------------------------------
 
@@ -313,8 +344,8 @@ class Executor(concurrent.futures.Executor):
 
     def _command(self, kind: str, value: Any) -> None:
         self._commands.put((kind, value))
-        if not self._wake_pending:  # one wake byte per batch of commands, not one per command
-            self._wake_pending = True
+        if kind != "submit" or self._wake_for_submit:
+            self._wake_for_submit = False
             os.write(self._wake_write, b"w")
 
     # --- background thread ------------------------------------------------------------
@@ -326,16 +357,17 @@ class Executor(concurrent.futures.Executor):
         poller.register(socket, zmq.POLLIN)
         poller.register(watch.monitor, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
-        state = _State()
+        state = self._state
         request_ids = itertools.count(1)
         last_heard = last_polled = time.monotonic()
         try:
             while not (self._closing.is_set() and self._commands.empty() and not state.queued
                        and not state.in_flight and not state.awaiting_result):
-                ready = dict(poller.poll(200))
+                self._wake_for_submit = not state.in_flight
+                # set before this check: a submit queued after it sees the flag and wakes us
+                ready = dict(poller.poll(200 if self._commands.empty() else 0))
                 if self._wake_read in ready:
                     os.read(self._wake_read, 65536)
-                    self._wake_pending = False  # before taking commands: a later one writes a new wake byte
                 if watch.monitor in ready:
                     watch.check()
                 self._take_commands(state)

@@ -19,6 +19,7 @@ when it pickles again).
 from __future__ import annotations
 
 import hashlib
+import pickle
 import platform
 import sys
 import sysconfig
@@ -101,6 +102,11 @@ def _rebind_by_value(fn: types.FunctionType, clones: dict[int, types.FunctionTyp
     return clone
 
 
+def by_value(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of ``fn`` that dill sends by value: a worker needs neither mep nor ``fn``'s module to run it."""
+    return _rebind_by_value(fn, {})
+
+
 def serialize_function(fn: Any) -> bytes:
     if isinstance(fn, types.FunctionType) and not _is_installed_module(fn.__module__):
         if fn.__module__ != "__main__":
@@ -174,10 +180,30 @@ def _serialized(fn: Any) -> tuple[bytes, str]:
 
 def serialize_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     try:
-        return dill.dumps((args, kwargs))
+        return _dumps_data((args, kwargs))
     except Exception as exc:
         raise SerializationError(f"the arguments could not be serialised on your side: {type(exc).__name__}: "
                                  f"{exc}") from exc
+
+
+_MAIN_MODULES = (b"__main__", b"__mp_main__")
+
+
+def _dumps_data(value: Any) -> bytes:
+    """dill's bytes for ``value``, by the standard pickler when that gives the same: ~20x faster for plain data.
+
+    The two differ only where dill does more: objects pickle can't handle (lambdas, closures, ...: pickle
+    raises) and things defined in ``__main__``, which dill sends by value and pickle by a reference the
+    endpoint can't resolve (their module name is in the bytes). Either way dill does it; ``dill.loads``
+    reads both.
+    """
+    try:
+        body = pickle.dumps(value, protocol=dill.settings["protocol"])
+    except Exception:
+        return dill.dumps(value)
+    if any(name in body for name in _MAIN_MODULES):
+        return dill.dumps(value)
+    return body
 
 
 def deserialize(payload: bytes | memoryview) -> Any:
