@@ -381,7 +381,7 @@ class Executor(concurrent.futures.Executor):
                 overdue = now - last_heard > self._poll_interval + SILENCE_GRACE
                 self._link.silent_since = last_heard if overdue else None
                 if now - last_heard > self._answer_timeout:
-                    self._no_answer(state, now - last_heard)
+                    self._no_answer(state)
                     last_heard = now
                 if state.to_cancel:
                     socket.send_multipart(encode(Cancel(token=self._settings.token, request_id=next(request_ids),
@@ -416,22 +416,28 @@ class Executor(concurrent.futures.Executor):
         config = state.queued[0].config
         batch: list[_Pending] = []
         rest: list[_Pending] = []
-        for pending in state.queued:
-            (batch if pending.config == config and len(batch) < self._batch_size else rest).append(pending)
+        for index, pending in enumerate(state.queued):
+            if len(batch) == self._batch_size:
+                rest.extend(state.queued[index:])
+                break
+            (batch if pending.config == config else rest).append(pending)
         state.queued = rest
         for pending in batch:
             pending.future._waiting_for = SENT
         return batch
 
-    def _no_answer(self, state: _State, silence: float) -> None:
+    def _no_answer(self, state: _State) -> None:
         """The service has been silent for ``answer_timeout``: say so, and fail the futures unless asked not to."""
-        summary = self._settings.no_answer_message(silence)
+        summary = self._settings.no_answer_message(self._answer_timeout)
         if self._keep_retrying:
             log.warning("%s; still retrying", summary)
             return
         log.warning("%s; failing the futures waiting for it", summary)
-        unacknowledged = [*state.queued, *(p for flight in state.in_flight.values() for p in flight.tasks)]
-        for pending in unacknowledged:
+        for pending in state.queued:
+            _set_exception(pending.future, ServiceUnreachableError(
+                f"{summary}. Task {pending.task_id} was never sent: nothing runs; submit it again"))
+        sent = [pending for flight in state.in_flight.values() for pending in flight.tasks]
+        for pending in sent:
             _set_exception(pending.future, ServiceUnreachableError(
                 f"{summary}. Task {pending.task_id} was not acknowledged: the service may not have received it "
                 f"(if it did, it runs, and mep.Client().get_task({pending.task_id!r}) shows it)"))
@@ -439,10 +445,10 @@ class Executor(concurrent.futures.Executor):
             _set_exception(pending.future, ServiceUnreachableError(
                 f"{summary}. Task {pending.task_id} had been accepted by the service: it still runs, and "
                 f"mep.Client().get_result({pending.task_id!r}) fetches its result once the service answers"))
+        self._count_acknowledged(len(state.queued) + len(sent))
         state.queued.clear()
         state.in_flight.clear()
         state.awaiting_result.clear()
-        self._count_acknowledged(len(unacknowledged))
 
     def _take_commands(self, state: _State) -> None:
         while True:

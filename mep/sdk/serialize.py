@@ -149,6 +149,7 @@ class FunctionCache:
 
 
 _ITSELF = object()  # stands for the function in what it captured, so the cache never keeps it alive
+_UNBOUND = object()  # a global name the code uses but the module does not bind (a builtin, or not yet defined)
 
 
 def _captured(fn: types.FunctionType) -> tuple[Any, ...]:
@@ -160,7 +161,7 @@ def _captured(fn: types.FunctionType) -> tuple[Any, ...]:
             cells.append(None)
     globals_ = fn.__globals__
     objects = (fn.__code__, fn.__defaults__, fn.__kwdefaults__, *cells,
-               *(globals_.get(name, _ITSELF) for name in _global_names(fn.__code__)))
+               *(globals_.get(name, _UNBOUND) for name in _global_names(fn.__code__)))
     return tuple(_ITSELF if value is fn else value for value in objects)
 
 
