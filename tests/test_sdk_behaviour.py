@@ -230,3 +230,10 @@ def test_failures_name_their_stage(deploy, account_factory, tmp_path_factory: py
     stored = client.get_task(memory.task_id)
     assert (stored.state, stored.message) == ("failed", "MemoryError (no message)")
     assert "dill" not in client.get_task(generator.task_id).message
+
+
+def test_a_config_the_wire_cannot_carry_is_refused_at_submit() -> None:
+    with mep.Executor(NOWHERE_ENDPOINT, service=free_address(), token="t", service_key=zmq.curve_keypair()[0].decode(),
+                      user_endpoint_config={"workers": 2**70}) as executor:
+        with pytest.raises(TypeError, match="user_endpoint_config must hold JSON values"):
+            executor.submit(add, 1, 2)

@@ -154,7 +154,7 @@ class _Pending:
     fn_body: bytes = b""
     args: bytes = b""
     walltime: float = 0.0
-    config: bytes = b"{}"  # user_endpoint_config as JSON, taken at submit()
+    config: bytes = b"\x80"  # user_endpoint_config as taken at submit(), in the wire's msgpack (b"\x80": {})
 
 
 @dataclass
@@ -329,11 +329,14 @@ class Executor(concurrent.futures.Executor):
         return TaskFuture(task_id, lambda task_id: self._command("cancel", task_id), self._link)
 
     def _config_now(self) -> bytes:
-        """The config as it is now, frozen: changing the dict later must not change a task already submitted."""
+        """The config as it is now, frozen: changing the dict later must not change a task already submitted.
+
+        Frozen in the wire's own encoding, so a config the wire can't carry is refused here, not when sent.
+        """
         try:
-            return msgspec.json.encode(self.user_endpoint_config, order="sorted")
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise TypeError(f"user_endpoint_config must hold JSON values only: {exc}") from None
+            return msgspec.msgpack.encode(self.user_endpoint_config, order="sorted")
+        except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+            raise TypeError(f"user_endpoint_config must hold JSON values (integers within 64 bits): {exc}") from None
 
     def _checked_walltime(self) -> float:
         if self.walltime is None:
@@ -483,7 +486,7 @@ class Executor(concurrent.futures.Executor):
                 included.add(pending.fn_hash)
             tasks.append(ref)
         header = Submit(token=self._settings.token, request_id=request_id, endpoint_id=self.endpoint_id,
-                        user_endpoint_config=msgspec.json.decode(batch[0].config), runtime=self._runtime,
+                        user_endpoint_config=msgspec.msgpack.decode(batch[0].config), runtime=self._runtime,
                         tasks=tasks)
         socket.send_multipart(encode(header, payloads), copy=False)
 
