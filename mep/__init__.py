@@ -21,6 +21,8 @@ from mep.errors import (  # noqa: E402
     MepError,
     QuotaExceededError,
     RemoteError,
+    SerializationError,
+    ServiceUnreachableError,
     SpawnError,
     TaskCancelledError,
     TaskExpiredError,
@@ -40,20 +42,25 @@ __all__ = [
     "ConfigInvalidError",
     "EndpointLostError",
     "Executor",
+    "ShellFunction",
     "MappingError",
     "MepError",
     "QuotaExceededError",
     "RemoteError",
+    "SerializationError",
+    "ServiceUnreachableError",
     "SpawnError",
     "TaskCancelledError",
     "TaskExpiredError",
     "TaskPendingError",
+    "Tasks",
     "TaskRefusedError",
     "TemplateError",
     "UnknownEndpointError",
     "UnmappedIdentityError",
     "WalltimeExceededError",
     "WorkerLostError",
+    "progress",
 ]
 
 
@@ -62,8 +69,16 @@ def __getattr__(name: str):  # lazy: the service and manager import mep without 
         from mep.sdk.executor import Executor
 
         return Executor
-    if name in ("Client", "TaskPendingError"):
+    if name in ("Client", "TaskPendingError", "Tasks"):
         from mep.sdk import client
 
         return getattr(client, name)
+    if name == "ShellFunction":
+        from mep.sdk.shell import ShellFunction
+
+        return ShellFunction
+    if name == "progress":
+        from mep.sdk.progress import progress
+
+        return progress
     raise AttributeError(name)

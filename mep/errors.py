@@ -219,6 +219,18 @@ class TaskCancelledError(MepError):
     code = ErrorCode.CANCELLED
 
 
+class SerializationError(MepError):
+    """A function or its arguments could not be turned into bytes on the submitting side (raised by submit)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class ServiceUnreachableError(MepError):
+    """The service did not answer in time; what became of the tasks concerned is in the message."""
+
+    code = ErrorCode.INTERNAL
+
+
 class RemoteError(MepError):
     """The function raised an exception whose class could not be rebuilt locally.
 

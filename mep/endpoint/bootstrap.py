@@ -64,22 +64,42 @@ def run_task(fn_hash: str, fn_body: bytes | None, args: bytes) -> tuple:
     try:
         fn = _functions.get(fn_hash)
         if fn is None:
-            fn = _functions[fn_hash] = dill.loads(fn_body)
-        call_args, call_kwargs = dill.loads(args)
-        return (SUCCESS, dill.dumps(fn(*call_args, **call_kwargs)), "", "", "", "")
+            fn = _functions[fn_hash] = _load("the function", fn_body, dill)
+        call_args, call_kwargs = _load("the arguments", args, dill)
+        value = fn(*call_args, **call_kwargs)
     except BaseException as exc:  # the task's failure is data to send back, whatever it is
         return _failure(exc, dill)
+    try:
+        return (SUCCESS, dill.dumps(value), "", "", "", "")
+    except Exception as exc:  # dill's frames say nothing to the researcher: name the stage instead
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        stage = TypeError(f"the return value of {name} could not be serialised: {type(exc).__name__}: {exc} "
+                          "(return plain data, or save the object to a file and return its path)")
+        return _failure(stage, dill, "".join(traceback.format_exception_only(type(stage), stage)))
 
 
-def _failure(exc: BaseException, dill: types.ModuleType) -> tuple:
+def _load(what: str, payload: bytes, dill: types.ModuleType) -> object:
+    """``dill.loads``, with a missing module explained: the usual reason a task can't even start."""
+    try:
+        return dill.loads(payload)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"{what} could not be loaded on the endpoint: {exc}, in the workers' Python ({sys.executable}). Install "
+            "the module there or pick an environment that has it (python_env in user_endpoint_config, where the "
+            "admin's template offers it); or, if it is your own code, define the function in your script or "
+            "notebook so that it travels by value", name=exc.name) from None
+
+
+def _failure(exc: BaseException, dill: types.ModuleType, text: str = "") -> tuple:
     kind = type(exc)
     type_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = text or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         payload = dill.dumps(exc)
     except Exception:  # unpicklable exception: the SDK raises RemoteError from the text
         payload = b""
-    return (TASK_ERROR, payload, type_name, str(exc), text, TASK_ERROR_CODE)
+    # MemoryError() and friends have no message; a stored failure must still state a reason
+    return (TASK_ERROR, payload, type_name, str(exc) or f"{type_name} (no message)", text, TASK_ERROR_CODE)
 
 
 class _CapturedOutput:

@@ -28,7 +28,10 @@ from mep.protocol.messages import (
     TaskQuery,
 )
 from mep.sdk.connection import ServiceSettings, request
+from mep.sdk.display import html_table, text_table, when
 from mep.sdk.results import outcome
+
+TASK_COLUMNS = ("task id", "state", "attempts", "submitted", "completed", "message")
 
 
 class TaskPendingError(MepError):
@@ -53,6 +56,20 @@ class TaskOutcome:
         return self.value
 
 
+class Tasks(list[TaskInfo]):
+    """``Client.list_tasks``'s answer: a list of ``TaskInfo`` that prints as a table (HTML in Jupyter)."""
+
+    def _rows(self) -> list[tuple[object, ...]]:
+        return [(task.task_id, task.state, task.attempts, when(task.received_at), when(task.completed_at),
+                 task.message.splitlines()[0] if task.message else "") for task in self]
+
+    def __repr__(self) -> str:
+        return text_table(TASK_COLUMNS, self._rows()) if self else "Tasks([])"
+
+    def _repr_html_(self) -> str:
+        return html_table(f"{len(self)} mep task(s)", TASK_COLUMNS, self._rows())
+
+
 class Client:
     def __init__(self, *, service: str | None = None, service_key: str | None = None, token: str | None = None,
                  timeout: float = 30.0) -> None:
@@ -74,13 +91,13 @@ class Client:
         return tasks[0]
 
     def list_tasks(self, *, task_ids: Sequence[str] = (), endpoint_id: str = "", states: Iterable[str] = (),
-                   since: float = 0.0, limit: int = 1000) -> list[TaskInfo]:
+                   since: float = 0.0, limit: int = 1000) -> Tasks:
         """Your tasks, newest first; ``states`` among waiting, dispatched, running, succeeded, failed,
         cancelled, expired; ``since`` a Unix time of submission."""
         reply, _ = self._ask(TaskQuery(task_ids=list(task_ids), endpoint_id=endpoint_id, states=list(states),
                                        since=since, limit=limit))
         assert isinstance(reply, TaskList)
-        return reply.tasks
+        return Tasks(reply.tasks)
 
     def get_batch_results(self, task_ids: Sequence[str]) -> dict[str, TaskOutcome]:
         """Outcomes of the finished tasks among ``task_ids`` (unfinished ones are left out)."""

@@ -9,6 +9,13 @@ time (task ids make that idempotent), polls for results when the service has
 been quiet (a restarted service no longer knows where to push them), and
 turns results into future outcomes. ``Future.cancel()`` reaches the service,
 the manager and the endpoint.
+
+Nothing leaves a researcher guessing: a future's repr says what it waits for;
+a service that has not answered for ``answer_timeout`` seconds fails the
+futures concerned with ``ServiceUnreachableError`` saying what became of each
+task (or, with ``keep_retrying``, is logged and retried without end); every
+wait (``result()``, ``map``, leaving a ``with`` block) is made of short slices,
+so Ctrl-C interrupts it at once. docs/sdk-behaviour.md has the details.
 """
 
 from __future__ import annotations
@@ -26,9 +33,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 
-from mep.errors import MepError, PayloadTooLargeError, TaskCancelledError, error_for_code
+from mep.errors import (
+    AuthenticationError,
+    MepError,
+    PayloadTooLargeError,
+    ServiceUnreachableError,
+    TaskCancelledError,
+    error_for_code,
+)
 from mep.protocol import decode, encode
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 from mep.protocol.messages import (
@@ -45,25 +60,90 @@ from mep.protocol.messages import (
     TaskRef,
 )
 from mep.sdk.connection import ServiceSettings
+from mep.sdk.display import html_table
 from mep.sdk.results import outcome
-from mep.sdk.serialize import client_runtime, function_hash, serialize_args, serialize_function
+from mep.sdk.serialize import FunctionCache, client_runtime, serialize_args
 
 log = logging.getLogger(__name__)
 
+WAIT_SLICE = 0.1  # seconds: every wait is cut into these, so a signal's handler (Ctrl-C) runs between them
+
+# what a task is waiting for, as its future's repr says
+QUEUED_HERE = "queued in this process, not yet sent to the service"
+SENT = "sent, waiting for the service to acknowledge it"
+ACCEPTED = "accepted by the service, waiting for its result"
+SILENCE_GRACE = 2.0  # seconds of silence beyond a poll interval before a future's repr mentions it
+
+_functions = FunctionCache()  # shared by every Executor of the process: a function is pickled once
+
+
+@dataclass
+class _Link:
+    """What the futures of one Executor may know about its connection (written by its I/O thread)."""
+
+    address: str
+    silent_since: float | None = None  # set when the service is overdue with an answer: since when it is silent
+
 
 class TaskFuture(concurrent.futures.Future):
-    """A ``Future`` that knows its task id and tells mep when it is cancelled."""
+    """A ``Future`` that knows its task id, says what it waits for, and tells mep when it is cancelled."""
 
-    def __init__(self, task_id: str, on_cancel: Callable[[str], None]) -> None:
+    def __init__(self, task_id: str, on_cancel: Callable[[str], None], link: _Link) -> None:
         super().__init__()
         self.task_id = task_id
         self._on_cancel = on_cancel
+        self._link = link
+        self._waiting_for = QUEUED_HERE
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
         if cancelled:
             self._on_cancel(self.task_id)
         return cancelled
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        return super().result(timeout=0)  # raises TimeoutError if still not done
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return super().exception(timeout=0)
+
+    def _wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while not self.done():
+                remaining = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+                if remaining <= 0:
+                    return
+                self._condition.wait(remaining)
+
+    @property
+    def waiting_for(self) -> str:
+        """Why the task is not done yet, as far as this process knows ("" once it is done)."""
+        if self.done():
+            return ""
+        silent_since = self._link.silent_since
+        if silent_since is not None:
+            return (f"{self._waiting_for}; no answer from the service at {self._link.address} for "
+                    f"{time.monotonic() - silent_since:.0f} s, retrying")
+        return self._waiting_for
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.task_id} {self._state_text()}>"
+
+    def _repr_html_(self) -> str:
+        return html_table("mep task", ("task id", "state"), [(self.task_id, self._state_text())])
+
+    def _state_text(self) -> str:
+        if self.cancelled():
+            return "cancelled"
+        if not self.done():
+            return f"pending: {self.waiting_for}"
+        error = super().exception(timeout=0)
+        if error is None:
+            return f"succeeded, returned {type(super().result(timeout=0)).__name__}"
+        return f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 @dataclass
@@ -74,6 +154,7 @@ class _Pending:
     fn_body: bytes = b""
     args: bytes = b""
     walltime: float = 0.0
+    config: bytes = b"\x80"  # user_endpoint_config as taken at submit(), in the wire's msgpack (b"\x80": {})
 
 
 @dataclass
@@ -100,11 +181,21 @@ class Executor(concurrent.futures.Executor):
     its pinned CURVE public key and ``token`` your mep token; each falls back to
     ``MEP_SERVICE``, ``MEP_SERVICE_KEY`` and ``MEP_TOKEN``.
     ``user_endpoint_config`` is checked against the admin's schema on the
-    endpoint. ``walltime`` (seconds, ``None`` for no limit) applies to tasks
-    submitted while it is set; change the attribute between submissions to
-    give tasks different limits. Leaving a ``with`` block waits until the
-    service has durably accepted every submission; futures still resolve
-    afterwards.
+    endpoint. It and ``walltime`` (seconds, ``None`` for no limit) are read
+    when a task is submitted: change the attributes between submissions to
+    give tasks different configs or limits; a task keeps the ones it was
+    submitted with, however long it waits to be sent. Leaving a ``with``
+    block waits until the service has durably accepted every submission;
+    futures still resolve afterwards. Leaving it by Ctrl-C does not wait:
+    tasks not yet acknowledged are still sent while this process lives.
+
+    ``answer_timeout``: when the service has not answered for that many
+    seconds while tasks are outstanding, their futures fail with
+    ``ServiceUnreachableError`` (whose message says whether the service had
+    accepted the task: an accepted task still runs, and ``Client`` fetches
+    its result later). With ``keep_retrying`` they don't fail: the silence is
+    logged and shown in each future's repr, and the Executor retries until
+    the service answers.
     """
 
     def __init__(
@@ -120,6 +211,8 @@ class Executor(concurrent.futures.Executor):
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         resend_after: float = 10.0,
         poll_interval: float = 5.0,
+        answer_timeout: float = 60.0,
+        keep_retrying: bool = False,
     ) -> None:
         self.endpoint_id = endpoint_id
         self._settings = ServiceSettings.resolve(service, service_key, token)
@@ -129,8 +222,17 @@ class Executor(concurrent.futures.Executor):
         self._max_payload_bytes = max_payload_bytes
         self._resend_after = resend_after
         self._poll_interval = poll_interval
+        if not answer_timeout > poll_interval + SILENCE_GRACE:
+            raise ValueError(f"answer_timeout ({answer_timeout} s) must exceed poll_interval ({poll_interval} s) "
+                             f"by more than {SILENCE_GRACE} s: the service answers a poll, not silence")
+        self._answer_timeout = answer_timeout
+        self._keep_retrying = keep_retrying
+        self._link = _Link(self._settings.address)
         self._runtime = client_runtime()
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        # True while the I/O thread sleeps with no submission in flight: only then must a submit wake it (an
+        # acknowledgement wakes it otherwise); one pipe write per batch, not one GIL hand-off per submit
+        self._wake_for_submit = False
         self._wake_read, self._wake_write = os.pipe()
         # not at interpreter exit: the (daemon) thread may still be polling these
         weakref.finalize(self, _close_all, self._wake_read, self._wake_write).atexit = False
@@ -138,6 +240,7 @@ class Executor(concurrent.futures.Executor):
         self._all_acknowledged = threading.Condition()
         self._unacknowledged = 0
         self._failure: MepError | None = None
+        self._state = _State()  # the I/O thread's; other threads only read its sizes (for repr)
         self._thread = threading.Thread(target=self._run, name=f"mep-executor-{endpoint_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -145,15 +248,41 @@ class Executor(concurrent.futures.Executor):
     def service(self) -> str:
         return self._settings.address
 
+    def _counts(self) -> list[tuple[str, int]]:
+        state = self._state
+        return [("queued here", len(state.queued) + self._commands.qsize()),
+                ("sent, not yet acknowledged", sum(len(flight.tasks) for flight in list(state.in_flight.values()))),
+                ("accepted, waiting for results", len(state.awaiting_result))]
+
+    def _status(self) -> str:
+        if self._failure is not None:
+            return f"failed: {self._failure}"
+        if self._closing.is_set():
+            return "shut down"
+        return "open"
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{count} {what}" for what, count in self._counts())
+        return (f"<mep.Executor endpoint {self.endpoint_id} via {self.service}, {self._status()}: {counts}; "
+                f"config {self.user_endpoint_config}>")
+
+    def _repr_html_(self) -> str:
+        rows = [("endpoint", self.endpoint_id), ("service", self.service), ("status", self._status()),
+                ("user_endpoint_config", self.user_endpoint_config), ("walltime", self.walltime),
+                *self._counts()]
+        return html_table("mep.Executor", ("", ""), rows)
+
     # --- public API ---------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Queue ``fn(*args, **kwargs)``; raises ``SerializationError`` at once if either can't be pickled."""
         if self._closing.is_set():
             raise RuntimeError("cannot submit to an Executor that has been shut down")
-        body = serialize_function(fn)
-        pending = _Pending(task_id=str(uuid.uuid4()), future=self._future(), fn_hash=function_hash(body),
-                           fn_body=body, args=serialize_args(args, kwargs), walltime=self._checked_walltime())
-        pending.future.task_id = pending.task_id
+        body, fn_hash = _functions.serialized(fn)
+        task_id = str(uuid.uuid4())
+        pending = _Pending(task_id=task_id, future=self._future(task_id), fn_hash=fn_hash, fn_body=body,
+                           args=serialize_args(args, kwargs), walltime=self._checked_walltime(),
+                           config=self._config_now())
         for what, size in (("function", len(body)), ("arguments", len(pending.args))):
             if size > self._max_payload_bytes:
                 pending.future.set_exception(PayloadTooLargeError(
@@ -172,22 +301,42 @@ class Executor(concurrent.futures.Executor):
         """Futures for tasks submitted earlier, perhaps by another process: they resolve as results arrive."""
         futures = []
         for task_id in task_ids:
-            pending = _Pending(task_id=task_id, future=self._future())
-            pending.future.task_id = task_id
+            pending = _Pending(task_id=task_id, future=self._future(task_id))
+            pending.future._waiting_for = ACCEPTED
             futures.append(pending.future)
             self._command("attach", pending)
         return futures
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; with ``wait``, return once the service has acknowledged everything."""
+        """Stop accepting work; with ``wait``, return once the service has acknowledged everything.
+
+        The wait ends at the latest ``answer_timeout`` after the service last answered (unless
+        ``keep_retrying``), and Ctrl-C ends it at once.
+        """
         self._closing.set()
         os.write(self._wake_write, b"c")
         if wait:
             with self._all_acknowledged:
-                self._all_acknowledged.wait_for(lambda: self._unacknowledged == 0 or self._failure is not None)
+                while not (self._unacknowledged == 0 or self._failure is not None):
+                    self._all_acknowledged.wait(WAIT_SLICE)
 
-    def _future(self) -> TaskFuture:
-        return TaskFuture("", lambda task_id: self._command("cancel", task_id))
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        # Ctrl-C means "stop now": don't hold the researcher until the service has acknowledged everything
+        self.shutdown(wait=exc_type is not KeyboardInterrupt)
+        return False
+
+    def _future(self, task_id: str) -> TaskFuture:
+        return TaskFuture(task_id, lambda task_id: self._command("cancel", task_id), self._link)
+
+    def _config_now(self) -> bytes:
+        """The config as it is now, frozen: changing the dict later must not change a task already submitted.
+
+        Frozen in the wire's own encoding, so a config the wire can't carry is refused here, not when sent.
+        """
+        try:
+            return msgspec.msgpack.encode(self.user_endpoint_config, order="sorted")
+        except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+            raise TypeError(f"user_endpoint_config must hold JSON values (integers within 64 bits): {exc}") from None
 
     def _checked_walltime(self) -> float:
         if self.walltime is None:
@@ -198,41 +347,51 @@ class Executor(concurrent.futures.Executor):
 
     def _command(self, kind: str, value: Any) -> None:
         self._commands.put((kind, value))
-        os.write(self._wake_write, b"w")
+        if kind != "submit" or self._wake_for_submit:
+            self._wake_for_submit = False
+            os.write(self._wake_write, b"w")
 
     # --- background thread ------------------------------------------------------------
 
     def _run(self) -> None:
         context = zmq.Context()
-        socket, monitor = self._settings.connect(context)
+        socket, watch = self._settings.connect(context)
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        poller.register(watch.monitor, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
-        state = _State()
+        state = self._state
         request_ids = itertools.count(1)
-        last_heard = time.monotonic()
+        last_heard = last_polled = time.monotonic()
         try:
             while not (self._closing.is_set() and self._commands.empty() and not state.queued
                        and not state.in_flight and not state.awaiting_result):
-                ready = dict(poller.poll(200))
+                self._wake_for_submit = not state.in_flight
+                # set before this check: a submit queued after it sees the flag and wakes us
+                ready = dict(poller.poll(200 if self._commands.empty() else 0))
                 if self._wake_read in ready:
                     os.read(self._wake_read, 65536)
-                if monitor in ready:
-                    self._fail_everything(state, self._settings.handshake_error())
-                    return
+                if watch.monitor in ready:
+                    watch.check()
                 self._take_commands(state)
                 while socket in ready or socket.poll(0):
                     ready.pop(socket, None)
                     self._receive(socket, socket.recv_multipart(), state)
                     last_heard = time.monotonic()
                 now = time.monotonic()
+                if not (state.in_flight or state.awaiting_result):
+                    last_heard = now  # silence counts only while we wait for the service
+                overdue = now - last_heard > self._poll_interval + SILENCE_GRACE
+                self._link.silent_since = last_heard if overdue else None
+                if now - last_heard > self._answer_timeout:
+                    self._no_answer(state)
+                    last_heard = now
                 if state.to_cancel:
                     socket.send_multipart(encode(Cancel(token=self._settings.token, request_id=next(request_ids),
                                                         task_ids=state.to_cancel)))
                     state.to_cancel = []
                 if not state.in_flight and state.queued:
-                    batch, state.queued = state.queued[:self._batch_size], state.queued[self._batch_size:]
+                    batch = self._next_batch(state)
                     request_id = next(request_ids)
                     state.in_flight[request_id] = _InFlightSubmit(tasks=batch, sent_at=now)
                     self._send_submit(socket, request_id, batch, state)
@@ -241,18 +400,58 @@ class Executor(concurrent.futures.Executor):
                         log.info("service has not acknowledged submission %d; sending it again", request_id)
                         flight.sent_at = now
                         self._send_submit(socket, request_id, flight.tasks, state, include_all_functions=True)
-                if state.awaiting_result and now - last_heard > self._poll_interval:
+                if state.awaiting_result and now - max(last_heard, last_polled) > self._poll_interval:
                     socket.send_multipart(encode(Fetch(token=self._settings.token, request_id=next(request_ids),
                                                        task_ids=list(state.awaiting_result))))
-                    last_heard = now
+                    last_polled = now
+        except AuthenticationError as exc:  # a wrong pinned key: nothing we send can succeed
+            self._fail_everything(state, exc)
         except Exception as exc:  # the thread must never die silently: fail every future with the reason
             log.exception("mep executor thread failed")
             self._fail_everything(state, MepError(f"the mep client stopped: {exc}"))
         finally:
-            socket.disable_monitor()
-            monitor.close(linger=0)
+            watch.close(socket)
             socket.close(linger=0)
             context.term()
+
+    def _next_batch(self, state: _State) -> list[_Pending]:
+        """The oldest queued task and those queued after it under the same config, up to a batch."""
+        config = state.queued[0].config
+        batch: list[_Pending] = []
+        rest: list[_Pending] = []
+        for index, pending in enumerate(state.queued):
+            if len(batch) == self._batch_size:
+                rest.extend(state.queued[index:])
+                break
+            (batch if pending.config == config else rest).append(pending)
+        state.queued = rest
+        for pending in batch:
+            pending.future._waiting_for = SENT
+        return batch
+
+    def _no_answer(self, state: _State) -> None:
+        """The service has been silent for ``answer_timeout``: say so, and fail the futures unless asked not to."""
+        summary = self._settings.no_answer_message(self._answer_timeout)
+        if self._keep_retrying:
+            log.warning("%s; still retrying", summary)
+            return
+        log.warning("%s; failing the futures waiting for it", summary)
+        for pending in state.queued:
+            _set_exception(pending.future, ServiceUnreachableError(
+                f"{summary}. Task {pending.task_id} was never sent: nothing runs; submit it again"))
+        sent = [pending for flight in state.in_flight.values() for pending in flight.tasks]
+        for pending in sent:
+            _set_exception(pending.future, ServiceUnreachableError(
+                f"{summary}. Task {pending.task_id} was not acknowledged: the service may not have received it "
+                f"(if it did, it runs, and mep.Client().get_task({pending.task_id!r}) shows it)"))
+        for pending in state.awaiting_result.values():
+            _set_exception(pending.future, ServiceUnreachableError(
+                f"{summary}. Task {pending.task_id} had been accepted by the service: it still runs, and "
+                f"mep.Client().get_result({pending.task_id!r}) fetches its result once the service answers"))
+        self._count_acknowledged(len(state.queued) + len(sent))
+        state.queued.clear()
+        state.in_flight.clear()
+        state.awaiting_result.clear()
 
     def _take_commands(self, state: _State) -> None:
         while True:
@@ -287,7 +486,8 @@ class Executor(concurrent.futures.Executor):
                 included.add(pending.fn_hash)
             tasks.append(ref)
         header = Submit(token=self._settings.token, request_id=request_id, endpoint_id=self.endpoint_id,
-                        user_endpoint_config=self.user_endpoint_config, runtime=self._runtime, tasks=tasks)
+                        user_endpoint_config=msgspec.msgpack.decode(batch[0].config), runtime=self._runtime,
+                        tasks=tasks)
         socket.send_multipart(encode(header, payloads), copy=False)
 
     def _receive(self, socket: zmq.Socket, frames: list[bytes], state: _State) -> None:
@@ -338,6 +538,7 @@ class Executor(concurrent.futures.Executor):
             pending = by_id.pop(task_id)
             state.functions_stored.add(pending.fn_hash)
             pending.fn_body = pending.args = b""
+            pending.future._waiting_for = ACCEPTED
             state.awaiting_result[task_id] = pending
             if pending.future.cancelled():  # cancelled while the submission was in flight
                 state.to_cancel.append(task_id)

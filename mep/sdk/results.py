@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from mep.errors import RemoteError, error_for_code
@@ -14,6 +15,11 @@ def outcome(result: Result, payload: bytes | None) -> tuple[Any, BaseException |
     if result.status == SUCCESS:
         try:
             return deserialize(payload), None
+        except ModuleNotFoundError as exc:
+            return None, ModuleNotFoundError(
+                f"the result could not be loaded here: {exc}: it holds objects of module {exc.name!r}, which this "
+                f"Python ({sys.executable}) cannot import. Install it here, or have the function return plain data "
+                "(numbers, strings, lists, dicts)", name=exc.name)
         except Exception as exc:
             return None, RemoteError(type(exc).__name__, f"the result could not be loaded here: {exc}", "")
     if result.status == TASK_ERROR:

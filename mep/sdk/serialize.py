@@ -10,22 +10,29 @@ install tree we rebuild the function as if it lived in ``__main__``, with only
 the globals its code names, recursively for helper functions of the same
 module. Functions from installed packages (stdlib, site-packages) travel by
 reference, which is smaller and keeps their behaviour exact.
+
+``FunctionCache`` keeps each plain function's bytes while the function lives,
+so submitting it again costs a lookup, not a pickling (see its docstring for
+when it pickles again).
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
 import platform
 import sys
 import sysconfig
 import types
-from functools import cache
+import weakref
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
 import dill
 
 import mep
+from mep.errors import SerializationError
 from mep.protocol.messages import Runtime
 
 
@@ -54,16 +61,23 @@ def _is_installed_module(module_name: str) -> bool:
     origin = getattr(module, "__file__", None)
     if origin is None:  # built-in or namespace-less: importable everywhere
         return True
+    return _is_installed_file(origin)
+
+
+@cache
+def _is_installed_file(origin: str) -> bool:
+    """Cached: resolving the path is a dozen system calls, far more than the rest of a submit."""
     resolved = Path(origin).resolve()
     return any(resolved.is_relative_to(root) for root in _install_roots())
 
 
-def _global_names(code: types.CodeType) -> set[str]:
+@lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
+            names.update(_global_names(const))
+    return tuple(sorted(names))
 
 
 def _rebind_by_value(fn: types.FunctionType, clones: dict[int, types.FunctionType]) -> types.FunctionType:
@@ -88,6 +102,11 @@ def _rebind_by_value(fn: types.FunctionType, clones: dict[int, types.FunctionTyp
     return clone
 
 
+def by_value(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of ``fn`` that dill sends by value: a worker needs neither mep nor ``fn``'s module to run it."""
+    return _rebind_by_value(fn, {})
+
+
 def serialize_function(fn: Any) -> bytes:
     if isinstance(fn, types.FunctionType) and not _is_installed_module(fn.__module__):
         if fn.__module__ != "__main__":
@@ -100,8 +119,92 @@ def function_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+class FunctionCache:
+    """A plain function's serialised bytes and hash, kept while the function object lives.
+
+    Pickled again when anything its bytes captured has changed identity: its
+    code, defaults, closure cells' contents, or the object any global name it
+    uses is bound to (a notebook cell that redefines a helper or rebinds a
+    constant). An object mutated in place (``DATA.append(...)``) is not seen:
+    pass such data as an argument. Other callables (instances of callable
+    classes, methods, partials) carry state of their own and are pickled on
+    every call.
+    """
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakKeyDictionary[types.FunctionType, tuple[tuple[Any, ...], bytes, str]] = (
+            weakref.WeakKeyDictionary())
+
+    def serialized(self, fn: Any) -> tuple[bytes, str]:
+        """(body, hash) for ``fn``; raises ``SerializationError`` naming the function."""
+        if not isinstance(fn, types.FunctionType):
+            return _serialized(fn)
+        captured = _captured(fn)
+        entry = self._entries.get(fn)
+        if entry is not None and _same_objects(entry[0], captured):
+            return entry[1], entry[2]
+        body, digest = _serialized(fn)
+        self._entries[fn] = (captured, body, digest)
+        return body, digest
+
+
+_ITSELF = object()  # stands for the function in what it captured, so the cache never keeps it alive
+_UNBOUND = object()  # a global name the code uses but the module does not bind (a builtin, or not yet defined)
+
+
+def _captured(fn: types.FunctionType) -> tuple[Any, ...]:
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # a cell not yet filled
+            cells.append(None)
+    globals_ = fn.__globals__
+    objects = (fn.__code__, fn.__defaults__, fn.__kwdefaults__, *cells,
+               *(globals_.get(name, _UNBOUND) for name in _global_names(fn.__code__)))
+    return tuple(_ITSELF if value is fn else value for value in objects)
+
+
+def _same_objects(before: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    return len(before) == len(now) and all(a is b for a, b in zip(before, now))
+
+
+def _serialized(fn: Any) -> tuple[bytes, str]:
+    try:
+        body = serialize_function(fn)
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise SerializationError(f"the function {name} could not be serialised on your side: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    return body, function_hash(body)
+
+
 def serialize_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    return dill.dumps((args, kwargs))
+    try:
+        return _dumps_data((args, kwargs))
+    except Exception as exc:
+        raise SerializationError(f"the arguments could not be serialised on your side: {type(exc).__name__}: "
+                                 f"{exc}") from exc
+
+
+_MAIN_MODULES = (b"__main__", b"__mp_main__")
+
+
+def _dumps_data(value: Any) -> bytes:
+    """dill's bytes for ``value``, by the standard pickler when that gives the same: ~20x faster for plain data.
+
+    The two differ only where dill does more: objects pickle can't handle (lambdas, closures, ...: pickle
+    raises) and things defined in ``__main__``, which dill sends by value and pickle by a reference the
+    endpoint can't resolve (their module name is in the bytes). Either way dill does it; ``dill.loads``
+    reads both.
+    """
+    try:
+        body = pickle.dumps(value, protocol=dill.settings["protocol"])
+    except Exception:
+        return dill.dumps(value)
+    if any(name in body for name in _MAIN_MODULES):
+        return dill.dumps(value)
+    return body
 
 
 def deserialize(payload: bytes | memoryview) -> Any:
