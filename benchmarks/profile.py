@@ -43,6 +43,8 @@ def _process_name(pid: int) -> str:
     except OSError:
         return "gone"
     text = " ".join(word.decode(errors="replace") for word in words if word)
+    if "benchmarks.suite" in text:
+        return "benchmark process (SDK or HTEX client)"
     for marker in ("mep-manager spawner", "mep-manager router", "mep-endpoint", "mep service", "interchange",
                    "process_worker_pool", "forkserver", "resource_tracker", "multiprocessing"):
         if marker in text:

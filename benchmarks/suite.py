@@ -42,8 +42,8 @@ def settings(options: argparse.Namespace) -> dict[str, Any]:
                   "payload_trials": 1, "slurm_tasks": 50, "slurm_trials": 1, "profile_tasks": 200}
     else:
         chosen = {"tasks": 10_000, "trials": 5, "workers": [2, 4, 8], "calls": 1000, "cold_trials": 20,
-                  "users": 100, "payload_trials": 3, "slurm_tasks": 10_000, "slurm_trials": 3,
-                  "profile_tasks": 20_000}
+                  "users": 100, "payload_trials": 3, "slurm_tasks": 2000, "slurm_trials": 3,
+                  "profile_tasks": 10_000}
     for name in ("tasks", "trials", "users"):
         if getattr(options, name) is not None:
             chosen[name] = getattr(options, name)

@@ -46,4 +46,6 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             ratio = block["ratios"].get(f"{name}/htex")
             lines.append((f"throughput {workers}w  {row['label']}", f"{row['tasks_per_s']['median']:,.0f} tasks/s",
                           (f"{ratio:.2f}x HTEX  " if ratio else "") + "[" + ", ".join(f"{r:,.0f}" for r in runs) + "]"))
+            cpu = ", ".join(f"{role} {us:,.0f}" for role, us in row["cpu_us_per_task"].items())
+            lines.append(("    CPU us per task", f"{sum(row['cpu_us_per_task'].values()):,.0f} us", cpu))
     return lines
