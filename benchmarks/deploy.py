@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,65 @@ class PoolTarget(Target):
         self.pool.shutdown()
 
 
+@dataclass
+class EngineTarget(Target):
+    """mep's htex engine (``ParslHtexEngine``) driven directly in this process, with no SDK, service,
+    router or endpoint loop around it: what the engine costs on its own, beside bare HTEX."""
+
+    label: str
+    engine: Any  # mep.endpoint.parsl_engine.ParslHtexEngine
+    home: Path  # the engine keeps Parsl's files under $HOME/.mep/parsl: a throwaway one, not root's
+    futures: dict[str, concurrent.futures.Future] = field(default_factory=dict)
+    bodies: dict[Callable[..., Any], tuple[str, bytes]] = field(default_factory=dict)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        from mep.sdk.serialize import function_hash, serialize_args, serialize_function
+
+        if fn not in self.bodies:  # the endpoint, too, gets a function's body once and keeps it
+            body = serialize_function(fn)
+            self.bodies[fn] = (function_hash(body), body)
+        fn_hash, body = self.bodies[fn]
+        task_id = str(uuid.uuid4())
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.futures[task_id] = future
+        self.engine.submit(task_id, fn_hash, body, serialize_args(args, {}))
+        return future
+
+    def _done(self, task_id: str, outcome: Any) -> None:
+        future = self.futures.pop(task_id)
+        if outcome.status == "success":
+            future.set_result(outcome.payload)
+        else:
+            future.set_exception(RuntimeError(f"{outcome.code}: {outcome.message}"))
+
+    def roles(self) -> dict[str, list[int]]:
+        executor = self.engine._executor  # noqa: SLF001 - the engine has no public view of its processes
+        interchange = executor.interchange_proc.pid
+        workers = [pid for pid in _pids_with_cmdline(executor.run_dir) if pid != interchange]
+        return {"client": [os.getpid()], "interchange": [interchange], "workers": workers}
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def start_engine_alone(workers: int) -> EngineTarget:
+    from mep.config.endpoint import HtexEngine
+    from mep.endpoint.parsl_engine import ParslHtexEngine
+
+    config = HtexEngine.model_validate({"type": "htex", "provider": {"type": "LocalProvider"},
+                                        "address": "127.0.0.1", "workers_per_node": workers, "max_blocks": 1})
+    target = EngineTarget("mep htex engine alone", engine=None,
+                          home=Path(tempfile.mkdtemp(prefix="mep-bench-engine-", dir="/var/tmp")))
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(target.home)
+    try:
+        target.engine = ParslHtexEngine(config, 300.0, on_started=lambda task_id: None, on_done=target._done)
+    finally:
+        os.environ["HOME"] = home or "/root"
+    return target
+
+
 def _pids_with_cmdline(fragment: str) -> list[int]:
     wanted = fragment.encode()
     found = []
@@ -277,6 +337,12 @@ class Lab:
             self.targets[key] = start_bare_htex(workers, encrypted=encrypted)  # registered first: closed on failure
             wait_for_workers(self.targets[key], workers)  # type: ignore[arg-type]
         return self.targets[key]
+
+    def engine_alone(self, workers: int) -> EngineTarget:
+        key = ("engine", workers)
+        if key not in self.targets:
+            self.targets[key] = start_engine_alone(workers)
+        return self.targets[key]  # type: ignore[return-value]
 
     def pool(self, workers: int) -> PoolTarget:
         key = ("pool", workers)

@@ -115,7 +115,7 @@ def run(lab: Lab, tasks: int) -> dict[str, Any]:
     raw_dir = Path(tempfile.mkdtemp(prefix="mep-bench-profile-", dir="/var/tmp"))
     raw_dir.chmod(0o755)
     targets = {"mep": lab.mep("multi-user", 2), "mep_htex_engine": lab.mep("htex", 2), "htex": lab.htex(2),
-               "htex_encrypted": lab.htex(2, encrypted=True)}
+               "htex_encrypted": lab.htex(2, encrypted=True), "mep_htex_engine_alone": lab.engine_alone(2)}
     return {"raw_stacks_dir": str(raw_dir),
             "systems": {name: profile_target(target, tasks, raw_dir, name) for name, target in targets.items()}}
 

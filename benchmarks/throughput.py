@@ -1,7 +1,9 @@
 """Throughput: no-op tasks submitted at once, every result awaited; mep and its baselines alternate.
 
 With 2 workers: mep (multi-user, as a mapped account), mep single-user, mep's htex engine, bare HTEX
-(unencrypted, its default, and encrypted as mep's engine runs it) and ProcessPoolExecutor; with 4 and 8
+(unencrypted, its default, and encrypted as mep's engine runs it), mep's htex engine driven directly in
+this process (no SDK, service, router or endpoint loop: what the engine itself costs) and
+ProcessPoolExecutor; with 4 and 8
 workers: mep, HTEX, ProcessPoolExecutor. CPU per task of each part comes from /proc (utime+stime).
 """
 
@@ -17,7 +19,8 @@ def targets_for(lab: Lab, workers: int) -> list[tuple[str, Target]]:
     found = [("mep", lab.mep("multi-user", workers)), ("htex", lab.htex(workers)), ("pool", lab.pool(workers))]
     if workers == 2:
         found += [("mep_single_user", lab.mep("single-user", workers)), ("mep_htex_engine", lab.mep("htex", workers)),
-                  ("htex_encrypted", lab.htex(workers, encrypted=True))]
+                  ("htex_encrypted", lab.htex(workers, encrypted=True)),
+                  ("mep_htex_engine_alone", lab.engine_alone(workers))]
     return found
 
 
