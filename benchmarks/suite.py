@@ -28,7 +28,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
-from benchmarks import coldstart, payloads, profile, roundtrip, slurm, throughput, users  # noqa: E402
+from benchmarks import coldstart, payloads, profile, report, roundtrip, slurm, throughput, users  # noqa: E402
 from benchmarks.deploy import Lab  # noqa: E402
 
 SECTIONS = ("throughput", "roundtrip", "cold_start", "users", "payloads", "slurm")
@@ -88,12 +88,12 @@ TABLES = {"throughput": throughput.table, "roundtrip": roundtrip.table, "cold_st
           "users": users.table, "payloads": payloads.table, "slurm": slurm.table, "profile": profile.table}
 
 
-def print_table(report: dict[str, Any]) -> None:
+def print_table(results: dict[str, Any]) -> None:
     rows = [("measurement", "median", "")]
-    for name in report["sections"]:
-        rows += TABLES[name](report["sections"][name])
+    for name in results["sections"]:
+        rows += TABLES[name](results["sections"][name])
     widths = [max(len(row[column]) for row in rows) for column in range(2)]
-    meta = report["meta"]
+    meta = results["meta"]
     print(f"\nmep benchmark suite, {meta['started']} on {meta['machine']['hostname']} "
           f"({meta['machine']['cpus']} CPUs), load average {meta['load_average_start']} at start, "
           f"{meta['load_average_end']} at end{' (quick: counts too small to mean anything)' if meta['quick'] else ''}")
@@ -101,6 +101,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]}".rstrip())
         if number == 0:
             print("-" * (sum(widths) + 30))
+    print("\ntargets (same-run ratios):")
+    for figure, wanted, measured, met in report.target_rows(results["sections"]):
+        print(f"  {figure}: {measured} (target {wanted}) {'met' if met == 'yes' else 'NOT met'}")
 
 
 def main() -> int:
@@ -128,11 +131,11 @@ def main() -> int:
         sections = run_sections(lab, chosen, counts, options.quick)
     meta["load_average_end"] = os.getloadavg()
     meta["elapsed_s"] = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
-    report = {"meta": meta, "sections": sections}
+    results = {"meta": meta, "sections": sections}
     output = options.output or RESULTS_DIR / f"{started.strftime('%Y-%m-%dT%H%M%SZ')}{'-quick' if options.quick else ''}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
-    print_table(report)
+    output.write_text(json.dumps(results, indent=1))
+    print_table(results)
     print(f"\nwritten to {output}")
     return 0
 
