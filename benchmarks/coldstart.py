@@ -24,7 +24,7 @@ from typing import Any
 
 from mep import Client, Executor
 
-from benchmarks.deploy import Lab, MepTarget, audit_records, iso_seconds, stop_endpoints
+from benchmarks.deploy import Lab, MepTarget, audit_records, audit_size, iso_seconds, stop_endpoints
 from benchmarks.tasks import noop
 
 PHASES = (  # (name, from, to)
@@ -51,7 +51,7 @@ def _endpoint_ready_time(account_home: str, endpoint_id: str) -> float:
 def one_trial(target: MepTarget, *, stop: bool = True) -> dict[str, float]:
     """One cold first task with a new identity; ``stop``: stop the endpoint afterwards (the next trial is cold)."""
     identity = target.deploy.identity(f"{target.account.pw_name}@example.org")
-    seen = len(audit_records(target.manager))
+    seen = audit_size(target.manager)
     with Executor(target.manager.endpoint_id, service=target.deploy.address, token=identity.token,
                   service_key=target.deploy.service_key, user_endpoint_config=target.config) as executor:
         submitted, start = time.time(), time.perf_counter()
@@ -62,7 +62,7 @@ def one_trial(target: MepTarget, *, stop: bool = True) -> dict[str, float]:
     info = Client(service=target.deploy.address, service_key=target.deploy.service_key,
                   token=identity.token).get_task(future.task_id)
     times.update(received_at=info.received_at, started_at=info.started_at, completed_at=info.completed_at)
-    for record in audit_records(target.manager)[seen:]:
+    for record in audit_records(target.manager, seen):
         if record.get("event") == "decision" and record.get("outcome") == "allowed":
             times["decision"] = iso_seconds(record["time"])
             if record.get("reused"):
@@ -107,7 +107,7 @@ def probes(target: MepTarget, repeats: int) -> dict[str, float]:
 
 
 def run(lab: Lab, trials: int) -> dict[str, Any]:
-    target = lab.mep("cold", 2)  # an account of its own: stopping its endpoint disturbs no other target
+    target = lab.mep("cold", 2)  # an account and manager of its own: stopping its endpoint disturbs no other
     runs = [one_trial(target) for _ in range(trials)]
     totals = [run["total"] * 1e3 for run in runs]
     phases = phase_medians(runs)

@@ -291,9 +291,10 @@ class Lab:
         return self.root_deploy
 
     def manager(self, kind: str) -> Manager:
-        """``process`` (the shipped local template), ``htex`` (benchmarks/templates), ``slurm`` (shipped)."""
+        """``process`` (the shipped local template), ``cold`` (the same, a manager of its own for the cold start
+        trials: a short audit log), ``htex`` (benchmarks/templates), ``slurm`` (shipped)."""
         if kind not in self.managers:
-            templates = {"process": (None, None),
+            templates = {"process": (None, None), "cold": (None, None),
                          "htex": (BENCH_TEMPLATES / "local-htex.yaml.j2", BENCH_TEMPLATES / "local-htex.schema.json"),
                          "slurm": (SHIPPED_TEMPLATES / "slurm.yaml.j2", SHIPPED_TEMPLATES / "slurm.schema.json")}
             template, schema = templates[kind]
@@ -308,9 +309,9 @@ class Lab:
 
     # --- targets -------------------------------------------------------------------------
 
-    # kind -> (the manager it runs under, its label); "cold" is the process engine for an account of its own
+    # kind -> (the manager it runs under, its label)
     MEP_KINDS: ClassVar[dict[str, tuple[str, str]]] = {
-        "multi-user": ("process", "mep"), "cold": ("process", "mep"), "single-user": ("own", "mep single-user"),
+        "multi-user": ("process", "mep"), "cold": ("cold", "mep"), "single-user": ("own", "mep single-user"),
         "htex": ("htex", "mep htex engine"), "slurm": ("slurm", "mep Slurm")}
 
     def mep(self, kind: str, workers: int) -> MepTarget:
@@ -354,9 +355,18 @@ class Lab:
 # --- the audit log and the endpoint log, for breakdowns --------------------------------------
 
 
-def audit_records(manager: Manager) -> list[dict[str, Any]]:
-    path = audit_log_of(manager.config_path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def audit_size(manager: Manager) -> int:
+    """The audit log's length now: read from here on to see only what happens next (it grows by three
+    lines per routed task, so reading it whole gets slow)."""
+    return audit_log_of(manager.config_path).stat().st_size
+
+
+def audit_records(manager: Manager, offset: int = 0) -> list[dict[str, Any]]:
+    """The audit records written since ``offset`` (complete lines only)."""
+    with open(audit_log_of(manager.config_path), "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].splitlines() if line.strip()]
 
 
 def iso_seconds(stamp: str) -> float:
@@ -369,12 +379,13 @@ def iso_seconds(stamp: str) -> float:
 def stop_endpoints(target: MepTarget, timeout: float = 30.0) -> None:
     """SIGTERM the target's idle endpoints and wait until the spawner has recorded their exit."""
     pids = target.endpoint_pids()
+    offset = audit_size(target.manager)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
 
     def exited() -> bool:
-        recorded = {r.get("pid") for r in audit_records(target.manager) if r.get("event") == "endpoint_exited"}
+        recorded = {r.get("pid") for r in audit_records(target.manager, offset) if r.get("event") == "endpoint_exited"}
         return set(pids) <= recorded and not target.endpoint_pids()
 
     wait_for(exited, timeout=timeout, what=f"endpoints {pids} to exit")

@@ -65,7 +65,10 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "versions": versions}
 
 
-def run_sections(lab: Lab, chosen: list[str], counts: dict[str, Any], quick: bool) -> dict[str, Any]:
+def run_sections(lab: Lab, chosen: list[str], counts: dict[str, Any], quick: bool,
+                 save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Run the chosen sections in order; ``save`` gets the results so far after each (a late failure
+    loses nothing measured before it)."""
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "throughput": lambda: throughput.run(lab, counts["tasks"], counts["trials"], counts["workers"]),
         "roundtrip": lambda: roundtrip.run(lab, counts["calls"], max(1, min(counts["trials"], 5))),
@@ -81,6 +84,7 @@ def run_sections(lab: Lab, chosen: list[str], counts: dict[str, Any], quick: boo
         print(f"... {name}", file=sys.stderr, flush=True)
         results[name] = runners[name]()
         results[name]["elapsed_s"] = time.perf_counter() - start
+        save(results)
     return results
 
 
@@ -127,15 +131,19 @@ def main() -> int:
     started = datetime.datetime.now(datetime.UTC)
     meta: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "quick": options.quick,
                             "counts": counts, "machine": machine(), "load_average_start": os.getloadavg()}
-    with Lab() as lab:
-        sections = run_sections(lab, chosen, counts, options.quick)
-    meta["load_average_end"] = os.getloadavg()
-    meta["elapsed_s"] = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
-    results = {"meta": meta, "sections": sections}
     output = options.output or RESULTS_DIR / f"{started.strftime('%Y-%m-%dT%H%M%SZ')}{'-quick' if options.quick else ''}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
-    print_table(results)
+
+    def save(sections: dict[str, Any]) -> dict[str, Any]:
+        meta["load_average_end"] = os.getloadavg()
+        meta["elapsed_s"] = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
+        results = {"meta": meta, "sections": sections}
+        output.write_text(json.dumps(results, indent=1))
+        return results
+
+    with Lab() as lab:
+        sections = run_sections(lab, chosen, counts, options.quick, save)
+    print_table(save(sections))
     print(f"\nwritten to {output}")
     return 0
 
