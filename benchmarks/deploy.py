@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -128,9 +129,7 @@ class HtexTarget(Target):
         return self.executor.submit(fn, {}, *args)
 
     def roles(self) -> dict[str, list[int]]:
-        marker = str(self.run_dir)
-        workers = [pid for pid in _pids_with_cmdline(marker) if pid != self.executor.interchange_proc.pid]
-        return {"client": [os.getpid()], "interchange": [self.executor.interchange_proc.pid], "workers": workers}
+        return _htex_roles(self.executor)
 
     def close(self) -> None:
         jobs = list(self.executor.blocks_to_job_id.values())
@@ -155,6 +154,25 @@ class PoolTarget(Target):
         self.pool.shutdown()
 
 
+class _EngineResult:
+    """A task's outcome from the engine, awaited on one condition shared by all tasks: a Future per task
+    would add its own lock and condition, which the endpoint (it uses callbacks) does not pay."""
+
+    __slots__ = ("finished", "outcome")
+
+    def __init__(self, finished: threading.Condition) -> None:
+        self.finished = finished
+        self.outcome: Any = None
+
+    def result(self, timeout: float | None = None) -> bytes:
+        with self.finished:
+            if not self.finished.wait_for(lambda: self.outcome is not None, timeout):
+                raise TimeoutError("the engine did not report the task")
+        if self.outcome.status != "success":
+            raise RuntimeError(f"{self.outcome.code}: {self.outcome.message}")
+        return self.outcome.payload
+
+
 @dataclass
 class EngineTarget(Target):
     """mep's htex engine (``ParslHtexEngine``) driven directly in this process, with no SDK, service,
@@ -163,34 +181,33 @@ class EngineTarget(Target):
     label: str
     engine: Any  # mep.endpoint.parsl_engine.ParslHtexEngine
     home: Path  # the engine keeps Parsl's files under $HOME/.mep/parsl: a throwaway one, not root's
-    futures: dict[str, concurrent.futures.Future] = field(default_factory=dict)
+    futures: dict[str, _EngineResult] = field(default_factory=dict)
     bodies: dict[Callable[..., Any], tuple[str, bytes]] = field(default_factory=dict)
+    arguments: dict[tuple, bytes] = field(default_factory=dict)
+    finished: threading.Condition = field(default_factory=threading.Condition)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _EngineResult:  # type: ignore[override]
         from mep.sdk.serialize import function_hash, serialize_args, serialize_function
 
         if fn not in self.bodies:  # the endpoint, too, gets a function's body once and keeps it
             body = serialize_function(fn)
             self.bodies[fn] = (function_hash(body), body)
         fn_hash, body = self.bodies[fn]
+        if args not in self.arguments:  # the endpoint gets arguments as bytes: no serialising on its side
+            self.arguments[args] = serialize_args(args, {})
         task_id = str(uuid.uuid4())
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.futures[task_id] = future
-        self.engine.submit(task_id, fn_hash, body, serialize_args(args, {}))
-        return future
+        result = self.futures[task_id] = _EngineResult(self.finished)
+        self.engine.submit(task_id, fn_hash, body, self.arguments[args])
+        return result
 
     def _done(self, task_id: str, outcome: Any) -> None:
-        future = self.futures.pop(task_id)
-        if outcome.status == "success":
-            future.set_result(outcome.payload)
-        else:
-            future.set_exception(RuntimeError(f"{outcome.code}: {outcome.message}"))
+        result = self.futures.pop(task_id)
+        with self.finished:
+            result.outcome = outcome
+            self.finished.notify_all()
 
     def roles(self) -> dict[str, list[int]]:
-        executor = self.engine._executor  # noqa: SLF001 - the engine has no public view of its processes
-        interchange = executor.interchange_proc.pid
-        workers = [pid for pid in _pids_with_cmdline(executor.run_dir) if pid != interchange]
-        return {"client": [os.getpid()], "interchange": [interchange], "workers": workers}
+        return _htex_roles(self.engine._executor)  # noqa: SLF001 - the engine has no public view of its processes
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -212,6 +229,16 @@ def start_engine_alone(workers: int) -> EngineTarget:
     finally:
         os.environ["HOME"] = home or "/root"
     return target
+
+
+def _htex_roles(executor: Any) -> dict[str, list[int]]:
+    """This process, the interchange, and the block's processes: the worker pool (found by the run
+    directory on its command line) and everything under it (the workers' command lines don't name it)."""
+    interchange = executor.interchange_proc.pid
+    children = procstat.parent_map()
+    workers = sorted({pid for top in _pids_with_cmdline(executor.run_dir) if top != interchange
+                      for pid in procstat.tree(top, children)})
+    return {"client": [os.getpid()], "interchange": [interchange], "workers": workers}
 
 
 def _pids_with_cmdline(fragment: str) -> list[int]:
@@ -302,9 +329,8 @@ class Lab:
                                                               schema=schema)
         return self.managers[kind]
 
-    def new_manager(self, kind: str = "process") -> Manager:
-        """A manager of its own (the users benchmark measures one manager's memory and CPU)."""
-        assert kind == "process"
+    def new_manager(self) -> Manager:
+        """A manager of its own, shipped local template (the users benchmark measures one manager's memory and CPU)."""
         return self.deploy().start_manager(expression_mapping(DOMAIN_STRIP))
 
     # --- targets -------------------------------------------------------------------------

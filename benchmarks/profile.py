@@ -25,6 +25,10 @@ from benchmarks.deploy import Lab, Target
 from benchmarks.measure import run_batch
 
 TOP = 10
+# Leaf frames where a thread waits rather than computes: py-spy --nonblocking does not always tell an idle
+# thread from a busy one, so samples ending here are counted as waiting, not as anyone's cost.
+WAITING = ("Poller.poll", "Condition.wait", "Event.wait", "_PollLikeSelector.select", "select", "Socket.poll",
+           "Connection._recv", "_recv", "wait", "sleep", "Queue.get", "accept")
 SAMPLE_RATE = 200
 ATTACH_SECONDS = 1.0  # py-spy finds the interpreter's state before the batch starts
 
@@ -62,20 +66,23 @@ def _is_python(pid: int) -> bool:
 def _aggregate(raw: Path) -> dict[str, Any]:
     own: collections.Counter[str] = collections.Counter()
     inside: collections.Counter[str] = collections.Counter()
-    total = 0
+    total = waiting = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        total += count
         frames = [frame.rsplit(":", 1)[0] + ")" if ":" in frame else frame for frame in stack.split(";")]
+        if frames[-1].split(" (")[0] in WAITING:
+            waiting += count
+            continue
+        total += count
         own[frames[-1]] += count
         for frame in set(frames):
             inside[frame] += count
     share = (lambda counter: [[name, round(value / total, 3)] for name, value in counter.most_common(TOP)]) if total \
         else (lambda counter: [])
-    return {"samples": total, "top_self": share(own), "top_inclusive": share(inside)}
+    return {"samples": total, "waiting_samples": waiting, "top_self": share(own), "top_inclusive": share(inside)}
 
 
 def profile_target(target: Target, tasks: int, raw_dir: Path, name: str) -> dict[str, Any]:
@@ -104,7 +111,8 @@ def profile_target(target: Target, tasks: int, raw_dir: Path, name: str) -> dict
             recorder.wait()
         entry = {"role": role, "pid": pid, "process": _process_name(pid),
                  "cpu_us_per_task": (after[pid] - before[pid]) / tasks * 1e6}
-        entry.update(_aggregate(raw) if raw.exists() else {"samples": 0, "top_self": [], "top_inclusive": []})
+        entry.update(_aggregate(raw) if raw.exists() else {"samples": 0, "waiting_samples": 0, "top_self": [],
+                                                            "top_inclusive": []})
         processes.append(entry)
     processes.sort(key=lambda entry: -entry["cpu_us_per_task"])
     return {"label": target.label, "tasks": tasks, "tasks_per_s_while_sampled": tasks / seconds,
@@ -132,3 +140,16 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             lines.append((f"    {process['role']}: {process['process']} ({process['pid']})",
                           f"{process['cpu_us_per_task']:.0f} us/task", top))
     return lines
+
+
+def main() -> int:
+    for raw in sorted(Path(sys.argv[1]).glob("*.txt")):
+        summary = _aggregate(raw)
+        print(f"{raw.stem}: {summary['samples']} busy samples, {summary['waiting_samples']} waiting")
+        for kind in ("top_self", "top_inclusive"):
+            print(f"  {kind}: " + "; ".join(f"{name} {share:.0%}" for name, share in summary[kind]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

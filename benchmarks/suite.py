@@ -47,6 +47,8 @@ def settings(options: argparse.Namespace) -> dict[str, Any]:
     for name in ("tasks", "trials", "users"):
         if getattr(options, name) is not None:
             chosen[name] = getattr(options, name)
+    if options.workers:
+        chosen["workers"] = [int(count) for count in options.workers.split(",")]
     return chosen
 
 
@@ -119,6 +121,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, help="no-op tasks per throughput trial (default 10,000)")
     parser.add_argument("--trials", type=int, help="throughput trials per system (default 5)")
     parser.add_argument("--users", type=int, help="accounts in the users section (default 100)")
+    parser.add_argument("--workers", help="comma-separated worker counts for throughput (default 2,4,8)")
     parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/<date>.json)")
     options = parser.parse_args()
     chosen = [name.strip() for name in options.only.split(",") if name.strip()]
