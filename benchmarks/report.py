@@ -46,7 +46,8 @@ def target_rows(sections: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def _markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").strip() or " "
+        nested = text.startswith(" ") and bool(text.strip())  # a breakdown row under the row above it
+        return ("↳ " if nested else "") + (text.replace("|", "\\|").strip() or " ")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(text) for text in row) + " |" for row in rows]
