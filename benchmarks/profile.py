@@ -1,6 +1,7 @@
 """Where the time goes: py-spy samples every Python process of a system while it runs a throughput batch.
 
-For mep (process engine), mep's htex engine and bare HTEX, each with 2 workers: py-spy (``pip install
+For mep (process engine), mep's htex engine, bare HTEX (plain and encrypted) and the engine driven alone,
+each with 2 workers, and for mep and HTEX with 100 KiB arguments: py-spy (``pip install
 py-spy``; it reads a process by pid, ``--nonblocking`` so it does not stop it) records each process
 while the batch runs; this section keeps each process's CPU seconds per task (from /proc) and its top
 functions by own time ("self": the sampled leaf frame) and by time spent inside them ("inclusive").
@@ -17,14 +18,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks import procstat
 from benchmarks.deploy import Lab, Target
 from benchmarks.measure import run_batch
+from benchmarks.tasks import noop, swallow
 
 TOP = 10
+PAYLOAD_BYTES = 100 * 1024  # the argument size of the payload profile (the issue's 100 KiB target)
 # Leaf frames where a thread waits rather than computes: py-spy --nonblocking does not always tell an idle
 # thread from a busy one, so samples ending here are counted as waiting, not as anyone's cost.
 WAITING = ("Poller.poll", "Condition.wait", "Event.wait", "_PollLikeSelector.select", "select", "Socket.poll",
@@ -85,8 +89,9 @@ def _aggregate(raw: Path) -> dict[str, Any]:
     return {"samples": total, "waiting_samples": waiting, "top_self": share(own), "top_inclusive": share(inside)}
 
 
-def profile_target(target: Target, tasks: int, raw_dir: Path, name: str) -> dict[str, Any]:
-    run_batch(target, min(tasks, 1000))  # warm-up: every process of the system exists
+def profile_target(target: Target, tasks: int, raw_dir: Path, name: str, fn: Callable[..., Any] = noop,
+                   args: tuple = ()) -> dict[str, Any]:
+    run_batch(target, min(tasks, 1000), fn, args)  # warm-up: every process of the system exists
     py_spy = _py_spy()
     recorders = []
     for role, pids in target.roles().items():
@@ -99,7 +104,7 @@ def profile_target(target: Target, tasks: int, raw_dir: Path, name: str) -> dict
                 recorders.append((role, pid, raw, recorder))
     time.sleep(ATTACH_SECONDS)
     before = {pid: procstat.cpu_seconds([pid]) for _, pid, _, _ in recorders}
-    seconds = run_batch(target, tasks)
+    seconds = run_batch(target, tasks, fn, args)
     after = {pid: procstat.cpu_seconds([pid]) for _, pid, _, _ in recorders}
     processes = []
     for role, pid, raw, recorder in recorders:
@@ -124,8 +129,11 @@ def run(lab: Lab, tasks: int) -> dict[str, Any]:
     raw_dir.chmod(0o755)
     targets = {"mep": lab.mep("multi-user", 2), "mep_htex_engine": lab.mep("htex", 2), "htex": lab.htex(2),
                "htex_encrypted": lab.htex(2, encrypted=True), "mep_htex_engine_alone": lab.engine_alone(2)}
-    return {"raw_stacks_dir": str(raw_dir),
-            "systems": {name: profile_target(target, tasks, raw_dir, name) for name, target in targets.items()}}
+    systems = {name: profile_target(target, tasks, raw_dir, name) for name, target in targets.items()}
+    for name, target in (("mep_100KiB_args", lab.mep("multi-user", 2)), ("htex_100KiB_args", lab.htex(2))):
+        systems[name] = profile_target(target, max(1, tasks // 20), raw_dir, name, swallow, (bytes(PAYLOAD_BYTES),))
+        systems[name]["label"] += " (100 KiB arguments)"
+    return {"raw_stacks_dir": str(raw_dir), "systems": systems}
 
 
 def table(result: dict[str, Any]) -> list[tuple[str, str, str]]:
