@@ -175,7 +175,7 @@ def test_no_task_reaches_its_endpoint_before_its_record_is_written(peers: Peers)
     assert [t.task_id for t in decode(endpoint.recv_multipart())[0].tasks] == [first]
 
     peers.spawner.send(AuditStatus(ok=False, message="the audit log can't be written"))
-    # With the body again: the router let it go once no held task needed it (its CREDIT says so)
+    # with its function body again: the router dropped it once no task it held needed it (CREDIT.forget)
     peers.to_service(Dispatch(tasks=[TaskRef(task_id=second, fn_hash="f", args_frame=0, fn_frame=1)],
                               groups=[_group("alice", second)]), [b"args", b"function"])
     header, _ = peers.from_service(Results)

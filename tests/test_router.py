@@ -28,7 +28,9 @@ from mep.protocol.curve import ZapHandler, generate_keypair, make_curve_client, 
 from mep.protocol.messages import (
     AuditStatus,
     AuditTasks,
+    Credit,
     Dispatch,
+    DispatchAck,
     IdentityResource,
     Ready,
     Register,
@@ -172,3 +174,36 @@ def test_result_accepted_only_from_the_endpoint_the_task_went_to(peers: Peers, c
     header, payloads = peers.from_service(Results)
     assert [r.task_id for r in header.results] == [task_a]
     assert payloads == [b"genuine"]
+
+
+def test_credit_bounds_what_the_service_may_send_and_dropped_bodies_come_again(peers: Peers) -> None:
+    """CREDIT counts afresh from REGISTERED; a body no held task needs is forgotten, and a task that names it
+    without carrying it is handed back (DISPATCH_ACK returned) rather than held without its function."""
+    peers.from_service(Register)
+    peers.to_service(Registered(heartbeat_interval=30.0))
+    credit, _ = peers.from_service(Credit)
+    config = peers.router.config
+    assert credit.tasks == int(config.submitter_share * config.max_queued_tasks)
+    assert credit.payload_bytes == int(config.submitter_share * config.max_queued_bytes) and not credit.forget
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    peers.to_service(Dispatch(tasks=[TaskRef(task_id=first, fn_hash="f", args_frame=0, fn_frame=1)],
+                              groups=[_group("alice", first)]), [b"args", b"function"])
+    request = peers.spawn_request()
+    endpoint, public = peers.endpoint("alice")
+    peers.spawner.send(Spawned(request_id=request.request_id, endpoint_id="alice", pid=1, account="alice",
+                               public_key=public))
+    endpoint.send_multipart(encode(Ready(endpoint_id="alice", pid=1)))
+    endpoint.send_multipart(encode(Credit(tasks=4)))
+    peers.confirm_routed(1)
+    assert endpoint.poll(10_000)
+    assert [t.task_id for t in decode(endpoint.recv_multipart())[0].tasks] == [first]
+    credit, _ = peers.from_service(Credit)  # the task went on: its body is dropped, its room given back
+    while not credit.forget:
+        credit, _ = peers.from_service(Credit)
+    assert credit.forget == ["f"]
+    peers.to_service(Dispatch(tasks=[TaskRef(task_id=second, fn_hash="f", args_frame=0)],
+                              groups=[_group("alice", second)]), [b"args"])
+    ack, _ = peers.from_service(DispatchAck)
+    while first in ack.accepted:
+        ack, _ = peers.from_service(DispatchAck)
+    assert ack.returned == [second] and ack.accepted == []

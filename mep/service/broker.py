@@ -227,7 +227,7 @@ class Broker:
                     if len(frames) < 2:
                         raise ProtocolError("empty message")
                     peer = frames[1].get("User-Id")
-                    self._source = frames[1].get("Peer-Address")
+                    self._source = _peer_address(frames[1])
                     header, payloads = decode(frames[1:])
                     request_id = getattr(header, "request_id", 0)
                     self._handle_one(peer, routing_id, header, payloads, outbox)
@@ -535,6 +535,14 @@ class Broker:
                 raise
             log.info("peer has disconnected; its messages wait on disk")
         return False
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    """The sending peer's network address as libzmq reports it ("" where the transport has none)."""
+    try:
+        return frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return ""
 
 
 class _Quota:
