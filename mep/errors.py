@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     WALLTIME_EXCEEDED = "walltime_exceeded"
     WORKER_LOST = "worker_lost"
     ENDPOINT_BUSY = "endpoint_busy"
+    SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL = "internal"
 
 
@@ -76,6 +77,16 @@ class EndpointBusyError(ProtocolError):
     """Another manager holds the endpoint's lease; this one must wait for it to lapse."""
 
     code = ErrorCode.ENDPOINT_BUSY
+
+
+class ServiceUnavailableError(MepError):
+    """The service can't store anything right now (its disk is full, or its database can't be written).
+
+    Nothing of the refused request was stored; send it again later. What the
+    service acknowledged before stays safe.
+    """
+
+    code = ErrorCode.SERVICE_UNAVAILABLE
 
 
 class PayloadTooLargeError(MepError):
@@ -191,6 +202,7 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
     for cls in (
         AuthenticationError,
         ProtocolError,
+        ServiceUnavailableError,
         PayloadTooLargeError,
         UnknownEndpointError,
         UnknownFunctionError,

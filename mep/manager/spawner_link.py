@@ -17,12 +17,11 @@ import socket
 import msgspec
 
 from mep.errors import ProtocolError
-from mep.protocol.messages import Header
+from mep.protocol.framing import decode_header
 
 MAX_DATAGRAM = 1024 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Header)
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -73,7 +72,4 @@ class SpawnerLink:
             return None
         if not data:
             return None
-        try:
-            return _decoder.decode(data)
-        except msgspec.MsgspecError as exc:
-            raise ProtocolError(f"invalid message on the spawner channel: {exc}") from None
+        return decode_header(data, "message on the spawner channel")

@@ -33,6 +33,7 @@ from mep.protocol import decode, encode
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 from mep.protocol.messages import (
     CANCELLED,
+    MAX_IDS_PER_REQUEST,
     Cancel,
     CancelAck,
     Error,
@@ -44,6 +45,8 @@ from mep.protocol.messages import (
     SubmitAck,
     TaskRef,
 )
+from mep.protocol.receive import handling
+from mep.protocol.user_config import check_config
 from mep.sdk.connection import ServiceSettings
 from mep.sdk.results import outcome
 from mep.sdk.serialize import client_runtime, function_hash, serialize_args, serialize_function
@@ -125,7 +128,7 @@ class Executor(concurrent.futures.Executor):
         self._settings = ServiceSettings.resolve(service, service_key, token)
         self.user_endpoint_config = dict(user_endpoint_config or {})
         self.walltime = walltime
-        self._batch_size = batch_size
+        self._batch_size = min(batch_size, MAX_IDS_PER_REQUEST)  # the most tasks one SUBMIT may carry
         self._max_payload_bytes = max_payload_bytes
         self._resend_after = resend_after
         self._poll_interval = poll_interval
@@ -150,6 +153,7 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         if self._closing.is_set():
             raise RuntimeError("cannot submit to an Executor that has been shut down")
+        check_config(self.user_endpoint_config)  # here, not in the I/O thread: the caller sees what is wrong
         body = serialize_function(fn)
         pending = _Pending(task_id=str(uuid.uuid4()), future=self._future(), fn_hash=function_hash(body),
                            fn_body=body, args=serialize_args(args, kwargs), walltime=self._checked_walltime())
@@ -227,10 +231,10 @@ class Executor(concurrent.futures.Executor):
                     self._receive(socket, socket.recv_multipart(), state)
                     last_heard = time.monotonic()
                 now = time.monotonic()
-                if state.to_cancel:
+                for task_ids in _chunks(state.to_cancel):
                     socket.send_multipart(encode(Cancel(token=self._settings.token, request_id=next(request_ids),
-                                                        task_ids=state.to_cancel)))
-                    state.to_cancel = []
+                                                        task_ids=task_ids)))
+                state.to_cancel = []
                 if not state.in_flight and state.queued:
                     batch, state.queued = state.queued[:self._batch_size], state.queued[self._batch_size:]
                     request_id = next(request_ids)
@@ -242,8 +246,9 @@ class Executor(concurrent.futures.Executor):
                         flight.sent_at = now
                         self._send_submit(socket, request_id, flight.tasks, state, include_all_functions=True)
                 if state.awaiting_result and now - last_heard > self._poll_interval:
-                    socket.send_multipart(encode(Fetch(token=self._settings.token, request_id=next(request_ids),
-                                                       task_ids=list(state.awaiting_result))))
+                    for task_ids in _chunks(list(state.awaiting_result)):
+                        socket.send_multipart(encode(Fetch(token=self._settings.token, request_id=next(request_ids),
+                                                           task_ids=task_ids)))
                     last_heard = now
         except Exception as exc:  # the thread must never die silently: fail every future with the reason
             log.exception("mep executor thread failed")
@@ -291,11 +296,10 @@ class Executor(concurrent.futures.Executor):
         socket.send_multipart(encode(header, payloads), copy=False)
 
     def _receive(self, socket: zmq.Socket, frames: list[bytes], state: _State) -> None:
-        try:
-            header, payloads = decode(frames)
-        except MepError as exc:
-            log.warning("ignoring a malformed message from the service: %s", exc)
-            return
+        with handling(log, "the service", "a message"):  # logged: a bad message must not stop this thread
+            self._handle(socket, *decode(frames), state)
+
+    def _handle(self, socket: zmq.Socket, header: Any, payloads: list[bytes], state: _State) -> None:
         match header:
             case SubmitAck():
                 self._acknowledged(header, state)
@@ -379,6 +383,12 @@ class Executor(concurrent.futures.Executor):
         with self._all_acknowledged:
             self._unacknowledged = 0
             self._all_acknowledged.notify_all()
+
+
+def _chunks(task_ids: list[str]) -> Iterable[list[str]]:
+    """Ids in pieces the service takes in one request."""
+    for start in range(0, len(task_ids), MAX_IDS_PER_REQUEST):
+        yield task_ids[start:start + MAX_IDS_PER_REQUEST]
 
 
 def _set_exception(future: concurrent.futures.Future, exc: BaseException) -> None:

@@ -49,6 +49,7 @@ from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings
 from mep.manager.spawner_link import SpawnerLink
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status
+from mep.protocol.receive import handling, loop_turn
 from mep.protocol.messages import (
     AuditStatus,
     AuditTasks,
@@ -142,24 +143,32 @@ class Spawner:
                       "mode": "multi-user" if self.settings.drop_privileges else "single-user",
                       "pam": self.settings.pam.service if self.settings.pam else None}], sync=True)
         self._adopt()
-        while True:
-            writable = [self.channel.fileno()] if self.channel.wants_write else []
-            readable, writable, _ = select.select([self.channel.fileno(), self._wake_read, *self.children],
-                                                  writable, [])
-            if writable:
-                self.channel.flush()
-            for fd in readable:
-                if fd == self._wake_read:
-                    self._drain_wakeups()
-                elif fd in self.children:
-                    self._reap(self.children.pop(fd))
-                elif not self._serve_router():
-                    if self._router_stopping:
-                        self._stop_children()
-                    else:  # a crash: what runs is left for the next manager to adopt
-                        log.warning("the router died; %d endpoint(s) keep running for the manager's next start to "
-                                    "adopt", len(self.children))
-                    return 0
+        router_gone = False
+        while not router_gone:
+            with loop_turn(log, "spawner"):  # an ordinary error in one turn must not end the manager
+                router_gone = self._turn()
+        if self._router_stopping:
+            self._stop_children()
+        else:  # a crash: what runs is left for the next manager to adopt
+            log.warning("the router died; %d endpoint(s) keep running for the manager's next start to adopt",
+                        len(self.children))
+        return 0
+
+    def _turn(self) -> bool:
+        """Wait for the router, a signal or an endpoint's exit, and handle it; True once the router has gone."""
+        writable = [self.channel.fileno()] if self.channel.wants_write else []
+        readable, writable, _ = select.select([self.channel.fileno(), self._wake_read, *self.children],
+                                              writable, [])
+        if writable:
+            self.channel.flush()
+        for fd in readable:
+            if fd == self._wake_read:
+                self._drain_wakeups()
+            elif fd in self.children:
+                self._reap(self.children.pop(fd))
+            elif not self._serve_router():
+                return True
+        return False
 
     def _on_hangup_signal(self, _signum: int, _frame: object) -> None:
         self._hangup = True
@@ -182,12 +191,21 @@ class Spawner:
         except BlockingIOError:
             return True  # woken for nothing
         except MepError as exc:
-            log.error("%s", exc)
+            log.error("refused a message from the router (pid %d): %s", self.router_pid, exc)
             return True
+        if message is None:
+            log.info("the router closed the channel; stopping")
+            return False
+        refuse = None
+        if isinstance(message, SpawnRequest):  # an OSError while spawning refuses this request, nothing more
+            def refuse(exc: MepError) -> None:
+                self.channel.send(SpawnRefused(request_id=message.request_id, code=exc.code, message=str(exc)))
+        with handling(log, f"the router (pid {self.router_pid})", f"a {type(message).__name__}", refuse):
+            self._handle_router_message(message)
+        return True
+
+    def _handle_router_message(self, message: Any) -> None:
         match message:
-            case None:
-                log.info("the router closed the channel; stopping")
-                return False
             case SpawnRequest():
                 self.channel.send(self._spawn_or_refuse(message))
             case AuditTasks():
@@ -208,7 +226,6 @@ class Spawner:
                 self.channel.send(SpawnerStatus(process=process_status("spawner")))
             case _:
                 log.warning("ignoring an unexpected %s from the router", type(message).__name__)
-        return True
 
     # --- the audit log ----------------------------------------------------------------
 

@@ -1,0 +1,112 @@
+"""A researcher's ``user_endpoint_config`` on the wire and on disk: plain JSON, bounded, one codec.
+
+The config comes from the researcher and travels SDK -> service (stored in
+SQLite) -> router -> spawner, where the admin's schema checks its meaning.
+Before that, every process needs only to know that it is harmless data: JSON
+types only (no msgpack ``bytes`` or ``ext``), integers that fit in 64 bits,
+finite floats, bounded nesting and sizes. ``JsonConfig`` says so as a msgspec
+type, so the decoder refuses anything else while it reads the bytes (the
+nesting bound is the type's own depth: msgspec has no depth option, and a
+type nested ``MAX_CONFIG_DEPTH`` levels deep can't match anything deeper).
+``config_problem`` says the same of a Python value, naming the key path, for
+the SDK's ``submit`` and for the service's refusal message.
+
+The stored text is written and read by the same codec (msgspec JSON), so what
+was accepted can always be read back.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+import msgspec
+
+from mep.errors import ConfigInvalidError
+
+MAX_CONFIG_DEPTH = 16  # containers inside the config itself
+MAX_CONFIG_ITEMS = 1000  # entries of one list or object
+MAX_CONFIG_STRING = 64 * 1024  # characters of one string
+MAX_CONFIG_KEY = 256  # characters of one object key
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+FLOAT_MAX = 1.7976931348623157e308  # the largest finite double: inf and NaN fail the bound
+
+_Key = Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_KEY)]
+_Scalar = Union[
+    Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_STRING)],
+    Annotated[int, msgspec.Meta(ge=INT_MIN, le=INT_MAX)],
+    Annotated[float, msgspec.Meta(ge=-FLOAT_MAX, le=FLOAT_MAX)],
+    bool,
+    None,
+]
+
+
+def _bounded(depth: int) -> Any:
+    value: Any = _Scalar
+    for _ in range(depth):
+        value = Union[_Scalar, Annotated[list[value], msgspec.Meta(max_length=MAX_CONFIG_ITEMS)],
+                      Annotated[dict[_Key, value], msgspec.Meta(max_length=MAX_CONFIG_ITEMS)]]
+    return value
+
+
+JsonConfig = Annotated[dict[_Key, _bounded(MAX_CONFIG_DEPTH - 1)], msgspec.Meta(max_length=MAX_CONFIG_ITEMS)]
+
+_encoder = msgspec.json.Encoder(order="sorted")
+_decoder = msgspec.json.Decoder(JsonConfig)
+
+
+def config_problem(value: Any) -> str | None:
+    """What makes ``value`` unfit to be a user endpoint config, naming where; None if it is fit."""
+    if not isinstance(value, dict):
+        return f"user_endpoint_config must be a dict, not {type(value).__name__}"
+    stack: list[tuple[str, Any, int]] = [("user_endpoint_config", value, 1)]
+    while stack:  # iterative: a deeply nested value must not exhaust our own stack
+        path, item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth > MAX_CONFIG_DEPTH:
+                return f"{path} is nested more than {MAX_CONFIG_DEPTH} levels deep"
+            if len(item) > MAX_CONFIG_ITEMS:
+                return f"{path} has {len(item)} entries; the limit is {MAX_CONFIG_ITEMS}"
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return f"{path} has a key {key!r} that is not a string"
+                    if len(key) > MAX_CONFIG_KEY:
+                        return f"{path} has a key of {len(key)} characters; the limit is {MAX_CONFIG_KEY}"
+                    stack.append((f"{path}.{key}", child, depth + 1))
+            else:
+                stack.extend((f"{path}[{index}]", child, depth + 1) for index, child in enumerate(item))
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not INT_MIN <= item <= INT_MAX:
+                return f"{path} is {item}, outside the 64-bit integer range a config may hold"
+        elif isinstance(item, float):
+            if not -FLOAT_MAX <= item <= FLOAT_MAX:
+                return f"{path} is {item}; a config may hold only finite numbers (JSON has no NaN or infinity)"
+        elif isinstance(item, str):
+            if len(item) > MAX_CONFIG_STRING:
+                return f"{path} is a string of {len(item)} characters; the limit is {MAX_CONFIG_STRING}"
+        else:
+            return (f"{path} is a {type(item).__name__}; a config may hold only JSON values "
+                    "(str, int, float, bool, None, list, dict with str keys)")
+    return None
+
+
+def check_config(value: Any) -> None:
+    """Raise ``ConfigInvalidError`` naming what is wrong with ``value`` as a user endpoint config."""
+    problem = config_problem(value)
+    if problem is not None:
+        raise ConfigInvalidError(problem)
+
+
+def dumps_config(value: dict[str, Any]) -> str:
+    """Canonical JSON: equal configs give equal text, so they group and compare as equal."""
+    return _encoder.encode(value).decode()
+
+
+def loads_config(text: str | bytes) -> dict[str, Any]:
+    """Read back what ``dumps_config`` wrote; anything else (a row written by an older mep) is refused."""
+    try:
+        return _decoder.decode(text)
+    except msgspec.MsgspecError as exc:
+        raise ConfigInvalidError(f"the stored user_endpoint_config can't be read back: {exc}") from None
