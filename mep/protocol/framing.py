@@ -5,13 +5,13 @@ anything but ``ProtocolError`` (``ConfigInvalidError`` when only the
 ``user_endpoint_config`` is at fault) with a message saying what was wrong, so a
 malformed message from a peer is answered or logged, never a traceback.
 
-Its bounds (docs/protocol.md, "Limits") are checked before or while the
-header is read, never after objects are built: the frame count and header
-size first, then the types themselves, which bound every list a client sends,
-every id's length, and the nesting and content of ``user_endpoint_config``
-(the only field whose shape the sender chooses; see ``user_config``). So no
-nesting a peer sends can reach the decoder's recursion limit; if some other
-decoder failure does, it is still a ``ProtocolError``.
+Its bounds (docs/protocol.md, "Limits"): the frame count and header size
+before anything is read; while it is read, the types themselves bound every
+list a client sends and every id's length, and msgspec's recursion guard
+bounds nesting (a peer's deep nesting is a ``RecursionError`` here, mapped to
+``ProtocolError`` like every other decoder failure); then, before any handler
+sees it, each ``user_endpoint_config`` (the only field whose shape the sender
+chooses) is checked for depth and JSON-only content (see ``user_config``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mep.protocol.messages import (
     Dispatch,
     Header,
     Results,
+    SpawnRequest,
     Submit,
     Tasks,
 )
@@ -54,36 +55,33 @@ def _as_bytes(frame: Frame) -> bytes:
 
 
 def decode_header(raw: Frame, what: str = "header") -> Any:
-    """One envelope, validated; any failure of the decoder is a ``ProtocolError``."""
+    """One envelope, validated, its configs checked; any failure of the decoder is a ``ProtocolError``."""
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"{what} of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
-    data = raw if isinstance(raw, bytes) else _as_bytes(raw)
     try:
-        return _decoder.decode(data)
+        header = _decoder.decode(raw if isinstance(raw, bytes) else _as_bytes(raw))
     except msgspec.ValidationError as exc:
         if "$.user_endpoint_config" in str(exc):
-            raise ConfigInvalidError(_config_refusal(data, exc)) from None
+            raise ConfigInvalidError(f"user_endpoint_config refused: {exc}") from None
         raise ProtocolError(f"invalid {what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable {what}: {exc}") from None
     except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:
         raise ProtocolError(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+    for config in _configs(header):
+        problem = config_problem(config)
+        if problem is not None:
+            raise ConfigInvalidError(problem)
+    return header
 
 
-class _AnyConfig(msgspec.Struct):
-    user_endpoint_config: Any = None
-
-
-_lenient_decoder = msgspec.msgpack.Decoder(_AnyConfig)
-
-
-def _config_refusal(data: bytes, exc: msgspec.ValidationError) -> str:
-    """Name the key path the refusal is about (msgspec shows object keys as ``[...]``)."""
-    try:
-        problem = config_problem(_lenient_decoder.decode(data).user_endpoint_config)
-    except (msgspec.MsgspecError, RecursionError, ValueError, TypeError, OverflowError):
-        problem = None  # e.g. nested too deep to read at all: msgspec's own words then
-    return f"user_endpoint_config refused: {problem or exc}"
+def _configs(header: Any) -> list[Any]:
+    """The user endpoint configs a header carries: the only fields whose shape the sender chooses."""
+    if isinstance(header, (Submit, SpawnRequest)):
+        return [header.user_endpoint_config]
+    if isinstance(header, Dispatch):
+        return [group.user_endpoint_config for group in header.groups]
+    return []
 
 
 def decode(frames: Sequence[Frame]) -> tuple[Any, list[Frame]]:
