@@ -195,6 +195,7 @@ class Broker:
 
     def _handle(self, messages: list[list[zmq.Frame]]) -> None:
         outbox = Outbox()
+        managers = dict(self.managers)
         try:
             with self.store.transaction():
                 for frames in messages:
@@ -202,6 +203,7 @@ class Broker:
         except ServiceUnavailableError as exc:  # nothing of the batch was stored: nothing of it is acknowledged
             log.error("the database can't be written (%s): %d message(s) refused, nothing of them stored",
                       exc.admin_detail, len(messages))
+            self.managers = managers  # a registration whose requeue was not stored did not happen
             outbox = self._refuse_unstored(messages, exc)
         for routing_id, frames in outbox.messages:
             self._send(routing_id, frames)
