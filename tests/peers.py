@@ -5,13 +5,15 @@ socket) with any key and any frames; ``raw_map`` builds msgpack headers a
 well-behaved encoder would never write (deep nesting, 64-bit overflows,
 ``bytes``/``ext`` where JSON is expected); ``endpoint_secret_key`` reads a
 running endpoint's CURVE secret out of its memory, as code running as the
-same account could.
+same account could; ``start_spawner`` runs a root spawner whose router is the
+test.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ import msgspec
 import zmq
 
 from mep.errors import MepError
+from mep.manager.spawner_link import SpawnerLink, channel_pair
 from mep.protocol import decode
 from mep.protocol.curve import generate_keypair, make_curve_client, public_from_secret
+from tests.harness import PYTHON
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -111,3 +115,38 @@ def endpoint_secret_key(pid: int, public_key: str) -> str:
                     except (ValueError, MepError, zmq.ZMQError):
                         continue
     raise AssertionError(f"no secret for {public_key} in the memory of process {pid}")
+
+
+SPAWNER_DRIVER = """
+import logging, socket, sys
+from pathlib import Path
+from mep.config.manager import ManagerConfig
+from mep.manager.spawner.spawner import Spawner, SpawnerSettings
+from mep.manager.spawner_link import SpawnerLink
+from mep.manager.start import account_rules, router_account
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+config_path, fd, state = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+config = ManagerConfig.load(Path(config_path))
+policy, trusted = account_rules(config, router_account(config.router_user))
+settings = SpawnerSettings(config=config, router_address="ipc://" + str(state / "none.sock"),
+                           router_public_key=sys.argv[4], policy=policy, trusted_owner_uids=trusted,
+                           drop_privileges=True, audit_log=state / "audit.jsonl",
+                           registry_path=state / "registry" / "endpoints.json")
+sys.exit(Spawner(settings, SpawnerLink(socket.socket(fileno=fd))).run())
+"""
+
+
+def start_spawner(config_path: Path, state: Path) -> tuple[subprocess.Popen, SpawnerLink]:
+    """A root spawner for the manager config at ``config_path``, the test holding the router's end.
+
+    Its audit log, log and registry (``registry/endpoints.json``) are in ``state``.
+    """
+    (state / "registry").mkdir(exist_ok=True)
+    router_end, spawner_end = channel_pair()
+    log = open(state / "spawner.log", "ab")  # noqa: SIM115 - the child keeps it
+    popen = subprocess.Popen([PYTHON, "-c", SPAWNER_DRIVER, str(config_path), str(spawner_end.fileno()), str(state),
+                              generate_keypair()[0]], pass_fds=[spawner_end.fileno()], stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd="/")
+    spawner_end.close()
+    log.close()
+    return popen, SpawnerLink(router_end)

@@ -42,7 +42,6 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 
 from mep.config.endpoint import UserEndpointConfig
-from mep.manager.spawner_link import SpawnerLink, channel_pair
 from mep.protocol import decode, encode
 from mep.protocol.curve import generate_keypair
 from mep.protocol.messages import (
@@ -61,7 +60,7 @@ from mep.protocol.messages import (
 )
 from mep.sdk.serialize import client_runtime, deserialize, function_hash, serialize_args, serialize_function
 from tests.harness import DOMAIN_STRIP, PYTHON, expression_mapping, wait_for
-from tests.peers import RawPeer, deep, endpoint_records, endpoint_secret_key, raw_map, uint64
+from tests.peers import RawPeer, deep, endpoint_records, endpoint_secret_key, raw_map, start_spawner, uint64
 
 pytestmark = pytest.mark.root
 
@@ -207,35 +206,6 @@ def throw(strategy: st.SearchStrategy, send: Callable[[Any], None]) -> int:
 
 
 # --- a standalone spawner and endpoint, with the test as their router -------------------------------------
-
-SPAWNER_DRIVER = """
-import socket, sys
-from pathlib import Path
-from mep.config.manager import ManagerConfig
-from mep.manager.spawner.spawner import Spawner, SpawnerSettings
-from mep.manager.spawner_link import SpawnerLink
-from mep.manager.start import account_rules, router_account
-config_path, fd, state = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-config = ManagerConfig.load(Path(config_path))
-policy, trusted = account_rules(config, router_account(config.router_user))
-settings = SpawnerSettings(config=config, router_address="ipc://" + str(state / "none.sock"),
-                           router_public_key=sys.argv[4], policy=policy, trusted_owner_uids=trusted,
-                           drop_privileges=True, audit_log=state / "audit.jsonl",
-                           registry_path=state / "endpoints.json")
-sys.exit(Spawner(settings, SpawnerLink(socket.socket(fileno=fd))).run())
-"""
-
-
-def start_spawner(config_path: Path, state: Path) -> tuple[subprocess.Popen, SpawnerLink]:
-    router_end, spawner_end = channel_pair()
-    log = open(state / "spawner.log", "ab")  # noqa: SIM115 - the child keeps it
-    popen = subprocess.Popen([PYTHON, "-c", SPAWNER_DRIVER, str(config_path), str(spawner_end.fileno()), str(state),
-                              generate_keypair()[0]], pass_fds=[spawner_end.fileno()], stdout=log,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd="/")
-    spawner_end.close()
-    log.close()
-    return popen, SpawnerLink(router_end)
-
 
 class PlayedRouter:
     """A ROUTER socket a real endpoint connects to, the test playing the manager's router."""

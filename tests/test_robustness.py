@@ -24,10 +24,25 @@ import zmq
 
 import mep
 from mep.protocol import encode
-from mep.protocol.messages import SIGNATURE, Error, Heartbeat, Runtime, SubmitAck, TaskList, TaskQuery
+from mep.protocol.messages import (
+    SIGNATURE,
+    Error,
+    Heartbeat,
+    IdentityResource,
+    RouterStopping,
+    Runtime,
+    Spawned,
+    SpawnerStatus,
+    SpawnerStatusRequest,
+    SpawnRefused,
+    SpawnRequest,
+    TaskList,
+    TaskQuery,
+)
+from mep.sdk.serialize import client_runtime
 from mep.service.store import dumps_canonical
 from tests.harness import DOMAIN_STRIP, Deployment, Manager, deployment, expression_mapping, wait_for
-from tests.peers import RawPeer, deep, endpoint_records, endpoint_secret_key, raw_map, uint64
+from tests.peers import RawPeer, deep, endpoint_records, endpoint_secret_key, raw_map, start_spawner, uint64
 
 pytestmark = pytest.mark.root
 
@@ -181,6 +196,37 @@ def test_a_stolen_endpoint_key_cant_stop_the_router(deploy, researcher, context)
     time.sleep(1)
     assert (manager.router_pid, manager.spawner_pid) == (router_pid, spawner_pid)
     assert_still_serving(deploy, manager, identity, service_pid)
+
+
+def test_an_oserror_while_spawning_refuses_that_request_and_the_spawner_goes_on(deploy, account_factory) -> None:
+    account = account_factory("meposerr")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    state = deploy.root / "spawner"
+    state.mkdir()
+    spawner, channel = start_spawner(manager.config_path, state)
+    channel.sock.setblocking(True)
+    channel.sock.settimeout(60)
+
+    def answer(kind: type) -> object:
+        while not isinstance(message := channel.receive(), kind):
+            assert message is not None, f"the spawner exited:\n{(state / 'spawner.log').read_text()}"
+        return message
+
+    channel.send(SpawnerStatusRequest())
+    answer(SpawnerStatus)
+    (state / "registry").rename(state / "registry-gone")  # the registry can't be written: an OSError
+    identity = IdentityResource(id=str(uuid.uuid4()), username=f"{account.pw_name}@example.org")
+    channel.send(SpawnRequest(request_id=1, submitter_id=identity.id, identities=[identity], runtime=client_runtime()))
+    refused = answer((SpawnRefused, Spawned))
+    assert isinstance(refused, SpawnRefused) and refused.request_id == 1, refused
+    assert refused.code == "internal" and "FileNotFoundError" in refused.message, refused
+    channel.send(SpawnerStatusRequest())  # the spawner is still there, answering
+    assert answer(SpawnerStatus).process.role == "spawner"
+    assert spawner.poll() is None
+    (state / "registry-gone").rename(state / "registry")
+    channel.send(RouterStopping())  # so it stops the endpoint it started before the registry failed
+    channel.sock.close()
+    assert spawner.wait(timeout=90) == 0, (state / "spawner.log").read_text()
 
 
 # --- a full disk under the service (issue 10, item 4) ----------------------------------------------------

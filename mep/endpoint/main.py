@@ -29,7 +29,6 @@ from mep.errors import ErrorCode
 from mep.protocol import decode, encode
 from mep.protocol.curve import make_curve_client
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
-from mep.protocol.receive import handling, loop_turn
 from mep.protocol.messages import (
     CANCELLED,
     FAILED,
@@ -46,6 +45,7 @@ from mep.protocol.messages import (
     Started,
     Tasks,
 )
+from mep.protocol.receive import handling, loop_turn
 
 log = logging.getLogger("mep.endpoint")
 

@@ -32,7 +32,6 @@ from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server, public_from_secret
 from mep.protocol.framing import MAX_HEADER_BYTES
 from mep.protocol.guard import forbid_unpickling, process_status
-from mep.protocol.receive import handling, loop_turn
 from mep.protocol.messages import (
     AuditStatus,
     CANCELLED,
@@ -69,6 +68,7 @@ from mep.protocol.messages import (
     TaskRef,
     Tasks,
 )
+from mep.protocol.receive import handling, loop_turn
 from mep.manager.spawner_link import SpawnerLink
 from mep.manager.task_audit import TaskAuditTrail
 from mep.service.store import dumps_canonical

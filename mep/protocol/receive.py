@@ -33,8 +33,8 @@ def as_refusal(exc: Exception, what: str) -> MepError:
     """The error the peer is told: ours as written, anything else without the detail only the admin may see."""
     if isinstance(exc, MepError):
         return exc
-    return MepError(f"{what} failed with an internal error ({type(exc).__name__}); nothing of it was done, "
-                    "and the admin's log has the details")
+    return MepError(f"{what} failed with an internal error ({type(exc).__name__}); the admin's log has the "
+                    "details")
 
 
 @contextmanager

@@ -4,7 +4,8 @@ The config comes from the researcher and travels SDK -> service (stored in
 SQLite) -> router -> spawner, where the admin's schema checks its meaning.
 Before that, every process needs only to know that it is harmless data: JSON
 types only (no msgpack ``bytes`` or ``ext``), integers that fit in 64 bits,
-finite floats, bounded nesting and sizes. ``config_problem`` says whether it
+finite floats, bounded nesting (its size is bounded by the service, 64 KiB as
+canonical JSON, and by the header's limit). ``config_problem`` says whether it
 is, naming the key path; ``decode`` runs it on every config it reads, before
 any handler sees the message, and the SDK's ``submit`` runs it before sending.
 
@@ -24,20 +25,17 @@ was accepted can always be read back.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
 from mep.errors import ConfigInvalidError
 
 MAX_CONFIG_DEPTH = 32  # containers inside the config itself
-MAX_CONFIG_ITEMS = 1000  # entries of one list or object
-MAX_CONFIG_STRING = 64 * 1024  # characters of one string
-MAX_CONFIG_KEY = 256  # characters of one object key
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 FLOAT_MAX = 1.7976931348623157e308  # the largest finite double: inf and NaN fail the bound
 
-JsonConfig = Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_CONFIG_ITEMS)]
+JsonConfig = dict[str, Any]
 
 _encoder = msgspec.json.Encoder(order="sorted")
 _decoder = msgspec.json.Decoder(JsonConfig)
@@ -47,38 +45,41 @@ def config_problem(value: Any) -> str | None:
     """What makes ``value`` unfit to be a user endpoint config, naming where; None if it is fit."""
     if not isinstance(value, dict):
         return f"user_endpoint_config must be a dict, not {type(value).__name__}"
-    stack: list[tuple[str, Any, int]] = [("user_endpoint_config", value, 1)]
-    while stack:  # iterative: a deeply nested value must not exhaust our own stack
-        path, item, depth = stack.pop()
+    # Iterative, so deep nesting can't exhaust our own stack; a path is a tuple of keys and indexes,
+    # spelled out only for the refusal (a long key is not copied into every descendant's path).
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
         if isinstance(item, (dict, list, tuple)):
-            if depth > MAX_CONFIG_DEPTH:
-                return f"{path} is nested more than {MAX_CONFIG_DEPTH} levels deep"
-            if len(item) > MAX_CONFIG_ITEMS:
-                return f"{path} has {len(item)} entries; the limit is {MAX_CONFIG_ITEMS}"
+            if len(path) >= MAX_CONFIG_DEPTH:
+                return f"{_spell(path)} is nested more than {MAX_CONFIG_DEPTH} levels deep"
             if isinstance(item, dict):
                 for key, child in item.items():
                     if not isinstance(key, str):
-                        return f"{path} has a key {key!r} that is not a string"
-                    if len(key) > MAX_CONFIG_KEY:
-                        return f"{path} has a key of {len(key)} characters; the limit is {MAX_CONFIG_KEY}"
-                    stack.append((f"{path}.{key}", child, depth + 1))
+                        return f"{_spell(path)} has a key {key!r} that is not a string"
+                    stack.append(((*path, key), child))
             else:
-                stack.extend((f"{path}[{index}]", child, depth + 1) for index, child in enumerate(item))
-        elif isinstance(item, bool) or item is None:
+                stack.extend(((*path, index), child) for index, child in enumerate(item))
+        elif isinstance(item, (str, bool)) or item is None:
             continue
         elif isinstance(item, int):
             if not INT_MIN <= item <= INT_MAX:
-                return f"{path} is {item}, outside the 64-bit integer range a config may hold"
+                return f"{_spell(path)} is {item}, outside the 64-bit integer range a config may hold"
         elif isinstance(item, float):
             if not -FLOAT_MAX <= item <= FLOAT_MAX:
-                return f"{path} is {item}; a config may hold only finite numbers (JSON has no NaN or infinity)"
-        elif isinstance(item, str):
-            if len(item) > MAX_CONFIG_STRING:
-                return f"{path} is a string of {len(item)} characters; the limit is {MAX_CONFIG_STRING}"
+                return f"{_spell(path)} is {item}; a config may hold only finite numbers (JSON has no NaN or infinity)"
         else:
-            return (f"{path} is a {type(item).__name__}; a config may hold only JSON values "
+            return (f"{_spell(path)} is a {type(item).__name__}; a config may hold only JSON values "
                     "(str, int, float, bool, None, list, dict with str keys)")
     return None
+
+
+def _spell(path: tuple[str | int, ...]) -> str:
+    """``user_endpoint_config.engine.modules[2]``; keys shortened to what a message can show."""
+    parts = ["user_endpoint_config"]
+    for step in path:
+        parts.append(f"[{step}]" if isinstance(step, int) else "." + (step if len(step) <= 40 else step[:37] + "..."))
+    return "".join(parts)
 
 
 def check_config(value: Any) -> None:

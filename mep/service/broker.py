@@ -44,8 +44,8 @@ from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, make_curve_server
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.guard import forbid_unpickling, process_status
-from mep.protocol.receive import handling, loop_turn
 from mep.protocol.messages import (
+    MAX_IDS_PER_REQUEST,
     Cancel,
     CancelAck,
     Dispatch,
@@ -59,7 +59,6 @@ from mep.protocol.messages import (
     Rejection,
     Result,
     Results,
-    MAX_IDS_PER_REQUEST,
     ResultsAck,
     Runtime,
     Started,
@@ -74,6 +73,7 @@ from mep.protocol.messages import (
     TasksLost,
     Unregister,
 )
+from mep.protocol.receive import handling, loop_turn
 from mep.service.state import ServiceState
 from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 

@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,6 @@ from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings
 from mep.manager.spawner_link import SpawnerLink
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status
-from mep.protocol.receive import handling, loop_turn
 from mep.protocol.messages import (
     AuditStatus,
     AuditTasks,
@@ -64,6 +64,7 @@ from mep.protocol.messages import (
     SpawnRefused,
     SpawnRequest,
 )
+from mep.protocol.receive import handling, loop_turn
 
 log = logging.getLogger("mep.spawner")
 
@@ -196,13 +197,16 @@ class Spawner:
         if message is None:
             log.info("the router closed the channel; stopping")
             return False
-        refuse = None
-        if isinstance(message, SpawnRequest):  # an OSError while spawning refuses this request, nothing more
-            def refuse(exc: MepError) -> None:
-                self.channel.send(SpawnRefused(request_id=message.request_id, code=exc.code, message=str(exc)))
+        # An OSError (say, writing the registry) while spawning refuses this request, nothing more.
+        refuse = self._refuse_spawn(message) if isinstance(message, SpawnRequest) else None
         with handling(log, f"the router (pid {self.router_pid})", f"a {type(message).__name__}", refuse):
             self._handle_router_message(message)
         return True
+
+    def _refuse_spawn(self, request: SpawnRequest) -> Callable[[MepError], None]:
+        def refuse(exc: MepError) -> None:
+            self.channel.send(SpawnRefused(request_id=request.request_id, code=exc.code, message=str(exc)))
+        return refuse
 
     def _handle_router_message(self, message: Any) -> None:
         match message:
