@@ -18,6 +18,7 @@ import zmq
 from mep.errors import AuthenticationError, ConfigurationError, MepError, error_for_code
 from mep.protocol import decode, encode
 from mep.protocol.curve import check_public_key, generate_keypair, make_curve_client
+from mep.protocol.framing import MAX_HEADER_BYTES
 from mep.protocol.messages import Error
 
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -51,6 +52,7 @@ class ServiceSettings:
         socket.linger = 0
         socket.reconnect_ivl = 100
         socket.reconnect_ivl_max = 5000  # back off to 5 s while the service is down
+        socket.maxmsgsize = 4 * MAX_HEADER_BYTES  # per frame, as every mep receiver (docs/protocol.md §15)
         make_curve_client(socket, self.public_key, generate_keypair()[1])
         monitor = socket.get_monitor_socket(HANDSHAKE_FAILED)
         socket.connect(self.address)

@@ -102,7 +102,7 @@ STORAGE_FAILED = ("the service can't write its database right now, so nothing of
                   "send it again later (what the service acknowledged before is safe)")
 
 
-def storage_failure(exc: BaseException) -> ServiceUnavailableError | None:
+def _storage_failure(exc: BaseException) -> ServiceUnavailableError | None:
     """The researcher-facing error for a failure of the service's storage; None for any other error."""
     if not isinstance(exc, sqlite3.Error):
         return None
@@ -118,12 +118,12 @@ def storage_failure(exc: BaseException) -> ServiceUnavailableError | None:
 
 
 @contextmanager
-def storage_errors() -> Iterator[None]:
+def _storage_errors() -> Iterator[None]:
     """Re-raise a storage failure as ``ServiceUnavailableError`` (the original chained, for the log)."""
     try:
         yield
     except sqlite3.Error as exc:
-        error = storage_failure(exc)
+        error = _storage_failure(exc)
         if error is None:
             raise
         raise error from exc
@@ -186,7 +186,7 @@ class Store:
         and leaves nothing of the transaction behind; SQLite may have rolled it
         back by itself already, which is why the rollback is conditional.
         """
-        with storage_errors():
+        with _storage_errors():
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
@@ -198,20 +198,21 @@ class Store:
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """Inside a transaction: on error, undo only what was done in this block (one message's work)."""
-        with storage_errors():
+        with _storage_errors():
             self.db.execute("SAVEPOINT one_message")
             try:
                 yield
             except BaseException:
-                self._roll_back("ROLLBACK TO one_message")
+                self._roll_back("ROLLBACK TO one_message", "RELEASE one_message")
                 raise
             self.db.execute("RELEASE one_message")
 
-    def _roll_back(self, statement: str) -> None:
+    def _roll_back(self, *statements: str) -> None:
         if not self.db.in_transaction:
             return
         try:
-            self.db.execute(statement)
+            for statement in statements:
+                self.db.execute(statement)
         except sqlite3.Error:
             if self.db.in_transaction:  # the error being handled matters more; a failed rollback ends it
                 self.db.rollback()
