@@ -340,7 +340,6 @@ def test_no_generated_message_stops_any_listener(deploy, account_factory, scratc
                 assert reply is not None, "the spawner hung up"
 
         sent = throw(datagrams(templates("")), to_spawner)
-        counts["spawner channel"] = (sent, (scratch / "spawner.log").read_text().count("refused"))
         assert spawner.poll() is None, (scratch / "spawner.log").read_text()
         channel.sock.setblocking(True)
         channel.sock.settimeout(30)
@@ -349,6 +348,7 @@ def test_no_generated_message_stops_any_listener(deploy, account_factory, scratc
                                                                username="no-such-fuzz-account@example.org")]))
         while not isinstance(answer := channel.receive(), (SpawnRefused, Spawned)) or answer.request_id != 10**6:
             assert answer is not None, "the spawner hung up"
+        counts["spawner channel"] = (sent, (scratch / "spawner.log").read_text().count("refused"))  # all read now
         channel.sock.close()  # the router hangs up: the spawner stops
         assert spawner.wait(timeout=60) == 0, (scratch / "spawner.log").read_text()
 

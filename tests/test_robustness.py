@@ -276,11 +276,12 @@ def test_a_full_disk_refuses_submissions_with_a_specific_error_and_recovers(rout
             assert executor.submit(add, 1, 1).result(timeout=60) == 2
             accepted = executor.submit(slow_add, 20, 22)  # acknowledged before the disk fills
         filler = fill(deploy.state_dir)
-        with deploy.executor(identity, manager) as executor:
-            refused = [executor.submit(add, n, b"x" * (1 << 20)) for n in range(3)]
+        executor = deploy.executor(identity, manager)  # no ``with``: leaving it would wait for acknowledgements
+        refused = [executor.submit(add, n, b"x" * (1 << 20)) for n in range(3)]
         for future in refused:
             with pytest.raises(mep.ServiceUnavailableError, match="the service's disk is full"):
                 future.result(timeout=60)
+        executor.shutdown(wait=False)
         deploy.restart_service()  # it starts, and keeps running, on the full disk
         time.sleep(3)
         assert deploy.service.popen.poll() is None, deploy.service.log()
