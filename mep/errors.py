@@ -42,6 +42,7 @@ class ErrorCode(StrEnum):
     ASSERTION_EXPIRED = "assertion_expired"
     ASSERTION_REPLAYED = "assertion_replayed"
     ASSERTION_MISMATCH = "assertion_mismatch"
+    SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL = "internal"
 
 
@@ -90,6 +91,16 @@ class EndpointBusyError(ProtocolError):
     """Another manager holds the endpoint's lease; this one must wait for it to lapse."""
 
     code = ErrorCode.ENDPOINT_BUSY
+
+
+class ServiceUnavailableError(MepError):
+    """The service can't store anything right now (its disk is full, or its database can't be written).
+
+    Nothing of the refused request was stored; send it again later. What the
+    service acknowledged before stays safe.
+    """
+
+    code = ErrorCode.SERVICE_UNAVAILABLE
 
 
 class PayloadTooLargeError(MepError):
@@ -255,6 +266,7 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         AuthenticationError,
         AuthenticationThrottledError,
         ProtocolError,
+        ServiceUnavailableError,
         PayloadTooLargeError,
         UnknownEndpointError,
         UnknownFunctionError,

@@ -26,11 +26,11 @@ from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engines import make_engine
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
-from mep.errors import AssertionRefusedError, ErrorCode, MepError
+from mep.errors import AssertionRefusedError, ErrorCode
 from mep.protocol import decode, encode
 from mep.protocol.assertions import AssertionVerifier, Verified, check_task_claims
 from mep.protocol.curve import make_curve_client
-from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
+from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.liveness import PauseDetector
 from mep.protocol.messages import (
     CANCELLED,
@@ -50,6 +50,7 @@ from mep.protocol.messages import (
     TaskRef,
     Tasks,
 )
+from mep.protocol.receive import handling, loop_turn
 
 log = logging.getLogger("mep.endpoint")
 
@@ -94,6 +95,7 @@ class UserEndpoint:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
         self.socket.reconnect_ivl_max = 5000
+        self.socket.maxmsgsize = 4 * MAX_HEADER_BYTES  # as the router's own endpoint socket
         make_curve_client(self.socket, boot.router_public_key, boot.secret_key)
         # The router may not know our key yet when we first connect (it learns it from the spawner, which
         # may report the spawn after we are up): a refusal is watched for and answered by connecting again.
@@ -129,41 +131,43 @@ class UserEndpoint:
         last_activity = last_heard = last_heartbeat = now
         asked_to_exit = False
         while True:
-            ready = dict(poller.poll(self._poll_timeout()))
-            if self._wake_read in ready:
-                os.read(self._wake_read, 65536)
-            if self.refusals in ready:
-                self._refused()
-            self._reconnect_if_due()
-            while self.socket.poll(0):
-                self._receive(self.socket.recv_multipart(copy=False))
-                last_heard = time.monotonic()
-            self._handle_engine_events()
+            with loop_turn(log, "endpoint"):  # a fault in one turn must not lose the tasks this endpoint runs
+                ready = dict(poller.poll(self._poll_timeout()))
+                if self._wake_read in ready:
+                    os.read(self._wake_read, 65536)
+                if self.refusals in ready:
+                    self._refused()
+                self._reconnect_if_due()
+                while self.socket.poll(0):
+                    self._receive(self.socket.recv_multipart(copy=False))
+                    last_heard = time.monotonic()
+                self._handle_engine_events()
+                now = time.monotonic()
+                if pause.paused(now):
+                    last_heard = now  # this endpoint did not run (stopped): the manager's silence was ours
+                self._enforce_walltimes(now)
+                if self.active or self.unacknowledged:
+                    last_activity = now
+                    asked_to_exit = False
+                self._resend_unacknowledged(now)
+                if now - last_heartbeat > self.heartbeat_interval:
+                    self.socket.send_multipart(encode(Heartbeat()))
+                    self.socket.send_multipart(credit)  # again: a new router (after a restart) learns it here
+                    last_heartbeat = now
+                if now - last_heard > max(3 * self.heartbeat_interval, ORPHAN_AFTER):
+                    # Orphaned (its manager died and did not come back to adopt it): finish what runs, then go.
+                    self._drain(f"the manager has been silent for {now - last_heard:.0f} s")
+                idle = now - last_activity > self.config.idle_timeout
+                if idle and not asked_to_exit:
+                    log.info("idle for %.0f s; asking the manager to let this endpoint exit", now - last_activity)
+                    self.socket.send_multipart(encode(IdleExit()))
+                    asked_to_exit = True
             now = time.monotonic()
-            if pause.paused(now):
-                last_heard = now  # this endpoint did not run (stopped): the manager's silence was ours
-            self._enforce_walltimes(now)
-            if self.active or self.unacknowledged:
-                last_activity = now
-                asked_to_exit = False
-            self._resend_unacknowledged(now)
-            if now - last_heartbeat > self.heartbeat_interval:
-                self.socket.send_multipart(encode(Heartbeat()))
-                self.socket.send_multipart(credit)  # again: a new router (after a restart) learns it here
-                last_heartbeat = now
             # Draining ends once every task is done and its result acknowledged (a result not yet with the
             # service would be lost with this process), or when the grace period is over.
             finished = not self.active and not self.unacknowledged
             if self._draining_since and (finished or now - self._draining_since > SHUTDOWN_GRACE):
                 break
-            if now - last_heard > max(3 * self.heartbeat_interval, ORPHAN_AFTER):
-                # Orphaned (its manager died and did not come back to adopt it): finish what runs, then go.
-                self._drain(f"the manager has been silent for {now - last_heard:.0f} s")
-            idle = now - last_activity > self.config.idle_timeout
-            if idle and not asked_to_exit:
-                log.info("idle for %.0f s; asking the manager to let this endpoint exit", now - last_activity)
-                self.socket.send_multipart(encode(IdleExit()))
-                asked_to_exit = True
         log.info("endpoint stopping (%s); %d task(s) unfinished", self._drain_reason, len(self.active))
         self.engine.shutdown()
         self.socket.disable_monitor()
@@ -209,11 +213,10 @@ class UserEndpoint:
             os.write(self._wake_write, b"x")
 
     def _receive(self, frames: list[Any]) -> None:
-        try:
-            header, payloads = decode(frames)
-        except MepError as exc:
-            log.warning("ignoring a malformed message from the router: %s", exc)
-            return
+        with handling(log, "the router", "a message"):  # logged: the router resends what matters
+            self._handle(*decode(frames))
+
+    def _handle(self, header: Any, payloads: list[Any]) -> None:
         match header:
             case Tasks():
                 checked = [self._verify_assertion(text) for text in header.assertions]  # once per message
@@ -226,6 +229,11 @@ class UserEndpoint:
                         self._send_results([self.unacknowledged[task.task_id][:2]])  # done already: say so again
                         continue
                     self.active[task.task_id] = ActiveTask(walltime=task.walltime)
+                    if task.fn_hash not in self.functions:  # the router's bug, never a reason to hold the task
+                        self._task_done(task.task_id, Outcome(FAILED, code=ErrorCode.UNKNOWN_FUNCTION,
+                                                              message=f"the endpoint was never sent function "
+                                                                      f"{task.fn_hash}"))
+                        continue
                     if self._refuse_unasserted(checked, task) or refuse_mismatch(
                             header.runtimes, task, self.config, self._task_done):
                         continue

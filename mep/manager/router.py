@@ -32,6 +32,7 @@ from mep.config.manager import ManagerConfig
 from mep.errors import ErrorCode, MepError, ProtocolError
 from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, make_curve_client, make_curve_server, public_from_secret
+from mep.protocol.framing import MAX_HEADER_BYTES
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.liveness import PauseDetector
 from mep.protocol.messages import (
@@ -72,6 +73,7 @@ from mep.protocol.messages import (
     Tasks,
 )
 from mep.manager.flow import HeldWork, QueuedTask
+from mep.protocol.receive import handling, loop_turn
 from mep.manager.spawner_link import SpawnerLink
 from mep.manager.task_audit import TaskAuditTrail
 from mep.service.store import dumps_canonical
@@ -134,6 +136,9 @@ class Router:
         self.endpoints_socket = self.context.socket(zmq.ROUTER)
         self.endpoints_socket.router_mandatory = True
         self.endpoints_socket.linger = 0
+        # libzmq drops (and disconnects) a peer whose frame exceeds this before buffering it: a header, or a
+        # result payload of the endpoint's own limit, with room to spare; the same on the service link.
+        self.endpoints_socket.maxmsgsize = self.service.maxmsgsize = 4 * MAX_HEADER_BYTES
         make_curve_server(self.endpoints_socket, endpoint_secret_key, ZAP_DOMAIN)
         self.spawner = SpawnerLink(spawner)
         self.audit = TaskAuditTrail(self.spawner)  # every task's records go to the spawner's audit log
@@ -179,28 +184,10 @@ class Router:
         poller.register(self.endpoints_socket, zmq.POLLIN)
         poller.register(self.spawner.fileno(), zmq.POLLIN)
         stop_deadline = 0.0
-        while True:
-            poller.modify(self.spawner.fileno(), zmq.POLLIN | (zmq.POLLOUT if self.spawner.wants_write else 0))
-            ready = dict(poller.poll(200))
-            if ready.get(self.spawner.fileno(), 0) & zmq.POLLOUT:
-                self.spawner.flush()
-            if ready.get(self.spawner.fileno(), 0) & zmq.POLLIN and not self._from_spawner():
-                log.error("the root spawner has gone; the router stops")
-                break
-            self._drain(self.endpoints_socket, self._from_endpoint)
-            self._drain(self.service, self._from_service)
-            self._retry_queued()
-            self._send_credit()
-            self._flush_to_service()
-            self.audit.flush()
-            self._keep_alive()
-            if self._stopping and not stop_deadline:
-                # Graceful stop: endpoints finish what runs (their results still flow), then exit.
-                stop_deadline = time.monotonic() + STOP_GRACE
-                self.spawner.send(RouterStopping())
-                self._shutdown_endpoints("the manager is stopping")
-            if stop_deadline and (not self.endpoints or time.monotonic() > stop_deadline):
-                break
+        spawner_gone = False
+        while not spawner_gone:
+            with loop_turn(log, "router"):  # a fault in one turn must not take the manager down for every user
+                spawner_gone, stop_deadline = self._turn(poller, stop_deadline)
         self._flush_to_service()
         self.audit.flush()
         if self._stopping:  # a graceful stop hands back what it holds; a crash leaves it to the lease
@@ -209,6 +196,29 @@ class Router:
         self.endpoints_socket.close(linger=0)
         self.context.term()
         return 0
+
+    def _turn(self, poller: zmq.Poller, stop_deadline: float) -> tuple[bool, float]:
+        """One loop turn; (whether to stop now, the graceful stop's deadline)."""
+        poller.modify(self.spawner.fileno(), zmq.POLLIN | (zmq.POLLOUT if self.spawner.wants_write else 0))
+        ready = dict(poller.poll(200))
+        if ready.get(self.spawner.fileno(), 0) & zmq.POLLOUT:
+            self.spawner.flush()
+        if ready.get(self.spawner.fileno(), 0) & zmq.POLLIN and not self._from_spawner():
+            log.error("the root spawner has gone; the router stops")
+            return True, stop_deadline
+        self._drain(self.endpoints_socket, self._from_endpoint)
+        self._drain(self.service, self._from_service)
+        self._retry_queued()
+        self._send_credit()
+        self._flush_to_service()
+        self.audit.flush()
+        self._keep_alive()
+        if self._stopping and not stop_deadline:
+            # Graceful stop: endpoints finish what runs (their results still flow), then exit.
+            stop_deadline = time.monotonic() + STOP_GRACE
+            self.spawner.send(RouterStopping())
+            self._shutdown_endpoints("the manager is stopping")
+        return bool(stop_deadline and (not self.endpoints or time.monotonic() > stop_deadline)), stop_deadline
 
     def stop(self) -> None:
         self._stopping = True
@@ -254,11 +264,10 @@ class Router:
     # --- service ------------------------------------------------------------------
 
     def _from_service(self, frames: list[Any]) -> None:
-        try:
-            header, payloads = decode(frames)
-        except MepError as exc:
-            log.warning("ignoring a malformed message from the service: %s", exc)
-            return
+        with handling(log, "the service", "a message"):  # nobody to answer: the service resends what matters
+            self._handle_service_message(*decode(frames))
+
+    def _handle_service_message(self, header: Any, payloads: list[Any]) -> None:
         self.last_heard = time.monotonic()
         match header:
             case Registered():
@@ -506,11 +515,13 @@ class Router:
         if link is None:
             log.warning("message from endpoint %s, which this router does not know; ignored", endpoint_id)
             return
-        try:
-            header, payloads = decode(frames[1:])
-        except MepError as exc:
-            log.warning("ignoring a malformed message from endpoint %s: %s", endpoint_id, exc)
-            return
+        # Logged, not answered: an endpoint that sends what it should not is broken or hostile either way.
+        with handling(log, f"endpoint {endpoint_id} of {link.account}", "a message"):
+            self._handle_endpoint_message(link, routing_id, *decode(frames[1:]))
+
+    def _handle_endpoint_message(self, link: EndpointLink, routing_id: bytes, header: Any,
+                                 payloads: list[Any]) -> None:
+        endpoint_id = link.endpoint_id
         link.last_heard = time.monotonic()
         if link.routing_id not in (None, routing_id) or (link.routing_id is None and not isinstance(header, Ready)):
             # An adopted endpoint reconnecting after a manager restart: its first message tells us where it is.

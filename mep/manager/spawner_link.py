@@ -17,7 +17,7 @@ import socket
 import msgspec
 
 from mep.errors import ProtocolError
-from mep.protocol.messages import Header
+from mep.protocol.framing import decode_header
 
 MAX_DATAGRAM = 1024 * 1024
 
@@ -37,7 +37,6 @@ class RouterBoot(msgspec.Struct, forbid_unknown_fields=True):
     log_level: int
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Header)
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -88,7 +87,4 @@ class SpawnerLink:
             return None
         if not data:
             return None
-        try:
-            return _decoder.decode(data)
-        except msgspec.MsgspecError as exc:
-            raise ProtocolError(f"invalid message on the spawner channel: {exc}") from None
+        return decode_header(data, "message on the spawner channel")

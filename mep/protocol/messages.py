@@ -14,9 +14,11 @@ start and throughput.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+from mep.protocol.user_config import JsonConfig
 
 PROTOCOL_VERSION = 1
 SIGNATURE = b"MEP1"
@@ -27,6 +29,14 @@ TASK_ERROR = "error"  # the function raised; payload: dill of the exception (may
 FAILED = "failed"  # mep refused or lost the task; no payload; code + message say why
 CANCELLED = "cancelled"  # stopped at the submitter's request; no payload
 EXPIRED = "expired"  # the result was not collected within the retention period; no payload
+
+# Bounds a decoder enforces while it reads (docs/protocol.md, "Limits"): what a client may list in one request.
+MAX_IDS_PER_REQUEST = 100_000  # task ids in a Fetch, Cancel, ResultsAck or TaskQuery; tasks in a Submit
+MAX_ID_CHARS = 256  # a task id, function hash, endpoint id or token
+MAX_QUERY_STATES = 16
+
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+IdList = Annotated[list[Id], msgspec.Meta(max_length=MAX_IDS_PER_REQUEST)]
 
 
 class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -75,8 +85,8 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     (router -> endpoint only).
     """
 
-    task_id: str
-    fn_hash: str
+    task_id: Id
+    fn_hash: Id
     args_frame: int
     fn_frame: int = -1
     runtime: int = 0
@@ -90,12 +100,12 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 class Submit(Envelope, tag="SUBMIT"):
     """A batch of tasks for one endpoint under one user endpoint config."""
 
-    token: str = ""
+    token: Id = ""
     request_id: int = 0
-    endpoint_id: str = ""
-    user_endpoint_config: dict[str, Any] = {}
+    endpoint_id: Id = ""
+    user_endpoint_config: JsonConfig = {}
     runtime: Runtime | None = None
-    tasks: list[TaskRef] = []
+    tasks: Annotated[list[TaskRef], msgspec.Meta(max_length=MAX_IDS_PER_REQUEST)] = []
 
 
 class SubmitAck(Envelope, tag="SUBMIT_ACK"):
@@ -109,9 +119,9 @@ class SubmitAck(Envelope, tag="SUBMIT_ACK"):
 class Fetch(Envelope, tag="FETCH"):
     """Ask for the stored results of these tasks (after a reconnect, or as a poll)."""
 
-    token: str = ""
+    token: Id = ""
     request_id: int = 0
-    task_ids: list[str] = []
+    task_ids: IdList = []
 
 
 class Results(Envelope, tag="RESULTS"):
@@ -129,16 +139,16 @@ class Results(Envelope, tag="RESULTS"):
 class ResultsAck(Envelope, tag="RESULTS_ACK"):
     """The receiver has the results durably (client: in hand); the sender may forget them."""
 
-    token: str = ""
-    task_ids: list[str] = []
+    token: Id = ""
+    task_ids: IdList = []
 
 
 class Cancel(Envelope, tag="CANCEL"):
     """Stop these tasks (client -> service -> router -> endpoint); the token only on the first hop."""
 
-    token: str = ""
+    token: Id = ""
     request_id: int = 0
-    task_ids: list[str] = []
+    task_ids: IdList = []
 
 
 class CancelAck(Envelope, tag="CANCEL_ACK"):
@@ -154,11 +164,11 @@ class CancelAck(Envelope, tag="CANCEL_ACK"):
 class TaskQuery(Envelope, tag="TASK_QUERY"):
     """List the caller's own tasks: by id, or filtered by endpoint, state and submission time."""
 
-    token: str = ""
+    token: Id = ""
     request_id: int = 0
-    task_ids: list[str] = []
-    endpoint_id: str = ""
-    states: list[str] = []
+    task_ids: IdList = []
+    endpoint_id: Id = ""
+    states: Annotated[list[str], msgspec.Meta(max_length=MAX_QUERY_STATES)] = []
     since: float = 0.0
     limit: int = 1000
 
@@ -185,7 +195,7 @@ class TaskList(Envelope, tag="TASK_LIST"):
 
 
 class StatusRequest(Envelope, tag="STATUS"):
-    token: str = ""
+    token: Id = ""
     request_id: int = 0
     endpoint_id: str = ""
 
@@ -239,7 +249,7 @@ class TaskGroup(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     submitter_id: str
     identities: list[IdentityResource]
-    user_endpoint_config: dict[str, Any]
+    user_endpoint_config: JsonConfig
     runtime: Runtime
     task_ids: list[str]
     identity_assertion: str = ""
@@ -342,7 +352,7 @@ class SpawnRequest(Envelope, tag="SPAWN"):
     request_id: int = 0
     submitter_id: str = ""
     identities: list[IdentityResource] = []
-    user_endpoint_config: dict[str, Any] = {}
+    user_endpoint_config: JsonConfig = {}
     runtime: Runtime | None = None
     identity_assertion: str = ""
 

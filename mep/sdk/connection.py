@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from mep.errors import AuthenticationError, ConfigurationError, ServiceUnreachableError, error_for_code
 from mep.protocol import decode, encode
 from mep.protocol.curve import check_public_key, generate_keypair, make_curve_client
+from mep.protocol.framing import MAX_HEADER_BYTES
 from mep.protocol.messages import Error
 
 # What a CURVE client sees on its monitor socket, measured here (libzmq 4.3.5, pyzmq 27.3) against a live
@@ -75,6 +76,7 @@ class ServiceSettings:
         socket.linger = 0
         socket.reconnect_ivl = 100
         socket.reconnect_ivl_max = 5000  # back off to 5 s while the service is down
+        socket.maxmsgsize = 4 * MAX_HEADER_BYTES  # per frame, as every mep receiver (docs/protocol.md §15)
         make_curve_client(socket, self.public_key, generate_keypair()[1])
         watch = HandshakeWatch(self, socket.get_monitor_socket(WATCHED_EVENTS))
         socket.connect(self.address)

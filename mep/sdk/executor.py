@@ -48,6 +48,7 @@ from mep.protocol import decode, encode
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 from mep.protocol.messages import (
     CANCELLED,
+    MAX_IDS_PER_REQUEST,
     Cancel,
     CancelAck,
     Error,
@@ -59,6 +60,8 @@ from mep.protocol.messages import (
     SubmitAck,
     TaskRef,
 )
+from mep.protocol.receive import handling
+from mep.protocol.user_config import check_config
 from mep.sdk.connection import ServiceSettings
 from mep.sdk.display import html_table
 from mep.sdk.results import outcome
@@ -218,7 +221,7 @@ class Executor(concurrent.futures.Executor):
         self._settings = ServiceSettings.resolve(service, service_key, token)
         self.user_endpoint_config = dict(user_endpoint_config or {})
         self.walltime = walltime
-        self._batch_size = batch_size
+        self._batch_size = min(batch_size, MAX_IDS_PER_REQUEST)  # the most tasks one SUBMIT may carry
         self._max_payload_bytes = max_payload_bytes
         self._resend_after = resend_after
         self._poll_interval = poll_interval
@@ -278,6 +281,7 @@ class Executor(concurrent.futures.Executor):
         """Queue ``fn(*args, **kwargs)``; raises ``SerializationError`` at once if either can't be pickled."""
         if self._closing.is_set():
             raise RuntimeError("cannot submit to an Executor that has been shut down")
+        check_config(self.user_endpoint_config)  # here, not in the I/O thread: the caller sees what is wrong
         body, fn_hash = _functions.serialized(fn)
         task_id = str(uuid.uuid4())
         pending = _Pending(task_id=task_id, future=self._future(task_id), fn_hash=fn_hash, fn_body=body,
@@ -386,10 +390,10 @@ class Executor(concurrent.futures.Executor):
                 if now - last_heard > self._answer_timeout:
                     self._no_answer(state)
                     last_heard = now
-                if state.to_cancel:
+                for task_ids in _chunks(state.to_cancel):
                     socket.send_multipart(encode(Cancel(token=self._settings.token, request_id=next(request_ids),
-                                                        task_ids=state.to_cancel)))
-                    state.to_cancel = []
+                                                        task_ids=task_ids)))
+                state.to_cancel = []
                 if not state.in_flight and state.queued:
                     batch = self._next_batch(state)
                     request_id = next(request_ids)
@@ -401,8 +405,9 @@ class Executor(concurrent.futures.Executor):
                         flight.sent_at = now
                         self._send_submit(socket, request_id, flight.tasks, state, include_all_functions=True)
                 if state.awaiting_result and now - max(last_heard, last_polled) > self._poll_interval:
-                    socket.send_multipart(encode(Fetch(token=self._settings.token, request_id=next(request_ids),
-                                                       task_ids=list(state.awaiting_result))))
+                    for task_ids in _chunks(list(state.awaiting_result)):
+                        socket.send_multipart(encode(Fetch(token=self._settings.token, request_id=next(request_ids),
+                                                           task_ids=task_ids)))
                     last_polled = now
         except AuthenticationError as exc:  # a wrong pinned key: nothing we send can succeed
             self._fail_everything(state, exc)
@@ -491,11 +496,10 @@ class Executor(concurrent.futures.Executor):
         socket.send_multipart(encode(header, payloads), copy=False)
 
     def _receive(self, socket: zmq.Socket, frames: list[bytes], state: _State) -> None:
-        try:
-            header, payloads = decode(frames)
-        except MepError as exc:
-            log.warning("ignoring a malformed message from the service: %s", exc)
-            return
+        with handling(log, "the service", "a message"):  # logged: a bad message must not stop this thread
+            self._handle(socket, *decode(frames), state)
+
+    def _handle(self, socket: zmq.Socket, header: Any, payloads: list[bytes], state: _State) -> None:
         match header:
             case SubmitAck():
                 self._acknowledged(header, state)
@@ -580,6 +584,12 @@ class Executor(concurrent.futures.Executor):
         with self._all_acknowledged:
             self._unacknowledged = 0
             self._all_acknowledged.notify_all()
+
+
+def _chunks(task_ids: list[str]) -> Iterable[list[str]]:
+    """Ids in pieces the service takes in one request."""
+    for start in range(0, len(task_ids), MAX_IDS_PER_REQUEST):
+        yield task_ids[start:start + MAX_IDS_PER_REQUEST]
 
 
 def _set_exception(future: concurrent.futures.Future, exc: BaseException) -> None:

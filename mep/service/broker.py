@@ -38,6 +38,7 @@ from mep.errors import (
     MepError,
     NotRegisteredError,
     ProtocolError,
+    ServiceUnavailableError,
     UnknownEndpointError,
 )
 from mep.protocol import decode, encode
@@ -46,6 +47,7 @@ from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.liveness import PauseDetector
 from mep.protocol.messages import (
+    MAX_IDS_PER_REQUEST,
     Cancel,
     CancelAck,
     Credit,
@@ -74,8 +76,9 @@ from mep.protocol.messages import (
     TasksLost,
     Unregister,
 )
+from mep.protocol.receive import handling, loop_turn
 from mep.service.state import ServiceState
-from mep.service.store import Store, StoredResult, dumps_canonical
+from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 from mep.service.throttle import FailedAuthentications
 
 log = logging.getLogger(__name__)
@@ -164,6 +167,7 @@ class Broker:
         self.failed_authentications = FailedAuthentications(settings.max_auth_failures, settings.auth_failure_window)
         self._source = ""  # network address of the peer whose message is being handled
         self._pause = PauseDetector(longest_turn=settings.heartbeat_interval)
+        self._dispatched_unrecorded: list[str] = []  # sent to a manager while the disk was full
 
     # --- authentication ---------------------------------------------------------
 
@@ -197,12 +201,13 @@ class Broker:
         more_to_dispatch = False
         try:
             while not self._stop.is_set():
-                timeout = 0 if more_to_dispatch else 200
-                if poller.poll(timeout):
-                    self._handle(self._drain())
-                more_to_dispatch = self._dispatch()
-                self._expire_silent_managers()
-                self._expire_old_results()
+                more_to_dispatch, was_more = False, more_to_dispatch
+                with loop_turn(log, "service"):  # a fault in one turn (a full disk, a bug) must not end the service
+                    if poller.poll(0 if was_more else 200):
+                        self._handle(self._drain())
+                    more_to_dispatch = self._dispatch_once_recorded()
+                    self._expire_silent_managers()
+                    self._expire_old_results()
         finally:
             self.socket.close(linger=0)
             self.context.term()
@@ -219,24 +224,52 @@ class Broker:
 
     def _handle(self, messages: list[list[zmq.Frame]]) -> None:
         outbox = Outbox()
-        with self.store.transaction():
-            for frames in messages:
-                routing_id = frames[0].bytes
-                request_id = 0
-                try:
-                    if len(frames) < 2:
-                        raise ProtocolError("empty message")
-                    peer = frames[1].get("User-Id")
-                    self._source = _peer_address(frames[1])
-                    header, payloads = decode(frames[1:])
-                    request_id = getattr(header, "request_id", 0)
-                    self._handle_one(peer, routing_id, header, payloads, outbox)
-                except MepError as exc:
-                    log.warning("refused a message: %s", exc)
-                    outbox.reply(routing_id, Error(request_id=request_id, code=exc.code, message=str(exc)))
+        managers = dict(self.managers)
+        try:
+            with self.store.transaction():
+                for frames in messages:
+                    self._handle_guarded(frames, outbox)
+        except ServiceUnavailableError as exc:  # nothing of the batch was stored: nothing of it is acknowledged
+            log.error("the database can't be written (%s): %d message(s) refused, nothing of them stored",
+                      exc.admin_detail, len(messages))
+            self.managers = managers  # a registration whose requeue was not stored did not happen
+            outbox = self._refuse_unstored(messages, exc)
         for routing_id, frames in outbox.messages:
             self._send(routing_id, frames)
         self._push_results(outbox.completed)
+
+    def _handle_guarded(self, frames: list[zmq.Frame], outbox: Outbox) -> None:
+        """One message, in its own savepoint: whatever it raises undoes its work and answers the sender alone."""
+        routing_id = frames[0].bytes
+        peer = _describe_peer(frames)
+        request_id = 0
+        replies, completed = len(outbox.messages), len(outbox.completed)
+
+        def refuse(exc: MepError) -> None:
+            del outbox.messages[replies:], outbox.completed[completed:]
+            outbox.reply(routing_id, Error(request_id=request_id, code=exc.code, message=str(exc)))
+
+        with handling(log, peer, "a message", refuse, propagate=(ServiceUnavailableError,)), self.store.savepoint():
+            if len(frames) < 2:
+                raise ProtocolError("empty message")
+            self._source = _peer_address(frames[1])
+            header, payloads = decode(frames[1:])
+            request_id = getattr(header, "request_id", 0)
+            self._handle_one(frames[1].get("User-Id"), routing_id, header, payloads, outbox)
+
+    @staticmethod
+    def _refuse_unstored(messages: list[list[zmq.Frame]], error: ServiceUnavailableError) -> Outbox:
+        """Tell each requester its request was not stored; managers and acknowledgements are simply sent again."""
+        outbox = Outbox()
+        for frames in messages:
+            try:
+                header, _ = decode(frames[1:])
+            except MepError:
+                continue  # refused for its own reasons once the disk works again
+            if getattr(header, "request_id", 0):
+                outbox.reply(frames[0].bytes, Error(request_id=header.request_id, code=error.code,
+                                                    message=str(error)))
+        return outbox
 
     def _handle_one(self, peer: str, routing_id: bytes, header: Any, payloads: list[zmq.Frame],
                     outbox: Outbox) -> None:
@@ -415,7 +448,9 @@ class Broker:
                     payload = payloads[result.payload_frame].buffer if result.payload_frame != -1 else None
                     if self.store.record_result(endpoint_id, result, payload):
                         outbox.completed.append(result.task_id)
-                outbox.reply(routing_id, ResultsAck(task_ids=[r.task_id for r in header.results]))
+                ids = [r.task_id for r in header.results]
+                for start in range(0, len(ids), MAX_IDS_PER_REQUEST):  # what the router's decoder takes at once
+                    outbox.reply(routing_id, ResultsAck(task_ids=ids[start:start + MAX_IDS_PER_REQUEST]))
             case _:
                 raise ProtocolError(f"a manager may not send {type(header).__name__} messages")
 
@@ -446,6 +481,50 @@ class Broker:
     def _lease(self) -> float:
         return 3 * self.settings.heartbeat_interval
 
+    def _dispatch_once_recorded(self) -> bool:
+        """Dispatch, unless tasks already sent could not be recorded as dispatched (the disk is full).
+
+        They would be sent again every turn otherwise; once the record is written, dispatch resumes.
+        """
+        if self._dispatched_unrecorded and not self._record_dispatched([]):
+            return False
+        return self._dispatch()
+
+    def _record_dispatched(self, task_ids: list[str]) -> bool:
+        self._dispatched_unrecorded += task_ids
+        try:
+            with self.store.transaction():
+                self.store.mark_dispatched(self._dispatched_unrecorded)
+        except ServiceUnavailableError as exc:
+            log.error("%d dispatched task(s) can't be recorded (%s); dispatch waits until they can",
+                      len(self._dispatched_unrecorded), exc.admin_detail)
+            return False
+        self._dispatched_unrecorded = []
+        return True
+
+    def _readable(self, endpoint_id: str, queued: list[QueuedTask]) -> list[QueuedTask]:
+        """Fail, with the reason, a task whose stored config or runtime can't be read back (a row an older
+        mep wrote, such as ``Infinity``), instead of letting it stop every dispatch after every restart."""
+        problems: dict[tuple[str, str], str] = {}
+        for config, runtime in {(task.config, task.runtime) for task in queued}:
+            try:
+                loads_canonical(config)
+                msgspec.json.decode(runtime, type=Runtime)
+            except (MepError, msgspec.MsgspecError) as exc:
+                problems[config, runtime] = (f"{exc}; submit the task again with a user_endpoint_config of "
+                                             "JSON values only")
+        if not problems:
+            return queued
+        unreadable = [task for task in queued if (task.config, task.runtime) in problems]
+        with self.store.transaction():
+            for task in unreadable:
+                self.store.fail_task(endpoint_id, task.task_id, ErrorCode.CONFIG_INVALID,
+                                     problems[task.config, task.runtime])
+        log.warning("failed %d stored task(s) for endpoint %s whose config can't be read back: %s",
+                    len(unreadable), endpoint_id, "; ".join(sorted(set(problems.values()))))
+        self._push_results([task.task_id for task in unreadable])
+        return [task for task in queued if (task.config, task.runtime) not in problems]
+
     def _dispatch(self) -> bool:
         """Send waiting tasks to connected managers, as far as each one's credit goes.
 
@@ -456,7 +535,10 @@ class Broker:
             room = min(link.credit_tasks - link.sent_tasks, self.settings.dispatch_batch)
             if room <= 0 or link.sent_bytes >= link.credit_bytes:
                 continue
-            candidates = self.store.waiting_tasks(endpoint_id, room, after=link.last_submitter, exclude=link.full)
+            candidates = self._readable(endpoint_id, self.store.waiting_tasks(
+                endpoint_id, room, after=link.last_submitter, exclude=link.full))
+            if not candidates:
+                continue
             groups: dict[tuple[str, str, str], TaskGroup] = {}
             identity_sets: dict[str, list] = {}
             tasks: list[TaskRef] = []
@@ -472,7 +554,7 @@ class Broker:
                         identity_sets[task.submitter_id] = self.store.identity_set(task.submitter_id)
                     groups[key] = TaskGroup(
                         submitter_id=task.submitter_id, identities=identity_sets[task.submitter_id],
-                        user_endpoint_config=msgspec.json.decode(task.config),
+                        user_endpoint_config=loads_canonical(task.config),
                         runtime=msgspec.json.decode(task.runtime, type=Runtime), task_ids=[])
                 groups[key].task_ids.append(task.task_id)
                 ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads),
@@ -494,8 +576,8 @@ class Broker:
             link.sent_tasks += len(tasks)
             link.sent_bytes = sent_bytes
             link.last_submitter = candidates[len(tasks) - 1].submitter_id
-            with self.store.transaction():
-                self.store.mark_dispatched([ref.task_id for ref in tasks])
+            if not self._record_dispatched([ref.task_id for ref in tasks]):
+                return False
             more = more or (len(tasks) == self.settings.dispatch_batch and link.sent_tasks < link.credit_tasks)
         return more
 
@@ -569,6 +651,16 @@ class _Quota:
         return ErrorCode.QUOTA_EXCEEDED, (
             f"you have {self.unfinished} unfinished tasks, the most this service allows per identity "
             f"({settings.max_queued_tasks}); submit more once some have finished")
+
+
+def _describe_peer(frames: list[zmq.Frame]) -> str:
+    """Who sent a message, for the log: what its CURVE key was authenticated as, and from where."""
+    if len(frames) < 2:
+        return f"routing id {frames[0].bytes.hex()}"
+    try:
+        return f"{frames[1].get('User-Id')} at {frames[1].get('Peer-Address')}"
+    except zmq.ZMQError:
+        return f"{frames[1].get('User-Id')} (routing id {frames[0].bytes.hex()})"
 
 
 def _results_message(stored: list[StoredResult]) -> tuple[Results, list[bytes]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import secrets
 import sqlite3
 import time
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mep.errors import ConfigurationError, ErrorCode
+from mep.errors import ConfigurationError, ErrorCode, ServiceUnavailableError
 from mep.protocol.messages import (
     CANCELLED,
     EXPIRED,
@@ -39,6 +38,7 @@ from mep.protocol.messages import (
     TaskQuery,
 )
 from mep.protocol.messages import FAILED as WIRE_FAILED
+from mep.protocol.user_config import dumps_config, loads_config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -101,6 +101,41 @@ TASK_STATES = ("waiting", "dispatched", "running", *TERMINAL_STATES)
 TERMINAL_SQL = "('succeeded','failed','cancelled','expired')"
 FINAL_STATE = {SUCCESS: "succeeded", TASK_ERROR: "failed", WIRE_FAILED: "failed", CANCELLED: "cancelled",
                EXPIRED: "expired"}
+SQL_CHUNK = 500  # values bound in one IN (...) list: far below any SQLite build's variable limit
+
+# SQLite's primary result codes that mean "the storage under the database failed", not "the query was wrong".
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
+DISK_FULL = ("the service's disk is full, so nothing of this request was stored; send it again later "
+             "(what the service acknowledged before is safe)")
+STORAGE_FAILED = ("the service can't write its database right now, so nothing of this request was stored; "
+                  "send it again later (what the service acknowledged before is safe)")
+
+
+def _storage_failure(exc: BaseException) -> ServiceUnavailableError | None:
+    """The researcher-facing error for a failure of the service's storage; None for any other error."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", -1) & 0xFF  # an extended code's low byte is its primary code
+    if code == SQLITE_FULL:
+        error = ServiceUnavailableError(DISK_FULL)
+    elif code in (SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN):
+        error = ServiceUnavailableError(STORAGE_FAILED)
+    else:
+        return None
+    error.admin_detail = f"{type(exc).__name__}: {exc}"
+    return error
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Re-raise a storage failure as ``ServiceUnavailableError`` (the original chained, for the log)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        error = _storage_failure(exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def hash_token(token: str) -> str:
@@ -154,14 +189,42 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Commits (durably) on exit, rolls back on error."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """Commits (durably) on exit, rolls back on error.
+
+        A storage failure (disk full, I/O error) raises ``ServiceUnavailableError``
+        and leaves nothing of the transaction behind; SQLite may have rolled it
+        back by itself already, which is why the rollback is conditional.
+        """
+        with _storage_errors():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._roll_back("ROLLBACK")
+                raise
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: on error, undo only what was done in this block (one message's work)."""
+        with _storage_errors():
+            self.db.execute("SAVEPOINT one_message")
+            try:
+                yield
+            except BaseException:
+                self._roll_back("ROLLBACK TO one_message", "RELEASE one_message")
+                raise
+            self.db.execute("RELEASE one_message")
+
+    def _roll_back(self, *statements: str) -> None:
+        if not self.db.in_transaction:
+            return
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            for statement in statements:
+                self.db.execute(statement)
+        except sqlite3.Error:
+            if self.db.in_transaction:  # the error being handled matters more; a failed rollback ends it
+                self.db.rollback()
 
     # --- identities ---------------------------------------------------------
 
@@ -499,24 +562,36 @@ class Store:
 
     def task_infos(self, submitter_id: str, query: TaskQuery) -> list[TaskInfo]:
         """The submitter's tasks, newest first, filtered as the query says."""
+        limit = max(1, min(query.limit, 10_000))
+        if len(query.task_ids) <= SQL_CHUNK:
+            return self._task_infos(submitter_id, query, query.task_ids, limit)
+        found: list[TaskInfo] = []
+        ids = list(dict.fromkeys(query.task_ids))
+        for start in range(0, len(ids), SQL_CHUNK):
+            found += self._task_infos(submitter_id, query, ids[start:start + SQL_CHUNK], limit)
+        found.sort(key=lambda info: info.received_at, reverse=True)
+        return found[:limit]
+
+    def _task_infos(self, submitter_id: str, query: TaskQuery, task_ids: Sequence[str], limit: int) -> list[TaskInfo]:
         clauses = ["submitter_id=?"]
         values: list[Any] = [submitter_id]
-        if query.task_ids:
-            clauses.append(f"id IN ({','.join('?' * len(query.task_ids))})")
-            values += query.task_ids
+        if task_ids:
+            clauses.append(f"id IN ({','.join('?' * len(task_ids))})")
+            values += task_ids
         if query.endpoint_id:
             clauses.append("endpoint_id=?")
             values.append(query.endpoint_id)
         if query.states:
-            clauses.append(f"state IN ({','.join('?' * len(query.states))})")
-            values += query.states
+            states = sorted(set(query.states))
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            values += states
         if query.since:
             clauses.append("created_at>=?")
             values.append(query.since)
         rows = self.db.execute(
             "SELECT id, endpoint_id, state, result_code, result_message, attempts, created_at, dispatched_at,"
             " started_at, completed_at, acked_at IS NOT NULL FROM tasks WHERE " + " AND ".join(clauses)
-            + " ORDER BY created_at DESC LIMIT ?", (*values, max(1, min(query.limit, 10_000)))).fetchall()
+            + " ORDER BY created_at DESC LIMIT ?", (*values, limit)).fetchall()
         return [TaskInfo(task_id=r[0], endpoint_id=r[1], state=r[2], code=r[3] or "", message=r[4] or "",
                          attempts=r[5], received_at=r[6], dispatched_at=r[7] or 0.0, started_at=r[8] or 0.0,
                          completed_at=r[9] or 0.0, collected=bool(r[10])) for r in rows]
@@ -532,6 +607,6 @@ def _stored_result(task_id: str, row: Sequence[Any]) -> StoredResult:
     return StoredResult(result=result, payload=payload)
 
 
-def dumps_canonical(value: Any) -> str:
-    """Canonical JSON: equal configs give equal text, so they group and compare as equal."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+# The one codec for stored configs, in both directions (see mep.protocol.user_config).
+dumps_canonical = dumps_config
+loads_canonical = loads_config

@@ -82,6 +82,7 @@ from mep.protocol.messages import (
     SpawnRefused,
     SpawnRequest,
 )
+from mep.protocol.receive import handling, loop_turn
 
 log = logging.getLogger("mep.spawner")
 
@@ -207,39 +208,46 @@ class Spawner:
 
     def _serve(self) -> int:
         while True:
-            router, watched = self.router, dict(self.children)
-            readable = [self._wake_read, *watched]
-            writable = []
-            if router is not None:
-                readable += [router.channel.fileno(), router.pidfd]
-                readable += [router.log_read] if router.log_read != -1 else []
-                writable = [router.channel.fileno()] if router.channel.wants_write else []
-            timeout = max(0.0, self._restart_at - time.monotonic()) if self._restart_at else None
-            readable, writable, _ = select.select(readable, writable, [], timeout)
-            ready = set(readable)
-            if writable and router is self.router:
-                router.channel.flush()
-            if self._wake_read in ready:
-                self._drain_wakeups()  # outcomes of spawns and audit writes: may register endpoints
-            if router is not None and router is self.router:
-                if router.log_read in ready:
-                    router.relay_log()
-                if router.channel.fileno() in ready and not self._serve_router():
-                    self._router_gone()
-                elif router.pidfd in ready:
-                    # What it sent last (its stop notice, its last task records) is still worth reading.
-                    while select.select([router.channel.fileno()], [], [], 0)[0] and self._serve_router():
-                        pass
-                    self._router_gone()
-            for fd, process in watched.items():  # closed descriptors' numbers may have been reused meanwhile
-                if fd in ready and self.children.get(fd) is process:
-                    self._reap(self.children.pop(fd))
-            if self.router is None:
-                if self._router_stopping or self._stop_requested:
-                    self._stop_children()
+            with loop_turn(log, "spawner"):  # an ordinary error in one turn must not end the manager
+                if self._turn():
                     return 0
-                if time.monotonic() >= self._restart_at:
-                    self._restart_router()
+
+    def _turn(self) -> bool:
+        """Wait for the router, a signal or an endpoint's exit, and handle it; True once the spawner is done."""
+        router, watched = self.router, dict(self.children)
+        readable = [self._wake_read, *watched]
+        writable = []
+        if router is not None:
+            readable += [router.channel.fileno(), router.pidfd]
+            readable += [router.log_read] if router.log_read != -1 else []
+            writable = [router.channel.fileno()] if router.channel.wants_write else []
+        timeout = max(0.0, self._restart_at - time.monotonic()) if self._restart_at else None
+        readable, writable, _ = select.select(readable, writable, [], timeout)
+        ready = set(readable)
+        if writable and router is self.router:
+            router.channel.flush()
+        if self._wake_read in ready:
+            self._drain_wakeups()  # outcomes of spawns and audit writes: may register endpoints
+        if router is not None and router is self.router:
+            if router.log_read in ready:
+                router.relay_log()
+            if router.channel.fileno() in ready and not self._serve_router():
+                self._router_gone()
+            elif router.pidfd in ready:
+                # What it sent last (its stop notice, its last task records) is still worth reading.
+                while select.select([router.channel.fileno()], [], [], 0)[0] and self._serve_router():
+                    pass
+                self._router_gone()
+        for fd, process in watched.items():  # closed descriptors' numbers may have been reused meanwhile
+            if fd in ready and self.children.get(fd) is process:
+                self._reap(self.children.pop(fd))
+        if self.router is None:
+            if self._router_stopping or self._stop_requested:
+                self._stop_children()
+                return True
+            if time.monotonic() >= self._restart_at:
+                self._restart_router()
+        return False
 
     # --- the router -------------------------------------------------------------------
 
@@ -344,12 +352,24 @@ class Spawner:
         except BlockingIOError:
             return True  # woken for nothing
         except MepError as exc:
-            log.error("%s", exc)
+            log.error("refused a message from the router (pid %d): %s", self.router.pid, exc)
             return True
+        if message is None:
+            log.info("the router closed the channel; stopping")
+            return False
+        # An OSError (say, writing the registry) while spawning refuses this request, nothing more.
+        refuse = self._refuse_spawn(message) if isinstance(message, SpawnRequest) else None
+        with handling(log, f"the router (pid {self.router.pid})", f"a {type(message).__name__}", refuse):
+            self._handle_router_message(message)
+        return True
+
+    def _refuse_spawn(self, request: SpawnRequest) -> Callable[[MepError], None]:
+        def refuse(exc: MepError) -> None:
+            self._send(SpawnRefused(request_id=request.request_id, code=exc.code, message=str(exc)))
+        return refuse
+
+    def _handle_router_message(self, message: Any) -> None:
         match message:
-            case None:
-                log.info("the router closed the channel")
-                return False
             case SpawnRequest():
                 self._spawn_request(message)
             case AuditTasks():
@@ -370,7 +390,6 @@ class Spawner:
                 self._send(SpawnerStatus(process=process_status("spawner")))
             case _:
                 log.warning("ignoring an unexpected %s from the router", type(message).__name__)
-        return True
 
     # --- the audit log ----------------------------------------------------------------
 
