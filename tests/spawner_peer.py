@@ -48,6 +48,7 @@ from mep.protocol.messages import (
     SpawnRefused,
     SpawnRequest,
 )
+from tests.harness import children_of
 
 RUNTIME = Runtime(python="3.11.2", dill="0.4.1", mep="0.1.0", platform="linux")
 
@@ -141,6 +142,12 @@ class SpawnerPeer:
             if isinstance(message, (Spawned, SpawnRefused)) and message.request_id == self._next_request:
                 return message
 
+    def endpoints(self) -> list[int]:
+        """The spawner's children but the stand-in router: the endpoints (or session holders) it started."""
+        path = self.directory / "router.pid"
+        stand_in = int(path.read_text()) if path.exists() else 0
+        return [pid for pid in children_of(self.pid) if pid != stand_in]
+
     def audit_records(self, event: str = "decision") -> list[dict[str, Any]]:
         lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []
         return [record for record in map(json.loads, lines) if record.get("event") == event]
@@ -150,8 +157,7 @@ class SpawnerPeer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-@contextmanager
-def _router_is_the_test(channel: socket.socket) -> None:
+def _router_is_the_test(channel: socket.socket, directory: Path) -> None:
     """The spawner's router is the test: its first (and only) router start hands over the test's channel.
 
     A stand-in child plays the router process the spawner watches (and kills once the channel closes).
@@ -167,12 +173,14 @@ def _router_is_the_test(channel: socket.socket) -> None:
             while True:
                 signal.pause()
         started.append(stand_in)
+        (directory / "router.pid").write_text(str(stand_in))  # not an endpoint: SpawnerPeer.endpoints() skips it
         return RouterProcess(pid=stand_in, pidfd=os.pidfd_open(stand_in), channel=SpawnerLink(channel),
                              log_read=-1, started_at=time.monotonic())
 
     spawner_module.start_router = start_router
 
 
+@contextmanager
 def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router: bool = False,
                  settings: dict[str, Any] | None = None) -> Iterator[SpawnerPeer]:
     """A running spawner for ``mapping``; stopped (with its endpoints) and removed afterwards."""
@@ -202,7 +210,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
             try:
                 router_end.close()
                 logging.basicConfig(filename=directory / "spawner.log", level=logging.INFO, force=True)
-                _router_is_the_test(spawner_end)
+                _router_is_the_test(spawner_end, directory)
                 launch = RouterLaunch(account=router_account(router_user), drop_privileges=True, lock_fd=-1,
                                       boot=RouterBoot(config={}, manager_secret_key="", endpoint_address="",
                                                       endpoint_secret_key="", log_level=logging.INFO))
