@@ -56,6 +56,12 @@ def audit(manager) -> list[dict]:  # noqa: ANN001 - a harness Manager
     return [json.loads(line) for line in audit_log_of(manager.config_path).read_text().splitlines()]
 
 
+def routed(manager, task_id: str) -> list[dict]:  # noqa: ANN001 - a harness Manager
+    """The audit records of ``task_id`` being sent to an endpoint."""
+    return [record for record in audit(manager) if record["event"] == "task" and record.get("outcome") == "routed"
+            and task_id in record.get("task_ids", [])]
+
+
 @pytest.fixture
 def peer(router_account: str) -> Iterator[SpawnerPeer]:
     with spawner_peer(expression_mapping(DOMAIN_STRIP), router_user=router_account) as running:
@@ -112,12 +118,8 @@ def test_revoked_identity_with_a_busy_endpoint(deploy, account_factory, record_p
     identity = deploy.identity(f"{account.pw_name}@example.org")
     with deploy.executor(identity, manager) as executor:
         busy = executor.submit(nap, 6)
-
-        def routed(task_id: str) -> list[dict]:
-            return [r for r in audit(manager) if r["event"] == "task" and r.get("outcome") == "routed"
-                    and task_id in r.get("task_ids", [])]
-
-        (old_endpoint,) = {r["endpoint_id"] for r in wait_for(lambda: routed(busy.task_id), what="the long task")}
+        (old_endpoint,) = {r["endpoint_id"] for r in wait_for(lambda: routed(manager, busy.task_id),
+                                                               what="the long task to reach its endpoint")}
         # The admin revokes: this identity's domain no longer maps to anyone; then SIGHUP.
         other = {"source": "{username}", "match": r"(.*)@other\.example\.net", "output": "{0}"}
         mapping = manager.config_path.parent / "identity_mapping.json"
@@ -131,7 +133,7 @@ def test_revoked_identity_with_a_busy_endpoint(deploy, account_factory, record_p
         with pytest.raises(mep.UnmappedIdentityError) as raised:
             refused.result(timeout=60)
         assert busy.result(timeout=60) == "done", "the task already running finishes (nothing is lost)"
-    assert routed(refused.task_id) == [], "no new task was sent to the old endpoint"
+    assert routed(manager, refused.task_id) == [], "no new task was sent to the old endpoint"
     stopped = wait_for(lambda: [r for r in audit(manager) if r["event"] == "endpoint_stopped"], what="the stop")
     assert [r["endpoint_id"] for r in stopped] == [old_endpoint] and "no document maps" in stopped[0]["reason"]
     wait_for(lambda: any(r["event"] == "endpoint_exited" and r["endpoint_id"] == old_endpoint
