@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -144,9 +145,8 @@ class SpawnerPeer:
 
     def endpoints(self) -> list[int]:
         """The spawner's children but the stand-in router: the endpoints (or session holders) it started."""
-        path = self.directory / "router.pid"
-        stand_in = int(path.read_text()) if path.exists() else 0
-        return [pid for pid in children_of(self.pid) if pid != stand_in]
+        stand_ins = {int(pid) for pid in re.findall(r"router started \(pid (\d+)\)", self.log())}
+        return [pid for pid in children_of(self.pid) if pid not in stand_ins]
 
     def audit_records(self, event: str = "decision") -> list[dict[str, Any]]:
         lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []
@@ -157,7 +157,7 @@ class SpawnerPeer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _router_is_the_test(channel: socket.socket, directory: Path) -> None:
+def _router_is_the_test(channel: socket.socket) -> None:
     """The spawner's router is the test: its first (and only) router start hands over the test's channel.
 
     A stand-in child plays the router process the spawner watches (and kills once the channel closes).
@@ -173,7 +173,6 @@ def _router_is_the_test(channel: socket.socket, directory: Path) -> None:
             while True:
                 signal.pause()
         started.append(stand_in)
-        (directory / "router.pid").write_text(str(stand_in))  # not an endpoint: SpawnerPeer.endpoints() skips it
         return RouterProcess(pid=stand_in, pidfd=os.pidfd_open(stand_in), channel=SpawnerLink(channel),
                              log_read=-1, started_at=time.monotonic())
 
@@ -210,7 +209,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
             try:
                 router_end.close()
                 logging.basicConfig(filename=directory / "spawner.log", level=logging.INFO, force=True)
-                _router_is_the_test(spawner_end, directory)
+                _router_is_the_test(spawner_end)
                 launch = RouterLaunch(account=router_account(router_user), drop_privileges=True, lock_fd=-1,
                                       boot=RouterBoot(config={}, manager_secret_key="", endpoint_address="",
                                                       endpoint_secret_key="", log_level=logging.INFO))
