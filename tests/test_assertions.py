@@ -99,6 +99,8 @@ def test_expired_and_replayed_assertions_are_refused(peer: SpawnerPeer, account_
     assert os.stat(f"/proc/{first.pid}").st_uid == account.pw_uid
     replayed = peer.request(submitter, genuine)
     assert isinstance(replayed, SpawnRefused) and replayed.code == ErrorCode.ASSERTION_REPLAYED, replayed
+    wait_for(lambda: any(r["request_id"] == replayed.request_id for r in peer.audit_records()),
+             what="the replay's audit record")
     outcomes = [(r["request_id"], r["outcome"], r.get("code")) for r in peer.audit_records()]
     assert outcomes[-2:] == [(first.request_id, "allowed", None),
                              (replayed.request_id, "refused", ErrorCode.ASSERTION_REPLAYED)]
