@@ -31,7 +31,7 @@ from mep.sdk.client import Client
 from tests import test_assertions as assertion_attacks
 from tests import test_render as render_tests
 from tests import test_spine as spine_attacks
-from tests.harness import DOMAIN_STRIP, audit_log_of, expression_mapping, processes_of_uid, wait_for
+from tests.harness import DOMAIN_STRIP, audit_log_of, expression_mapping, wait_for
 from tests.spawner_peer import SpawnerPeer, identity_of, spawner_peer
 
 pytestmark = pytest.mark.root
@@ -273,7 +273,8 @@ def test_yaml_injection(tmp_path: Path, record_property) -> None:
     record_property("observed", f"{len(render_tests.INJECTIONS)} injections stayed one string value")
 
 
-@pytest.mark.attack("pickle aimed at the service or the manager", "brokers never unpickle (audit hook), never load dill")
+@pytest.mark.attack("pickle aimed at the service or the manager",
+                    "brokers never unpickle (audit hook), never load dill")
 def test_pickle_aimed_at_the_brokers(deploy, account_factory, record_property) -> None:
     spine_attacks.test_audit_hook_refuses_unpickling_in_a_brokering_process()
     spine_attacks.test_brokers_never_load_dill_and_refuse_unpickling(deploy, account_factory)
