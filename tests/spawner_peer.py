@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +49,7 @@ from mep.protocol.messages import (
     SpawnRefused,
     SpawnRequest,
 )
+from tests.harness import children_of
 
 RUNTIME = Runtime(python="3.11.2", dill="0.4.1", mep="0.1.0", platform="linux")
 
@@ -140,6 +142,11 @@ class SpawnerPeer:
             assert message is not None, f"the spawner hung up:\n{self.log()}"
             if isinstance(message, (Spawned, SpawnRefused)) and message.request_id == self._next_request:
                 return message
+
+    def endpoints(self) -> list[int]:
+        """The spawner's children but the stand-in router: the endpoints (or session holders) it started."""
+        stand_ins = {int(pid) for pid in re.findall(r"router started \(pid (\d+)\)", self.log())}
+        return [pid for pid in children_of(self.pid) if pid not in stand_ins]
 
     def audit_records(self, event: str = "decision") -> list[dict[str, Any]]:
         lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []

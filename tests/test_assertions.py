@@ -21,7 +21,7 @@ from mep.errors import AssertionRefusedError, ErrorCode, error_for_code
 from mep.protocol.assertions import AssertionSigner, AssertionVerifier, Claims, SignedAssertion, generate_signing_key
 from mep.protocol.messages import FAILED, SUCCESS, Spawned, SpawnRefused, TaskRef, Tasks
 from mep.sdk.serialize import client_runtime, deserialize, function_hash, serialize_args, serialize_function
-from tests.harness import DOMAIN_STRIP, children_of, expression_mapping
+from tests.harness import DOMAIN_STRIP, expression_mapping, wait_for
 from tests.spawner_peer import SpawnerPeer, identity_of, spawner_peer
 
 pytestmark = pytest.mark.root
@@ -44,11 +44,13 @@ def _refused(peer: SpawnerPeer, answer: Spawned | SpawnRefused, code: ErrorCode)
     assert isinstance(answer, SpawnRefused), f"expected a refusal, got {answer}"
     assert answer.code == code, answer
     assert "ask your admin" in answer.message
-    record = [r for r in peer.audit_records() if r["request_id"] == answer.request_id]
+    # the refusal is queued for the audit writer before it is sent: it is on disk soon after
+    record = wait_for(lambda: [r for r in peer.audit_records() if r["request_id"] == answer.request_id],
+                      what="the refusal's audit record")
     assert len(record) == 1 and record[0]["outcome"] == "refused" and record[0]["code"] == code, record
     assert record[0]["reason"] and record[0]["reason"] != answer.message  # the admin's detail, not the user's line
     assert record[0]["account"] is None, "refused before the identity was even mapped"
-    assert children_of(peer.pid) == [], "no endpoint was started"
+    assert peer.endpoints() == [], "no endpoint was started"
 
 
 def test_forged_spawn_request_for_an_identity_that_never_submitted_is_refused_and_audited(
@@ -97,6 +99,8 @@ def test_expired_and_replayed_assertions_are_refused(peer: SpawnerPeer, account_
     assert os.stat(f"/proc/{first.pid}").st_uid == account.pw_uid
     replayed = peer.request(submitter, genuine)
     assert isinstance(replayed, SpawnRefused) and replayed.code == ErrorCode.ASSERTION_REPLAYED, replayed
+    wait_for(lambda: any(r["request_id"] == replayed.request_id for r in peer.audit_records()),
+             what="the replay's audit record")
     outcomes = [(r["request_id"], r["outcome"], r.get("code")) for r in peer.audit_records()]
     assert outcomes[-2:] == [(first.request_id, "allowed", None),
                              (replayed.request_id, "refused", ErrorCode.ASSERTION_REPLAYED)]

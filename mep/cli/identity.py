@@ -88,7 +88,8 @@ class _Setup:
             self.pam = pam_settings(config, config_path, trusted_owner_uids=trusted) if config.pam.enable else None
             self.mapping_path = config.identity_mapping
             context = MappingContext(endpoint_id=config.endpoint_id, external_timeout=config.identity_mapping_timeout,
-                                     trusted_owner_uids=trusted)
+                                     trusted_owner_uids=trusted,
+                                     run_as=config.identity_mapping_user if os.geteuid() == 0 else None)
         self.mapper = IdentityMapper.from_file(self.mapping_path, trusted_owner_uids=trusted, context=context)
 
 
@@ -118,14 +119,9 @@ def _decide(setup: _Setup, identities: list[dict[str, object]], check_account: b
 
 
 def _check_pam(pam: PamSettings, account: str) -> None:
-    from mep.manager.spawner.accounts import AccountRefused
-    from mep.manager.spawner.pam import PamError, check_account
+    from mep.manager.spawner.pam import require_account
 
-    try:
-        messages = check_account(pam.service, account, library=pam.library)
-    except PamError as error:
-        raise AccountRefused(account, "is refused by this system's account checks (PAM)",
-                             f"service {pam.service}: {error.detail}") from None
+    messages = require_account(pam.service, account, library=pam.library)
     said = f"; the modules said: {' | '.join(messages)}" if messages else ""
     click.echo(f"PAM account management (service {pam.service}): allowed{said}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mep.errors import ConfigurationError
 
@@ -78,6 +78,10 @@ class ManagerConfig(BaseModel):
     heartbeat_interval: float = Field(default=10.0, gt=0)
     identity_mapping_timeout: float = Field(default=5.0, gt=0, le=300,
                                             description="Seconds an external identity-mapping program may take")
+    identity_mapping_user: str = Field(
+        default="nobody", pattern=_ACCOUNT_OR_GROUP_NAME,
+        description="Unprivileged account external identity-mapping programs run as (like sshd's "
+                    "AuthorizedKeysCommandUser); never the router's account, which faces the network")
     allow_users: frozenset[Annotated[str, Field(pattern=_ACCOUNT_OR_GROUP_NAME)]] = Field(
         default=frozenset(), description="If set, only these accounts may run tasks")
     deny_users: frozenset[Annotated[str, Field(pattern=_ACCOUNT_OR_GROUP_NAME)]] = frozenset()
@@ -112,6 +116,13 @@ class ManagerConfig(BaseModel):
     allow_setuid_helpers: bool = Field(
         default=False, description="Start user endpoints without no_new_privs and with the capability bounding "
                                    "set, for a scheduler's setuid client (PBS's pbs_iff)")
+
+    @model_validator(mode="after")
+    def _mapping_programs_do_not_run_as_the_router(self) -> ManagerConfig:
+        # A compromised router could then trace the program and forge its answer: who maps to which account.
+        if self.identity_mapping_user == self.router_user:
+            raise ValueError(f"identity_mapping_user must not be the router's account ({self.router_user!r})")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> ManagerConfig:

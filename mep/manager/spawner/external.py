@@ -13,6 +13,13 @@ This module owns running it the way a root process must run admin code:
 * argv exec, never a shell; the program (and every absolute-path argument
   naming a regular file, such as a script or its data) must pass the same
   ownership checks as the mapping file, checked again before every run;
+* the program is opened, the descriptor checked, and the descriptor executed
+  (``/proc/self/fd/N``), so a symlink swapped between the check and the exec
+  changes nothing; file arguments are passed as the resolved paths that were
+  checked (in directories only root can write);
+* it runs as an unprivileged account (``identity_mapping_user``, like sshd's
+  ``AuthorizedKeysCommandUser``) with no supplementary groups, so a program
+  that is fooled by its input can't act as root;
 * an empty environment but ``PATH`` and ``LANG``, ``/`` as working
   directory, umask 077, a new session, no inherited descriptors;
 * a deadline (5 s by default, as the reference), after which the program's
@@ -20,8 +27,8 @@ This module owns running it the way a root process must run admin code:
 * its stderr goes to the admin's log; its output is validated strictly: a
   result id that is not one of the input ids is a lie, not a mapping.
 
-Runs as the spawner's account (root on a multi-user manager), like the
-reference does in the Globus Compute endpoint manager.
+Without ``run_as`` (a single-user manager, the unit tests) it runs as the
+caller's own account.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import selectors
 import signal
 import subprocess
@@ -39,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mep.errors import ConfigurationError
-from mep.manager.spawner.policy_files import check_policy_file
+from mep.manager.spawner.policy_files import check_policy_file, open_policy_file
 
 log = logging.getLogger("mep.spawner.external")
 
@@ -81,10 +89,12 @@ class ExternalProgram:
     timeout: float = DEFAULT_TIMEOUT_SECONDS
     trusted_owner_uids: frozenset[int] = frozenset({0})
     connector_id: str = POSIX_CONNECTOR_ID
+    run_as: str | None = None  # the account it runs as (identity_mapping_user); None: the caller's own
 
     @classmethod
     def from_command(cls, command: object, *, endpoint_id: str, timeout: float = DEFAULT_TIMEOUT_SECONDS,
-                     trusted_owner_uids: frozenset[int] = frozenset({0})) -> ExternalProgram:
+                     trusted_owner_uids: frozenset[int] = frozenset({0}), run_as: str | None = None
+                     ) -> ExternalProgram:
         """Validate a document's ``command`` (the reference also accepts numbers as arguments); ``ValueError``."""
         if (
             not isinstance(command, list)
@@ -97,7 +107,8 @@ class ExternalProgram:
             raise ValueError(f"the program {argv[0]!r} must be an absolute path (no PATH search)")
         if any("\0" in arg for arg in argv):
             raise ValueError("an argument of 'command' contains a NUL byte")
-        return cls(command=argv, endpoint_id=endpoint_id, timeout=timeout, trusted_owner_uids=trusted_owner_uids)
+        return cls(command=argv, endpoint_id=endpoint_id, timeout=timeout, trusted_owner_uids=trusted_owner_uids,
+                   run_as=run_as)
 
     @property
     def label(self) -> str:
@@ -105,26 +116,51 @@ class ExternalProgram:
 
     def check_files(self) -> None:
         """The program and every regular file its arguments name must be root's (``ConfigurationError``)."""
+        os.close(self._open_program())
+        self._checked_arguments()
+
+    def _open_program(self) -> int:
+        """A descriptor of the program, checked as opened: what is executed is what was checked."""
         program = Path(os.path.realpath(self.command[0]))
-        status = check_policy_file(program, trusted_owner_uids=self.trusted_owner_uids)
-        if not status.st_mode & 0o111:
+        fd = open_policy_file(program, trusted_owner_uids=self.trusted_owner_uids)
+        if not os.fstat(fd).st_mode & 0o111:
+            os.close(fd)
             raise ConfigurationError(f"the identity-mapping program {program} is not executable")
+        return fd
+
+    def _checked_arguments(self) -> list[str]:
+        """The arguments, each one that names a regular file checked and replaced by the resolved path checked."""
+        arguments = []
         for argument in self.command[1:]:
             if os.path.isabs(argument) and os.path.isfile(argument):
-                check_policy_file(Path(os.path.realpath(argument)), trusted_owner_uids=self.trusted_owner_uids)
+                resolved = os.path.realpath(argument)  # its directories are root's: nobody else can swap it
+                check_policy_file(Path(resolved), trusted_owner_uids=self.trusted_owner_uids)
+                argument = resolved
+            arguments.append(argument)
+        return arguments
 
-    def argv(self, *, whole_set: bool) -> list[str]:
-        return [*self.command, "-c", self.connector_id, "-s", self.endpoint_id, *(["-a"] if whole_set else [])]
+    def argv(self, *, whole_set: bool, arguments: Sequence[str] | None = None) -> list[str]:
+        arguments = self.command[1:] if arguments is None else arguments
+        return [self.command[0], *arguments, "-c", self.connector_id, "-s", self.endpoint_id,
+                *(["-a"] if whole_set else [])]
 
     def run(self, identities: Sequence[Mapping[str, object]], *, whole_set: bool) -> list[ProgramResult]:
         """The program's answer for these identities, in its order; raises ``ProgramFailed``."""
+        account = _account_of(self.run_as)
         try:
-            self.check_files()
+            program_fd = self._open_program()
         except ConfigurationError as error:
             raise ProgramFailed(str(error)) from None
-        argv = self.argv(whole_set=whole_set)
-        document = {"DATA_TYPE": INPUT_DATA_TYPE, "identities": [dict(identity) for identity in identities]}
-        stdout, stderr, status = _run_bounded(argv, json.dumps(document).encode(), self.timeout)
+        try:
+            try:
+                argv = self.argv(whole_set=whole_set, arguments=self._checked_arguments())
+            except ConfigurationError as error:
+                raise ProgramFailed(str(error)) from None
+            document = {"DATA_TYPE": INPUT_DATA_TYPE, "identities": [dict(identity) for identity in identities]}
+            stdout, stderr, status = _run_bounded(argv, json.dumps(document).encode(), self.timeout,
+                                                  program_fd=program_fd, account=account)
+        finally:
+            os.close(program_fd)
         if stderr:
             level = logging.INFO if status == 0 else logging.WARNING
             log.log(level, "%s wrote to stderr: %s", argv[0], _printable(stderr))
@@ -180,12 +216,32 @@ def _normal_id(identity_id: str) -> str:
         return identity_id
 
 
-def _run_bounded(argv: list[str], stdin: bytes, timeout: float) -> tuple[bytes, bytes, int]:
-    """(stdout, start of stderr, exit code; negative for a signal), or ``ProgramFailed``."""
+def _account_of(name: str | None) -> pwd.struct_passwd | None:
+    """The account programs run as; ``ProgramFailed`` if it is missing or privileged."""
+    if name is None:
+        return None
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise ProgramFailed(f"identity_mapping_user {name!r} does not exist; create it (useradd --system) or "
+                            "name another unprivileged account") from None
+    if account.pw_uid == 0 or account.pw_gid == 0:
+        raise ProgramFailed(f"identity_mapping_user {name!r} is root or in group 0; name an unprivileged account")
+    return account
+
+
+def _run_bounded(argv: list[str], stdin: bytes, timeout: float, *, program_fd: int,
+                 account: pwd.struct_passwd | None) -> tuple[bytes, bytes, int]:
+    """(stdout, start of stderr, exit code; negative for a signal), or ``ProgramFailed``.
+
+    ``program_fd`` is executed (``argv[0]`` is only its name); ``account``: whom it runs as (None: us).
+    """
+    drop = {} if account is None else {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
     try:
         process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=PROGRAM_ENVIRONMENT, cwd="/", close_fds=True, start_new_session=True, umask=0o077,
+            argv, executable=f"/proc/self/fd/{program_fd}", pass_fds=(program_fd,),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=PROGRAM_ENVIRONMENT, cwd="/", close_fds=True, start_new_session=True, umask=0o077, **drop,
         )
     except OSError as error:
         raise ProgramFailed(f"cannot run {argv[0]}: {error.strerror}") from None

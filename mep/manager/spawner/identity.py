@@ -83,6 +83,7 @@ class MappingContext:
     endpoint_id: str = REFERENCE_TESTING_ENDPOINT_ID  # passed to external programs as "-s"
     external_timeout: float = DEFAULT_TIMEOUT_SECONDS
     trusted_owner_uids: frozenset[int] = frozenset({0})
+    run_as: str | None = None  # the account external programs run as (identity_mapping_user); None: ours
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ def _load_external_document(document: Mapping[str, object], context: MappingCont
     try:
         runner = ExternalProgram.from_command(
             document.get("command"), endpoint_id=context.endpoint_id, timeout=context.external_timeout,
-            trusted_owner_uids=context.trusted_owner_uids,
+            trusted_owner_uids=context.trusted_owner_uids, run_as=context.run_as,
         )
     except ValueError as error:
         raise _InvalidDocument(str(error)) from None
@@ -400,7 +401,7 @@ class IdentityMapper:
         except (UnicodeDecodeError, ValueError) as error:
             raise ConfigurationError(f"{path}: not valid JSON: {error}") from None
         context = context or MappingContext()
-        context = MappingContext(context.endpoint_id, context.external_timeout, trusted_owner_uids)
+        context = MappingContext(context.endpoint_id, context.external_timeout, trusted_owner_uids, context.run_as)
         return cls.from_documents(documents, source=str(path), context=context)
 
     @classmethod

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from mep.errors import ConfigurationError
+from mep.manager.spawner.accounts import AccountRefused
 
 log = logging.getLogger("mep.spawner.pam")
 
@@ -227,3 +228,12 @@ def check_account(service: str, user: str, *, library: str = DEFAULT_LIBRARY) ->
     with pam_transaction(service, user, library=library) as pam:
         pam.account_management()
         return pam.messages
+
+
+def require_account(service: str, user: str, *, library: str = DEFAULT_LIBRARY) -> list[str]:
+    """``check_account``, refusing with the ``AccountRefused`` a submitter and the admin can act on."""
+    try:
+        return check_account(service, user, library=library)
+    except PamError as error:
+        raise AccountRefused(user, "is refused by this system's account checks (PAM)",
+                             f"service {service}: {error.detail}") from None

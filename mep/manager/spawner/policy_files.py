@@ -59,6 +59,11 @@ def check_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> os.s
         os.close(fd)
 
 
+def open_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> int:
+    """A descriptor (close-on-exec) of ``path`` after the checks of ``read_policy_file``: a program to execute."""
+    return _open_policy_file(path, trusted_owner_uids)
+
+
 def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int]) -> int:
     """An ``O_PATH`` descriptor of ``directory`` after checking every directory from ``/`` down.
 

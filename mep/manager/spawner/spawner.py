@@ -60,6 +60,7 @@ from mep.manager.spawner.audit import AuditLog, AuditUnavailableError, AuditWrit
 from mep.manager.spawner.authorize import Authorization, authorize
 from mep.manager.spawner.identity import IdentityMapper, MappingContext
 from mep.manager.spawner.mapping_file import MappingFile, ReloadOutcome
+from mep.manager.spawner.pam import require_account
 from mep.manager.spawner.policy_files import read_policy_file
 from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
 from mep.manager.spawner.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
@@ -106,6 +107,8 @@ class EndpointProcess:
     retired: bool = False
     adopted: bool = False  # not our child (started by an earlier life of this manager, or its holder died)
     endpoint_pidfd: int = -1  # a held endpoint's own pidfd: seen alive when its holder dies first
+    # the identity set of each submitter it was handed, checked again when the mapping changes (empty: adopted)
+    served: dict[str, list[IdentityResource]] = field(default_factory=dict)
 
     def record(self) -> registry.EndpointRecord:
         return registry.EndpointRecord(
@@ -156,7 +159,8 @@ class Spawner:
         self.mapping = MappingFile(
             config.identity_mapping, trusted_owner_uids=trusted,
             context=MappingContext(endpoint_id=config.endpoint_id, external_timeout=config.identity_mapping_timeout,
-                                   trusted_owner_uids=trusted),
+                                   trusted_owner_uids=trusted,
+                                   run_as=config.identity_mapping_user if settings.drop_privileges else None),
         )
         self.renderer = TemplateRenderer(
             config.template, config.schema_file,
@@ -175,6 +179,8 @@ class Spawner:
         self._router_stopping = False  # the router said it is stopping on purpose (not crashing)
         self._stop_requested = False  # SIGTERM/SIGINT: no router is started again
         self._hangup = False
+        self._policy_check_running = False  # a check of the running endpoints is in a worker
+        self._policy_check_due: bool | None = None  # a change came meanwhile: check again (True: remapping too)
         self._starting: dict[int, list[PendingSpawn]] = {}  # uid -> requests waiting for its start in progress
         self._workers = ThreadPoolExecutor(max_workers=SPAWN_WORKERS, thread_name_prefix="spawn")
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -342,7 +348,7 @@ class Spawner:
             self._hangup = False
             log.info("SIGHUP: reloading %s and reopening the audit log", self.mapping.path)
             self._reopen_audit_log()
-            self._record_reload(self.mapping.reload("SIGHUP"))
+            self._apply_policy(self.mapping.reload("SIGHUP"), recheck_accounts=True)
 
     def _serve_router(self) -> bool:
         """Handle one message from the router; False when it has closed the channel."""
@@ -386,7 +392,7 @@ class Spawner:
             case SpawnerStatusRequest():  # the router's heartbeat: a good moment to look around
                 if self.audit.failure:
                     self._reopen_audit_log()  # recovers once the admin has fixed the disk
-                self._revalidate()
+                self._apply_policy(self.mapping.refresh(), recheck_accounts=True)
                 self._send(SpawnerStatus(process=process_status("spawner")))
             case _:
                 log.warning("ignoring an unexpected %s from the router", type(message).__name__)
@@ -444,7 +450,7 @@ class Spawner:
 
     def _spawn_request(self, request: SpawnRequest) -> None:
         """Map and render in a worker; ``_authorized`` takes it from there on the loop."""
-        self._record_reload(self.mapping.refresh())
+        self._apply_policy(self.mapping.refresh(), recheck_accounts=False)
         pending = PendingSpawn(request=request, router_life=self.router_life, mapper=self.mapping.mapper)
         if self.audit.failure:
             self._refuse(pending, AuditUnavailableError())
@@ -459,6 +465,10 @@ class Spawner:
         except Exception as exc:
             self._refuse(pending, exc)
             return
+        if pending.mapper is not self.mapping.mapper:  # reloaded meanwhile: decided by the new mapping alone
+            pending.mapper, pending.progress = self.mapping.mapper, Authorization()
+            self._in_worker(lambda: self._map_and_render(pending), lambda again: self._authorized(pending, again))
+            return
         self._start_or_reuse(pending)
 
     def _start_or_reuse(self, pending: PendingSpawn) -> None:
@@ -471,6 +481,7 @@ class Spawner:
             return
         existing = self.running.get(pending.key)
         if existing is not None:
+            existing.served[pending.request.submitter_id] = list(pending.request.identities)
             self.audit.write([_decision_record(pending.request, pending.progress, "allowed",
                                                endpoint_id=existing.endpoint_id, reused=True)], sync=True)
             self._answer(pending, Spawned(request_id=pending.request.request_id, endpoint_id=existing.endpoint_id,
@@ -515,6 +526,7 @@ class Spawner:
         """A new endpoint runs: track it, record it, and tell the router (the one that asked, or its successor)."""
         self.children[process.pidfd] = process
         self.running[process.key] = process
+        process.served[pending.request.submitter_id] = list(pending.request.identities)
         account = process.account
         self.audit.write([{"event": "endpoint_started", "endpoint_id": process.endpoint_id,
                            "pid": process.endpoint_pid, "account": account.name, "uid": account.uid,
@@ -580,8 +592,13 @@ class Spawner:
     def _authorize(self, pending: PendingSpawn) -> None:
         request = pending.request
         self._check_assertion(request)  # before anything is mapped: the verifier and nonce cache are thread-safe
+        self._map_and_render(pending)
+
+    def _map_and_render(self, pending: PendingSpawn) -> None:
+        request = pending.request
         identities = [msgspec.structs.asdict(identity) for identity in request.identities]
         account = authorize(pending.mapper, identities, self.settings.policy, pending.progress)
+        self._check_pam_account(account.name)  # for a reused endpoint too: the account may have expired since
         config = self.renderer.render(
             request.user_endpoint_config,
             mapped_user={"name": account.name, "uid": account.uid, "gid": account.gid, "home": account.home,
@@ -631,30 +648,92 @@ class Spawner:
 
     # --- endpoints ----------------------------------------------------------------------
 
-    def _revalidate(self) -> None:
-        """Pick up a changed mapping file, and stop endpoints whose accounts policy now refuses.
+    def _apply_policy(self, outcome: ReloadOutcome | None, *, recheck_accounts: bool) -> None:
+        """The one way a policy change reaches running endpoints: on SIGHUP, at a spawn request, at each heartbeat.
 
-        Either way the router forgets its submitter-to-endpoint shortcuts, so the
-        next task of each submitter is mapped and checked afresh.
+        ``outcome`` is the mapping file's reload, if one was attempted. A
+        mapping that loaded makes the router forget at once which endpoint
+        serves whom, so each submitter's next task is mapped and checked afresh
+        (and refused if it no longer may run). Then every running endpoint is
+        checked again in a worker (an external program or a PAM module may take
+        seconds): each identity set it was handed must still map to its account
+        (after a mapping change), and the account must pass the account policy
+        and PAM account management. One that fails is stopped (SIGTERM: running
+        tasks finish), audited, and the router told again.
         """
-        outcome = self.mapping.refresh()
         self._record_reload(outcome)
-        reasons = ["the identity mapping changed"] if outcome is not None and outcome.loaded else []
-        for process in list(self.children.values()):
-            if process.retired:
+        remap = outcome is not None and outcome.loaded
+        if remap:
+            self._send(RemapGroups(reason="the identity mapping changed"))
+        if remap or recheck_accounts:
+            self._check_endpoints(remap=remap)
+
+    def _check_endpoints(self, *, remap: bool) -> None:
+        if self._policy_check_running:  # one check at a time; what changed meanwhile is checked when it ends
+            self._policy_check_due = remap or bool(self._policy_check_due)
+            return
+        self._policy_check_running = True
+        mapper = self.mapping.mapper
+        endpoints = [(process, process.account.name, [list(s) for s in process.served.values()])
+                     for process in self.children.values() if not process.retired]
+        self._in_worker(lambda: [(process, self._why_not_allowed(account, served, mapper if remap else None))
+                                 for process, account, served in endpoints],
+                        self._stop_what_is_not_allowed)
+
+    def _why_not_allowed(self, account: str, served: list[list[IdentityResource]],
+                         mapper: IdentityMapper | None) -> str:
+        """In a worker: why an endpoint of ``account`` serving ``served`` may no longer run ("" if it may).
+
+        ``mapper``: the new mapping, to map each identity set again; None when the mapping did not change.
+        """
+        try:
+            if mapper is not None and not served:
+                return "the identity mapping changed and the identities it serves are unknown (adopted after a " \
+                       "manager restart), so they can't be checked again"
+            for identities in served if mapper is not None else []:
+                mapped = mapper.map([msgspec.structs.asdict(identity) for identity in identities]).account
+                if mapped != account:
+                    return f"{identities[0].username or identities[0].id} now maps to {mapped!r}, not {account!r}"
+            resolve_account(account, self.settings.policy)
+            self._check_pam_account(account)
+        except TaskRefusedError as exc:
+            return exc.admin_detail or str(exc)
+        except Exception as exc:  # noqa: BLE001 - a check that can't be made is no permission
+            log.exception("checking the endpoint of %s again failed", account)
+            return f"it could not be checked again ({type(exc).__name__}: {exc})"
+        return ""
+
+    def _check_pam_account(self, account: str) -> None:
+        """In a worker: PAM account management (``pam_acct_mgmt``), when PAM is on; ``AccountRefused`` if it says no.
+
+        Account modules only read (session modules, which change their caller, run in session holders).
+        """
+        if self.settings.pam is not None:
+            require_account(self.settings.pam.service, account, library=self.settings.pam.library)
+
+    def _stop_what_is_not_allowed(self, done: Future) -> None:
+        self._policy_check_running = False
+        try:
+            verdicts = done.result()
+        except Exception:  # noqa: BLE001 - the checks catch their own errors; this is the pool shutting down
+            log.exception("checking the running endpoints again failed")
+            verdicts = []
+        reasons = []
+        for process, reason in verdicts:
+            if not reason or process.retired or self.children.get(process.pidfd) is not process:
                 continue
-            try:
-                resolve_account(process.account.name, self.settings.policy)
-            except AccountRefused as exc:
-                log.warning("stopping endpoint %s: %s [%s]", process.endpoint_id, exc, exc.admin_detail)
-                self.audit.write([{"event": "endpoint_stopped", "endpoint_id": process.endpoint_id,
-                                   "account": process.account.name, "reason": exc.admin_detail or str(exc)}])
-                process.retired = True
-                self.running.pop(process.key, None)
-                _stop_endpoint(process)  # running tasks get to finish
-                reasons.append(f"account {process.account.name} is no longer allowed")
+            log.warning("stopping endpoint %s of %s: %s", process.endpoint_id, process.account.name, reason)
+            self.audit.write([{"event": "endpoint_stopped", "endpoint_id": process.endpoint_id,
+                               "account": process.account.name, "reason": reason}])
+            process.retired = True
+            self.running.pop(process.key, None)
+            _stop_endpoint(process)  # running tasks get to finish
+            reasons.append(f"endpoint {process.endpoint_id} of {process.account.name} is no longer allowed")
         if reasons:
             self._send(RemapGroups(reason="; ".join(reasons)))
+        if self._policy_check_due is not None:
+            remap, self._policy_check_due = self._policy_check_due, None
+            self._check_endpoints(remap=remap)
 
     def _adopt(self) -> None:
         """Take back the endpoints an earlier life of this manager left running when it died."""
