@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from mep import __version__
 from mep.cli.identity import identity_group
 from mep.cli.template import template
 from mep.errors import ConfigurationError, MepError
@@ -58,6 +59,7 @@ def _state(state_dir: Path | None):  # noqa: ANN202 - ServiceState, imported laz
 
 
 @click.group()
+@click.version_option(__version__, "--version", prog_name="mep", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
     """mep: run Python functions on a cluster as your own account."""
