@@ -32,6 +32,7 @@ from mep.manager.spawner.privdrop import drop_privileges_in_process
 from mep.manager.spawner.session_holder import PamSettings
 from mep.manager.spawner.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import SpawnerLink, channel_pair
+from mep.sdnotify import notify_ready
 from mep.protocol.curve import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
 
 log = logging.getLogger("mep.manager")
@@ -166,6 +167,7 @@ def start_manager(config_path: Path) -> int:
     if router_pid == 0:
         _become_router(config, router, secret_key, address, router_secret, router_end, spawner_end)
     router_end.close()
+    notify_ready()  # systemd (Type=notify): checks passed, router started
     setproctitle(f"mep-manager spawner {config.endpoint_id}")
     spawner.router_pid = router_pid
     code = spawner.run()

@@ -26,8 +26,14 @@ class ServiceState:
     public_key: str
     store: Store
 
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        """Whether ``directory`` holds a service's state (its key pair): what admin commands need."""
+        return (directory.expanduser() / "service.key").is_file()
+
     @classmethod
     def open(cls, directory: Path) -> ServiceState:
+        """Open the state in ``directory``, creating it (and a new key pair) if there is none."""
         directory = directory.expanduser().absolute()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = directory.stat()
