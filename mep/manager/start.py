@@ -32,8 +32,8 @@ from mep.manager.spawner.privdrop import drop_privileges_in_process
 from mep.manager.spawner.session_holder import PamSettings
 from mep.manager.spawner.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import SpawnerLink, channel_pair
-from mep.sdnotify import notify_ready
 from mep.protocol.curve import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
+from mep.sdnotify import notify_ready
 
 log = logging.getLogger("mep.manager")
 
