@@ -232,3 +232,60 @@ def test_unknown_endpoint_names_the_configured_ones(scratch: Path) -> None:
     result = run_mep("endpoint", "status", "beta", "--config-root", str(scratch / "etc"))
     assert result.returncode == 2
     assert "no endpoint 'beta'" in result.stderr and "configured here: alpha" in result.stderr
+
+
+def test_diagnose_writes_a_report_without_secrets(scratch: Path) -> None:
+    state = scratch / "state"
+    assert run_mep("service", "init", "--state-dir", str(state)).returncode == 0
+    configured = run_mep("endpoint", "configure", "diag", "--config-root", str(scratch / "etc"), "--state-dir",
+                         str(state), "--service-address", "tcp://127.0.0.1:5790", "--template", "slurm")
+    assert configured.returncode == 0, configured.stderr
+    with open(scratch / "etc" / "diag" / "config.yaml", "a") as config:
+        config.write(f"audit_log: {scratch / 'audit.jsonl'}\nrun_dir: {scratch / 'run'}\n")
+    (scratch / "audit.jsonl").write_text("".join(json.dumps({"event": "spawn", "n": n}) + "\n" for n in range(50)))
+    report = scratch / "report.tar.gz"
+    result = run_mep("diagnose", "--output-file", str(report), "--config-root", str(scratch / "etc"),
+                     "--log-lines", "10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(report) and report.stat().st_mode & 0o077 == 0
+    import tarfile
+
+    with tarfile.open(report) as archive:
+        files = {member.name.split("/", 1)[1]: archive.extractfile(member).read().decode()
+                 for member in archive.getmembers()}
+    assert json.loads(files["versions.json"])["mep"] == mep.__version__
+    assert {"endpoints/diag/config.yaml", "endpoints/diag/slurm.yaml.j2", "endpoints/diag/slurm.schema.json",
+            "endpoints/diag/identity_mapping.json", "endpoints/diag/status.json", "logs/journal.txt"} <= set(files)
+    assert json.loads(files["endpoints/diag/status.json"])["state"] == "stopped"
+    audit = files["endpoints/diag/audit.jsonl"].splitlines()
+    assert len(audit) == 10 and json.loads(audit[-1])["n"] == 49
+    secret = (scratch / "etc" / "diag" / "manager.key").read_text().strip()
+    assert not [name for name, text in files.items() if secret in text]
+
+
+def test_json_log_lines_carry_level_logger_and_pid(scratch: Path) -> None:
+    address_file, log_path = scratch / "address", scratch / "service.log"
+    with open(log_path, "wb") as log:
+        service = subprocess.Popen([*MEP, "--log-format", "json", "--log-level", "mep.service=DEBUG", "service",
+                                    "start", "--state-dir", str(scratch / "state"), "--listen", "tcp://127.0.0.1:0",
+                                    "--address-file", str(address_file)], stderr=log, stdout=subprocess.DEVNULL,
+                                   cwd="/")
+    try:
+        wait_for(lambda: "service listening" in log_path.read_text(), what="the service to log that it listens")
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    listening = [line for line in lines if line["message"].startswith("service listening on tcp://127.0.0.1:")]
+    assert listening and listening[0]["level"] == "INFO" and listening[0]["pid"] == service.pid
+    assert listening[0]["logger"].startswith("mep.service")
+    bad = run_mep("--log-level", "nonsense", "service", "key")
+    assert bad.returncode == 2 and "COMPONENT=LEVEL" in bad.stderr
+
+
+def test_diagnose_redacts_settings_that_name_a_secret() -> None:
+    from mep.cli.diagnose import redact_yaml
+
+    text = "token: mep_abc\nmanager_secret_key_file: manager.key\n# client_secret: xyz\nlisten: tcp://h:1\n"
+    assert redact_yaml(text) == ("token: <redacted>\nmanager_secret_key_file: manager.key\n"
+                                 "# client_secret: <redacted>\nlisten: tcp://h:1\n")

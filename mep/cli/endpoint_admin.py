@@ -150,18 +150,18 @@ class Configured:
     config: Any  # ManagerConfig
 
 
-def _configured(config_root: Path, name: str) -> Configured:
+def configured_endpoint(config_root: Path, name: str) -> Configured:
     from mep.config.manager import ManagerConfig
 
     config_path = config_root / name / "config.yaml"
     if not config_path.is_file():
-        known = ", ".join(_names(config_root)) or "none"
+        known = ", ".join(endpoint_names(config_root)) or "none"
         raise ConfigurationError(f"no endpoint {name!r}: {config_path} does not exist (configured here: {known}; "
                                  f"create one with 'mep endpoint configure {name}')")
     return Configured(name, config_path, ManagerConfig.load(config_path))
 
 
-def _names(config_root: Path) -> list[str]:
+def endpoint_names(config_root: Path) -> list[str]:
     if not config_root.is_dir():
         return []
     return sorted(path.parent.name for path in config_root.glob("*/config.yaml"))
@@ -224,7 +224,7 @@ def _spawner_pid(configured: Configured) -> int | None:
     return pid
 
 
-def _user_endpoints(configured: Configured) -> list[dict[str, Any]]:
+def user_endpoints_of(configured: Configured) -> list[dict[str, Any]]:
     from mep.manager.spawner import registry
 
     rows = []
@@ -238,7 +238,7 @@ def _user_endpoints(configured: Configured) -> list[dict[str, Any]]:
     return rows
 
 
-def _manager_record(configured: Configured) -> dict[str, Any]:
+def manager_record(configured: Configured) -> dict[str, Any]:
     pid = _spawner_pid(configured)
     router = next((child for child in _children(pid) if _title(child).startswith("mep-manager router")), None) \
         if pid else None
@@ -266,14 +266,14 @@ def _cgroup(pid: int) -> str:
 def list_endpoints(config_root: Path, output_format: str) -> None:
     """Every endpoint configured under CONFIG_ROOT: whether its manager runs, how many user endpoints it has."""
     rows = []
-    for name in _names(config_root):
+    for name in endpoint_names(config_root):
         try:
-            configured = _configured(config_root, name)
+            configured = configured_endpoint(config_root, name)
         except ConfigurationError as exc:
             rows.append({"name": name, "state": "invalid config", "error": str(exc)})
             continue
-        record = _manager_record(configured)
-        record["user_endpoints"] = len(_user_endpoints(configured)) if record["state"] == "running" else 0
+        record = manager_record(configured)
+        record["user_endpoints"] = len(user_endpoints_of(configured)) if record["state"] == "running" else 0
         rows.append(record)
     emit_rows(rows, ("name", "state", "spawner_pid", "user_endpoints", "endpoint_id", "config"), output_format)
 
@@ -290,9 +290,9 @@ def status(name: str, config_root: Path, output_format: str) -> None:
     Per user endpoint: account, pid, uptime, a digest of its rendered config and of the template, whether a
     PAM session holds it, and its log file.
     """
-    configured = _configured(config_root, name)
-    record = _manager_record(configured)
-    user_endpoints = _user_endpoints(configured) if record["state"] == "running" else []
+    configured = configured_endpoint(config_root, name)
+    record = manager_record(configured)
+    user_endpoints = user_endpoints_of(configured) if record["state"] == "running" else []
     if output_format == "json":
         emit_record({**record, "user_endpoints": user_endpoints}, output_format)
         return
@@ -322,7 +322,7 @@ def _wait_stopped(configured: Configured, timeout: float) -> bool:
 @_friendly
 def stop(name: str, wait_seconds: float, config_root: Path, output_format: str) -> None:
     """Stop endpoint NAME's manager gracefully: running tasks finish, queued ones wait at the service."""
-    configured = _configured(config_root, name)
+    configured = configured_endpoint(config_root, name)
     pid = _spawner_pid(configured)
     if pid is None:
         raise ConfigurationError(f"the manager of {name!r} is not running (no process holds "
@@ -347,11 +347,11 @@ def restart_user(name: str, account: str, config_root: Path, output_format: str)
 
     Use it after changing the template, the account's environment or its groups: running tasks finish first.
     """
-    configured = _configured(config_root, name)
+    configured = configured_endpoint(config_root, name)
     if _spawner_pid(configured) is None:
         raise ConfigurationError(f"the manager of {name!r} is not running; its user endpoints start with it")
     signalled = []
-    for row in _user_endpoints(configured):
+    for row in user_endpoints_of(configured):
         if row["account"] != account:
             continue
         pid = row["pid"]
@@ -360,7 +360,7 @@ def restart_user(name: str, account: str, config_root: Path, output_format: str)
             os.kill(pid, signal.SIGTERM)
             signalled.append({"account": account, "pid": pid, "signal": "SIGTERM"})
     if not signalled:
-        running = sorted({row["account"] for row in _user_endpoints(configured)})
+        running = sorted({row["account"] for row in user_endpoints_of(configured)})
         raise ConfigurationError(f"no user endpoint of {account!r} runs under {name!r} (running: "
                                  f"{', '.join(running) or 'none'})")
     emit_rows(signalled, ("account", "pid", "signal"), output_format)

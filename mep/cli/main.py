@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import click
 
 from mep import __version__
+from mep.cli.diagnose import diagnose
 from mep.cli.endpoint_admin import endpoint_admin
 from mep.cli.identity import identity_group
+from mep.cli.logs import parse_levels, setup_logging
 from mep.cli.output import emit_record, emit_rows, friendly as _friendly, output_option, say
 from mep.cli.service_config import open_state, service_config
 from mep.cli.template import template
 from mep.errors import ConfigurationError
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
 state_dir_option = click.option(
@@ -45,12 +41,20 @@ def _examples(*lines: str) -> str:
 @click.group()
 @click.version_option(__version__, "--version", prog_name="mep", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(verbose: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              envvar="MEP_LOG_FORMAT", help="text, or JSON lines carrying endpoint and task ids where known.")
+@click.option("--log-level", "log_levels", multiple=True, envvar="MEP_LOG_LEVEL", metavar="COMPONENT=LEVEL",
+              help="One component's level, e.g. mep.manager=DEBUG (repeatable; MEP_LOG_LEVEL takes a,b).")
+def cli(verbose: bool, log_format: str, log_levels: tuple[str, ...]) -> None:
     """mep: run Python functions on a cluster as your own account.
 
     Admins: docs/admin.md (/usr/share/doc/mep/admin.md); researchers: docs/user.md.
     """
-    _setup_logging(verbose)
+    try:
+        levels = parse_levels(log_levels)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--log-level") from None
+    setup_logging(verbose, log_format, levels)
 
 
 # --- service ------------------------------------------------------------------------
@@ -271,6 +275,7 @@ def demo(as_user: str | None, tasks: int) -> None:
 
 
 cli.add_command(endpoint_admin)
+cli.add_command(diagnose)
 cli.add_command(template)
 cli.add_command(identity_group)
 
