@@ -85,6 +85,20 @@ systemd-analyze security --offline=yes --threshold="$security_threshold" \
 step "run the installed copy"
 [ "$(mep --version)" = "mep $version" ] || fail "mep --version printed '$(mep --version)', expected 'mep $version'"
 (cd / && mep demo) || fail "mep demo from the installed package failed"
+# the units' command lines with the shipped settings, and an endpoint configured from the shipped examples
+mep service init >/dev/null || fail "mep service init failed"
+address_file=$(mktemp -u)
+mep service start --config /etc/mep/service.yaml --listen tcp://127.0.0.1:0 --address-file "$address_file" \
+    2>/dev/null &
+service_pid=$!
+for _ in $(seq 100); do [ -s "$address_file" ] && break; sleep 0.2; done
+[ -s "$address_file" ] || fail "mep service start --config /etc/mep/service.yaml did not listen"
+mep endpoint configure ci --service-address "$(cat "$address_file")" >/dev/null 2>&1 \
+    || fail "mep endpoint configure failed"
+kill "$service_pid" && wait "$service_pid" || true
+rm -f "$address_file"
+[ "$(mep endpoint status ci --output json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')" \
+    = stopped ] || fail "mep endpoint status ci does not report a stopped manager"
 [ -z "$(find /opt/mep /usr/share/mep -name '*.pyc' -newer /usr/bin/mep -print -quit)" ] \
     || fail "byte-code was written at run time (the package ships it compiled)"
 
@@ -96,11 +110,11 @@ done <<<"$paths")
 [ "$(grep -v '^/etc/mep' <<<"$left" | grep -v '^$' || true)" = "" ] || fail "remove left: $(grep -v '^/etc/mep' <<<"$left")"
 [ -f /etc/mep/service.yaml ] || fail "remove deleted the conffiles in /etc/mep"
 for path in /opt/mep /run/mep /usr/share/mep; do [ ! -e "$path" ] || fail "remove left $path"; done
-# the demo's audit log is data mep's daemons wrote: kept until purge
-for path in /var/lib/mep /var/log/mep; do
-    [ ! -e "$path" ] || [ -z "$(find "$path" -mindepth 1 ! -name 'audit-*.jsonl' -print -quit)" ] \
-        || fail "remove left $(find "$path" -mindepth 1 ! -name 'audit-*.jsonl')"
-done
+# the service's state and the demo's audit log are data mep's daemons wrote: kept until purge
+[ -f /var/lib/mep/service/service.key ] || fail "remove deleted the service's state"
+[ -f /etc/mep/ci/config.yaml ] || fail "remove deleted the configured endpoint in /etc/mep/ci"
+left=$(find /var/lib/mep /var/log/mep -mindepth 1 ! -path '/var/lib/mep/service*' ! -name 'audit-*.jsonl' 2>/dev/null)
+[ -z "$left" ] || fail "remove left $left"
 
 step "purge"
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq mep >/dev/null
