@@ -75,7 +75,7 @@ SERVICE = model_options(ServiceConfig)
 def test_the_service_settings_cover_every_broker_setting() -> None:
     from mep.service.broker import BrokerSettings
 
-    assert {field.name for field in dataclasses.fields(BrokerSettings)} == SERVICE - {"state_dir"}
+    assert {field.name for field in dataclasses.fields(BrokerSettings)} == SERVICE - {"state_dir", "metrics_listen"}
 
 
 @pytest.mark.parametrize(("example", "options"), [("manager.yaml", MANAGER), ("service.yaml", SERVICE)])
@@ -93,8 +93,9 @@ def test_the_service_example_is_valid_and_its_commented_values_are_the_defaults(
     path = tmp_path / "service.yaml"
     path.write_text(uncommented(EXAMPLES / "service.yaml"))
     loaded = ServiceConfig.load(path)
-    assert loaded.model_dump(exclude={"state_dir"}) == ServiceConfig().model_dump(exclude={"state_dir"})
-    assert loaded.state_dir == Path("/var/lib/mep/service")
+    examples = {"state_dir", "metrics_listen"}  # shown with a value to use; unset by default
+    assert loaded.model_dump(exclude=examples) == ServiceConfig().model_dump(exclude=examples)
+    assert loaded.state_dir == Path("/var/lib/mep/service") and loaded.metrics_listen == "127.0.0.1:9464"
     (tmp_path / "empty.yaml").write_text((EXAMPLES / "service.yaml").read_text())
     assert ServiceConfig.load(tmp_path / "empty.yaml") == ServiceConfig()  # as shipped: all defaults
 

@@ -100,10 +100,13 @@ def service_init(state_dir: Path | None, config_path: Path | None, output_format
               help="Runs a task gets when its user endpoint keeps dying under it [default: 3].")
 @click.option("--result-retention", type=click.FloatRange(min=1), default=None,
               help="Seconds an uncollected result is kept before it expires [default: one week].")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics here (':9464' is loopback) [default: metrics_listen in the settings "
+                   "file, else off].")
 @_friendly
 def service_start(state_dir: Path | None, config_path: Path | None, listen: str | None, address_file: Path | None,
                   heartbeat_interval: float | None, max_payload_bytes: int | None, max_attempts: int | None,
-                  result_retention: float | None) -> None:
+                  result_retention: float | None, metrics_listen: str | None) -> None:
     """Run the service in the foreground (creates its state on first start)."""
     from mep.sdnotify import notify_ready
     from mep.service.broker import Broker
@@ -113,7 +116,11 @@ def service_start(state_dir: Path | None, config_path: Path | None, listen: str 
     broker = Broker(state, config.broker_settings(listen=listen, heartbeat_interval=heartbeat_interval,
                                                   max_payload_bytes=max_payload_bytes, max_attempts=max_attempts,
                                                   result_retention=result_retention))
-    if address_file is not None:
+    if metrics_listen or config.metrics_listen:
+        from mep.metrics import serve_service_metrics
+
+        serve_service_metrics(state.store.path, metrics_listen or config.metrics_listen)
+    if address_file is not None:  # written once everything listens
         address_file.write_text(broker.address + "\n")
     notify_ready()  # systemd (Type=notify): listening
     broker.serve_forever()

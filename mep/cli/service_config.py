@@ -37,7 +37,7 @@ def default_state_dir(kind: str) -> Path:
 class ServiceConfig(BaseModel):
     """``/etc/mep/service.yaml``: every key is optional; command-line options override it.
 
-    Apart from ``state_dir`` these are the broker's settings
+    Apart from ``state_dir`` and ``metrics_listen`` these are the broker's settings
     (``mep.service.broker.BrokerSettings``), under the same names.
     """
 
@@ -52,6 +52,8 @@ class ServiceConfig(BaseModel):
     max_attempts: int = Field(default=3, ge=1, description="Runs a task gets when its endpoint keeps dying")
     result_retention: float = Field(default=7 * 24 * 3600.0, ge=1,
                                     description="Seconds an uncollected result is kept")
+    metrics_listen: str | None = Field(default=None, description="HOST:PORT or :PORT (loopback) for Prometheus "
+                                       "metrics (mep.metrics); off when unset")
 
     @classmethod
     def load(cls, path: Path) -> ServiceConfig:

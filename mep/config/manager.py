@@ -73,6 +73,8 @@ class ManagerConfig(BaseModel):
     pam: PamConfig = Field(default_factory=PamConfig)
     audit_log: Path | None = Field(default=None, description="JSON-lines audit log; default "
                                    "/var/log/mep/audit-<endpoint id>.jsonl as root, ~/.mep/log/... otherwise")
+    metrics_listen: str | None = Field(default=None, description="HOST:PORT or :PORT (loopback) for the router's "
+                                       "Prometheus metrics (mep.metrics); off when unset")
 
     @classmethod
     def load(cls, path: Path) -> ManagerConfig:
