@@ -236,7 +236,7 @@ def endpoint_list(state_dir: Path | None, output_format: str) -> None:
 # --- manager ------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(epilog=_examples("mep manager start --config /etc/mep/cluster/config.yaml"))
 def manager() -> None:
     """Run the manager (root spawner + unprivileged router)."""
 
@@ -256,7 +256,9 @@ def manager_start(config_path: Path) -> None:
 # --- clients ------------------------------------------------------------------------
 
 
-@cli.command("status")
+@cli.command("status", epilog=_examples(
+    "mep status                                  # MEP_SERVICE, MEP_SERVICE_KEY, MEP_TOKEN from the environment",
+    "mep status --endpoint 5f0c... --timeout 30"))
 @click.option("--service", "service_address", envvar="MEP_SERVICE", required=True)
 @click.option("--service-key", envvar="MEP_SERVICE_KEY", required=True)
 @click.option("--token", envvar="MEP_TOKEN", required=True)
@@ -270,7 +272,8 @@ def status(service_address: str, service_key: str, token: str, endpoint_id: str,
     click.echo(json.dumps(fetch_status(service_address, service_key, token, endpoint_id, timeout), indent=2))
 
 
-@cli.command("demo")
+@cli.command("demo", epilog=_examples("sudo mep demo                 # a temporary account runs the tasks",
+                                     "sudo mep demo --as alice --tasks 8", "mep demo                      # as yourself"))
 @click.option("--as", "as_user", default=None, help="As root: run the demo's tasks as this existing account.")
 @click.option("--tasks", type=int, default=4, show_default=True)
 @_friendly
