@@ -130,7 +130,7 @@ EOF
         > "$deb_root/DEBIAN/postrm"
     chmod 0755 "$deb_root/DEBIAN/postinst" "$deb_root/DEBIAN/prerm" "$deb_root/DEBIAN/postrm"
     deb="$repo/dist/mep_${version}_${deb_arch}.deb"
-    dpkg-deb --root-owner-group -Zxz -z6 --build "$deb_root" "$deb" >/dev/null
+    dpkg-deb --root-owner-group -Zgzip --build "$deb_root" "$deb" >/dev/null
     echo "wrote $deb"
 fi
 

@@ -60,7 +60,7 @@ paths=$(dpkg-deb -c "${debs[0]}" | awk '{print $6}' | sed 's|^\./|/|; s|/$||' | 
 existing=$(while read -r path; do if [ -e "$path" ] || [ -L "$path" ]; then echo "$path"; fi; done <<<"$paths")
 had_account=no
 getent passwd mep >/dev/null && had_account=yes
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "./${debs[0]}" >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "./${debs[0]}" >/dev/null
 [ "$(dpkg-query -W -f '${Status}' mep)" = "install ok installed" ] || fail "dpkg does not list mep as installed"
 [ "$(dpkg-query -W -f '${Conffiles}' mep | awk 'NF {print $1}' | sort | tr '\n' ' ')" \
     = "/etc/mep/manager.example.yaml /etc/mep/service.yaml " ] || fail "unexpected conffiles"
