@@ -164,8 +164,9 @@ def test_a_configured_endpoint_runs_and_is_operated_by_name(deploy, account_fact
     endpoint_id = config["endpoint_id"]
     root_args = ("--config-root", str(scratch / "etc"), "--output", "json")
 
-    stopped = json.loads(run_mep("endpoint", "status", name, *root_args).stdout)
-    assert stopped["state"] == "stopped" and stopped["user_endpoints"] == []
+    stopped = json.loads(run_mep("endpoint", "status", name, "--state-dir", str(deploy.state_dir),
+                                 *root_args).stdout)
+    assert stopped["state"] == "stopped" and stopped["user_endpoints"] == [] and stopped["tasks"] == {}
 
     notify = f"mep-test-manager-{secrets.token_hex(4)}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
@@ -186,8 +187,10 @@ def test_a_configured_endpoint_runs_and_is_operated_by_name(deploy, account_fact
                 uid, first_pid = executor.submit(whoami).result(timeout=120)
             assert uid == account.pw_uid
 
-            status = json.loads(run_mep("endpoint", "status", name, *root_args).stdout)
+            status = json.loads(run_mep("endpoint", "status", name, "--state-dir", str(deploy.state_dir),
+                                        *root_args).stdout)
             assert status["state"] == "running" and status["endpoint_id"] == endpoint_id
+            assert status["tasks"] == {"succeeded": 1}
             assert status["spawner_pid"] == manager.popen.pid and status["router_pid"] is not None
             assert os.stat(f"/proc/{status['router_pid']}").st_uid != 0
             [user_endpoint] = status["user_endpoints"]

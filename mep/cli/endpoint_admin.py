@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import click
 
 from mep.cli.output import emit_record, emit_rows, friendly as _friendly, output_option, say
-from mep.cli.service_config import open_state, service_config
+from mep.cli.service_config import locate_state, open_state, service_config
 from mep.errors import ConfigurationError
 
 DEFAULT_CONFIG_ROOT = Path("/etc/mep")
@@ -281,17 +282,21 @@ def list_endpoints(config_root: Path, output_format: str) -> None:
 @endpoint_admin.command("status", epilog=_examples("mep endpoint status cluster",
                                                    "mep endpoint status cluster --output json | jq '.user_endpoints'"))
 @click.argument("name")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The service's state, for the endpoint's task counts [default: as 'mep service' finds it].")
 @config_root_option
 @output_option
 @_friendly
-def status(name: str, config_root: Path, output_format: str) -> None:
+def status(name: str, state_dir: Path | None, config_root: Path, output_format: str) -> None:
     """The manager of endpoint NAME (pids, uptime, files) and each user endpoint it runs.
 
     Per user endpoint: account, pid, uptime, a digest of its rendered config and of the template, whether a
-    PAM session holds it, and its log file.
+    PAM session holds it, and its log file. When the service's state is on this host, also the endpoint's
+    tasks by state (waiting, dispatched, running, succeeded, ...).
     """
     configured = configured_endpoint(config_root, name)
     record = manager_record(configured)
+    record["tasks"] = _service_task_counts(configured.config.endpoint_id, state_dir)
     user_endpoints = user_endpoints_of(configured) if record["state"] == "running" else []
     if output_format == "json":
         emit_record({**record, "user_endpoints": user_endpoints}, output_format)
@@ -300,6 +305,21 @@ def status(name: str, config_root: Path, output_format: str) -> None:
     click.echo("")
     emit_rows(user_endpoints, ("account", "pid", "uptime_seconds", "config_digest", "pam_session", "log"),
               output_format)
+
+
+def _service_task_counts(endpoint_id: str, state_dir: Path | None) -> dict[str, int] | None:
+    """The endpoint's tasks by state from the service's database (read-only); None if it is not on this host."""
+    from mep.service.state import DATABASE_NAME, ServiceState
+
+    directory = locate_state(state_dir).directory
+    if not ServiceState.exists(directory):
+        return None
+    db = sqlite3.connect(f"file:{directory / DATABASE_NAME}?mode=ro", uri=True, timeout=5)
+    try:
+        return dict(db.execute("SELECT state, count(*) FROM tasks WHERE endpoint_id=? GROUP BY state ORDER BY state",
+                               (endpoint_id,)).fetchall())
+    finally:
+        db.close()
 
 
 def _wait_stopped(configured: Configured, timeout: float) -> bool:

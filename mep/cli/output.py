@@ -30,6 +30,8 @@ output_option: Callable[[F], F] = click.option(
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, dict):
+        return ",".join(f"{key}={item}" for key, item in value.items()) or "-"
     if isinstance(value, (list, tuple, set, frozenset)):
         return ",".join(map(str, value)) or "-"
     return str(value)

@@ -18,6 +18,8 @@ from mep.errors import ConfigurationError
 from mep.protocol.curve import generate_keypair, public_from_secret, read_secret_key, write_secret_key
 from mep.service.store import Store
 
+DATABASE_NAME = "mep.db"
+
 
 @dataclass
 class ServiceState:
@@ -29,7 +31,11 @@ class ServiceState:
     @staticmethod
     def exists(directory: Path) -> bool:
         """Whether ``directory`` holds a service's state (its key pair): what admin commands need."""
-        return (directory.expanduser() / "service.key").is_file()
+        try:
+            return (directory.expanduser() / "service.key").is_file()
+        except PermissionError:
+            raise ConfigurationError(f"cannot look into the state directory {directory}: permission denied; "
+                                     "run this as the account that owns it") from None
 
     @classmethod
     def open(cls, directory: Path) -> ServiceState:
@@ -50,4 +56,4 @@ class ServiceState:
             (directory / "service.key.pub").write_text(public + "\n")
         secret = read_secret_key(secret_path)
         return cls(directory=directory, secret_key=secret, public_key=public_from_secret(secret),
-                   store=Store(directory / "mep.db"))
+                   store=Store(directory / DATABASE_NAME))
