@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from mep.cli.main import default_state_dir
+from mep.cli.service_config import default_state_dir
 from mep.errors import ConfigurationError, MepError
 from mep.service.admin import register_endpoint
 from mep.service.state import ServiceState

@@ -39,7 +39,10 @@ def identity_group() -> None:
     """Check identity mapping the way this machine's manager applies it."""
 
 
-@identity_group.command("test")
+@identity_group.command("test", epilog="\b\nExamples:\n"
+                        "  mep identity test --config /etc/mep/cluster/config.yaml alice@example.org --check-account\n"
+                        "  mep identity test --config /usr/share/mep/identity_maps/example-email.json \\\n"
+                        "      '{\"username\": \"jd@idp.example\", \"email\": \"jane.doe@chem.example.edu\"}'")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="A manager config.yaml, or an identity-mapping JSON file.")
 @click.option("--check-account", is_flag=True,

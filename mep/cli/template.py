@@ -33,7 +33,9 @@ def template() -> None:
     """Check the admin's endpoint templates."""
 
 
-@template.command("render")
+@template.command("render", epilog="\b\nExamples:\n"
+                  "  mep template render --template /etc/mep/cluster/slurm.yaml.j2 \\\n"
+                  "      --schema /etc/mep/cluster/slurm.schema.json --user-config '{\"partition\": \"debug\"}' --user alice")
 @click.option("--template", "template_path", type=click.Path(path_type=Path), required=True,
               help="The Jinja template (e.g. templates/slurm.yaml.j2).")
 @click.option("--schema", "schema_path", type=click.Path(path_type=Path), required=True,

@@ -116,6 +116,8 @@ class ManagerConfig(BaseModel):
     allow_setuid_helpers: bool = Field(
         default=False, description="Start user endpoints without no_new_privs and with the capability bounding "
                                    "set, for a scheduler's setuid client (PBS's pbs_iff)")
+    metrics_listen: str | None = Field(default=None, description="HOST:PORT or :PORT (loopback) for the router's "
+                                       "Prometheus metrics (mep.metrics); off when unset")
 
     @model_validator(mode="after")
     def _mapping_programs_do_not_run_as_the_router(self) -> ManagerConfig:

@@ -76,6 +76,7 @@ from mep.manager.flow import HeldWork, QueuedTask
 from mep.protocol.receive import handling, loop_turn
 from mep.manager.spawner_link import SpawnerLink
 from mep.manager.task_audit import TaskAuditTrail
+from mep.metrics import router_metrics
 from mep.service.store import dumps_canonical
 
 log = logging.getLogger("mep.router")
@@ -179,6 +180,7 @@ class Router:
             public.write(self.endpoint_public_key + "\n")
         self.service.connect(self.config.service_address)
         self._register()
+        self.metrics = router_metrics(self.config.metrics_listen, lambda: len(self.endpoints))  # served if set
         poller = zmq.Poller()
         poller.register(self.service, zmq.POLLIN)
         poller.register(self.endpoints_socket, zmq.POLLIN)
@@ -429,8 +431,10 @@ class Router:
             return False
         match message:
             case Spawned():
+                self.metrics.on_spawned(message.reused)
                 self._spawned(message)
             case SpawnRefused():
+                self.metrics.on_refused(message.code)
                 key = self.spawn_requests.pop(message.request_id, None)
                 wait = self.spawn_waits.pop(key, None) if key else None
                 if wait is not None:

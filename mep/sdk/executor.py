@@ -15,7 +15,7 @@ a service that has not answered for ``answer_timeout`` seconds fails the
 futures concerned with ``ServiceUnreachableError`` saying what became of each
 task (or, with ``keep_retrying``, is logged and retried without end); every
 wait (``result()``, ``map``, leaving a ``with`` block) is made of short slices,
-so Ctrl-C interrupts it at once. docs/sdk-behaviour.md has the details.
+so Ctrl-C interrupts it at once. docs/user.md ("What the Executor does when things go wrong") has the details.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from mep.protocol.assertions import AssertionSigner, generate_signing_key, publi
 from mep.protocol.curve import generate_keypair, public_from_secret, read_private_text, read_secret_key, write_secret_key
 from mep.service.store import Store
 
+DATABASE_NAME = "mep.db"
+
 
 @dataclass
 class ServiceState:
@@ -46,8 +48,18 @@ class ServiceState:
             keys.append(public_key_text(read_private_text(staged)))
         return keys
 
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        """Whether ``directory`` holds a service's state (its key pair): what admin commands need."""
+        try:
+            return (directory.expanduser() / "service.key").is_file()
+        except PermissionError:
+            raise ConfigurationError(f"cannot look into the state directory {directory}: permission denied; "
+                                     "run this as the account that owns it") from None
+
     @classmethod
     def open(cls, directory: Path) -> ServiceState:
+        """Open the state in ``directory``, creating it (and a new key pair) if there is none."""
         directory = directory.expanduser().absolute()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = directory.stat()
@@ -67,4 +79,4 @@ class ServiceState:
         if not signing_path.exists():
             write_secret_key(signing_path, generate_signing_key())
         return cls(directory=directory, secret_key=secret, public_key=public_from_secret(secret),
-                   store=Store(directory / "mep.db"), signer=AssertionSigner(read_private_text(signing_path)))
+                   store=Store(directory / DATABASE_NAME), signer=AssertionSigner(read_private_text(signing_path)))

@@ -265,6 +265,14 @@ class Store:
             )
         return cursor.rowcount == 1
 
+    def rotate_token(self, identity_id: str) -> str | None:
+        """A new token for an active identity (the old one stops working); None if there is no such identity."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self.transaction():
+            cursor = self.db.execute("UPDATE identities SET token_hash=? WHERE id=? AND revoked_at IS NULL",
+                                     (hash_token(token), identity_id))
+        return token if cursor.rowcount == 1 else None
+
     def identity_for_token(self, token: str) -> str | None:
         row = self.db.execute(
             "SELECT id FROM identities WHERE token_hash=? AND revoked_at IS NULL", (hash_token(token),)

@@ -68,6 +68,7 @@ from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings
 from mep.protocol.assertions import AssertionVerifier, NonceCache, check_spawn_claims
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status
+from mep.sdnotify import notify_ready
 from mep.protocol.messages import (
     AuditStatus,
     AuditTasks,
@@ -201,6 +202,7 @@ class Spawner:
             self._kill_router()
             raise
         self.audit = AuditWriter(audit_log, post=self._post, on_broken=self._audit_broke)
+        notify_ready()  # systemd (Type=notify): the checks passed, the router runs, the audit log is open
         config = self.settings.config
         self.audit.write([{"event": "manager_started", "mapping_file": str(config.identity_mapping),
                            "mode": "multi-user" if self.settings.drop_privileges else "single-user",
