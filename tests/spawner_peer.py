@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -157,10 +156,11 @@ class SpawnerPeer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _router_is_the_test(channel: socket.socket) -> None:
+def _router_is_the_test(channel: socket.socket, test_alive: int) -> None:
     """The spawner's router is the test: its first (and only) router start hands over the test's channel.
 
-    A stand-in child plays the router process the spawner watches (and kills once the channel closes).
+    A stand-in child plays the router process the spawner watches; like a real router it exits when the
+    test hangs up (``test_alive``: the read end of a pipe whose write end only the test holds).
     """
     import mep.manager.spawner.spawner as spawner_module
     started: list[int] = []
@@ -170,8 +170,8 @@ def _router_is_the_test(channel: socket.socket) -> None:
             raise SpawnError("the test played the only router; none is started again")
         stand_in = os.fork()
         if stand_in == 0:
-            while True:
-                signal.pause()
+            os.read(test_alive, 1)  # end of file: the test has hung up
+            os._exit(0)
         started.append(stand_in)
         return RouterProcess(pid=stand_in, pidfd=os.pidfd_open(stand_in), channel=SpawnerLink(channel),
                              log_read=-1, started_at=time.monotonic())
@@ -203,13 +203,15 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
         policy, trusted = account_rules(config, router_account(router_user))
         pam = pam_settings(config, mapping_path, trusted_owner_uids=trusted)
         router_end, spawner_end = channel_pair()
+        test_alive, test_alive_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the spawner: never returns into the test
             code = 1
             try:
                 router_end.close()
                 logging.basicConfig(filename=directory / "spawner.log", level=logging.INFO, force=True)
-                _router_is_the_test(spawner_end)
+                os.close(test_alive_write)
+                _router_is_the_test(spawner_end, test_alive)
                 launch = RouterLaunch(account=router_account(router_user), drop_privileges=True, lock_fd=-1,
                                       boot=RouterBoot(config={}, manager_secret_key="", endpoint_address="",
                                                       endpoint_secret_key="", log_level=logging.INFO))
@@ -225,6 +227,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
                 logging.shutdown()
                 os._exit(code)
         spawner_end.close()
+        os.close(test_alive)
         if with_router:  # after the fork: the spawner must not inherit a ZeroMQ context
             router = EndpointRouter(directory, router_secret)
         peer = SpawnerPeer(pid=pid, link=SpawnerLink(router_end), config=config, signer=signer,
@@ -234,6 +237,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
         finally:
             peer.link.send(RouterStopping())  # on purpose: the spawner stops its endpoints when we hang up
             router_end.close()
+            os.close(test_alive_write)
             _, status = os.waitpid(pid, 0)
             assert status == 0, f"the spawner exited with wait status {status}:\n{peer.log()}"
     finally:
