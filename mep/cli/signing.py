@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 import yaml
 
-from mep.cli.main import _friendly, default_state_dir, state_dir_option
+from mep.cli.main import _friendly, state_dir_option
+from mep.cli.service_config import locate_state, open_state
 from mep.errors import ConfigurationError
 from mep.protocol.assertions import generate_signing_key, parse_public_key, public_key_text
 from mep.protocol.curve import read_private_text, write_secret_key
@@ -25,7 +26,8 @@ _MAX_PINNED = 4  # as ManagerConfig.service_signing_keys allows
 
 
 def _state_directory(state_dir: Path | None) -> Path:
-    return (state_dir or default_state_dir("service")).expanduser().absolute()
+    """Where the service's state is, found as every admin command finds it; refuses if there is none."""
+    return open_state(state_dir).directory
 
 
 @click.group("signing-key")
@@ -54,7 +56,9 @@ def generate(state_dir: Path | None) -> None:
     """Create the signing key (the service also creates it on first start); never replaces one."""
     from mep.service.state import ServiceState
 
-    directory = _state_directory(state_dir)
+    directory = locate_state(state_dir).directory
+    if not ServiceState.exists(directory):
+        open_state(state_dir)  # refuses, saying where it looked
     if ServiceState.signing_key_path(directory).exists():
         raise ConfigurationError(f"{ServiceState.signing_key_path(directory)} already exists; "
                                  "to replace it, use 'mep service signing-key rotate'")
