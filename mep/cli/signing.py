@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import yaml
 
-from mep.cli.main import _friendly, state_dir_option
+from mep.cli.main import _examples, _friendly, state_dir_option
 from mep.cli.service_config import locate_state, open_state
 from mep.errors import ConfigurationError
 from mep.protocol.assertions import generate_signing_key, parse_public_key, public_key_text
@@ -35,7 +35,8 @@ def signing_key() -> None:
     """The Ed25519 key the service signs identity assertions with."""
 
 
-@signing_key.command("show")
+@signing_key.command("show", epilog=_examples("mep service signing-key show",
+                                                  "mep service signing-key show --state-dir /srv/mep/service"))
 @state_dir_option
 @_friendly
 def show(state_dir: Path | None) -> None:
@@ -49,7 +50,7 @@ def show(state_dir: Path | None) -> None:
         click.echo(f"next signing key: {keys[1]}")
 
 
-@signing_key.command("generate")
+@signing_key.command("generate", epilog=_examples("mep service signing-key generate"))
 @state_dir_option
 @_friendly
 def generate(state_dir: Path | None) -> None:
@@ -67,7 +68,10 @@ def generate(state_dir: Path | None) -> None:
     click.echo("pin it in each manager: mep manager pin-signing-key --config CONFIG KEY")
 
 
-@signing_key.command("rotate")
+@signing_key.command("rotate", epilog=_examples(
+    "mep service signing-key rotate            # stage the next key; pin it in every manager",
+    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml ed25519:...",
+    "mep service signing-key rotate --finish   # then restart the service; unpin the old key later"))
 @state_dir_option
 @click.option("--finish", is_flag=True, help="Make the staged key the signing key (after managers pinned it).")
 @_friendly
@@ -99,7 +103,9 @@ def rotate(state_dir: Path | None, finish: bool) -> None:
                f"have exited, unpin the old key: mep manager pin-signing-key --remove --config CONFIG {previous}")
 
 
-@click.command("pin-signing-key")
+@click.command("pin-signing-key", epilog=_examples(
+    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml \"$(mep service signing-key show | cut -d' ' -f3)\"",
+    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml --remove ed25519:OLD..."))
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               required=True, help="The manager's config.yaml.")
 @click.option("--remove", is_flag=True, help="Unpin the key instead (the end of a rollover).")
