@@ -118,21 +118,43 @@ def endpoint_secret_key(pid: int, public_key: str) -> str:
 
 
 SPAWNER_DRIVER = """
-import logging, socket, sys
+import logging, os, select, socket, sys, time
 from pathlib import Path
 from mep.config.manager import ManagerConfig
+from mep.errors import SpawnError
+import mep.manager.spawner.spawner as spawner_module
+from mep.manager.spawner.router_process import RouterLaunch, RouterProcess
 from mep.manager.spawner.spawner import Spawner, SpawnerSettings
-from mep.manager.spawner_link import SpawnerLink
+from mep.manager.spawner_link import RouterBoot, SpawnerLink
 from mep.manager.start import account_rules, router_account
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 config_path, fd, state = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 config = ManagerConfig.load(Path(config_path))
 policy, trusted = account_rules(config, router_account(config.router_user))
+channel, started = socket.socket(fileno=fd), []
+
+def start_router(_launch):  # the test is the router: a stand-in process, gone once the test hangs up
+    if started:
+        raise SpawnError("the test played the only router; none is started again")
+    pid = os.fork()
+    if pid == 0:
+        hangup = select.poll()
+        hangup.register(channel.fileno(), 0)  # no events asked: wakes only on POLLHUP/POLLERR
+        hangup.poll()
+        os._exit(0)
+    started.append(pid)
+    return RouterProcess(pid=pid, pidfd=os.pidfd_open(pid), channel=SpawnerLink(channel), log_read=-1,
+                         started_at=time.monotonic())
+
+spawner_module.start_router = start_router
+launch = RouterLaunch(account=router_account(config.router_user), drop_privileges=True, lock_fd=-1,
+                      boot=RouterBoot(config={}, manager_secret_key="", endpoint_address="", endpoint_secret_key="",
+                                      log_level=logging.INFO))
 settings = SpawnerSettings(config=config, router_address="ipc://" + str(state / "none.sock"),
                            router_public_key=sys.argv[4], policy=policy, trusted_owner_uids=trusted,
                            drop_privileges=True, audit_log=state / "audit.jsonl",
-                           registry_path=state / "registry" / "endpoints.json")
-sys.exit(Spawner(settings, SpawnerLink(socket.socket(fileno=fd))).run())
+                           registry_path=state / "registry" / "endpoints.json", router=launch)
+sys.exit(Spawner(settings).run())
 """
 
 

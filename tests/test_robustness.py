@@ -24,6 +24,8 @@ import zmq
 
 import mep
 from mep.protocol import encode
+from mep.protocol.assertions import AssertionSigner, Claims, config_digest
+from mep.protocol.curve import read_private_text
 from mep.protocol.messages import (
     SIGNATURE,
     Error,
@@ -216,10 +218,17 @@ def test_an_oserror_while_spawning_refuses_that_request_and_the_spawner_goes_on(
     answer(SpawnerStatus)
     (state / "registry").rename(state / "registry-gone")  # the registry can't be written: an OSError
     identity = IdentityResource(id=str(uuid.uuid4()), username=f"{account.pw_name}@example.org")
-    channel.send(SpawnRequest(request_id=1, submitter_id=identity.id, identities=[identity], runtime=client_runtime()))
+    # signed as the service signs it: the spawner checks who submitted before it maps or spawns anything
+    signer = AssertionSigner(read_private_text(deploy.state_dir / "signing.key"))
+    now = time.time()
+    assertion = signer.sign(Claims(submitter_id=identity.id, identities=[identity], endpoint_id=manager.endpoint_id,
+                                   config_digest=config_digest({}), task_ids=[str(uuid.uuid4())], issued_at=now,
+                                   expires_at=now + 600, nonce=uuid.uuid4().hex))
+    channel.send(SpawnRequest(request_id=1, submitter_id=identity.id, identities=[identity], runtime=client_runtime(),
+                              identity_assertion=assertion))
     refused = answer((SpawnRefused, Spawned))
     assert isinstance(refused, SpawnRefused) and refused.request_id == 1, refused
-    assert refused.code == "internal" and "FileNotFoundError" in refused.message, refused
+    assert refused.code == "spawn_failed" and "could not record the new endpoint" in refused.message, refused
     channel.send(SpawnerStatusRequest())  # the spawner is still there, answering
     assert answer(SpawnerStatus).process.role == "spawner"
     assert spawner.poll() is None
