@@ -58,7 +58,7 @@ TASKS_PER_SUBMITTER = 150
 CHUNK = 25
 PACE = 2.0  # seconds a submitter waits at most for a chunk's results before sending the next chunk
 CRASHED_LIVES = 5  # lives of the service killed as soon as they listen, per crash loop
-SCHEDULE = ["fill disk"] * 2 + ["crash loop"] * 3 + ["kill client"] * 3
+SCHEDULE = ["fill disk", "fill disk, crash loop"] + ["crash loop"] * 3 + ["kill client"] * 3
 STALL_LIMIT = 120.0  # seconds without a single new outcome before the test gives up
 KEY_MESSAGE = "does not match the service's"
 
@@ -160,15 +160,19 @@ def _crash_loop(deploy: Deployment) -> str:
     return f"crash loop of {CRASHED_LIVES} lives"
 
 
-def _fill_and_free(deploy: Deployment, clients: list[ClientProcess]) -> str:
+def _fill_and_free(deploy: Deployment, clients: list[ClientProcess], crash_loop: bool) -> str:
+    """Fill the service's disk until a submission is refused for it (crash-looping the service meanwhile)."""
+    refused_before = sum(_refused(entry) for client in clients for entry in client.entries())
     filler = fill(deploy.state_dir)
     try:
-        wait_for(lambda: any(_refused(entry) for client in clients for entry in client.entries()), timeout=120,
-                 what="a submission refused for the full disk")
+        wait_for(lambda: sum(_refused(entry) for client in clients for entry in client.entries()) > refused_before,
+                 timeout=120, what="a submission refused for the full disk")
+        if crash_loop:
+            _crash_loop(deploy)  # each life starts on the full disk
         time.sleep(2)  # more submissions refused, results waiting at the endpoints
     finally:
         filler.unlink()
-    return "disk filled and freed"
+    return "disk filled and freed" + (", the service crash-looping meanwhile" if crash_loop else "")
 
 
 def _refused(entry: list) -> bool:
@@ -210,8 +214,8 @@ def test_nothing_is_lost_while_the_disk_fills_the_service_crash_loops_and_client
                 if fault_at and done >= fault_at[0]:
                     fault_at.pop(0)
                     kind = schedule.pop()
-                    if kind == "fill disk":
-                        events.append(_fill_and_free(deploy, clients))
+                    if kind.startswith("fill disk"):
+                        events.append(_fill_and_free(deploy, clients, crash_loop=kind.endswith("crash loop")))
                     elif kind == "crash loop":
                         events.append(_crash_loop(deploy))
                     else:
