@@ -49,7 +49,7 @@ from pathlib import Path
 import pytest
 
 import mep
-from tests.harness import DOMAIN_STRIP, PYTHON, Deployment, expression_mapping, fill, service_on_small_tmpfs, wait_for
+from tests.harness import DOMAIN_STRIP, PYTHON, Deployment, expression_mapping, fill, service_on_small_tmpfs
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture
 
 pytestmark = pytest.mark.root
