@@ -9,6 +9,7 @@ a per-deployment directory in /run, so parallel or repeated runs can't collide.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -280,3 +281,37 @@ def deployment(owner: str | None = None, *service_options: str) -> Iterator[Depl
     finally:
         deploy.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def service_on_small_tmpfs(size: str) -> Iterator[Deployment]:
+    """A deployment whose service state directory is its own small tmpfs, unmounted afterwards."""
+    with deployment() as deploy:
+        deploy.service.stop()
+        state = deploy.root / "small-state"
+        state.mkdir(mode=0o700)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(state)], check=True)
+        try:
+            deploy.state_dir = state
+            deploy.start_service("tcp://127.0.0.1:0")
+            yield deploy
+        finally:
+            deploy.stop()
+            deploy.service = None
+            subprocess.run(["umount", "-l", str(state)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem has no byte left."""
+    path = directory / "filler"
+    with open(path, "wb", buffering=0) as handle:
+        block = b"\0" * (1 << 16)
+        while True:
+            try:
+                handle.write(block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                if len(block) == 1:
+                    break
+                block = block[:len(block) // 2]
+    return path

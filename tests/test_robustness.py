@@ -9,13 +9,10 @@ process, and that an ordinary task still completes.
 
 from __future__ import annotations
 
-import errno
 import sqlite3
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -43,7 +40,15 @@ from mep.protocol.messages import (
 )
 from mep.sdk.serialize import client_runtime
 from mep.service.store import dumps_canonical
-from tests.harness import DOMAIN_STRIP, Deployment, Manager, deployment, expression_mapping, wait_for
+from tests.harness import (
+    DOMAIN_STRIP,
+    Deployment,
+    Manager,
+    expression_mapping,
+    fill,
+    service_on_small_tmpfs,
+    wait_for,
+)
 from tests.peers import RawPeer, deep, endpoint_records, endpoint_secret_key, raw_map, start_spawner, uint64
 
 pytestmark = pytest.mark.root
@@ -239,40 +244,6 @@ def test_an_oserror_while_spawning_refuses_that_request_and_the_spawner_goes_on(
 
 
 # --- a full disk under the service (issue 10, item 4) ----------------------------------------------------
-
-
-@contextmanager
-def service_on_small_tmpfs(size: str) -> Iterator[Deployment]:
-    """A deployment whose service state directory is its own small tmpfs, unmounted afterwards."""
-    with deployment() as deploy:
-        deploy.service.stop()
-        state = deploy.root / "small-state"
-        state.mkdir(mode=0o700)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(state)], check=True)
-        try:
-            deploy.state_dir = state
-            deploy.start_service("tcp://127.0.0.1:0")
-            yield deploy
-        finally:
-            deploy.stop()
-            deploy.service = None
-            subprocess.run(["umount", "-l", str(state)], check=True)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the filesystem has no byte left."""
-    path = directory / "filler"
-    with open(path, "wb", buffering=0) as handle:
-        block = b"\0" * (1 << 16)
-        while True:
-            try:
-                handle.write(block)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                if len(block) == 1:
-                    break
-                block = block[:len(block) // 2]
-    return path
 
 
 def test_a_full_disk_refuses_submissions_with_a_specific_error_and_recovers(router_account, account_factory) -> None:
