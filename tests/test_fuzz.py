@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 
 from mep.config.endpoint import UserEndpointConfig
 from mep.protocol import decode, encode
+from mep.protocol.assertions import AssertionSigner, Claims, config_digest, generate_signing_key
 from mep.protocol.curve import generate_keypair
 from mep.protocol.messages import (
     SIGNATURE,
@@ -52,6 +53,7 @@ from mep.protocol.messages import (
     Ready,
     Results,
     Runtime,
+    RouterStopping,
     SpawnRefused,
     Spawned,
     SpawnRequest,
@@ -147,7 +149,7 @@ def mutated(draw: Callable, headers: list[dict[str, Any]]) -> dict[str, Any]:
             header["type"] = draw(st.sampled_from(TAGS))
         else:
             for field in ("tasks", "results"):
-                if isinstance(header.get(field), list) and header[field]:
+                if isinstance(header.get(field), list) and header[field] and isinstance(header[field][0], dict):
                     header[field][0][draw(st.sampled_from(FRAME_INDEX_FIELDS))] = draw(WIRE_INTS)
     return header
 
@@ -244,10 +246,17 @@ class PlayedRouter:
         return headers
 
 
+SERVICE_SIGNER = AssertionSigner(generate_signing_key())  # the service whose assertions the played endpoint trusts
+SERVED = IdentityResource(id=str(uuid.uuid4()), username="fuzzed-endpoint-owner@example.org")
+MANAGER_ENDPOINT_ID = str(uuid.uuid4())
+
+
 def start_endpoint(account: pwd.struct_passwd, router: PlayedRouter, log_path: Path) -> subprocess.Popen:
     boot = EndpointBoot(endpoint_id=str(uuid.uuid4()), account=account.pw_name, router_address=router.address,
                         router_public_key=router.public_key, secret_key=generate_keypair()[1],
-                        config=UserEndpointConfig().model_dump(mode="json"), heartbeat_interval=1.0)
+                        config=UserEndpointConfig().model_dump(mode="json"), heartbeat_interval=1.0,
+                        manager_endpoint_id=MANAGER_ENDPOINT_ID, identity_id=SERVED.id, identities=[SERVED],
+                        assertion_keys=[SERVICE_SIGNER.public_key])
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
             ["runuser", "-u", account.pw_name, "--", "env", "-i", f"HOME={account.pw_dir}",
@@ -349,7 +358,8 @@ def test_no_generated_message_stops_any_listener(deploy, account_factory, scratc
         while not isinstance(answer := channel.receive(), (SpawnRefused, Spawned)) or answer.request_id != 10**6:
             assert answer is not None, "the spawner hung up"
         counts["spawner channel"] = (sent, (scratch / "spawner.log").read_text().count("refused"))  # all read now
-        channel.sock.close()  # the router hangs up: the spawner stops
+        channel.send(RouterStopping())  # a router stopping on purpose: when it hangs up, the spawner stops too
+        channel.sock.close()
         assert spawner.wait(timeout=60) == 0, (scratch / "spawner.log").read_text()
 
         router = PlayedRouter(context, scratch)
@@ -366,8 +376,13 @@ def test_no_generated_message_stops_any_listener(deploy, account_factory, scratc
         sent = throw(messages(endpoint_headers), to_endpoint)
         body = serialize_function(add)
         task_id = str(uuid.uuid4())
+        now = time.time()
+        assertion = SERVICE_SIGNER.sign(Claims(
+            submitter_id=SERVED.id, identities=[SERVED], endpoint_id=MANAGER_ENDPOINT_ID,
+            config_digest=config_digest({}), task_ids=[task_id], issued_at=now, expires_at=now + 600,
+            nonce=uuid.uuid4().hex))
         router.send(encode(Tasks(tasks=[TaskRef(task_id=task_id, fn_hash=function_hash(body), args_frame=0,
-                                                fn_frame=1)], runtimes=[client_runtime()]),
+                                                fn_frame=1)], runtimes=[client_runtime()], assertions=[assertion]),
                            [serialize_args((2, 3), {}), body]))
 
         def result() -> Any:
