@@ -644,8 +644,9 @@ class Router:
             self._drop(link.queued, ErrorCode.INTERNAL, self.audit.refusal)
             link.queued.clear()
             return
-        # Records for the next window's worth go ahead, so they are written by the time results free the slots.
-        cleared = self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued[:link.window]])
+        # Records for everything queued here go ahead in one batch (the router's own limits bound the queue), so
+        # they are written by the time results free the slots: one record per arrival, not one per freed slot.
+        cleared = self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued])
         room = max(0, link.window - len(link.in_flight))
         batch = [task for task in link.queued[:room] if task.ref.task_id in cleared]
         if not batch:
