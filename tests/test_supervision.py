@@ -22,9 +22,17 @@ def nap(seconds: float, value: object = None) -> object:
 
 def router_of(manager) -> int:
     """The spawner's child that runs the router, found from /proc (there is one once a router runs)."""
-    routers = [pid for pid in children_of(manager.spawner_pid) if open(f"/proc/{pid}/cmdline", "rb").read()
-               .startswith(f"mep-manager router {manager.endpoint_id}".encode())]
+    title = f"mep-manager router {manager.endpoint_id}".encode()
+    routers = [pid for pid in children_of(manager.spawner_pid) if _cmdline(pid).startswith(title)]
     return routers[0] if len(routers) == 1 else 0
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read()
+    except OSError:  # it exited since it was listed
+        return b""
 
 
 def test_a_killed_router_is_restarted_and_tasks_continue_and_complete(deploy, account_factory) -> None:

@@ -232,8 +232,9 @@ def user_endpoints_of(configured: Configured) -> list[dict[str, Any]]:
 
     rows = []
     for record in registry.load_live(configured.config.socket_dir() / "endpoints.json"):
-        _, template_digest, rendered = record.key
-        rows.append({"account": record.account, "uid": record.key[0], "pid": record.endpoint_pid,
+        identity_id, uid, template_digest, rendered = record.key  # identity "": shared across identities
+        rows.append({"account": record.account, "uid": uid, "identity": identity_id or "any",
+                     "pid": record.endpoint_pid,
                      "uptime_seconds": _uptime(record.endpoint_pid),
                      "config_digest": hashlib.sha256(rendered.encode()).hexdigest()[:12],
                      "template_digest": template_digest[:12], "pam_session": record.held,
