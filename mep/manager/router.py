@@ -305,14 +305,15 @@ class Router:
         # DISPATCH): such tasks go back, to come again with their body.
         refs = {ref.task_id: ref for ref in dispatch.tasks if ref.fn_hash in self.held.functions}
         returned = [ref.task_id for ref in dispatch.tasks if ref.task_id not in refs]
+        # One this router has already (the service sends it again after re-registering us) stays where it is: on
+        # its endpoint, which answers it or is reported lost with it, or in the queue it waits in. Taken again,
+        # it would run twice.
+        have = self._held_task_ids() if dispatch.tasks else set()
         for group in dispatch.groups:
             key: GroupKey = (group.submitter_id, dumps_canonical(group.user_endpoint_config))
-            # One sent to an endpoint already (the service sends it again after re-registering us) stays
-            # there: that endpoint answers it or is reported lost with it. Sent again, it could arrive after
-            # the endpoint had forgotten its acknowledged result, and run twice.
             tasks = [QueuedTask(refs[task_id], payloads[refs[task_id].args_frame], group.runtime, group.submitter_id,
                                 group.identity_assertion)
-                     for task_id in group.task_ids if task_id in refs and task_id not in self.task_endpoint]
+                     for task_id in group.task_ids if task_id in refs and task_id not in have]
             if not tasks:
                 continue
             self.held.hold(tasks)
@@ -336,6 +337,15 @@ class Router:
         credit = self.held.credit(again=again)
         if credit is not None:
             self.service.send_multipart(encode(credit))
+
+    def _held_task_ids(self) -> set[str]:
+        """Every task this router has: sent to an endpoint, queued for one, or waiting for a spawn."""
+        held = set(self.task_endpoint)
+        for link in self.endpoints.values():
+            held.update(task.ref.task_id for task in link.queued)
+        for wait in self.spawn_waits.values():
+            held.update(task.ref.task_id for task in wait.tasks)
+        return held
 
     def _start_spawns(self) -> None:
         """Send queued spawn requests while fewer than max_concurrent_spawns await an answer."""
