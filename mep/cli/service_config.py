@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from mep.config.settings_file import read_mapping, validated
 from mep.errors import ConfigurationError
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 
@@ -65,21 +65,7 @@ class ServiceConfig(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> ServiceConfig:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read service config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigurationError(f"{path} is not valid YAML: {exc}") from None
-        if data is None:  # every line commented out: all defaults
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"{path} must be a YAML mapping of settings")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigurationError(f"{path}: {problems}") from None
+        return validated(cls, read_mapping(path, "service config", empty_is_defaults=True), path)
 
     def broker_settings(self, **overrides: Any) -> Any:  # BrokerSettings, imported lazily (zmq)
         from mep.service.broker import BrokerSettings

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mep.errors import ConfigurationError
+from mep.config.settings_file import read_mapping, validated
 
 
 DEFAULT_DISABLED_SHELLS = ("/sbin/nologin", "/usr/sbin/nologin", "/bin/false")
@@ -128,25 +127,12 @@ class ManagerConfig(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> ManagerConfig:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read manager config {path}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigurationError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"{path} must be a YAML mapping of settings")
+        data = read_mapping(path, "manager config")
         base = path.parent
         for key in ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log"):
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
                 data[key] = str(base / data[key])  # relative paths are relative to the config file
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigurationError(f"{path}: {problems}") from None
+        return validated(cls, data, path)
 
     def audit_log_path(self) -> Path:
         if self.audit_log is not None:
