@@ -39,10 +39,13 @@ pytestmark = pytest.mark.root
 PYTHON3 = "/usr/bin/python3"
 
 
-def nap(seconds: float) -> str:
+def run_while(gate: str) -> str:
+    """Busy until the test removes ``gate`` (a fixed nap could end before the test has revoked anything)."""
+    import os
     import time
 
-    time.sleep(seconds)
+    while os.path.exists(gate):
+        time.sleep(0.05)
     return "done"
 
 
@@ -116,8 +119,11 @@ def test_revoked_identity_with_a_busy_endpoint(deploy, account_factory, record_p
     account = account_factory("mepatkrevoke")
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
     identity = deploy.identity(f"{account.pw_name}@example.org")
+    gate = deploy.root / "busy"
+    gate.touch()
+    os.chmod(deploy.root, 0o755)  # the task, as the account, watches the gate
     with deploy.executor(identity, manager) as executor:
-        busy = executor.submit(nap, 6)
+        busy = executor.submit(run_while, str(gate))
         (old_endpoint,) = {r["endpoint_id"] for r in wait_for(lambda: routed(manager, busy.task_id),
                                                                what="the long task to reach its endpoint")}
         # The admin revokes: this identity's domain no longer maps to anyone; then SIGHUP.
@@ -132,6 +138,8 @@ def test_revoked_identity_with_a_busy_endpoint(deploy, account_factory, record_p
         refused = executor.submit(whoami)
         with pytest.raises(mep.UnmappedIdentityError) as raised:
             refused.result(timeout=60)
+        assert not busy.done(), "the busy task was still running when its identity was revoked"
+        gate.unlink()
         assert busy.result(timeout=60) == "done", "the task already running finishes (nothing is lost)"
     assert routed(manager, refused.task_id) == [], "no new task was sent to the old endpoint"
     stopped = wait_for(lambda: [r for r in audit(manager) if r["event"] == "endpoint_stopped"], what="the stop")
