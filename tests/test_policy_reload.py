@@ -10,6 +10,7 @@ The revoked identity with a busy endpoint is in tests/test_attacks.py.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -19,7 +20,7 @@ from mep.protocol.messages import Spawned, SpawnRefused
 from tests.harness import DOMAIN_STRIP, expression_mapping, processes_of_uid, wait_for
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture
 from tests.spawner_peer import identity_of, spawner_peer
-from tests.test_attacks import audit, nap, routed, whoami
+from tests.test_attacks import audit, routed, run_while, whoami
 
 pytestmark = pytest.mark.root
 
@@ -51,14 +52,19 @@ def test_pam_refusal_at_revalidation_stops_a_busy_endpoint(deploy, pam_service: 
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP),
                                    settings={"pam": {"enable": True, "service": pam_service.name}})
     identity = deploy.identity(f"{account.pw_name}@example.org")
+    gate = deploy.root / "busy"
+    gate.touch()
+    os.chmod(deploy.root, 0o755)  # the task, as the account, watches the gate
     with deploy.executor(identity, manager) as executor:
-        busy = executor.submit(nap, 5)
+        busy = executor.submit(run_while, str(gate))
         wait_for(lambda: routed(manager, busy.task_id), what="the task to reach its endpoint")
         pam_service.deny(account.pw_name)  # the account policy still allows it: only PAM says no
         stopped = wait_for(lambda: stopped_endpoints(manager), what="the heartbeat to stop the endpoint")
         assert "pam_acct_mgmt" in stopped[0]["reason"] and stopped[0]["account"] == account.pw_name
         with pytest.raises(mep.AccountRefusedError, match=r"account checks \(PAM\)"):
             executor.submit(whoami).result(timeout=60)
+        assert not busy.done(), "the busy task was still running when PAM refused its account"
+        gate.unlink()
         assert busy.result(timeout=60) == "done", "the running task finishes"
 
 
