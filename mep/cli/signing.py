@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 import yaml
 
-from mep.cli.main import _friendly, default_state_dir, state_dir_option
+from mep.cli.main import _friendly, state_dir_option
+from mep.cli.service_config import default_state_dir
 from mep.errors import ConfigurationError
 from mep.protocol.assertions import generate_signing_key, parse_public_key, public_key_text
 from mep.protocol.curve import read_private_text, write_secret_key
