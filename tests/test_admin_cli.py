@@ -348,9 +348,13 @@ def test_status_shows_identity_and_counts_and_json_logs_join_on_task_id(router_a
             accepted = {line["task_id"] for line in service_lines if line["message"].startswith("accepted task")}
             results_in = {line["task_id"] for line in service_lines if line["message"].startswith("result of task")}
             assert task_ids <= finished and task_ids <= accepted and task_ids <= results_in
-            spawned = [line for line in _json_lines(manager.log_path) if line["message"].startswith("spawned endpoint")]
+            manager_lines = _json_lines(manager.log_path)  # the spawner's lines and, relayed, the router's
+            spawned = [line for line in manager_lines if line["message"].startswith("spawned endpoint")]
             assert spawned and spawned[0]["endpoint_id"] == row["endpoint_id"]
-            assert spawned[0]["account"] == account.pw_name
+            assert spawned[0]["account"] == account.pw_name and spawned[0]["identity_id"] == identity.id
+            routed = [line for line in manager_lines if line["logger"] == "mep.router" and "started for" in
+                      line["message"]]
+            assert routed and routed[0]["endpoint_id"] == row["endpoint_id"]
 
             # without the file (nothing changed since, so the router has not written it again): unknown, no failure
             status_file.unlink()
