@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import mep
-from tests.harness import DOMAIN_STRIP, PYTHON, ROUTER_USER, expression_mapping, start_process, wait_for
+from tests.harness import DOMAIN_STRIP, PYTHON, ROUTER_USER, deployment, expression_mapping, start_process, wait_for
 
 MEP = [PYTHON, "-m", "mep"]
 
@@ -291,3 +291,79 @@ def test_diagnose_redacts_settings_that_name_a_secret() -> None:
     text = "token: mep_abc\nmanager_secret_key_file: manager.key\n# client_secret: xyz\nlisten: tcp://h:1\n"
     assert redact_yaml(text) == ("token: <redacted>\nmanager_secret_key_file: manager.key\n"
                                  "# client_secret: <redacted>\nlisten: tcp://h:1\n")
+
+
+def _json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.startswith("{")]
+
+
+@pytest.mark.root
+def test_status_shows_identity_and_counts_and_json_logs_join_on_task_id(router_account, account_factory,
+                                                                         scratch: Path, monkeypatch) -> None:
+    """Service, router and user endpoint all log JSON lines; a task's id is a field in each of them."""
+    monkeypatch.setenv("MEP_LOG_FORMAT", "json")  # inherited by the service and the manager started below
+    monkeypatch.setenv("MEP_LOG_LEVEL", "mep.service=DEBUG")
+    account = account_factory("mepstat")
+    name = "st" + secrets.token_hex(3)
+    with deployment() as deploy:
+        directory = _configure(deploy, scratch, name)
+        config = yaml.safe_load((directory / "config.yaml").read_text())
+        manager = start_process([*MEP, "manager", "start", "--config", str(directory / "config.yaml")],
+                                scratch / "manager.log")
+        try:
+            wait_for(lambda: "registered with the service" in manager.log(), what="the manager to register")
+            identity = deploy.identity(f"{account.pw_name}@example.org")
+            tasks = 3
+            with mep.Executor(config["endpoint_id"], service=deploy.address, service_key=deploy.service_key,
+                              token=identity.token) as executor:
+                futures = [executor.submit(whoami) for _ in range(tasks)]
+                results = [future.result(timeout=120) for future in futures]
+            task_ids = {future.task_id for future in futures}
+            assert {uid for uid, _ in results} == {account.pw_uid}
+
+            def current_status() -> dict:
+                shown = run_mep("endpoint", "status", name, "--config-root", str(scratch / "etc"), "--output", "json")
+                assert shown.returncode == 0, shown.stderr
+                status = json.loads(shown.stdout)
+                done = [row["tasks_done"] for row in status["user_endpoints"]]
+                return status if done and done[0] != "unknown" and done[0] >= tasks else {}
+
+            status = wait_for(current_status, what="the router's status file to count the tasks")
+            assert status["router_status"].startswith("current")
+            [row] = status["user_endpoints"]
+            assert row["identity"] == [identity.id] and row["account"] == account.pw_name
+            assert os.stat(f"/proc/{row['pid']}").st_uid == account.pw_uid
+            assert row["tasks_queued"] == 0 and row["tasks_in_flight"] == 0
+            assert status["router_totals"]["done"] >= tasks and status["router_totals"]["endpoints"] == 1
+            status_file = Path(config["run_dir"]) / "router" / "status.json"
+            assert status_file.stat().st_mode & 0o777 == 0o644
+            table = run_mep("endpoint", "status", name, "--config-root", str(scratch / "etc")).stdout
+            assert "TASKS_DONE" in table and identity.id in table
+
+            endpoint_lines = _json_lines(Path(row["log"]))
+            finished = {line["task_id"] for line in endpoint_lines if line["message"].startswith("task ")
+                        and "finished" in line["message"] and line.get("endpoint_id") == row["endpoint_id"]}
+            assert len(finished) >= tasks
+            service_lines = _json_lines(deploy.service.log_path)
+            accepted = {line["task_id"] for line in service_lines if line["message"].startswith("accepted task")}
+            results_in = {line["task_id"] for line in service_lines if line["message"].startswith("result of task")}
+            assert task_ids <= finished and task_ids <= accepted and task_ids <= results_in
+            manager_lines = _json_lines(manager.log_path)  # the spawner's lines and, relayed, the router's
+            spawned = [line for line in manager_lines if line["message"].startswith("spawned endpoint")]
+            assert spawned and spawned[0]["endpoint_id"] == row["endpoint_id"]
+            assert spawned[0]["account"] == account.pw_name and spawned[0]["identity_id"] == identity.id
+            routed = [line for line in manager_lines if line["logger"] == "mep.router" and "started for" in
+                      line["message"]]
+            assert routed and routed[0]["endpoint_id"] == row["endpoint_id"]
+
+            # without the file (nothing changed since, so the router has not written it again): unknown, no failure
+            status_file.unlink()
+            shown = run_mep("endpoint", "status", name, "--config-root", str(scratch / "etc"), "--output", "json")
+            assert shown.returncode == 0, shown.stderr
+            missing = json.loads(shown.stdout)
+            assert missing["router_status"].startswith("unknown: no readable")
+            [row] = missing["user_endpoints"]
+            assert row["tasks_done"] == "unknown" and row["identity"] == [identity.id]  # the registry names it
+        finally:
+            manager.stop()
+            shutil.rmtree(config["run_dir"], ignore_errors=True)

@@ -2,8 +2,9 @@
 
 Everything here reads what a manager already leaves on the host: its config,
 the instance lock in its run directory (held by the root spawner, found in
-/proc/locks), the spawner's registry of user endpoints (``endpoints.json``)
-and /proc. Nothing talks to a manager over its sockets, so these commands work
+/proc/locks), the spawner's registry of user endpoints (``endpoints.json``),
+the router's status file (``router/status.json``: identities served and task
+counts) and /proc. Nothing talks to a manager over its sockets, so these commands work
 the same whether systemd or an admin's shell started it.
 """
 
@@ -227,17 +228,44 @@ def _spawner_pid(configured: Configured) -> int | None:
     return pid
 
 
-def user_endpoints_of(configured: Configured) -> list[dict[str, Any]]:
+UNKNOWN = "unknown"
+
+
+def router_status(configured: Configured, router_pid: int | None) -> tuple[dict[str, Any], str]:
+    """The router's status file if the running router wrote it, and a line on how current it is.
+
+    An absent file, or one left by a router that is no longer running, gives no counts: the caller shows
+    them as unknown rather than as numbers that may be wrong.
+    """
+    from mep.manager.status_file import STATUS_FILE_NAME, read_status
+
+    path = configured.config.socket_dir() / "router" / STATUS_FILE_NAME
+    content = read_status(path)
+    if content is None:
+        return {}, f"{UNKNOWN}: no readable {path} (the router writes it once it runs)"
+    age = max(0.0, time.time() - float(content.get("written_at", 0)))
+    if router_pid is None or content.get("router_pid") != router_pid:
+        return {}, (f"{UNKNOWN}: {path} is {age:.0f} s old, written by router pid {content.get('router_pid')}, "
+                    f"which is not the running router ({router_pid or 'none'})")
+    return content, f"current (written {age:.0f} s ago; rewritten within a second of any change)"
+
+
+def user_endpoints_of(configured: Configured, status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Each running user endpoint from the spawner's registry, with the router's counts from ``status``."""
     from mep.manager.spawner import registry
 
+    counted = (status or {}).get("endpoints", {})
     rows = []
     for record in registry.load_live(configured.config.socket_dir() / "endpoints.json"):
-        identity_id, uid, template_digest, rendered = record.key  # identity "": shared across identities
-        rows.append({"account": record.account, "uid": uid, "identity": identity_id or "any",
-                     "pid": record.endpoint_pid,
-                     "uptime_seconds": _uptime(record.endpoint_pid),
+        identity_id, uid, template_digest, rendered = record.key  # identity "": shared by the account's identities
+        counts = counted.get(record.endpoint_id)
+        identities = [identity_id] if identity_id else counts["identities"] if counts else UNKNOWN
+        rows.append({"endpoint_id": record.endpoint_id, "account": record.account, "uid": uid,
+                     "identity": identities, "pid": record.endpoint_pid, "uptime_seconds": _uptime(record.endpoint_pid),
                      "config_digest": hashlib.sha256(rendered.encode()).hexdigest()[:12],
                      "template_digest": template_digest[:12], "pam_session": record.held,
+                     **{f"tasks_{name}": counts[name] if counts else UNKNOWN
+                        for name in ("done", "queued", "in_flight")},
                      "log": record.log_path})
     return rows
 
@@ -293,21 +321,27 @@ def list_endpoints(config_root: Path, output_format: str) -> None:
 def status(name: str, state_dir: Path | None, config_root: Path, output_format: str) -> None:
     """The manager of endpoint NAME (pids, uptime, files) and each user endpoint it runs.
 
-    Per user endpoint: account, pid, uptime, a digest of its rendered config and of the template, whether a
-    PAM session holds it, and its log file. When the service's state is on this host, also the endpoint's
+    Per user endpoint: account, the identity (or identities) it serves, pid, uptime, a digest of its rendered
+    config and of the template, its tasks done, queued and in flight (from the router's status file; "unknown"
+    when that file is absent or left by a router that is no longer running), whether a PAM session holds it,
+    and its log file. When the service's state is on this host, also the endpoint's
     tasks by state (waiting, dispatched, running, succeeded, ...).
     """
     configured = configured_endpoint(config_root, name)
     record = manager_record(configured)
     record["tasks"] = _service_task_counts(configured.config.endpoint_id, state_dir)
-    user_endpoints = user_endpoints_of(configured) if record["state"] == "running" else []
+    user_endpoints: list[dict[str, Any]] = []
+    if record["state"] == "running":
+        status_content, record["router_status"] = router_status(configured, record["router_pid"])
+        record["router_totals"] = status_content.get("totals", UNKNOWN)
+        user_endpoints = user_endpoints_of(configured, status_content)
     if output_format == "json":
         emit_record({**record, "user_endpoints": user_endpoints}, output_format)
         return
     emit_record(record, output_format)
     click.echo("")
-    emit_rows(user_endpoints, ("account", "pid", "uptime_seconds", "config_digest", "pam_session", "log"),
-              output_format)
+    emit_rows(user_endpoints, ("account", "identity", "pid", "uptime_seconds", "config_digest", "tasks_done",
+                               "tasks_queued", "tasks_in_flight", "pam_session", "log"), output_format)
 
 
 def _service_task_counts(endpoint_id: str, state_dir: Path | None) -> dict[str, int] | None:

@@ -3,7 +3,9 @@
 ``--log-format json`` (or ``MEP_LOG_FORMAT=json``) writes one JSON object per
 line with time, level, logger, pid and message, plus ``endpoint_id`` and
 ``task_id`` whenever the code logging it passed them (``extra=``), so the
-service's, manager's and endpoints' lines can be joined. ``--log-level
+service's, manager's and endpoints' lines can be joined. The manager hands its
+format to the router and to every user endpoint it starts (in their boot
+documents), so one choice covers all three logs. ``--log-level
 mep.manager=DEBUG`` (repeatable, or ``MEP_LOG_LEVEL=mep.service=WARNING,...``)
 sets one component's level.
 """
@@ -44,9 +46,25 @@ def parse_levels(values: Iterable[str]) -> dict[str, int]:
     return levels
 
 
+def make_formatter(log_format: str, text_format: str = TEXT_FORMAT) -> logging.Formatter:
+    return JsonLinesFormatter() if log_format == "json" else logging.Formatter(text_format)
+
+
+def active_format() -> str:
+    """This process's log format ("json" or "text"), to hand on to the processes it starts."""
+    json_lines = any(isinstance(handler.formatter, JsonLinesFormatter) for handler in logging.getLogger().handlers)
+    return "json" if json_lines else "text"
+
+
+def use_format(log_format: str, text_format: str = TEXT_FORMAT) -> None:
+    """Switch the handlers ``logging.basicConfig`` set up to ``log_format`` (known only after a boot document)."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(make_formatter(log_format, text_format))
+
+
 def setup_logging(verbose: bool, log_format: str = "text", levels: dict[str, int] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(make_formatter(log_format))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for component, level in (levels or {}).items():
         logging.getLogger(component).setLevel(level)

@@ -22,6 +22,7 @@ import msgspec
 import zmq
 from setproctitle import setproctitle
 
+from mep.cli.logs import use_format
 from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engines import make_engine
 from mep.endpoint.versions import refuse_mismatch
@@ -274,10 +275,15 @@ class UserEndpoint:
             serves = None if self.boot.serves_any_identity else self.boot.identity_id
             check_task_claims(verified, task.task_id, serves)
         except AssertionRefusedError as exc:
-            log.warning("refused task %s (%s): %s", task.task_id, exc.code, exc.admin_detail)
+            log.warning("refused task %s (%s): %s", task.task_id, exc.code, exc.admin_detail,
+                        extra=self._ids(task.task_id))
             self._task_done(task.task_id, Outcome(FAILED, code=exc.code, message=str(exc)))
             return True
         return False
+
+    def _ids(self, task_id: str) -> dict[str, str]:
+        """A task's log fields (``extra=``): the JSON-lines format joins them with the service's and router's."""
+        return {"task_id": task_id, "endpoint_id": self.boot.endpoint_id, "account": self.boot.account}
 
     def _handle_engine_events(self) -> None:
         started: list[str] = []
@@ -292,6 +298,7 @@ class UserEndpoint:
                 if task_id in self.active:
                     self.active[task_id].started_at = now
                     started.append(task_id)
+                    log.info("task %s started", task_id, extra=self._ids(task_id))
                 continue
             if self.active.pop(task_id, None) is None:
                 continue  # a cancel and a completion crossed: the first one stands
@@ -303,6 +310,8 @@ class UserEndpoint:
             result = Result(task_id=task_id, status=outcome.status, code=outcome.code, message=outcome.message,
                             error_type=outcome.error_type, traceback=outcome.traceback)
             finished.append((result, outcome.payload))
+            log.info("task %s finished: %s%s", task_id, outcome.status, f" ({outcome.code})" if outcome.code else "",
+                     extra=self._ids(task_id))
         if started:
             self.socket.send_multipart(encode(Started(task_ids=started)))
         self._send_results(finished)
@@ -371,8 +380,11 @@ def _make_undumpable() -> None:
         raise OSError(code, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(code)}")
 
 
+ENDPOINT_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=ENDPOINT_TEXT_FORMAT)
     try:
         _make_undumpable()  # before the secret is read into this process
     except OSError as exc:
@@ -384,6 +396,7 @@ def main() -> int:
         log.error("unusable boot document on stdin: %s", exc)
         return 2
     _release_boot_pipe()
+    use_format(boot.log_format, ENDPOINT_TEXT_FORMAT)
     setproctitle(f"mep-endpoint {boot.account} {boot.endpoint_id}")
     config = UserEndpointConfig.model_validate(boot.config)
     return UserEndpoint(boot, config).run()

@@ -22,6 +22,7 @@ import socket as socketlib
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -75,6 +76,7 @@ from mep.protocol.messages import (
 from mep.manager.flow import HeldWork, QueuedTask
 from mep.protocol.receive import handling, loop_turn
 from mep.manager.spawner_link import SpawnerLink
+from mep.manager.status_file import STATUS_FILE_NAME, StatusFile
 from mep.manager.task_audit import TaskAuditTrail
 from mep.metrics import router_metrics
 from mep.service.store import dumps_canonical
@@ -109,6 +111,7 @@ class EndpointLink:
     stopped_because: str = ""  # why the router had it killed, for its tasks' reasons
     adopted: bool = False  # from the manager's previous life: it may hold results this router never sent
     unclaimed: dict[str, float] = field(default_factory=dict)  # task id -> first resent while registered
+    done: int = 0  # results forwarded to the service, for the status file
 
 
 @dataclass
@@ -178,6 +181,7 @@ class Router:
         os.chmod(socket_path, 0o666)  # CURVE, not file modes, guards it: every user's endpoint must connect
         with open(socket_path + ".pub", "w") as public:  # for diagnostics; a public key is no secret
             public.write(self.endpoint_public_key + "\n")
+        self.status = StatusFile(Path(socket_path).with_name(STATUS_FILE_NAME))  # read by 'mep endpoint status'
         self.service.connect(self.config.service_address)
         self._register()
         self.metrics = router_metrics(self.config.metrics_listen, lambda: len(self.endpoints))  # served if set
@@ -215,6 +219,7 @@ class Router:
         self._flush_to_service()
         self.audit.flush()
         self._keep_alive()
+        self.status.update(self.endpoints.values(), sum(len(wait.tasks) for wait in self.spawn_waits.values()))
         if self._stopping and not stop_deadline:
             # Graceful stop: endpoints finish what runs (their results still flow), then exit.
             stop_deadline = time.monotonic() + STOP_GRACE
@@ -448,7 +453,8 @@ class Router:
                 key = self.spawn_requests.pop(message.request_id, None)
                 wait = self.spawn_waits.pop(key, None) if key else None
                 if wait is not None:
-                    log.info("spawn refused (%s): %s", message.code, message.message)
+                    log.info("spawn refused (%s): %s", message.code, message.message,
+                             extra={"identity_id": wait.group.submitter_id})
                     self._drop(wait.tasks, message.code, message.message)
                 self._start_spawns()
             case EndpointExited():
@@ -471,7 +477,8 @@ class Router:
                 endpoint_id=message.endpoint_id, pid=message.pid, account=message.account,
                 adopted=message.reused and not message.request_id)
             self.endpoint_keys[message.public_key] = message.endpoint_id
-            log.info("endpoint %s (pid %d) started for %s", message.endpoint_id, message.pid, message.account)
+            log.info("endpoint %s (pid %d) started for %s", message.endpoint_id, message.pid, message.account,
+                     extra={"endpoint_id": message.endpoint_id, "account": message.account})
         if key is not None:
             link.keys.add(key)
             self.by_group[key] = link.endpoint_id
@@ -501,7 +508,7 @@ class Router:
                 f"the user endpoint {link.stopped_because or message.how} before the service had this task's "
                 "result")))
         log.info("endpoint %s of %s %s; %d task(s) lost with it", link.endpoint_id, link.account, message.how,
-                 len(lost) + len(unconfirmed))
+                 len(lost) + len(unconfirmed), extra={"endpoint_id": link.endpoint_id, "account": link.account})
         if not lost:
             return
         if link.routing_id is None and not message.signalled:  # it failed by itself: starting it again won't help
@@ -578,6 +585,9 @@ class Router:
                                 account=link.account)
             payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
             self.results_out.append((result, payload))
+            link.done += 1
+            log.debug("result of task %s (%s) from endpoint %s", result.task_id, result.status, link.endpoint_id,
+                      extra={"task_id": result.task_id, "endpoint_id": link.endpoint_id, "account": link.account})
 
     def _refuse_result(self, link: EndpointLink, task_id: str) -> None:
         """A result for a task this router did not send to ``link``.
@@ -594,7 +604,8 @@ class Router:
         """
         if not link.adopted:
             log.warning("endpoint %s (%s) sent a result for task %s, which was not sent to it; refused",
-                        link.endpoint_id, link.account, task_id)
+                        link.endpoint_id, link.account, task_id,
+                        extra={"task_id": task_id, "endpoint_id": link.endpoint_id, "account": link.account})
             return
         now = time.monotonic()
         if not link.unclaimed:
@@ -682,6 +693,9 @@ class Router:
                 link.in_flight.add(ref.task_id)
                 self.task_endpoint[ref.task_id] = link.endpoint_id
             self.audit.sent(refs)
+            for ref in refs:
+                log.debug("task %s sent to endpoint %s", ref.task_id, link.endpoint_id,
+                          extra={"task_id": ref.task_id, "endpoint_id": link.endpoint_id, "account": link.account})
             sent = {ref.task_id for ref in refs}
             link.queued = [task for task in link.queued if task.ref.task_id not in sent]
             self.held.release(batch)

@@ -19,6 +19,7 @@ import sys
 import msgspec
 from setproctitle import setproctitle
 
+from mep.cli.logs import use_format
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError
 from mep.manager.spawner_link import CHANNEL_FD, LOG_FD, RouterBoot
@@ -39,6 +40,7 @@ def main() -> int:
     os.dup2(null, 0)
     os.close(null)
     logging.getLogger().setLevel(boot.log_level)
+    use_format(boot.log_format)
     config = ManagerConfig.model_validate(boot.config)
     setproctitle(f"mep-manager router {config.endpoint_id}")
     from mep.manager.router import Router

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import socket
+from typing import Literal
 
 import msgspec
 
@@ -35,6 +36,7 @@ class RouterBoot(msgspec.Struct, forbid_unknown_fields=True):
     endpoint_address: str  # ipc:// address of the endpoint socket
     endpoint_secret_key: str  # the router's endpoint-facing key, kept across restarts
     log_level: int
+    log_format: Literal["text", "json"] = "text"
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from setproctitle import setproctitle
 
+from mep.cli.logs import active_format
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError
 from mep.manager.spawner.accounts import Account, AccountPolicy
@@ -163,7 +164,7 @@ def start_manager(config_path: Path) -> int:
         account=router or single_user_account(), drop_privileges=as_root, lock_fd=_instance_lock,
         boot=RouterBoot(config=config.model_dump(mode="json", by_alias=True), manager_secret_key=secret_key,
                         endpoint_address=address, endpoint_secret_key=router_secret,
-                        log_level=logging.getLogger().getEffectiveLevel()))
+                        log_level=logging.getLogger().getEffectiveLevel(), log_format=active_format()))
     spawner = Spawner(SpawnerSettings(config=config, router_address=address, router_public_key=router_public,
                                       policy=policy, trusted_owner_uids=trusted, drop_privileges=as_root,
                                       audit_log=config.audit_log_path(), pam=pam,

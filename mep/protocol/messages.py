@@ -14,7 +14,7 @@ start and throughput.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -500,3 +500,4 @@ class EndpointBoot(msgspec.Struct, forbid_unknown_fields=True):
     identities: list[IdentityResource] = []
     serves_any_identity: bool = False
     assertion_keys: list[str] = []
+    log_format: Literal["text", "json"] = "text"  # the manager's: its logs and the endpoints' join on ids

@@ -330,6 +330,9 @@ class Broker:
             if reason is None:
                 accepted.append(task.task_id)
                 self.client_routes[task.task_id] = routing_id
+                log.debug("accepted task %s from identity %s for endpoint %s", task.task_id, identity_id,
+                          submit.endpoint_id, extra={"task_id": task.task_id, "endpoint_id": submit.endpoint_id,
+                                                     "identity_id": identity_id})
             else:
                 rejected.append(Rejection(task_id=task.task_id, code=reason[0], message=reason[1]))
         outbox.reply(routing_id, SubmitAck(request_id=submit.request_id, accepted=accepted, rejected=rejected))
@@ -448,6 +451,8 @@ class Broker:
                     payload = payloads[result.payload_frame].buffer if result.payload_frame != -1 else None
                     if self.store.record_result(endpoint_id, result, payload):
                         outbox.completed.append(result.task_id)
+                        log.debug("result of task %s: %s", result.task_id, result.status,
+                                  extra={"task_id": result.task_id, "endpoint_id": endpoint_id})
                 ids = [r.task_id for r in header.results]
                 for start in range(0, len(ids), MAX_IDS_PER_REQUEST):  # what the router's decoder takes at once
                     outbox.reply(routing_id, ResultsAck(task_ids=ids[start:start + MAX_IDS_PER_REQUEST]))
@@ -576,6 +581,9 @@ class Broker:
             link.sent_tasks += len(tasks)
             link.sent_bytes = sent_bytes
             link.last_submitter = candidates[len(tasks) - 1].submitter_id
+            for ref in tasks:
+                log.debug("dispatched task %s to endpoint %s", ref.task_id, endpoint_id,
+                          extra={"task_id": ref.task_id, "endpoint_id": endpoint_id})
             if not self._record_dispatched([ref.task_id for ref in tasks]):
                 return False
             more = more or (len(tasks) == self.settings.dispatch_batch and link.sent_tasks < link.credit_tasks)

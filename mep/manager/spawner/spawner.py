@@ -51,6 +51,7 @@ from typing import Any
 
 import msgspec
 
+from mep.cli.logs import active_format
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
 from mep.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
@@ -545,7 +546,9 @@ class Spawner:
         log.info("spawned endpoint %s (pid %d) as %s (uid %d) for %s via %s%s", process.endpoint_id,
                  process.endpoint_pid, account.name, account.uid, pending.progress.decision.identity_id,
                  pending.progress.decision.rule(),
-                 f" in a PAM session (holder pid {process.pid})" if process.held else "")
+                 f" in a PAM session (holder pid {process.pid})" if process.held else "",
+                 extra={"endpoint_id": process.endpoint_id, "account": account.name,
+                        "identity_id": pending.request.submitter_id})
         self._answer(pending, Spawned(request_id=pending.request.request_id, endpoint_id=process.endpoint_id,
                                       pid=process.endpoint_pid, account=account.name,
                                       public_key=process.public_key))
@@ -566,7 +569,9 @@ class Spawner:
             code = ErrorCode.INTERNAL
             message = "the manager failed to handle this request (an internal error); ask your admin"
             detail = f"{type(exc).__name__}: {exc}"
-        log.warning("refused %s (%s): %s [%s]", who, pending.request.submitter_id, code, detail)
+        log.warning("refused %s (%s): %s [%s]", who, pending.request.submitter_id, code, detail,
+                    extra={"identity_id": pending.request.submitter_id,
+                           **({"account": pending.account.name} if pending.account else {})})
         self.audit.write([_decision_record(pending.request, pending.progress, "refused", code=str(code),
                                            reason=detail, message=message)], sync=True)
         self._answer(pending, SpawnRefused(request_id=pending.request.request_id, code=code, message=message))
@@ -630,7 +635,8 @@ class Spawner:
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
                             config=pending.rendered, heartbeat_interval=config.heartbeat_interval,
                             manager_endpoint_id=config.endpoint_id, identity_id=key[0], identities=serves,
-                            serves_any_identity=not key[0], assertion_keys=config.service_signing_keys)
+                            serves_any_identity=not key[0], assertion_keys=config.service_signing_keys,
+                            log_format=active_format())
         # realpath: the log path is opened without following any symlink, and /home may be one
         log_path = os.path.join(os.path.realpath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
         plan = SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
