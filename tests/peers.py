@@ -122,9 +122,9 @@ import logging, os, select, socket, sys, time
 from pathlib import Path
 from mep.config.manager import ManagerConfig
 from mep.errors import SpawnError
-import mep.manager.spawner.spawner as spawner_module
-from mep.manager.spawner.router_process import RouterLaunch, RouterProcess
-from mep.manager.spawner.spawner import Spawner, SpawnerSettings
+import mep.root.spawner as spawner_module
+from mep.root.router_process import RouterLaunch, RouterProcess
+from mep.root.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import RouterBoot, SpawnerLink
 from mep.manager.start import account_rules, router_account
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -32,7 +32,7 @@ import zmq
 
 from mep.config.manager import ManagerConfig
 from mep.errors import SpawnError
-from mep.manager.spawner.router_process import RouterLaunch, RouterProcess
+from mep.root.router_process import RouterLaunch, RouterProcess
 from mep.manager.spawner_link import RouterBoot, SpawnerLink, channel_pair
 from mep.protocol import decode, encode
 from mep.protocol.assertions import AssertionSigner, Claims, config_digest, generate_signing_key
@@ -162,7 +162,7 @@ def _router_is_the_test(channel: socket.socket, test_alive: int) -> None:
     A stand-in child plays the router process the spawner watches; like a real router it exits when the
     test hangs up (``test_alive``: the read end of a pipe whose write end only the test holds).
     """
-    import mep.manager.spawner.spawner as spawner_module
+    import mep.root.spawner as spawner_module
     started: list[int] = []
 
     def start_router(_launch: RouterLaunch) -> RouterProcess:
@@ -183,7 +183,7 @@ def _router_is_the_test(channel: socket.socket, test_alive: int) -> None:
 def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router: bool = False,
                  settings: dict[str, Any] | None = None) -> Iterator[SpawnerPeer]:
     """A running spawner for ``mapping``; stopped (with its endpoints) and removed afterwards."""
-    from mep.manager.spawner.spawner import Spawner, SpawnerSettings
+    from mep.root.spawner import Spawner, SpawnerSettings
     from mep.manager.start import account_rules, pam_settings, router_account
 
     directory = Path(tempfile.mkdtemp(prefix="mep-spawner-", dir="/var/tmp"))

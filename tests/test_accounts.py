@@ -14,7 +14,7 @@ import pytest
 
 from mep.config.manager import ManagerConfig
 from mep.errors import AccountRefusedError
-from mep.manager.spawner.accounts import (
+from mep.root.accounts import (
     ACCOUNT_CHECKS,
     DEFAULT_DISABLED_SHELLS,
     Account,
@@ -23,8 +23,8 @@ from mep.manager.spawner.accounts import (
     refuse_non_canonical_name,
     resolve_account,
 )
-from mep.manager.spawner.authorize import account_policy
-from mep.manager.spawner.shadow import ShadowEntry, read_shadow
+from mep.root.authorize import account_policy
+from mep.root.shadow import ShadowEntry, read_shadow
 from tests.accounts import free_uid
 
 pytestmark = pytest.mark.root
@@ -254,7 +254,7 @@ def test_shadow_entry_unreadable_leaves_the_decision_to_pam(account_factory: Mak
     expired = account_factory()
     subprocess.run(["chage", "-E", "0", expired.pw_name], check=True)
     reader = account_factory()
-    script = (f"from mep.manager.spawner.shadow import read_shadow; print(read_shadow({expired.pw_name!r}))")
+    script = (f"from mep.root.shadow import read_shadow; print(read_shadow({expired.pw_name!r}))")
     result = subprocess.run(["runuser", "-u", reader.pw_name, "--", sys.executable, "-c", script],
                             capture_output=True, text=True, check=True, cwd="/")
     assert result.stdout.strip() == "None"

@@ -24,8 +24,8 @@ import pytest
 
 import mep
 from mep.errors import ErrorCode
-from mep.manager.spawner import external
-from mep.manager.spawner.identity import IdentityMapper, MappingContext
+from mep.root import external
+from mep.root.identity import IdentityMapper, MappingContext
 from mep.protocol.messages import SpawnRefused
 from mep.sdk.client import Client
 from tests import test_assertions as assertion_attacks

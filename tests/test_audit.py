@@ -18,7 +18,7 @@ import pytest
 
 import mep
 from mep.errors import ConfigurationError
-from mep.manager.spawner.audit import AuditLog
+from mep.root.audit import AuditLog
 from mep.protocol import decode, encode
 from mep.protocol.messages import (
     AuditStatus,

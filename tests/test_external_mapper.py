@@ -26,8 +26,8 @@ from globus_identity_mapping.errors import IdentityMappingError, InvalidMappingE
 from globus_identity_mapping.mappers.external_program import ExternalIdentityMapping
 
 from mep.errors import ConfigurationError, MappingError, UnmappedIdentityError
-from mep.manager.spawner.external import POSIX_CONNECTOR_ID, PROGRAM_ENVIRONMENT
-from mep.manager.spawner.identity import IdentityMapper, MappingContext
+from mep.root.external import POSIX_CONNECTOR_ID, PROGRAM_ENVIRONMENT
+from mep.root.identity import IdentityMapper, MappingContext
 
 pytestmark = pytest.mark.root  # the programs must be root-owned, as mep demands
 

@@ -25,8 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mep.errors import ConfigurationError, MappingError, UnmappedIdentityError
-from mep.manager.spawner.identity import IdentityMapper, MappingDecision
-from mep.manager.spawner.policy_files import read_policy_file
+from mep.root.identity import IdentityMapper, MappingDecision
+from mep.root.policy_files import read_policy_file
 from tests.accounts import unix_account
 
 EXPRESSION = "expression_identity_mapping#1.0.0"
@@ -805,7 +805,7 @@ def test_policy_file_single_user_mode_as_that_user(policy_dir: Path) -> None:
             "import os, sys\n"
             "from pathlib import Path\n"
             "from mep.errors import ConfigurationError\n"
-            "from mep.manager.spawner.policy_files import read_policy_file\n"
+            "from mep.root.policy_files import read_policy_file\n"
             "path = Path(sys.argv[1])\n"
             "print(read_policy_file(path, trusted_owner_uids=frozenset({0, os.getuid()})).decode())\n"
             "try:\n"

@@ -22,8 +22,8 @@ from pydantic import ValidationError
 
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError, TaskRefusedError
-from mep.manager.spawner.authorize import authorize
-from mep.manager.spawner.identity import IdentityMapper
+from mep.root.authorize import authorize
+from mep.root.identity import IdentityMapper
 from mep.manager.start import account_rules
 from mep.manager.start import router_account as router_of
 from tests.accounts import free_uid

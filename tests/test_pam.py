@@ -19,11 +19,11 @@ import pytest
 
 import mep
 from mep.errors import AccountRefusedError, ConfigurationError, SpawnError
-from mep.manager.spawner import pam as pam_binding
-from mep.manager.spawner.accounts import Account, AccountRefused
-from mep.manager.spawner.pam import PamError, check_account, pam_transaction
-from mep.manager.spawner.privdrop import SpawnPlan
-from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
+from mep.root import pam as pam_binding
+from mep.root.accounts import Account, AccountRefused
+from mep.root.pam import PamError, check_account, pam_transaction
+from mep.root.privdrop import SpawnPlan
+from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
 from tests.harness import DOMAIN_STRIP, audit_log_of, children_of, expression_mapping, processes_of_uid, wait_for
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 
 from mep.errors import ConfigurationError, SpawnError
-from mep.manager.spawner.accounts import Account
-from mep.manager.spawner.interpreter import check_interpreter_usable
-from mep.manager.spawner.privdrop import (
+from mep.root.accounts import Account
+from mep.root.interpreter import check_interpreter_usable
+from mep.root.privdrop import (
     CHILD_STEPS,
     STEP_EXIT_CODES,
     ChildSetup,
@@ -543,9 +543,9 @@ def test_close_descriptors_alone_keeps_stdio_and_the_error_pipe(user, root_secre
 
 SINGLE_USER_SCRIPT = r"""
 import errno, json, os, pwd, select, sys
-from mep.manager.spawner.accounts import Account
-from mep.manager.spawner.interpreter import check_interpreter_usable
-from mep.manager.spawner.privdrop import DropStepError, SpawnPlan, spawn
+from mep.root.accounts import Account
+from mep.root.interpreter import check_interpreter_usable
+from mep.root.privdrop import DropStepError, SpawnPlan, spawn
 
 log_path, report_script = sys.argv[1:]
 entry = pwd.getpwuid(os.getuid())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import mep
-from mep.manager.spawner.audit import AuditLog, AuditWriter
+from mep.root.audit import AuditLog, AuditWriter
 from tests.test_audit import exhaust, log_dir, small_filesystem  # noqa: F401 - fixtures
 from tests.harness import DOMAIN_STRIP, audit_log_of, children_of, expression_mapping, wait_for
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture

@@ -198,7 +198,7 @@ def _title(pid: int) -> str:
 
 
 def _uptime(pid: int) -> float | None:
-    from mep.manager.spawner.registry import start_time
+    from mep.root.registry import start_time
 
     try:
         started = start_time(pid) / os.sysconf("SC_CLK_TCK")
@@ -252,7 +252,7 @@ def router_status(configured: Configured, router_pid: int | None) -> tuple[dict[
 
 def user_endpoints_of(configured: Configured, status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Each running user endpoint from the spawner's registry, with the router's counts from ``status``."""
-    from mep.manager.spawner import registry
+    from mep.root import registry
 
     counted = (status or {}).get("endpoints", {})
     rows = []

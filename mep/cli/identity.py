@@ -1,7 +1,7 @@
 """``mep identity test``: what the manager would decide for one identity, without running a manager.
 
 The admin's dry run, through the same code the spawner uses
-(``mep.manager.spawner.authorize``): which document and mapping (or program)
+(``mep.root.authorize``): which document and mapping (or program)
 matched, and the local account alone on the last line of stdout. Exit 0 when
 mapped (and, with ``--check-account``, allowed); 1 when this identity is not
 mapped, its mapping fails, or the account is refused; 2 when the
@@ -28,7 +28,7 @@ import click
 from mep.errors import ConfigurationError, MepError, TaskRefusedError
 
 if TYPE_CHECKING:
-    from mep.manager.spawner.session_holder import PamSettings
+    from mep.root.session_holder import PamSettings
 
 _IDENTITY_KEYS = frozenset({"id", "sub", "username", "email", "name", "identity_provider", "organization", "status"})
 EXIT_MAPPED, EXIT_REFUSED, EXIT_INVALID_CONFIG = 0, 1, 2
@@ -73,7 +73,7 @@ class _Setup:
     """What a config file gives the dry run."""
 
     def __init__(self, config_path: Path) -> None:
-        from mep.manager.spawner.identity import IdentityMapper, MappingContext
+        from mep.root.identity import IdentityMapper, MappingContext
 
         self.pam: PamSettings | None = None
         if _is_mapping_file(config_path):
@@ -97,8 +97,8 @@ class _Setup:
 
 
 def _decide(setup: _Setup, identities: list[dict[str, object]], check_account: bool) -> None:
-    from mep.manager.spawner.accounts import AccountPolicy
-    from mep.manager.spawner.authorize import Authorization, authorize
+    from mep.root.accounts import AccountPolicy
+    from mep.root.authorize import Authorization, authorize
 
     for identity in identities:
         click.echo(f"identity: {identity.get('username', '')} (id {identity['id']}, status {identity['status']})")
@@ -122,7 +122,7 @@ def _decide(setup: _Setup, identities: list[dict[str, object]], check_account: b
 
 
 def _check_pam(pam: PamSettings, account: str) -> None:
-    from mep.manager.spawner.pam import require_account
+    from mep.root.pam import require_account
 
     messages = require_account(pam.service, account, library=pam.library)
     said = f"; the modules said: {' | '.join(messages)}" if messages else ""

@@ -1,7 +1,7 @@
 """The manager's configuration file (``/etc/mep/NAME/config.yaml``), read as root at start.
 
 Every path in it is admin-owned policy: the spawner refuses files that others
-could have written (see ``mep.manager.spawner.policy_files``). Nothing in a
+could have written (see ``mep.root.policy_files``). Nothing in a
 user's request can name a path here.
 """
 

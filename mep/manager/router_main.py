@@ -1,7 +1,7 @@
 """The router process's entry point: ``python -I -m mep.manager.router_main``, exec'd by the spawner.
 
 The spawner forks, drops to the router account and execs this fresh
-interpreter (``mep.manager.spawner.router_process``), so nothing of the root
+interpreter (``mep.root.router_process``), so nothing of the root
 image lives on here. It arrives with stdin a pipe holding its ``RouterBoot``
 (the secrets), stdout and stderr on ``/dev/null``, its channel to the
 spawner, the instance lock and its log pipe at the numbers in

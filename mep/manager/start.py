@@ -23,14 +23,14 @@ from setproctitle import setproctitle
 from mep.cli.logs import active_format
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError
-from mep.manager.spawner.accounts import Account, AccountPolicy
-from mep.manager.spawner.authorize import account_policy
-from mep.manager.spawner.interpreter import check_interpreter_usable
-from mep.manager.spawner.pam import DEFAULT_LIBRARY
-from mep.manager.spawner.policy_files import check_policy_file
-from mep.manager.spawner.router_process import RouterLaunch, single_user_account
-from mep.manager.spawner.session_holder import PamSettings
-from mep.manager.spawner.spawner import Spawner, SpawnerSettings
+from mep.root.accounts import Account, AccountPolicy
+from mep.root.authorize import account_policy
+from mep.root.interpreter import check_interpreter_usable
+from mep.root.pam import DEFAULT_LIBRARY
+from mep.root.policy_files import check_policy_file
+from mep.root.router_process import RouterLaunch, single_user_account
+from mep.root.session_holder import PamSettings
+from mep.root.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import RouterBoot
 from mep.protocol.curve import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
 

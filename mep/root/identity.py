@@ -31,7 +31,7 @@ An identity set that yields two different accounts from the deciding mapping
 is refused as ambiguous rather than picking one.
 
 ``external_identity_mapping#1.0.0`` documents run the admin's program (see
-``mep.manager.spawner.external``) with the set's mappable identities: one
+``mep.root.external``) with the set's mappable identities: one
 identity without ``-a`` (the first result counts, as in the reference), several
 with ``-a`` (every result counts, and disagreeing results are ambiguous). Only
 identities whose ``status`` is ``used`` or ``private`` are handed over, as for
@@ -51,8 +51,8 @@ from globus_identity_mapping.errors import InvalidMappingError
 from globus_identity_mapping.mappers.expression import ExpressionIdentityMapping
 
 from mep.errors import ConfigurationError, MappingError, MepError, UnmappedIdentityError
-from mep.manager.spawner.external import DEFAULT_TIMEOUT_SECONDS, ExternalProgram, ProgramFailed
-from mep.manager.spawner.policy_files import read_policy_file
+from mep.root.external import DEFAULT_TIMEOUT_SECONDS, ExternalProgram, ProgramFailed
+from mep.root.policy_files import read_policy_file
 
 EXPRESSION_DATA_TYPE = ExpressionIdentityMapping.DATA_TYPE
 EXTERNAL_DATA_TYPE = "external_identity_mapping#1.0.0"

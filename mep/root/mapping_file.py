@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mep.errors import ConfigurationError
-from mep.manager.spawner.identity import IdentityMapper, MappingContext
+from mep.root.identity import IdentityMapper, MappingContext
 
 _Signature = tuple[int, int, int, int, int] | None
 

@@ -46,9 +46,9 @@ import msgspec
 from setproctitle import setproctitle
 
 from mep.errors import SpawnError
-from mep.manager.spawner.accounts import Account, AccountRefused
-from mep.manager.spawner.pam import DEFAULT_LIBRARY, DEFAULT_SERVICE, PAM_NEW_AUTHTOK_REQD, PAM_RUSER, PamError, PamHandle
-from mep.manager.spawner.privdrop import (
+from mep.root.accounts import Account, AccountRefused
+from mep.root.pam import DEFAULT_LIBRARY, DEFAULT_SERVICE, PAM_NEW_AUTHTOK_REQD, PAM_RUSER, PamError, PamHandle
+from mep.root.privdrop import (
     DropStepError,
     SpawnPlan,
     allowed_environment,

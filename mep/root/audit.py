@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mep.errors import ConfigurationError, ErrorCode, TaskRefusedError
-from mep.manager.spawner.policy_files import open_checked_directory
+from mep.root.policy_files import open_checked_directory
 
 log = logging.getLogger("mep.spawner")
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mep.errors import AccountRefusedError
-from mep.manager.spawner.shadow import read_shadow
+from mep.root.shadow import read_shadow
 
 # Conservative on purpose: no "/", whitespace, control characters or a leading
 # "-" (which a later command line could read as an option).

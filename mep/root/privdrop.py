@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
 from mep.errors import SpawnError
-from mep.manager.spawner.accounts import Account
+from mep.root.accounts import Account
 
 if TYPE_CHECKING:
     from mep.config.manager import EndpointLimits

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from mep.errors import ConfigurationError
-from mep.manager.spawner.accounts import AccountRefused
+from mep.root.accounts import AccountRefused
 
 log = logging.getLogger("mep.spawner.pam")
 

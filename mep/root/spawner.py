@@ -55,17 +55,17 @@ from mep.cli.logs import active_format
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
 from mep.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
-from mep.manager.spawner import registry
-from mep.manager.spawner.accounts import Account, AccountPolicy, AccountRefused, resolve_account
-from mep.manager.spawner.audit import AuditLog, AuditUnavailableError, AuditWriter
-from mep.manager.spawner.authorize import Authorization, authorize
-from mep.manager.spawner.identity import IdentityMapper, MappingContext
-from mep.manager.spawner.mapping_file import MappingFile, ReloadOutcome
-from mep.manager.spawner.pam import require_account
-from mep.manager.spawner.policy_files import read_policy_file
-from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
-from mep.manager.spawner.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
-from mep.manager.spawner.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
+from mep.root import registry
+from mep.root.accounts import Account, AccountPolicy, AccountRefused, resolve_account
+from mep.root.audit import AuditLog, AuditUnavailableError, AuditWriter
+from mep.root.authorize import Authorization, authorize
+from mep.root.identity import IdentityMapper, MappingContext
+from mep.root.mapping_file import MappingFile, ReloadOutcome
+from mep.root.pam import require_account
+from mep.root.policy_files import read_policy_file
+from mep.root.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
+from mep.root.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
+from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
 from mep.protocol.assertions import AssertionVerifier, NonceCache, check_spawn_claims
 from mep.protocol.curve import generate_keypair
 from mep.protocol.guard import forbid_unpickling, process_status

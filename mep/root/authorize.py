@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mep.config.manager import ManagerConfig
-from mep.manager.spawner.accounts import Account, AccountPolicy, resolve_account
-from mep.manager.spawner.identity import IdentityMapper, MappingDecision
+from mep.root.accounts import Account, AccountPolicy, resolve_account
+from mep.root.identity import IdentityMapper, MappingDecision
 
 
 @dataclass

@@ -18,8 +18,8 @@ import stat
 import tempfile
 
 from mep.errors import ConfigurationError, SpawnError
-from mep.manager.spawner.accounts import Account
-from mep.manager.spawner.privdrop import SpawnPlan, read_log_tail, spawn
+from mep.root.accounts import Account
+from mep.root.privdrop import SpawnPlan, read_log_tail, spawn
 
 PROBE_TIMEOUT_SECONDS = 60
 _REMEDY = (

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mep.errors import ConfigurationError
-from mep.manager.spawner.policy_files import check_policy_file, open_policy_file
+from mep.root.policy_files import check_policy_file, open_policy_file
 
 log = logging.getLogger("mep.spawner.external")
 

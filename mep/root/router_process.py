@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from mep.manager.spawner.accounts import Account
-from mep.manager.spawner.privdrop import SpawnPlan, spawn
+from mep.root.accounts import Account
+from mep.root.privdrop import SpawnPlan, spawn
 from mep.manager.spawner_link import RouterBoot, SpawnerLink, channel_pair
 
 log = logging.getLogger("mep.spawner")
