@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mep.errors import AccountRefusedError
+from mep.root.errors import AccountRefusedError
 from mep.root.shadow import read_shadow
 
 # Conservative on purpose: no "/", whitespace, control characters or a leading

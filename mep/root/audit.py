@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mep.errors import ConfigurationError, ErrorCode, TaskRefusedError
+from mep.root.errors import ConfigurationError, ErrorCode, TaskRefusedError
 from mep.root.policy_files import open_checked_directory
 
 log = logging.getLogger("mep.spawner")

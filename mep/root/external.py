@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mep.errors import ConfigurationError
+from mep.root.errors import ConfigurationError
 from mep.root.policy_files import check_policy_file, open_policy_file
 
 log = logging.getLogger("mep.spawner.external")

@@ -50,7 +50,7 @@ from typing import Protocol, TypeVar
 from globus_identity_mapping.errors import InvalidMappingError
 from globus_identity_mapping.mappers.expression import ExpressionIdentityMapping
 
-from mep.errors import ConfigurationError, MappingError, MepError, UnmappedIdentityError
+from mep.root.errors import ConfigurationError, MappingError, MepError, UnmappedIdentityError
 from mep.root.external import DEFAULT_TIMEOUT_SECONDS, ExternalProgram, ProgramFailed
 from mep.root.policy_files import read_policy_file
 

@@ -17,7 +17,7 @@ import signal
 import stat
 import tempfile
 
-from mep.errors import ConfigurationError, SpawnError
+from mep.root.errors import ConfigurationError, SpawnError
 from mep.root.accounts import Account
 from mep.root.privdrop import SpawnPlan, read_log_tail, spawn
 

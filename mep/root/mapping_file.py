@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mep.errors import ConfigurationError
+from mep.root.errors import ConfigurationError
 from mep.root.identity import IdentityMapper, MappingContext
 
 _Signature = tuple[int, int, int, int, int] | None

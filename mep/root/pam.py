@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 
-from mep.errors import ConfigurationError
+from mep.root.errors import ConfigurationError
 from mep.root.accounts import AccountRefused
 
 log = logging.getLogger("mep.spawner.pam")

@@ -29,7 +29,7 @@ import pwd
 import stat
 from pathlib import Path
 
-from mep.errors import ConfigurationError
+from mep.root.errors import ConfigurationError
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 _OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

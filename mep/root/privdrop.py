@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
-from mep.errors import SpawnError
+from mep.root.errors import SpawnError
 from mep.root.accounts import Account
 
 if TYPE_CHECKING:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import msgspec
 from setproctitle import setproctitle
 
-from mep.errors import SpawnError
+from mep.root.errors import SpawnError
 from mep.root.accounts import Account, AccountRefused
 from mep.root.pam import DEFAULT_LIBRARY, DEFAULT_SERVICE, PAM_NEW_AUTHTOK_REQD, PAM_RUSER, PamError, PamHandle
 from mep.root.privdrop import (

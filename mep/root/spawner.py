@@ -54,7 +54,7 @@ import msgspec
 from mep.cli.logs import active_format
 from mep.config.manager import ManagerConfig
 from mep.config.render import TemplateRenderer
-from mep.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
+from mep.root.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
 from mep.root import registry
 from mep.root.accounts import Account, AccountPolicy, AccountRefused, resolve_account
 from mep.root.audit import AuditLog, AuditUnavailableError, AuditWriter
