@@ -123,6 +123,13 @@ class SerializationError(MepError):
     code = ErrorCode.BAD_REQUEST
 
 
+class LargeResultUnavailableError(MepError):
+    """A result kept in a file on the endpoint's host can't be had: the file is gone or unreadable, or no
+    endpoint is running to read it; the message says which."""
+
+    code = ErrorCode.LARGE_RESULT_UNAVAILABLE
+
+
 class ServiceUnreachableError(MepError):
     """The service did not answer in time; what became of the tasks concerned is in the message."""
 
@@ -174,6 +181,7 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         QuotaExceededError,
         TaskExpiredError,
         TaskCancelledError,
+        LargeResultUnavailableError,
     )
 }
 

@@ -25,6 +25,7 @@ from setproctitle import setproctitle
 from mep.cli.logs import use_format
 from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engines import make_engine
+from mep.endpoint.large_results import LargeResultFiles
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
 from mep.errors import AssertionRefusedError, ErrorCode
@@ -38,6 +39,7 @@ from mep.protocol.messages import (
     FAILED,
     SUCCESS,
     Cancel,
+    ChunkRead,
     Credit,
     EndpointBoot,
     Heartbeat,
@@ -92,6 +94,7 @@ class UserEndpoint:
         self.functions: dict[str, bytes] = {}
         self.active: dict[str, ActiveTask] = {}
         self.unacknowledged: dict[str, tuple[Result, bytes, float]] = {}
+        self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
@@ -147,7 +150,8 @@ class UserEndpoint:
                 if pause.paused(now):
                     last_heard = now  # this endpoint did not run (stopped): the manager's silence was ours
                 self._enforce_walltimes(now)
-                if self.active or self.unacknowledged:
+                self.large_results.sweep_if_due(now)
+                if self.active or self.unacknowledged or self.large_results.keeps_alive(now):
                     last_activity = now
                     asked_to_exit = False
                 self._resend_unacknowledged(now)
@@ -248,6 +252,8 @@ class UserEndpoint:
             case ResultsAck():
                 for task_id in header.task_ids:
                     self.unacknowledged.pop(task_id, None)
+            case ChunkRead():
+                self.socket.send_multipart(encode(*self.large_results.read(header)), copy=False)
             case Heartbeat():
                 pass
             case Shutdown():
@@ -302,13 +308,14 @@ class UserEndpoint:
                 continue
             if self.active.pop(task_id, None) is None:
                 continue  # a cancel and a completion crossed: the first one stands
+            outcome, large = self.large_results.keep(task_id, outcome)
             if len(outcome.payload) > DEFAULT_MAX_PAYLOAD_BYTES:
                 outcome = Outcome(FAILED, code=ErrorCode.PAYLOAD_TOO_LARGE,
                                   message=f"the serialised {'result' if outcome.status == SUCCESS else 'exception'} "
                                           f"is {len(outcome.payload)} bytes; the limit is "
                                           f"{DEFAULT_MAX_PAYLOAD_BYTES}: write large output to a file instead")
             result = Result(task_id=task_id, status=outcome.status, code=outcome.code, message=outcome.message,
-                            error_type=outcome.error_type, traceback=outcome.traceback)
+                            error_type=outcome.error_type, traceback=outcome.traceback, large=large)
             finished.append((result, outcome.payload))
             log.info("task %s finished: %s%s", task_id, outcome.status, f" ({outcome.code})" if outcome.code else "",
                      extra=self._ids(task_id))

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     ASSERTION_REPLAYED = "assertion_replayed"
     ASSERTION_MISMATCH = "assertion_mismatch"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    LARGE_RESULT_UNAVAILABLE = "large_result_unavailable"  # its file is gone, unreadable, or nobody can read it
     INTERNAL = "internal"
 
 
