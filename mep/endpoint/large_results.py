@@ -42,11 +42,15 @@ class LargeResultFiles:
         self.directory = Path(os.path.expanduser(settings.directory)).resolve()
         self._next_sweep = 0.0
         self.last_read = 0.0  # monotonic
+        self._kept: dict[str, LargeResult] = {}  # task id -> its file, until its result is sent
 
-    def keep(self, task_id: str, outcome: Outcome) -> tuple[Outcome, LargeResult | None]:
-        """Above the threshold, the payload goes to a file and the result carries a reference instead."""
+    def keep(self, task_id: str, outcome: Outcome) -> Outcome:
+        """Above the threshold, the payload goes to a file (``reference`` then gives it) and leaves the outcome.
+
+        Called on the engine's thread: the endpoint's loop keeps heartbeating while a large file is written.
+        """
         if len(outcome.payload) <= self.settings.threshold_bytes:
-            return outcome, None
+            return outcome
         try:
             large = self._write(task_id, outcome.payload)
         except OSError as exc:
@@ -55,8 +59,13 @@ class LargeResultFiles:
             return Outcome(FAILED, code=ErrorCode.LARGE_RESULT_UNAVAILABLE, message=(
                 f"the result is {len(outcome.payload)} bytes, above the endpoint's large-result threshold of "
                 f"{self.settings.threshold_bytes}, and could not be written to {self.directory}: "
-                f"{exc.strerror or exc}")), None
-        return outcome._replace(payload=b""), large
+                f"{exc.strerror or exc}"))
+        self._kept[task_id] = large
+        return outcome._replace(payload=b"")
+
+    def reference(self, task_id: str) -> LargeResult | None:
+        """Where ``keep`` put this task's payload, if it did (once: the result then carries it)."""
+        return self._kept.pop(task_id, None)
 
     def _write(self, task_id: str, payload: bytes) -> LargeResult:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -89,12 +89,12 @@ class UserEndpoint:
         self.heartbeat_interval = boot.heartbeat_interval
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
+        self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         # The engine first: its forkserver must not inherit the ZeroMQ context or the keys.
         self.engine = make_engine(config, self._task_started, self._task_done)
         self.functions: dict[str, bytes] = {}
         self.active: dict[str, ActiveTask] = {}
         self.unacknowledged: dict[str, tuple[Result, bytes, float]] = {}
-        self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
@@ -116,6 +116,8 @@ class UserEndpoint:
         os.write(self._wake_write, b"s")
 
     def _task_done(self, task_id: str, outcome: Outcome) -> None:
+        # Writing a large result to its file (seconds for a GiB) happens here, off the loop that heartbeats.
+        outcome = self.large_results.keep(task_id, outcome)
         self._events.put(("done", task_id, outcome))
         os.write(self._wake_write, b"d")
 
@@ -308,7 +310,7 @@ class UserEndpoint:
                 continue
             if self.active.pop(task_id, None) is None:
                 continue  # a cancel and a completion crossed: the first one stands
-            outcome, large = self.large_results.keep(task_id, outcome)
+            large = self.large_results.reference(task_id)
             if len(outcome.payload) > DEFAULT_MAX_PAYLOAD_BYTES:
                 outcome = Outcome(FAILED, code=ErrorCode.PAYLOAD_TOO_LARGE,
                                   message=f"the serialised {'result' if outcome.status == SUCCESS else 'exception'} "
