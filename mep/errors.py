@@ -130,6 +130,13 @@ class LargeResultUnavailableError(MepError):
     code = ErrorCode.LARGE_RESULT_UNAVAILABLE
 
 
+class LargeResultNoReaderError(LargeResultUnavailableError):
+    """No endpoint of the account is running to read a large result's file; any task to the endpoint starts
+    one (an Executor does that itself and fetches again)."""
+
+    code = ErrorCode.LARGE_RESULT_NO_READER
+
+
 class ServiceUnreachableError(MepError):
     """The service did not answer in time; what became of the tasks concerned is in the message."""
 
@@ -182,6 +189,7 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         TaskExpiredError,
         TaskCancelledError,
         LargeResultUnavailableError,
+        LargeResultNoReaderError,
     )
 }
 

@@ -16,11 +16,19 @@ from pathlib import Path
 import pytest
 
 import mep
-from mep.errors import LargeResultUnavailableError, MepError
+from mep.errors import LargeResultNoReaderError, LargeResultUnavailableError, MepError
 from mep.protocol.messages import Fetch, Results
 from mep.sdk.connection import ServiceSettings, request
 from mep.sdk.large_results import CHUNK_BYTES, fetch
-from tests.harness import DOMAIN_STRIP, PYTHON, Deployment, _pid_with_title, expression_mapping, wait_for
+from tests.harness import (
+    DOMAIN_STRIP,
+    PYTHON,
+    Deployment,
+    _pid_with_title,
+    expression_mapping,
+    processes_of_uid,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -29,7 +37,7 @@ TEMPLATE = """\
 engine:
   type: process
   workers: 1
-idle_timeout: 600
+idle_timeout: {idle_timeout}
 large_results:
   threshold_bytes: {threshold}
   directory: {{{{ mep.mapped_user.home ~ "/mep-results" }}}}
@@ -40,10 +48,10 @@ def payload_of_size(size: int) -> bytes:
     return b"\x5a" * size
 
 
-def start(deploy: Deployment, account_factory) -> tuple:  # noqa: ANN001
+def start(deploy: Deployment, account_factory, idle_timeout: float = 600) -> tuple:  # noqa: ANN001
     alice, bob = account_factory("mepalice"), account_factory("mepbob")
     template = deploy.root / "large.yaml.j2"
-    template.write_text(TEMPLATE.format(threshold=THRESHOLD))
+    template.write_text(TEMPLATE.format(threshold=THRESHOLD, idle_timeout=idle_timeout))
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=template)
     return (alice, bob, manager, deploy.identity(f"{alice.pw_name}@example.org"),
             deploy.identity(f"{bob.pw_name}@example.org"))
@@ -155,3 +163,14 @@ def test_missing_file_and_another_identity(deploy, account_factory) -> None:
     for read_locally in (True, False):
         with pytest.raises(LargeResultUnavailableError, match="can't be read"):
             client(deploy, identity, read_results_locally=read_locally).get_result(task_id)
+
+
+def test_an_endpoint_that_idled_out_is_started_again_to_read_the_file(deploy, account_factory) -> None:
+    alice, _, manager, identity, _ = start(deploy, account_factory, idle_timeout=2)
+    task_id = submit_detached(deploy, identity, manager, 3 * CHUNK_BYTES)
+    wait_for(lambda: not processes_of_uid(alice.pw_uid), timeout=60, what="the idle endpoint to exit")
+    with pytest.raises(LargeResultNoReaderError, match="no endpoint of account"):
+        client(deploy, identity, read_results_locally=False).get_result(task_id)
+    with deploy.executor(identity, manager, read_results_locally=False) as executor:
+        (future,) = executor.attach([task_id])
+        assert future.result(timeout=120) == payload_of_size(3 * CHUNK_BYTES)

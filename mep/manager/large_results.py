@@ -38,10 +38,10 @@ class ChunkRelay:
         if link is None or not self._send_endpoint(link, read):
             account = read.large.account if read.large else "?"
             self._send_service(Chunk(fetch_id=read.fetch_id, offset=read.offset,
-                                     code=ErrorCode.LARGE_RESULT_UNAVAILABLE,
+                                     code=ErrorCode.LARGE_RESULT_NO_READER,
                                      message=f"no endpoint of account {account} is running on this manager to read "
-                                             "the result file; any task sent to the endpoint starts one, then "
-                                             "fetch it again (Client.get_result), or read the file where it is: "
+                                             "the result file; any task sent to the endpoint starts one (an "
+                                             "Executor does so and fetches again), or read the file where it is: "
                                              f"{read.large.path if read.large else ''}"), [])
             return
         self._pending[read.fetch_id] = link.endpoint_id

@@ -64,7 +64,7 @@ from mep.protocol.receive import handling
 from mep.protocol.user_config import check_config
 from mep.sdk.connection import ServiceSettings
 from mep.sdk.display import html_table
-from mep.sdk.large_results import BackgroundLoader, acknowledge
+from mep.sdk.large_results import BackgroundLoader, acknowledge, nothing
 from mep.sdk.results import outcome
 from mep.sdk.serialize import FunctionCache, client_runtime, serialize_args
 
@@ -238,7 +238,8 @@ class Executor(concurrent.futures.Executor):
         self._answer_timeout = answer_timeout
         self._keep_retrying = keep_retrying
         self._link = _Link(self._settings.address)
-        self._large_results = BackgroundLoader(self._settings, read_results_locally, answer_timeout)
+        self._large_results = BackgroundLoader(self._settings, read_results_locally, answer_timeout,
+                                               lambda: self.submit(nothing).result())
         self._runtime = client_runtime()
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         # True while the I/O thread sleeps with no submission in flight: only then must a submit wake it (an

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from mep.errors import LargeResultUnavailableError, ServiceUnreachableError, error_for_code
+from mep.errors import LargeResultNoReaderError, LargeResultUnavailableError, ServiceUnreachableError, error_for_code
 from mep.protocol import decode, encode
 from mep.protocol.messages import Chunk, ChunkRequest, Error, LargeResult, Result, ResultsAck, TaskQuery
 from mep.sdk.connection import ServiceSettings, request
@@ -148,24 +148,37 @@ class _ChunkedFetch:
 class BackgroundLoader:
     """Loads large results for an Executor off its I/O thread, which must keep serving other results."""
 
-    def __init__(self, settings: ServiceSettings, read_locally: bool, timeout: float, threads: int = 2) -> None:
+    def __init__(self, settings: ServiceSettings, read_locally: bool, timeout: float,
+                 start_endpoint: Callable[[], None], threads: int = 2) -> None:
+        """``start_endpoint``: runs a task on the endpoint, to start one that can read the file."""
         self.settings = settings
         self.read_locally = read_locally
         self.timeout = timeout
+        self.start_endpoint = start_endpoint
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="mep-large-result")
 
     def load(self, result: Result, settle: Callable[[Result, bytes | memoryview | None, BaseException | None], None]) -> None:
         """``settle(result, payload, None)`` once it is loaded, ``settle(result, None, error)`` if it can't be."""
+        def load() -> bytes | memoryview | None:
+            return payload_of(result, None, self.settings, read_locally=self.read_locally, timeout=self.timeout)
+
         def run() -> None:
             try:
-                payload = payload_of(result, None, self.settings, read_locally=self.read_locally,
-                                     timeout=self.timeout)
+                try:
+                    payload = load()
+                except LargeResultNoReaderError:  # the endpoint idled out since: start one, then fetch again
+                    self.start_endpoint()
+                    payload = load()
             except Exception as exc:  # noqa: BLE001 - whatever it is, the future must learn of it
                 settle(result, None, exc)
                 return
             settle(result, payload, None)
 
         self._pool.submit(run)
+
+
+def nothing() -> None:
+    """The task that starts an endpoint able to read a large result's file."""
 
 
 def acknowledge(settings: ServiceSettings, task_ids: list[str], timeout: float) -> None:
