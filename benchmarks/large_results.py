@@ -11,7 +11,7 @@ through service and router (``read_results_locally=False``). The endpoint's peak
 result from its worker (the worker hands it over whole); its VmRSS is also sampled during each task, so
 the two modes' growth, side by side, shows what serving the chunks adds. ``--quick`` leaves out 1 GiB (it needs about 4 GiB of memory for
 worker, endpoint and client, and 2 GiB of disk). Nothing is asserted. The service runs with the default
-heartbeat interval (10 s).
+heartbeat interval (10 s) on both service and manager.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def one_size(size: int) -> dict[str, Any]:
     # The default heartbeat (10 s, a 30 s lease), not the tests' 1 s: on a loaded machine a worker handing a
     # GiB to its endpoint can keep the endpoint's loop from running for more than 3 s.
     with unix_account("mepbig") as account, deployment(None, "--heartbeat-interval", "10") as deploy:
-        manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+        manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), settings={"heartbeat_interval": 10.0})
         identity = deploy.identity(f"{account.pw_name}@example.org")
         row: dict[str, Any] = {}
         for mode, local in (("in_place", True), ("through_service", False)):
