@@ -174,3 +174,32 @@ def test_an_endpoint_that_idled_out_is_started_again_to_read_the_file(deploy, ac
     with deploy.executor(identity, manager, read_results_locally=False) as executor:
         (future,) = executor.attach([task_id])
         assert future.result(timeout=120) == payload_of_size(3 * CHUNK_BYTES)
+
+
+def test_the_endpoint_serves_only_its_own_result_files_and_sweeps_old_ones(tmp_path: Path) -> None:
+    from mep.config.endpoint import LargeResults
+    from mep.endpoint.large_results import LargeResultFiles
+    from mep.endpoint.worker import Outcome
+    from mep.protocol.messages import SUCCESS, ChunkRead
+
+    files = LargeResultFiles(LargeResults(threshold_bytes=10, directory=str(tmp_path / "results"), retention=60),
+                             "endpoint-id", "account")
+    assert files.keep("small", Outcome(SUCCESS, payload=b"tiny")).payload == b"tiny"
+    assert files.reference("small") is None
+    assert files.keep("big", Outcome(SUCCESS, payload=b"y" * 100)).payload == b""
+    large = files.reference("big")
+    answer, frames = files.read(ChunkRead(fetch_id=7, large=large, offset=90, length=50))
+    assert (answer.fetch_id, answer.code, frames) == (7, "", [b"y" * 10])
+    secret = tmp_path / "secret.result"  # the account's other files are not the router's to ask for
+    secret.write_bytes(b"not yours")
+    for path in (str(secret), str(tmp_path / "results" / ".." / "secret.result")):
+        forged = ChunkRead(fetch_id=8, large=large.__class__(path=path, size=9, sha256="0" * 64,
+                                                              endpoint_id="endpoint-id", account="account"))
+        answer, frames = files.read(forged)
+        assert answer.code == "large_result_unavailable" and frames == []
+    old = time.time() - 120
+    os.utime(large.path, (old, old))
+    files.sweep_if_due(time.monotonic())
+    assert not Path(large.path).exists(), "a file past its retention is removed"
+    answer, frames = files.read(ChunkRead(fetch_id=9, large=large, offset=0, length=10))
+    assert "can't be read" in answer.message and frames == []
