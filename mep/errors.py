@@ -123,6 +123,20 @@ class SerializationError(MepError):
     code = ErrorCode.BAD_REQUEST
 
 
+class LargeResultUnavailableError(MepError):
+    """A result kept in a file on the endpoint's host can't be had: the file is gone or unreadable, or no
+    endpoint is running to read it; the message says which."""
+
+    code = ErrorCode.LARGE_RESULT_UNAVAILABLE
+
+
+class LargeResultNoReaderError(LargeResultUnavailableError):
+    """No endpoint of the account is running to read a large result's file; any task to the endpoint starts
+    one (an Executor does that itself and fetches again)."""
+
+    code = ErrorCode.LARGE_RESULT_NO_READER
+
+
 class ServiceUnreachableError(MepError):
     """The service did not answer in time; what became of the tasks concerned is in the message."""
 
@@ -174,6 +188,8 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         QuotaExceededError,
         TaskExpiredError,
         TaskCancelledError,
+        LargeResultUnavailableError,
+        LargeResultNoReaderError,
     )
 }
 

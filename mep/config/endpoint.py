@@ -168,6 +168,32 @@ Engine = Annotated[
 ]
 
 
+def _results_directory(path: str) -> str:
+    """``~/...`` (the account's home, expanded by the endpoint as the user) or a clean absolute path."""
+    if path.startswith("~/"):
+        _clean_path(path[1:])  # the part under the home, checked as if the home were /
+        return path
+    return _clean_path(path)
+
+
+class LargeResults(_StrictModel):
+    """Results above a size are kept in a file on the endpoint's host, not sent through the service.
+
+    docs/templates.md ("Large results"): the SDK reads the file where it is
+    readable and fetches it in chunks through the service otherwise.
+    """
+
+    threshold_bytes: int = Field(
+        default=1024 * 1024, ge=0, description="Serialised results larger than this go to a file (0: every one)")
+    directory: Annotated[str, AfterValidator(_results_directory)] = Field(
+        default="~/.mep/results", description="Where the endpoint writes them, as the account (mode 0700); "
+        "~/ is the account's home; a shared scratch directory lets the SDK read them in place on the cluster")
+    retention: float = Field(
+        default=7 * 24 * 3600.0, gt=0, allow_inf_nan=False,
+        description="Seconds a result file is kept before the endpoint's sweep removes it (the service's "
+        "result retention by default)")
+
+
 class UserEndpointConfig(_StrictModel):
     """What one user endpoint runs with, as the mapped account.
 
@@ -181,6 +207,7 @@ class UserEndpointConfig(_StrictModel):
     idle_timeout: float = Field(
         default=300.0, gt=0, allow_inf_nan=False, description="Seconds without tasks before the endpoint exits."
     )
+    large_results: LargeResults = Field(default_factory=LargeResults)
 
     @property
     def worker_python(self) -> str | None:

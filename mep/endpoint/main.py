@@ -25,6 +25,7 @@ from setproctitle import setproctitle
 from mep.cli.logs import use_format
 from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engines import make_engine
+from mep.endpoint.large_results import LargeResultFiles
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
 from mep.errors import AssertionRefusedError, ErrorCode
@@ -38,6 +39,7 @@ from mep.protocol.messages import (
     FAILED,
     SUCCESS,
     Cancel,
+    ChunkRead,
     Credit,
     EndpointBoot,
     Heartbeat,
@@ -87,6 +89,7 @@ class UserEndpoint:
         self.heartbeat_interval = boot.heartbeat_interval
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
+        self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         # The engine first: its forkserver must not inherit the ZeroMQ context or the keys.
         self.engine = make_engine(config, self._task_started, self._task_done)
         self.functions: dict[str, bytes] = {}
@@ -113,6 +116,8 @@ class UserEndpoint:
         os.write(self._wake_write, b"s")
 
     def _task_done(self, task_id: str, outcome: Outcome) -> None:
+        # Writing a large result to its file (seconds for a GiB) happens here, off the loop that heartbeats.
+        outcome = self.large_results.keep(task_id, outcome)
         self._events.put(("done", task_id, outcome))
         os.write(self._wake_write, b"d")
 
@@ -147,7 +152,8 @@ class UserEndpoint:
                 if pause.paused(now):
                     last_heard = now  # this endpoint did not run (stopped): the manager's silence was ours
                 self._enforce_walltimes(now)
-                if self.active or self.unacknowledged:
+                self.large_results.sweep_if_due(now)
+                if self.active or self.unacknowledged or self.large_results.keeps_alive(now):
                     last_activity = now
                     asked_to_exit = False
                 self._resend_unacknowledged(now)
@@ -248,6 +254,8 @@ class UserEndpoint:
             case ResultsAck():
                 for task_id in header.task_ids:
                     self.unacknowledged.pop(task_id, None)
+            case ChunkRead():
+                self.socket.send_multipart(encode(*self.large_results.read(header)), copy=False)
             case Heartbeat():
                 pass
             case Shutdown():
@@ -302,13 +310,14 @@ class UserEndpoint:
                 continue
             if self.active.pop(task_id, None) is None:
                 continue  # a cancel and a completion crossed: the first one stands
+            large = self.large_results.reference(task_id)
             if len(outcome.payload) > DEFAULT_MAX_PAYLOAD_BYTES:
                 outcome = Outcome(FAILED, code=ErrorCode.PAYLOAD_TOO_LARGE,
                                   message=f"the serialised {'result' if outcome.status == SUCCESS else 'exception'} "
                                           f"is {len(outcome.payload)} bytes; the limit is "
                                           f"{DEFAULT_MAX_PAYLOAD_BYTES}: write large output to a file instead")
             result = Result(task_id=task_id, status=outcome.status, code=outcome.code, message=outcome.message,
-                            error_type=outcome.error_type, traceback=outcome.traceback)
+                            error_type=outcome.error_type, traceback=outcome.traceback, large=large)
             finished.append((result, outcome.payload))
             log.info("task %s finished: %s%s", task_id, outcome.status, f" ({outcome.code})" if outcome.code else "",
                      extra=self._ids(task_id))

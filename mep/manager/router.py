@@ -40,6 +40,8 @@ from mep.protocol.messages import (
     AuditStatus,
     CANCELLED,
     Cancel,
+    Chunk,
+    ChunkRead,
     Credit,
     LostTask,
     Started,
@@ -74,6 +76,7 @@ from mep.protocol.messages import (
     Tasks,
 )
 from mep.manager.flow import HeldWork, QueuedTask
+from mep.manager.large_results import ChunkRelay
 from mep.protocol.receive import handling, loop_turn
 from mep.manager.spawner_link import SpawnerLink
 from mep.manager.status_file import STATUS_FILE_NAME, StatusFile
@@ -154,6 +157,8 @@ class Router:
         self.held = HeldWork(config.max_queued_tasks, config.max_queued_bytes, config.submitter_share)
         self.task_endpoint: dict[str, str] = {}
         self.results_out: list[tuple[Result, Any]] = []
+        self.chunks = ChunkRelay(self._send_endpoint,
+                                 lambda chunk, payloads: self.service.send_multipart(encode(chunk, payloads), copy=False))
         self.started_out: list[str] = []
         self.lost_out: list[LostTask] = []
         self.spawner_status: ProcessStatus | None = None
@@ -291,6 +296,8 @@ class Router:
                 pass
             case Cancel():
                 self._cancel(header.task_ids)
+            case ChunkRead():
+                self.chunks.forward(header, self.endpoints)
             case Error(code=ErrorCode.NOT_REGISTERED):
                 # Every message sent before the service restarted draws this answer: register once per interval.
                 if time.monotonic() - self.registering_since > self.config.heartbeat_interval:
@@ -565,6 +572,9 @@ class Router:
                 self._send_queued(link)
             case Results():
                 self._endpoint_results(link, header, payloads)
+            case Chunk():
+                if not self.chunks.answered(endpoint_id, header, payloads):
+                    log.warning("endpoint %s sent a chunk of a read it was not asked for; dropped", endpoint_id)
             case IdleExit():
                 if not link.in_flight and not link.queued:
                     self._retire(link, "idle")

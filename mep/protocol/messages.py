@@ -34,6 +34,7 @@ EXPIRED = "expired"  # the result was not collected within the retention period;
 MAX_IDS_PER_REQUEST = 100_000  # task ids in a Fetch, Cancel, ResultsAck or TaskQuery; tasks in a Submit
 MAX_ID_CHARS = 256  # a task id, function hash, endpoint id or token
 MAX_QUERY_STATES = 16
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one ChunkRequest may ask for (the SDK asks for 1 MiB)
 
 Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 IdList = Annotated[list[Id], msgspec.Meta(max_length=MAX_IDS_PER_REQUEST)]
@@ -65,8 +66,26 @@ class Rejection(msgspec.Struct, forbid_unknown_fields=True):
     message: str
 
 
+class LargeResult(msgspec.Struct, forbid_unknown_fields=True):
+    """Where a payload above the endpoint's threshold was kept instead of travelling inline.
+
+    The user endpoint ``endpoint_id`` wrote it, as ``account``, to ``path`` on
+    its host (mode 0600); the SDK reads it there or asks for it in chunks
+    (``ChunkRequest``). docs/protocol.md, "Large results".
+    """
+
+    path: Annotated[str, msgspec.Meta(max_length=4096)]
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    endpoint_id: Id
+    account: Id
+
+
 class Result(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One task's outcome. ``payload_frame`` indexes the message's payload frames (-1: none)."""
+    """One task's outcome. ``payload_frame`` indexes the message's payload frames (-1: none).
+
+    ``large``: the payload is in a file on the endpoint's host instead (no payload frame).
+    """
 
     task_id: str
     status: str
@@ -75,6 +94,7 @@ class Result(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     message: str = ""
     error_type: str = ""
     traceback: str = ""
+    large: LargeResult | None = None
 
 
 class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -159,6 +179,30 @@ class CancelAck(Envelope, tag="CANCEL_ACK"):
     requested: list[str] = []
     finished: list[str] = []
     unknown: list[str] = []
+
+
+class ChunkRequest(Envelope, tag="CHUNK_REQUEST"):
+    """Bytes ``[offset, offset + length)`` of the large result of one of the caller's tasks."""
+
+    token: Id = ""
+    request_id: int = 0
+    task_id: Id = ""
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    length: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_BYTES)] = 1
+
+
+class Chunk(Envelope, tag="CHUNK"):
+    """Endpoint -> router -> service -> client: the bytes read, as one payload frame, or ``code`` and ``message``.
+
+    ``fetch_id`` names the read on the service <-> endpoint hops, ``request_id`` the client's request.
+    A frame shorter than asked for ends the file.
+    """
+
+    request_id: int = 0
+    fetch_id: int = 0
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    code: str = ""
+    message: str = ""
 
 
 class TaskQuery(Envelope, tag="TASK_QUERY"):
@@ -324,6 +368,15 @@ class TasksLost(Envelope, tag="TASKS_LOST"):
 # --- manager router <-> user endpoint ---------------------------------------
 
 
+class ChunkRead(Envelope, tag="CHUNK_READ"):
+    """Service -> router -> user endpoint: read part of a large result file (answered by ``Chunk``)."""
+
+    fetch_id: int = 0
+    large: LargeResult | None = None
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    length: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_BYTES)] = 1
+
+
 class Ready(Envelope, tag="READY"):
     endpoint_id: str = ""
     pid: int = 0
@@ -450,6 +503,9 @@ Header = (
     | CancelAck
     | TaskQuery
     | TaskList
+    | ChunkRequest
+    | Chunk
+    | ChunkRead
     | Started
     | TasksLost
     | StatusRequest

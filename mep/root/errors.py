@@ -41,6 +41,8 @@ class ErrorCode(StrEnum):
     ASSERTION_REPLAYED = "assertion_replayed"
     ASSERTION_MISMATCH = "assertion_mismatch"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    LARGE_RESULT_UNAVAILABLE = "large_result_unavailable"  # its file is gone or unreadable, its manager offline
+    LARGE_RESULT_NO_READER = "large_result_no_reader"  # no endpoint of the account runs to read its file
     INTERNAL = "internal"
 
 

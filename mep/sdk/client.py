@@ -29,6 +29,7 @@ from mep.protocol.messages import (
 )
 from mep.sdk.connection import ServiceSettings, request
 from mep.sdk.display import html_table, text_table, when
+from mep.sdk.large_results import payload_of
 from mep.sdk.results import outcome
 
 TASK_COLUMNS = ("task id", "state", "attempts", "submitted", "completed", "message")
@@ -72,9 +73,12 @@ class Tasks(list[TaskInfo]):
 
 class Client:
     def __init__(self, *, service: str | None = None, service_key: str | None = None, token: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, read_results_locally: bool = True) -> None:
+        """``read_results_locally=False``: fetch large results through the service even where their file is
+        readable here (docs/user.md, "Large results")."""
         self._settings = ServiceSettings.resolve(service, service_key, token)
         self.timeout = timeout
+        self.read_results_locally = read_results_locally
         self._request_ids = 0
 
     def _ask(self, header: Any, preceded_by: Sequence[Any] = ()) -> tuple[Any, list[bytes]]:
@@ -107,7 +111,13 @@ class Client:
             raise MepError(f"the service knows no task(s) {', '.join(reply.unknown)} of yours")
         found = {}
         for result in reply.results:
-            value, error = outcome(result, payloads[result.payload_frame] if result.payload_frame != -1 else None)
+            try:
+                payload = payload_of(result, payloads[result.payload_frame] if result.payload_frame != -1 else None,
+                                     self._settings, read_locally=self.read_results_locally, timeout=self.timeout)
+            except MepError as exc:
+                found[result.task_id] = TaskOutcome(result.task_id, None, exc)
+                continue
+            value, error = outcome(result, payload)
             found[result.task_id] = TaskOutcome(result.task_id, value, error)
         return found
 

@@ -64,6 +64,7 @@ from mep.protocol.receive import handling
 from mep.protocol.user_config import check_config
 from mep.sdk.connection import ServiceSettings
 from mep.sdk.display import html_table
+from mep.sdk.large_results import BackgroundLoader, acknowledge, nothing
 from mep.sdk.results import outcome
 from mep.sdk.serialize import FunctionCache, client_runtime, serialize_args
 
@@ -199,6 +200,11 @@ class Executor(concurrent.futures.Executor):
     its result later). With ``keep_retrying`` they don't fail: the silence is
     logged and shown in each future's repr, and the Executor retries until
     the service answers.
+
+    ``read_results_locally``: a result above the endpoint's large-result
+    threshold is read from its file when this process can read it (same host,
+    shared file system); with False it is always fetched in chunks through the
+    service (docs/user.md, "Large results").
     """
 
     def __init__(
@@ -216,6 +222,7 @@ class Executor(concurrent.futures.Executor):
         poll_interval: float = 5.0,
         answer_timeout: float = 60.0,
         keep_retrying: bool = False,
+        read_results_locally: bool = True,
     ) -> None:
         self.endpoint_id = endpoint_id
         self._settings = ServiceSettings.resolve(service, service_key, token)
@@ -231,6 +238,8 @@ class Executor(concurrent.futures.Executor):
         self._answer_timeout = answer_timeout
         self._keep_retrying = keep_retrying
         self._link = _Link(self._settings.address)
+        self._large_results = BackgroundLoader(self._settings, read_results_locally, answer_timeout,
+                                               lambda: self.submit(nothing).result())
         self._runtime = client_runtime()
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         # True while the I/O thread sleeps with no submission in flight: only then must a submit wake it (an
@@ -510,9 +519,9 @@ class Executor(concurrent.futures.Executor):
                     pending = state.awaiting_result.pop(task_id, None)
                     if pending:
                         _set_exception(pending.future, MepError(f"the service knows no task {task_id} of yours"))
-                if header.results:
-                    socket.send_multipart(encode(ResultsAck(token=self._settings.token,
-                                                            task_ids=[r.task_id for r in header.results])))
+                inline = [r.task_id for r in header.results if r.large is None]  # large ones: once loaded
+                if inline:
+                    socket.send_multipart(encode(ResultsAck(token=self._settings.token, task_ids=inline)))
             case CancelAck():
                 for task_id in header.cancelled:
                     pending = state.awaiting_result.pop(task_id, None)
@@ -559,11 +568,27 @@ class Executor(concurrent.futures.Executor):
             if not pending.future.cancel():
                 _set_exception(pending.future, TaskCancelledError(result.message))
             return
-        value, error = outcome(result, payloads[result.payload_frame] if result.payload_frame != -1 else None)
+        if result.large is not None:  # in a file on the endpoint's host: read or fetched off this thread
+            self._large_results.load(result, lambda *loaded: self._settle_large(pending.future, *loaded))
+            return
+        self._settle(pending.future, result, payloads[result.payload_frame] if result.payload_frame != -1 else None)
+
+    @staticmethod
+    def _settle(future: concurrent.futures.Future, result: Result, payload: bytes | memoryview | None) -> None:
+        value, error = outcome(result, payload)
         if error is None:
-            pending.future.set_result(value)
+            future.set_result(value)
         else:
-            _set_exception(pending.future, error)
+            _set_exception(future, error)
+
+    def _settle_large(self, future: concurrent.futures.Future, result: Result, payload: bytes | memoryview | None,
+                      error: BaseException | None) -> None:
+        """A large result loaded (or not): the service forgets it only once it is in hand."""
+        if error is not None:
+            _set_exception(future, error)  # not acknowledged: Client.get_result can try again
+            return
+        self._settle(future, result, payload)
+        acknowledge(self._settings, [result.task_id], self._answer_timeout)
 
     def _count_acknowledged(self, count: int) -> None:
         with self._all_acknowledged:

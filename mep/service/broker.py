@@ -50,6 +50,8 @@ from mep.protocol.messages import (
     MAX_IDS_PER_REQUEST,
     Cancel,
     CancelAck,
+    Chunk,
+    ChunkRequest,
     Credit,
     Dispatch,
     DispatchAck,
@@ -77,6 +79,7 @@ from mep.protocol.messages import (
     Unregister,
 )
 from mep.protocol.receive import handling, loop_turn
+from mep.service.blobs import ChunkFetches
 from mep.service.state import ServiceState
 from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 from mep.service.throttle import FailedAuthentications
@@ -162,6 +165,7 @@ class Broker:
         self.address = self.socket.last_endpoint.decode()
         self.managers: dict[str, ManagerLink] = {}
         self.client_routes: dict[str, bytes] = {}
+        self.chunk_fetches = ChunkFetches(self.store)
         self._last_expiry = float("-inf")
         self._stop = threading.Event()
         self.failed_authentications = FailedAuthentications(settings.max_auth_failures, settings.auth_failure_window)
@@ -287,6 +291,9 @@ class Broker:
                 self.store.acknowledge_results(identity_id, header.task_ids)
             case Cancel():
                 self._cancel(routing_id, header, outbox)
+            case ChunkRequest():
+                self.chunk_fetches.request(self._authenticate(header.token), routing_id, header, self.managers,
+                                           outbox)
             case TaskQuery():
                 identity_id = self._authenticate(header.token)
                 outbox.reply(routing_id, TaskList(request_id=header.request_id,
@@ -423,6 +430,8 @@ class Broker:
                 outbox.reply(routing_id, Heartbeat())
             case Started():
                 self.store.mark_started(endpoint_id, header.task_ids)
+            case Chunk():
+                self.chunk_fetches.answered(endpoint_id, header, payloads, outbox)
             case Unregister():
                 del self.managers[endpoint_id]
                 requeued, cancelled = self.store.requeue_in_flight(endpoint_id)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from mep.errors import ConfigurationError, ErrorCode, ServiceUnavailableError
 from mep.protocol.messages import (
     CANCELLED,
@@ -32,6 +34,7 @@ from mep.protocol.messages import (
     SUCCESS,
     TASK_ERROR,
     IdentityResource,
+    LargeResult,
     LostTask,
     Result,
     TaskInfo,
@@ -79,7 +82,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     completed_at REAL,
     result_status TEXT, result_code TEXT, result_message TEXT,
     result_error_type TEXT, result_traceback TEXT, result_payload BLOB,
-    acked_at REAL
+    acked_at REAL,
+    result_large TEXT  -- JSON of a LargeResult: the payload is in a file on the endpoint's host
 );
 CREATE INDEX IF NOT EXISTS tasks_by_endpoint_state ON tasks(endpoint_id, state, created_at);
 -- Partial indexes: each holds only the rows its question is about, so fair dispatch and the quota checks
@@ -183,6 +187,13 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A database an older mep created gains the columns added since (CREATE TABLE IF NOT EXISTS won't)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
+        if "result_large" not in columns:
+            self.db.execute("ALTER TABLE tasks ADD COLUMN result_large TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -455,10 +466,11 @@ class Store:
         """Record a result once; a duplicate or a result for another endpoint's task is ignored."""
         cursor = self.db.execute(
             f"UPDATE tasks SET state=?, completed_at=?, result_status=?, result_code=?,"
-            f" result_message=?, result_error_type=?, result_traceback=?, result_payload=?, args=NULL"
-            f" WHERE id=? AND endpoint_id=? AND state NOT IN {TERMINAL_SQL}",
+            f" result_message=?, result_error_type=?, result_traceback=?, result_payload=?, result_large=?,"
+            f" args=NULL WHERE id=? AND endpoint_id=? AND state NOT IN {TERMINAL_SQL}",
             (FINAL_STATE.get(result.status, "failed"), time.time(), result.status, result.code, result.message,
-             result.error_type, result.traceback, payload, result.task_id, endpoint_id),
+             result.error_type, result.traceback, payload,
+             msgspec.json.encode(result.large).decode() if result.large else None, result.task_id, endpoint_id),
         )
         return cursor.rowcount == 1
 
@@ -520,7 +532,7 @@ class Store:
     def expire_results(self, retention: float) -> int:
         """Results nobody collected within the retention period are dropped and reported as expired."""
         cursor = self.db.execute(
-            "UPDATE tasks SET state='expired', result_payload=NULL WHERE acked_at IS NULL"
+            "UPDATE tasks SET state='expired', result_payload=NULL, result_large=NULL WHERE acked_at IS NULL"
             " AND state IN ('succeeded','failed','cancelled') AND completed_at < ?",
             (time.time() - retention,))
         return cursor.rowcount
@@ -540,7 +552,7 @@ class Store:
         for task_id in task_ids:
             row = self.db.execute(
                 "SELECT state, result_status, result_code, result_message, result_error_type,"
-                " result_traceback, result_payload FROM tasks WHERE id=? AND submitter_id=?",
+                " result_traceback, result_payload, result_large FROM tasks WHERE id=? AND submitter_id=?",
                 (task_id, submitter_id),
             ).fetchone()
             if row is None:
@@ -551,7 +563,7 @@ class Store:
                                                          "retention period and has been deleted"), None))
             elif row[0] not in TERMINAL_STATES:
                 pending.append(task_id)
-            elif row[1] == SUCCESS and row[6] is None:
+            elif row[1] == SUCCESS and row[6] is None and row[7] is None:
                 ready.append(StoredResult(Result(task_id=task_id, status=EXPIRED, code=ErrorCode.EXPIRED,
                                                  message="the result was already collected and has been deleted"),
                                           None))
@@ -559,11 +571,17 @@ class Store:
                 ready.append(_stored_result(task_id, row[1:]))
         return ready, pending, unknown
 
+    def large_result(self, submitter_id: str, task_id: str) -> tuple[str, LargeResult] | None:
+        """(endpoint id, reference) of this submitter's uncollected large result of ``task_id``, if it has one."""
+        row = self.db.execute("SELECT endpoint_id, result_large FROM tasks WHERE id=? AND submitter_id=?"
+                              " AND result_large IS NOT NULL", (task_id, submitter_id)).fetchone()
+        return (row[0], msgspec.json.decode(row[1], type=LargeResult)) if row else None
+
     def acknowledge_results(self, submitter_id: str, task_ids: Sequence[str]) -> None:
         """The client has the results: keep the outcome, drop the bytes."""
         now = time.time()
         self.db.executemany(
-            f"UPDATE tasks SET acked_at=?, result_payload=NULL WHERE id=? AND submitter_id=?"
+            f"UPDATE tasks SET acked_at=?, result_payload=NULL, result_large=NULL WHERE id=? AND submitter_id=?"
             f" AND state IN {TERMINAL_SQL}",
             [(now, task_id, submitter_id) for task_id in task_ids],
         )
@@ -609,9 +627,10 @@ class Store:
 
 
 def _stored_result(task_id: str, row: Sequence[Any]) -> StoredResult:
-    status, code, message, error_type, traceback, payload = row
+    status, code, message, error_type, traceback, payload, large = row
     result = Result(task_id=task_id, status=status, code=code or "", message=message or "",
-                    error_type=error_type or "", traceback=traceback or "")
+                    error_type=error_type or "", traceback=traceback or "",
+                    large=msgspec.json.decode(large, type=LargeResult) if large else None)
     return StoredResult(result=result, payload=payload)
 
 

@@ -1,0 +1,205 @@
+"""Results above the endpoint's threshold: kept in a file as the user, read in place or fetched in chunks.
+
+Real service, real root manager, real accounts. Functions travel by value (this module is not installed
+where the endpoints run).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import mep
+from mep.errors import LargeResultNoReaderError, LargeResultUnavailableError, MepError
+from mep.protocol.messages import Fetch, Results
+from mep.sdk.connection import ServiceSettings, request
+from mep.sdk.large_results import CHUNK_BYTES, fetch
+from tests.harness import (
+    DOMAIN_STRIP,
+    PYTHON,
+    Deployment,
+    _pid_with_title,
+    expression_mapping,
+    processes_of_uid,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+
+THRESHOLD = 256 * 1024
+TEMPLATE = """\
+engine:
+  type: process
+  workers: 1
+idle_timeout: {idle_timeout}
+large_results:
+  threshold_bytes: {threshold}
+  directory: {{{{ mep.mapped_user.home ~ "/mep-results" }}}}
+"""
+
+
+def payload_of_size(size: int) -> bytes:
+    return b"\x5a" * size
+
+
+def start(deploy: Deployment, account_factory, idle_timeout: float = 600) -> tuple:  # noqa: ANN001
+    alice, bob = account_factory("mepalice"), account_factory("mepbob")
+    template = deploy.root / "large.yaml.j2"
+    template.write_text(TEMPLATE.format(threshold=THRESHOLD, idle_timeout=idle_timeout))
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=template)
+    return (alice, bob, manager, deploy.identity(f"{alice.pw_name}@example.org"),
+            deploy.identity(f"{bob.pw_name}@example.org"))
+
+
+def results_dir(account) -> Path:  # noqa: ANN001
+    return Path(account.pw_dir) / "mep-results"
+
+
+def client(deploy: Deployment, identity, **kwargs) -> mep.Client:  # noqa: ANN001
+    return mep.Client(service=deploy.address, service_key=deploy.service_key, token=identity.token, **kwargs)
+
+
+def submit_detached(deploy: Deployment, identity, manager, size: int) -> str:  # noqa: ANN001
+    """Submit from a process that exits once the task is accepted, so nobody collects the result yet."""
+    script = f"""
+import os, mep
+def produce(size):
+    return b"\\x5a" * size
+with mep.Executor({manager.endpoint_id!r}, service={deploy.address!r}, service_key={deploy.service_key!r},
+                  token={identity.token!r}) as executor:
+    future = executor.submit(produce, {size})
+print(future.task_id, flush=True)
+os._exit(0)
+"""
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.split()[-1]
+    wait_for(lambda: client(deploy, identity).get_task(task_id).state == "succeeded", timeout=120,
+             what="the detached task to finish")
+    return task_id
+
+
+def reference_of(deploy: Deployment, identity, task_id: str):  # noqa: ANN001, ANN201
+    settings = ServiceSettings(deploy.address, deploy.service_key, identity.token)
+    reply, _ = request(settings, Fetch(token=identity.token, request_id=1, task_ids=[task_id]), 30)
+    assert isinstance(reply, Results) and reply.results[0].large is not None
+    return reply.results[0].large
+
+
+def memory_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_small_results_inline_large_ones_in_a_file_read_in_place(deploy, account_factory) -> None:
+    alice, _, manager, identity, _ = start(deploy, account_factory)
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(payload_of_size, 1024).result(timeout=120) == payload_of_size(1024)
+        assert not results_dir(alice).exists(), "a 1 KiB result travels inline"
+        big = 3 * 1024 * 1024
+        assert executor.submit(payload_of_size, big).result(timeout=120) == payload_of_size(big)
+    (kept,) = results_dir(alice).iterdir()
+    info = kept.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (alice.pw_uid, 0o600)
+    assert stat.S_IMODE(results_dir(alice).stat().st_mode) == 0o700
+    assert info.st_size > big
+    # The service holds only the reference: the result's row carries no payload.
+    assert kept.name.endswith(".result")
+
+
+def test_fetched_through_the_service_in_bounded_memory(deploy, account_factory) -> None:
+    alice, _, manager, identity, _ = start(deploy, account_factory)
+    size = 48 * CHUNK_BYTES
+    task_id = submit_detached(deploy, identity, manager, size)
+    service, router = deploy.service.popen.pid, manager.router_pid
+    endpoint = _pid_with_title(f"mep-endpoint {alice.pw_name} ")
+    before = {pid: memory_kib(pid, "VmHWM") for pid in (service, router)}
+    endpoint_before = memory_kib(endpoint, "VmRSS")
+    endpoint_peak = [endpoint_before]
+    fetching = threading.Event()
+
+    def sample() -> None:
+        while not fetching.is_set():
+            endpoint_peak.append(memory_kib(endpoint, "VmRSS"))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        value = client(deploy, identity, read_results_locally=False).get_result(task_id)
+    finally:
+        fetching.set()
+        sampler.join()
+    assert value == payload_of_size(size)
+    bound_kib = 16 * 1024  # a few chunks in flight, far below the 48 MiB result
+    for pid, name in ((service, "service"), (router, "router")):
+        grew = memory_kib(pid, "VmHWM") - before[pid]
+        assert grew < bound_kib, f"the {name}'s peak memory grew by {grew} KiB while fetching {size} bytes"
+    assert max(endpoint_peak) - endpoint_before < bound_kib, "the endpoint read more than a few chunks at once"
+    assert len(endpoint_peak) > 1
+
+
+def test_missing_file_and_another_identity(deploy, account_factory) -> None:
+    alice, bob, manager, identity, other = start(deploy, account_factory)
+    task_id = submit_detached(deploy, identity, manager, 2 * THRESHOLD)
+    large = reference_of(deploy, identity, task_id)
+    assert Path(large.path).parent == results_dir(alice)
+    # Another identity: the service does not know the task for it, and won't serve its chunks.
+    with pytest.raises(MepError, match="knows no task"):
+        client(deploy, other).get_result(task_id)
+    with pytest.raises(LargeResultUnavailableError, match="no large result of yours"):
+        fetch(ServiceSettings(deploy.address, deploy.service_key, other.token), task_id, large, 30)
+    # The endpoint's disk lost the file: a stated reason, in place and through the service, never a hang.
+    os.unlink(large.path)
+    for read_locally in (True, False):
+        with pytest.raises(LargeResultUnavailableError, match="can't be read"):
+            client(deploy, identity, read_results_locally=read_locally).get_result(task_id)
+
+
+def test_an_endpoint_that_idled_out_is_started_again_to_read_the_file(deploy, account_factory) -> None:
+    alice, _, manager, identity, _ = start(deploy, account_factory, idle_timeout=2)
+    task_id = submit_detached(deploy, identity, manager, 3 * CHUNK_BYTES)
+    wait_for(lambda: not processes_of_uid(alice.pw_uid), timeout=60, what="the idle endpoint to exit")
+    with pytest.raises(LargeResultNoReaderError, match="no endpoint of account"):
+        client(deploy, identity, read_results_locally=False).get_result(task_id)
+    with deploy.executor(identity, manager, read_results_locally=False) as executor:
+        (future,) = executor.attach([task_id])
+        assert future.result(timeout=120) == payload_of_size(3 * CHUNK_BYTES)
+
+
+def test_the_endpoint_serves_only_its_own_result_files_and_sweeps_old_ones(tmp_path: Path) -> None:
+    from mep.config.endpoint import LargeResults
+    from mep.endpoint.large_results import LargeResultFiles
+    from mep.endpoint.worker import Outcome
+    from mep.protocol.messages import SUCCESS, ChunkRead
+
+    files = LargeResultFiles(LargeResults(threshold_bytes=10, directory=str(tmp_path / "results"), retention=60),
+                             "endpoint-id", "account")
+    assert files.keep("small", Outcome(SUCCESS, payload=b"tiny")).payload == b"tiny"
+    assert files.reference("small") is None
+    assert files.keep("big", Outcome(SUCCESS, payload=b"y" * 100)).payload == b""
+    large = files.reference("big")
+    answer, frames = files.read(ChunkRead(fetch_id=7, large=large, offset=90, length=50))
+    assert (answer.fetch_id, answer.code, frames) == (7, "", [b"y" * 10])
+    secret = tmp_path / "secret.result"  # the account's other files are not the router's to ask for
+    secret.write_bytes(b"not yours")
+    for path in (str(secret), str(tmp_path / "results" / ".." / "secret.result")):
+        forged = ChunkRead(fetch_id=8, large=large.__class__(path=path, size=9, sha256="0" * 64,
+                                                              endpoint_id="endpoint-id", account="account"))
+        answer, frames = files.read(forged)
+        assert answer.code == "large_result_unavailable" and frames == []
+    old = time.time() - 120
+    os.utime(large.path, (old, old))
+    files.sweep_if_due(time.monotonic())
+    assert not Path(large.path).exists(), "a file past its retention is removed"
+    answer, frames = files.read(ChunkRead(fetch_id=9, large=large, offset=0, length=10))
+    assert "can't be read" in answer.message and frames == []
