@@ -246,7 +246,7 @@ def test_diagnose_writes_a_report_without_secrets(scratch: Path) -> None:
     (scratch / "audit.jsonl").write_text("".join(json.dumps({"event": "spawn", "n": n}) + "\n" for n in range(50)))
     report = scratch / "report.tar.gz"
     result = run_mep("diagnose", "--output-file", str(report), "--config-root", str(scratch / "etc"),
-                     "--log-lines", "10")
+                     "--log-lines", "10", env={"MEP_STATE_DIR": str(state)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(report) and report.stat().st_mode & 0o077 == 0
     import tarfile
@@ -258,6 +258,9 @@ def test_diagnose_writes_a_report_without_secrets(scratch: Path) -> None:
     assert {"endpoints/diag/config.yaml", "endpoints/diag/slurm.yaml.j2", "endpoints/diag/slurm.schema.json",
             "endpoints/diag/identity_mapping.json", "endpoints/diag/status.json", "logs/journal.txt"} <= set(files)
     assert json.loads(files["endpoints/diag/status.json"])["state"] == "stopped"
+    service = json.loads(files["service/status.json"])
+    assert service["state_dir"] == str(state) and service["chosen_by"] == "$MEP_STATE_DIR"
+    assert [endpoint["name"] for endpoint in service["endpoints"]] == ["diag"]
     audit = files["endpoints/diag/audit.jsonl"].splitlines()
     assert len(audit) == 10 and json.loads(audit[-1])["n"] == 49
     secret = (scratch / "etc" / "diag" / "manager.key").read_text().strip()
