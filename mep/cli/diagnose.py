@@ -36,6 +36,7 @@ from mep.cli.service_config import DEFAULT_SERVICE_CONFIG, locate_state
 from mep.errors import ConfigurationError
 
 REDACTED = "<redacted>"
+LOG_DIR = Path("/var/log/mep")
 # a setting whose name says it is a secret; a *_file setting only names where one is, and stays
 _SECRET_SETTING = re.compile(r"^(\s*#?\s*[A-Za-z_]*(?:secret|token|password)[A-Za-z_]*:)[^\n]*$", re.M | re.I)
 _SECRET_FILES = {"manager.key", "router.key", "service.key"}
@@ -124,6 +125,8 @@ def collect(config_root: Path, log_lines: int) -> Iterator[tuple[str, str]]:
     yield "service/status.json", json.dumps(_service_status(), indent=2)
     journal = _journal(log_lines)
     yield "logs/journal.txt", journal if journal is not None else "(no journalctl on this host)\n"
+    for log_file in sorted(LOG_DIR.glob("*.log")):  # the daemons' logs without systemd (docs/admin.md)
+        yield f"logs/{log_file.name}", _tail(log_file, log_lines)
     for name in endpoint_names(config_root):
         try:
             configured = configured_endpoint(config_root, name)

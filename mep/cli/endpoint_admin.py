@@ -58,7 +58,7 @@ def endpoint_admin() -> None:
 def _shipped_dir(kind: str) -> Path:
     from mep.config.manager import shipped_templates_dir
 
-    return shipped_templates_dir().parent / kind
+    return shipped_templates_dir().resolve().parent / kind  # the package's venv links share/mep to /usr/share/mep
 
 
 def _template_kinds() -> list[str]:
@@ -156,7 +156,8 @@ def configure(name: str, template_kind: str, service_address: str | None, state_
     # every command below runs as printed: the same state and config root as this one
     state_option = f" --state-dir {state.directory}" if state_dir is not None else ""
     if config_root.resolve() == DEFAULT_CONFIG_ROOT:
-        start = f"systemctl enable --now mep-manager@{name}   (without systemd: mep manager start --config {config_path} &)"
+        start = (f"systemctl enable --now mep-manager@{name}\n       without systemd: sh -c 'cd / && exec mep manager start "
+                 f"--config {config_path} >>/var/log/mep/manager-{name}.log 2>&1 &'")
     else:
         start = f"mep manager start --config {config_path} &   (mep-manager@{name} reads {DEFAULT_CONFIG_ROOT}/{name} only)"
     loopback_only = _is_loopback(service_config(None)[0].listen)
