@@ -21,7 +21,10 @@ Router (``metrics_listen`` in the manager's config):
 - ``mep_user_endpoints_spawned_total``: user endpoints started (not reused or adopted ones)
 - ``mep_spawn_refusals_total{reason}``: requests the spawner refused, by reason: ``unmapped``,
   ``mapping_error``, ``account_refused``, ``config_invalid``, ``template_error``,
-  ``spawn_failed`` (a step of starting the endpoint failed)
+  ``spawn_failed`` (a step of starting the endpoint failed), ``quota_exceeded``, ...
+- ``mep_user_endpoint_spawn_failures_total{step}``: the ``spawn_failed`` ones by the step that failed
+  (``open_log``, ``set_uid``, ``pam_open_session``, ... as in the audit log; ``other`` for a system error
+  outside the steps)
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mep.errors import ConfigurationError
+from mep.errors import ConfigurationError, ErrorCode
 
 DEFAULT_HOST = "127.0.0.1"
 # dispatch is milliseconds when a manager is connected, hours when it is not; runs span seconds to days
@@ -137,13 +140,18 @@ class RouterMetrics:
                                registry=self.registry)
         self.refusals = Counter("mep_spawn_refusals_total", "Spawn requests the spawner refused, by reason",
                                 ["reason"], registry=self.registry)
+        self.spawn_failures = Counter("mep_user_endpoint_spawn_failures_total",
+                                      "User endpoints that failed to start, by the step that failed",
+                                      ["step"], registry=self.registry)
 
     def on_spawned(self, reused: bool) -> None:
         if not reused:
             self.spawned.inc()
 
-    def on_refused(self, code: str) -> None:
+    def on_refused(self, code: str, step: str = "") -> None:
         self.refusals.labels(str(code)).inc()
+        if code == ErrorCode.SPAWN_FAILED:
+            self.spawn_failures.labels(step or "other").inc()
 
 
 def router_metrics(listen: str | None, running: Callable[[], int]) -> RouterMetrics:

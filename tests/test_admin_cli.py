@@ -90,9 +90,8 @@ def test_every_command_has_help_with_a_worked_example() -> None:
             for name, sub in command.commands.items():
                 yield from walk(sub, (*path, name))
 
-    lacking = [" ".join(path) for path, command in walk(cli, ("mep",))
-               if not isinstance(command, click.Group) and "Examples:" not in (command.epilog or "")]
-    assert lacking == []
+    lacking = [" ".join(path) for path, command in walk(cli, ("mep",)) if "Examples:" not in (command.epilog or "")]
+    assert lacking == [], "groups too: 'mep service --help' is where an admin starts"
     shown = run_mep("endpoint", "status", "--help")
     assert shown.returncode == 0 and "Examples:\n    mep endpoint status cluster\n" in shown.stdout
 
@@ -247,7 +246,7 @@ def test_diagnose_writes_a_report_without_secrets(scratch: Path) -> None:
     (scratch / "audit.jsonl").write_text("".join(json.dumps({"event": "spawn", "n": n}) + "\n" for n in range(50)))
     report = scratch / "report.tar.gz"
     result = run_mep("diagnose", "--output-file", str(report), "--config-root", str(scratch / "etc"),
-                     "--log-lines", "10")
+                     "--log-lines", "10", env={"MEP_STATE_DIR": str(state)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(report) and report.stat().st_mode & 0o077 == 0
     import tarfile
@@ -259,6 +258,9 @@ def test_diagnose_writes_a_report_without_secrets(scratch: Path) -> None:
     assert {"endpoints/diag/config.yaml", "endpoints/diag/slurm.yaml.j2", "endpoints/diag/slurm.schema.json",
             "endpoints/diag/identity_mapping.json", "endpoints/diag/status.json", "logs/journal.txt"} <= set(files)
     assert json.loads(files["endpoints/diag/status.json"])["state"] == "stopped"
+    service = json.loads(files["service/status.json"])
+    assert service["state_dir"] == str(state) and service["chosen_by"] == "$MEP_STATE_DIR"
+    assert [endpoint["name"] for endpoint in service["endpoints"]] == ["diag"]
     audit = files["endpoints/diag/audit.jsonl"].splitlines()
     assert len(audit) == 10 and json.loads(audit[-1])["n"] == 49
     secret = (scratch / "etc" / "diag" / "manager.key").read_text().strip()
@@ -367,3 +369,32 @@ def test_status_shows_identity_and_counts_and_json_logs_join_on_task_id(router_a
         finally:
             manager.stop()
             shutil.rmtree(config["run_dir"], ignore_errors=True)
+
+
+def test_configure_prints_next_steps_that_run_as_printed(scratch: Path) -> None:
+    """An admin pastes the printed commands: with this run's state and config root, they work unchanged."""
+    import shlex
+
+    state = scratch / "state"
+    assert run_mep("service", "init", "--state-dir", str(state)).returncode == 0
+    configured = run_mep("endpoint", "configure", "steps", "--config-root", str(scratch / "etc"),
+                         "--state-dir", str(state), "--output", "json")
+    assert configured.returncode == 0, configured.stderr
+    written = json.loads(configured.stdout)
+    commands = [line.strip().split("   (")[0] for line in configured.stderr.splitlines()
+                if line.strip().startswith("mep ")]
+    by_name = {" ".join(command.split()[:3]): command for command in commands}
+    assert set(by_name) == {"mep identity test", "mep manager start", "mep endpoint status",
+                            "mep service identity"}, commands
+    assert "systemctl" not in by_name["mep manager start"]  # the unit reads /etc/mep only: not offered here
+    status = run_mep(*shlex.split(by_name["mep endpoint status"])[1:], "--output", "json")
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "stopped", status.stderr
+    added = run_mep(*shlex.split(by_name["mep service identity"])[1:])
+    assert added.returncode == 0 and "token: mep_" in added.stdout, added.stderr
+    mapped = run_mep(*shlex.split(by_name["mep identity test"])[1:])  # no account alice here: refused, not broken
+    assert mapped.returncode in (0, 1) and "alice" in mapped.stdout + mapped.stderr, mapped.stderr
+    [export] = [line for line in configured.stderr.splitlines() if "export MEP_SERVICE=" in line]
+    exported = subprocess.run(["bash", "-c", export.strip() + ' && printf %s "$MEP_SERVICE_KEY"'], capture_output=True,
+                              text=True)
+    assert exported.stdout == written["service_public_key"], "the key survives the shell as printed"
+    assert written["endpoint_id"] in configured.stderr

@@ -60,12 +60,16 @@ def example_options(path: Path) -> set[str]:
     return found - {"pam", "endpoint_limits"}  # sections, not options
 
 
+def _admin_guide_section(heading: str) -> str:
+    text = ADMIN_GUIDE.read_text()
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
 def guide_options(section: str) -> set[str]:
     """The backticked first cells of the reference table under ``## <section>`` in docs/admin.md."""
-    text = ADMIN_GUIDE.read_text()
-    start = text.index(f"## {section}\n")
-    end = text.find("\n## ", start + 1)
-    return set(re.findall(r"^\| `([a-z_.]+)` \|", text[start:end if end != -1 else None], flags=re.M))
+    return set(re.findall(r"^\| `([a-z_.]+)` \|", _admin_guide_section(section), flags=re.M))
 
 
 MANAGER = model_options(ManagerConfig) - {"pam"}
@@ -135,3 +139,43 @@ def test_the_user_guide_explains_every_error_a_researcher_can_catch() -> None:
     # and nothing made up: each is an error mep raises (PayloadTooLargeError is set on futures, not exported)
     assert all(issubclass(getattr(mep.errors, name, None) or getattr(client, name), mep.MepError)
                for name in explained)
+
+
+def test_the_admin_guide_covers_every_topic_an_admin_needs() -> None:
+    """Issue 11's list: install from each package, the first endpoint, ..., troubleshooting by symptom."""
+    headings = set(re.findall(r"^#{2,3} (.+)$", ADMIN_GUIDE.read_text(), flags=re.M))
+    assert {"From the .deb (Debian 12, Ubuntu 22.04+)", "From the .rpm (Fedora and others with Python 3.11)",
+            "From a source checkout", "The first endpoint in ten minutes", "Identity mapping",
+            "Templates and schemas", "PAM", "Schedulers", "Upgrading", "Where everything lives",
+            "Troubleshooting by symptom", "The systemd units", "Metrics", "Admin commands"} <= headings
+    assert len(re.findall(r"^\*\*.+\*\*", _admin_guide_section("Troubleshooting by symptom"), flags=re.M)) >= 10
+
+
+def _listed_commands(cell: str) -> list[list[str]]:
+    """`mep endpoint stop NAME` -> [[endpoint, stop]]; `mep service identity add / list` -> one per alternative."""
+    commands = []
+    for span in re.findall(r"`(mep [^`]+)`", cell):
+        words = re.split(r"\s+", span)[1:]
+        words = words[:next((i for i, word in enumerate(words) if word[0] in "-[" or word.isupper()), len(words))]
+        if "/" in words:
+            first = words.index("/")
+            base, alternatives = words[:first - 1], [word for word in words[first - 1:] if word != "/"]
+            commands += [[*base, alternative] for alternative in alternatives]
+        else:
+            commands.append(words)
+    return commands
+
+
+def test_every_command_the_admin_guide_lists_exists() -> None:
+    import click
+
+    from mep.cli.main import cli
+
+    cells = re.findall(r"^\| (`mep .*?) \|", _admin_guide_section("Admin commands"), flags=re.M)
+    listed = [words for cell in cells for words in _listed_commands(cell)]
+    assert len(listed) >= 20, listed
+    for words in listed:
+        command: click.Command = cli
+        for word in words:
+            assert isinstance(command, click.Group) and word in command.commands, f"mep {' '.join(words)}: no {word!r}"
+            command = command.commands[word]

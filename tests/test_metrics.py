@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.request
 
@@ -11,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import mep
 from mep.errors import ConfigurationError
 from mep.metrics import parse_listen
-from tests.harness import DOMAIN_STRIP, deployment, expression_mapping
+from tests.harness import DOMAIN_STRIP, deployment, expression_mapping, wait_for
 
 
 def free_port() -> int:
@@ -43,6 +44,10 @@ def test_metrics_listen_defaults_to_loopback_and_refuses_nonsense() -> None:
 def test_service_and_router_numbers_move_with_real_tasks(router_account, account_factory) -> None:
     service_port, router_port = free_port(), free_port()
     account = account_factory("mepmetrics")
+    # a researcher who planted a link at ~/.mep: their endpoint fails to start, at the step open_log
+    planted = account_factory("mepmetricsln")
+    os.symlink("/root", os.path.join(planted.pw_dir, ".mep"))
+    os.lchown(os.path.join(planted.pw_dir, ".mep"), planted.pw_uid, planted.pw_gid)
     with deployment(None, "--metrics-listen", f":{service_port}") as deploy:
         before = scrape(service_port)
         assert value(before, "mep_tasks_total", state="submitted") == 0
@@ -56,13 +61,16 @@ def test_service_and_router_numbers_move_with_real_tasks(router_account, account
                 == [1, 2, 4, 8, 16]
         with deploy.executor(stranger, manager) as executor, pytest.raises(mep.UnmappedIdentityError):
             executor.submit(pow, 2, 2).result(timeout=120)
+        failing = deploy.identity(f"{planted.pw_name}@example.org")
+        with deploy.executor(failing, manager) as executor, pytest.raises(mep.SpawnError, match="open_log"):
+            executor.submit(pow, 2, 3).result(timeout=120)
 
         service = scrape(service_port)
-        assert value(service, "mep_tasks_total", state="submitted") == 6
-        assert value(service, "mep_tasks_total", state="dispatched") >= 6
+        assert value(service, "mep_tasks_total", state="submitted") == 7
+        assert value(service, "mep_tasks_total", state="dispatched") >= 7
         assert value(service, "mep_tasks_total", state="succeeded") == 5
-        assert value(service, "mep_tasks_total", state="failed") == 1
-        assert value(service, "mep_task_dispatch_latency_seconds_count") >= 6
+        assert value(service, "mep_tasks_total", state="failed") == 2
+        assert value(service, "mep_task_dispatch_latency_seconds_count") >= 7
         assert value(service, "mep_task_run_seconds_count") == 5
         assert value(service, "mep_task_run_seconds_sum") > 0
         assert not [labels for (_, labels) in service for key, label in labels
@@ -72,4 +80,23 @@ def test_service_and_router_numbers_move_with_real_tasks(router_account, account
         assert value(router, "mep_user_endpoints_spawned_total") == 1
         assert value(router, "mep_user_endpoints_running") == 1
         assert value(router, "mep_spawn_refusals_total", reason="unmapped") == 1
+        assert value(router, "mep_spawn_refusals_total", reason="spawn_failed") == 1
+        assert value(router, "mep_user_endpoint_spawn_failures_total", step="open_log") == 1
         assert scrape(service_port) == service, "a scrape with nothing new changes nothing"
+
+        # an endpoint whose manager never started: a task waits at the service, counted as its queue depth
+        idle = deploy.admin("endpoint", "add", "idle", "--config-dir", str(deploy.root / "idle"))["endpoint_id"]
+        assert value(service, "mep_queued_tasks", endpoint=idle) == 0
+        with mep.Executor(idle, service=deploy.address, service_key=deploy.service_key,
+                          token=mapped.token) as executor:
+            waiting = executor.submit(pow, 2, 4)
+        assert value(scrape(service_port), "mep_queued_tasks", endpoint=idle) == 1
+        mep.Client(service=deploy.address, service_key=deploy.service_key, token=mapped.token).cancel(
+            [waiting.task_id])
+
+        def drained() -> dict | None:
+            now = scrape(service_port)
+            return now if value(now, "mep_queued_tasks", endpoint=idle) == 0 else None
+
+        after = wait_for(drained, what="the cancelled task to leave the queue")
+        assert value(after, "mep_tasks_total", state="cancelled") == 1

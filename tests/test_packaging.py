@@ -7,6 +7,7 @@ runs, removes and purges the .deb); as root with no ``dist/`` this module builds
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -94,6 +95,15 @@ def test_maintainer_scripts_create_the_account_and_clean_up(deb_tree: Path) -> N
     assert "mep_configure" in scripts["postinst"].read_text().rsplit("\n", 2)[-2]
     assert "__pycache__" in scripts["prerm"].read_text()
     assert "purge) mep_after_remove; mep_purge" in scripts["postrm"].read_text()
+
+
+def test_logrotate_reopens_audit_logs_and_truncates_the_daemons_logs(deb_tree: Path) -> None:
+    """Audit logs: a new file and SIGHUP to the spawners. The daemons' stderr logs (no systemd): copytruncate,
+    since nothing reopens stderr; rotating those by moving them would leave the daemons writing to the old file."""
+    stanzas = dict(re.findall(r"^(\S+) \{\n(.*?)^\}", (deb_tree / "etc/logrotate.d/mep").read_text(), flags=re.M | re.S))
+    assert set(stanzas) == {"/var/log/mep/*.jsonl", "/var/log/mep/*.log"}
+    assert "create 0600 root root" in stanzas["/var/log/mep/*.jsonl"] and "--signal=HUP" in stanzas["/var/log/mep/*.jsonl"]
+    assert "copytruncate" in stanzas["/var/log/mep/*.log"] and "create" not in stanzas["/var/log/mep/*.log"]
 
 
 @pytest.mark.parametrize("unit", UNITS)

@@ -1,6 +1,7 @@
 """``mep diagnose``: one tarball an admin can attach to a support request.
 
-It holds versions, the service's settings and every endpoint's config, template,
+It holds versions, the service's settings, where its state is and its endpoints'
+tasks by state (read-only), every endpoint's config, template,
 schema and mapping (secrets redacted, key files never read), each endpoint's
 status as ``mep endpoint status`` reports it, the tail of the audit logs and of
 the units' journals. Researchers' own files (their endpoint logs) stay out: only
@@ -15,6 +16,7 @@ import platform
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -30,10 +32,11 @@ import mep
 from mep.cli.endpoint_admin import (Configured, config_root_option, configured_endpoint, endpoint_names,
                                     manager_record, user_endpoints_of)
 from mep.cli.output import friendly
-from mep.cli.service_config import DEFAULT_SERVICE_CONFIG
+from mep.cli.service_config import DEFAULT_SERVICE_CONFIG, locate_state
 from mep.errors import ConfigurationError
 
 REDACTED = "<redacted>"
+LOG_DIR = Path("/var/log/mep")
 # a setting whose name says it is a secret; a *_file setting only names where one is, and stays
 _SECRET_SETTING = re.compile(r"^(\s*#?\s*[A-Za-z_]*(?:secret|token|password)[A-Za-z_]*:)[^\n]*$", re.M | re.I)
 _SECRET_FILES = {"manager.key", "router.key", "service.key"}
@@ -76,6 +79,32 @@ def _journal(lines: int) -> str | None:
     return result.stdout + result.stderr
 
 
+def _service_status() -> dict[str, Any]:
+    """Where the service's state is (by the one rule) and, if it is on this host, its endpoints' tasks by state."""
+    from mep.service.state import DATABASE_NAME, ServiceState
+
+    location = locate_state(None)
+    status: dict[str, Any] = {"state_dir": str(location.directory), "chosen_by": location.source,
+                              "exists": ServiceState.exists(location.directory)}
+    if not status["exists"]:
+        return status
+    try:  # read-only: a report never changes the service
+        db = sqlite3.connect(f"file:{location.directory / DATABASE_NAME}?mode=ro", uri=True, timeout=5)
+        try:
+            names = dict(db.execute("SELECT id, name FROM endpoints").fetchall())
+            tasks: dict[str, dict[str, int]] = {endpoint_id: {} for endpoint_id in names}
+            for endpoint_id, state, count in db.execute(
+                    "SELECT endpoint_id, state, count(*) FROM tasks GROUP BY endpoint_id, state"):
+                tasks.setdefault(endpoint_id, {})[state] = count
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return {**status, "error": f"could not read {DATABASE_NAME}: {exc}"}
+    status["endpoints"] = [{"id": endpoint_id, "name": names.get(endpoint_id), "tasks": counts}
+                           for endpoint_id, counts in tasks.items()]
+    return status
+
+
 def _endpoint_files(configured: Configured) -> Iterator[tuple[str, str]]:
     config = configured.config
     yield "config.yaml", redact_yaml(configured.config_path.read_text())
@@ -93,8 +122,11 @@ def collect(config_root: Path, log_lines: int) -> Iterator[tuple[str, str]]:
     yield "versions.json", json.dumps(_versions(), indent=2)
     if DEFAULT_SERVICE_CONFIG.is_file():
         yield "config/service.yaml", redact_yaml(DEFAULT_SERVICE_CONFIG.read_text())
+    yield "service/status.json", json.dumps(_service_status(), indent=2)
     journal = _journal(log_lines)
     yield "logs/journal.txt", journal if journal is not None else "(no journalctl on this host)\n"
+    for log_file in sorted(LOG_DIR.glob("*.log")):  # the daemons' logs without systemd (docs/admin.md)
+        yield f"logs/{log_file.name}", _tail(log_file, log_lines)
     for name in endpoint_names(config_root):
         try:
             configured = configured_endpoint(config_root, name)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import Any
 import click
 
 from mep.cli.output import emit_record, emit_rows, friendly as _friendly, output_option, say
-from mep.cli.service_config import locate_state, open_state, service_config
+from mep.cli.service_config import DEFAULT_SERVICE_CONFIG, locate_state, open_state, service_config
 from mep.errors import ConfigurationError
 
 DEFAULT_CONFIG_ROOT = Path("/etc/mep")
@@ -56,7 +58,7 @@ def endpoint_admin() -> None:
 def _shipped_dir(kind: str) -> Path:
     from mep.config.manager import shipped_templates_dir
 
-    return shipped_templates_dir().parent / kind
+    return shipped_templates_dir().resolve().parent / kind  # the package's venv links share/mep to /usr/share/mep
 
 
 def _template_kinds() -> list[str]:
@@ -66,6 +68,20 @@ def _template_kinds() -> list[str]:
 def _manager_address(listen: str) -> str:
     """Where a manager on this host reaches a service bound to ``listen`` (a wildcard bind means loopback)."""
     return re.sub(r"^tcp://(\*|0\.0\.0\.0|\[::\])(?=:)", "tcp://127.0.0.1", listen)
+
+
+def _is_loopback(address: str) -> bool:
+    return re.match(r"^tcp://(127\.[0-9.]+|localhost|\[::1\]):", address) is not None
+
+
+def _researchers_address(manager_address: str) -> str:
+    """The service as researchers elsewhere name it: this host's name in place of a loopback address."""
+    if not _is_loopback(manager_address):
+        return manager_address
+    host = socket.getfqdn()
+    if host.startswith("localhost"):  # /etc/hosts names loopback first: the plain host name is better than that
+        host = socket.gethostname()
+    return re.sub(r"^tcp://(\[::1\]|[^:]+)", f"tcp://{host}", manager_address, count=1)
 
 
 def manager_config_text(example: str, endpoint_id: str, service_address: str, service_public_key: str,
@@ -133,15 +149,34 @@ def configure(name: str, template_kind: str, service_address: str | None, state_
         handle.write(manager_config_text(example, endpoint_id, address, state.public_key, template_kind,
                                          state.pinnable_signing_keys()))
     ManagerConfig.load(config_path)  # what the manager will read: prove it parses
+    researchers_address = _researchers_address(address)
     emit_record({"name": name, "endpoint_id": endpoint_id, "config": str(config_path),
-                 "service_address": address, "service_public_key": state.public_key}, output_format)
+                 "service_address": address, "researchers_service_address": researchers_address,
+                 "service_public_key": state.public_key}, output_format)
+    # every command below runs as printed: the same state and config root as this one
+    state_option = f" --state-dir {state.directory}" if state_dir is not None else ""
+    if config_root.resolve() == DEFAULT_CONFIG_ROOT:
+        start = (f"systemctl enable --now mep-manager@{name}\n       without systemd: sh -c 'cd / && exec mep manager start "
+                 f"--config {config_path} >>/var/log/mep/manager-{name}.log 2>&1 &'")
+    else:
+        start = f"mep manager start --config {config_path} &   (mep-manager@{name} reads {DEFAULT_CONFIG_ROOT}/{name} only)"
+    loopback_only = _is_loopback(service_config(None)[0].listen)
     say(f"""next steps:
-  1. map identities to accounts: edit {directory / 'identity_mapping.json'} (examples in {_shipped_dir('identity_maps')})
-     and check one: mep identity test --config {config_path} alice@example.org --check-account
-  2. shape user endpoints: edit {directory / (template_kind + '.yaml.j2')} and its schema
-  3. start the manager: systemctl enable --now mep-manager@{name}   (or: mep manager start --config {config_path})
-  4. give researchers: endpoint_id={endpoint_id} service={address} service_key={state.public_key}
-     and a token each: mep service identity add --username alice@example.org""")
+  1. map identities to accounts: edit {directory / 'identity_mapping.json'} (as shipped, alice@example.org runs as
+     alice; examples in {_shipped_dir('identity_maps')}), then check one:
+       mep identity test --config {config_path} alice@example.org --check-account
+  2. shape user endpoints (optional): edit {directory / (template_kind + '.yaml.j2')} and {template_kind}.schema.json
+  3. start the manager (as root):
+       {start}
+       mep endpoint status {name}{'' if config_root.resolve() == DEFAULT_CONFIG_ROOT else f' --config-root {config_root}'}
+  4. a token for each researcher (shown once):
+       mep service identity add{state_option} --username alice@example.org
+  5. hand each researcher (docs/user.md):
+       export MEP_SERVICE={researchers_address} MEP_SERVICE_KEY={shlex.quote(state.public_key)} MEP_TOKEN='<their token>'
+       and the endpoint id: {endpoint_id}""" + (f"""
+  note: the service's settings ({DEFAULT_SERVICE_CONFIG}) bind loopback only: researchers on other hosts can't
+     reach it until listen names an address they can (e.g. listen: tcp://0.0.0.0:5790) and it restarts"""
+                                          if loopback_only else ""))
 
 
 # --- what a running manager leaves on the host ----------------------------------------

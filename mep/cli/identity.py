@@ -34,7 +34,8 @@ _IDENTITY_KEYS = frozenset({"id", "sub", "username", "email", "name", "identity_
 EXIT_MAPPED, EXIT_REFUSED, EXIT_INVALID_CONFIG = 0, 1, 2
 
 
-@click.group("identity")
+@click.group("identity", epilog="\b\nExamples:\n"
+             "  mep identity test --config /etc/mep/cluster/config.yaml alice@example.org --check-account")
 def identity_group() -> None:
     """Check identity mapping the way this machine's manager applies it."""
 

@@ -13,7 +13,7 @@ from mep.cli.diagnose import diagnose
 from mep.cli.endpoint_admin import endpoint_admin
 from mep.cli.identity import identity_group
 from mep.cli.logs import parse_levels, setup_logging
-from mep.cli.output import emit_record, emit_rows, friendly as _friendly, output_option, say
+from mep.cli.output import emit_record, emit_rows, emit_value, friendly as _friendly, output_option, say
 from mep.cli.service_config import open_state, service_config
 from mep.cli.template import template
 from mep.errors import ConfigurationError
@@ -38,7 +38,11 @@ def _examples(*lines: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-@click.group()
+@click.group(epilog=_examples(
+    "mep --version",
+    "mep service init && mep endpoint configure cluster        # an admin's first endpoint (docs/admin.md)",
+    "mep endpoint status cluster --output json",
+    "mep --log-format json --log-level mep.manager=DEBUG manager start --config /etc/mep/cluster/config.yaml"))
 @click.version_option(__version__, "--version", prog_name="mep", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -143,12 +147,14 @@ def service_start(state_dir: Path | None, config_path: Path | None, listen: str 
     broker.serve_forever()
 
 
-@service.command("key", epilog=_examples("mep service key", "MEP_STATE_DIR=/srv/mep/service mep service key"))
+@service.command("key", epilog=_examples("mep service key", "MEP_STATE_DIR=/srv/mep/service mep service key",
+                                         'export MEP_SERVICE_KEY="$(mep service key)"'))
 @state_dir_option
+@output_option
 @_friendly
-def service_key(state_dir: Path | None) -> None:
+def service_key(state_dir: Path | None, output_format: str) -> None:
     """Print the service's public key (pin it in managers and clients: service_key=)."""
-    click.echo(_state(state_dir).public_key)
+    emit_value("public_key", _state(state_dir).public_key, output_format)
 
 
 @service.group(epilog=_examples("mep service identity add --username alice@example.org --email alice@example.org",
@@ -193,15 +199,17 @@ def identity_rotate_token(state_dir: Path | None, identity_id: str, output_forma
     emit_record({"identity_id": identity_id, "token": token}, output_format)
 
 
-@identity.command("revoke", epilog=_examples("mep service identity revoke 3f1c..."))
+@identity.command("revoke", epilog=_examples("mep service identity revoke 3f1c...",
+                                             "mep service identity revoke 3f1c... --output json"))
 @state_dir_option
 @click.argument("identity_id")
+@output_option
 @_friendly
-def identity_revoke(state_dir: Path | None, identity_id: str) -> None:
+def identity_revoke(state_dir: Path | None, identity_id: str, output_format: str) -> None:
     """Revoke an identity's token; takes effect on its next request."""
     if not _state(state_dir).store.revoke_identity(identity_id):
-        raise ConfigurationError(f"no active identity {identity_id}")
-    click.echo(f"revoked {identity_id}")
+        raise ConfigurationError(f"no active identity {identity_id} ('mep service identity list' shows them)")
+    emit_record({"identity_id": identity_id, "revoked": True}, output_format)
 
 
 @identity.command("list", epilog=_examples("mep service identity list", "mep service identity list --output json"))

@@ -1,7 +1,9 @@
 """One output convention for every admin command.
 
 ``--output table`` (the default, for people): a record prints as ``key: value``
-lines, a list of records as aligned columns with a header. ``--output json``
+lines, a list of records as aligned columns with a header, and a command whose
+answer is one value (``mep service key``) prints that value alone, so
+``$(...)`` takes it as it is. ``--output json``
 (for scripts): the same record or list as JSON, nothing else on stdout.
 Messages meant for the person (next steps, warnings) go to stderr, so a
 script's stdout stays parseable either way.
@@ -43,6 +45,14 @@ def emit_record(record: dict[str, Any], output_format: str) -> None:
         return
     for key, value in record.items():
         click.echo(f"{key}: {_cell(value)}")
+
+
+def emit_value(name: str, value: Any, output_format: str) -> None:
+    """One answer: bare in a table (for ``$(...)``), ``{name: value}`` in JSON."""
+    if output_format == "json":
+        emit_record({name: value}, output_format)
+        return
+    click.echo(_cell(value))
 
 
 def emit_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], output_format: str) -> None:

@@ -30,7 +30,8 @@ def _state_directory(state_dir: Path | None) -> Path:
     return open_state(state_dir).directory
 
 
-@click.group("signing-key")
+@click.group("signing-key", epilog=_examples("mep service signing-key show", "mep service signing-key rotate",
+                                            "mep service signing-key rotate --finish"))
 def signing_key() -> None:
     """The Ed25519 key the service signs identity assertions with."""
 

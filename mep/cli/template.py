@@ -28,7 +28,9 @@ from mep.errors import ConfigInvalidError, MepError
 DRY_RUN_ENDPOINT = {"id": "00000000-0000-0000-0000-000000000000", "name": "dry-run"}
 
 
-@click.group("template")
+@click.group("template", epilog="\b\nExamples:\n"
+             "  mep template render --template /etc/mep/cluster/local.yaml.j2 \\\n"
+             "      --schema /etc/mep/cluster/local.schema.json --user-config '{\"workers\": 2}' --user alice")
 def template() -> None:
     """Check the admin's endpoint templates."""
 

@@ -456,7 +456,7 @@ class Router:
                 self.metrics.on_spawned(message.reused)
                 self._spawned(message)
             case SpawnRefused():
-                self.metrics.on_refused(message.code)
+                self.metrics.on_refused(message.code, message.step)
                 key = self.spawn_requests.pop(message.request_id, None)
                 wait = self.spawn_waits.pop(key, None) if key else None
                 if wait is not None:

@@ -423,6 +423,7 @@ class SpawnRefused(Envelope, tag="SPAWN_REFUSED"):
     request_id: int = 0
     code: str = ""
     message: str = ""
+    step: str = ""  # spawn_failed: the step of starting the endpoint that failed (a metric's label), else ""
 
 
 class EndpointExited(Envelope, tag="ENDPOINT_EXITED"):

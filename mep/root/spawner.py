@@ -574,7 +574,8 @@ class Spawner:
                            **({"account": pending.account.name} if pending.account else {})})
         self.audit.write([_decision_record(pending.request, pending.progress, "refused", code=str(code),
                                            reason=detail, message=message)], sync=True)
-        self._answer(pending, SpawnRefused(request_id=pending.request.request_id, code=code, message=message))
+        self._answer(pending, SpawnRefused(request_id=pending.request.request_id, code=code, message=message,
+                                           step=str(getattr(exc, "step", "") or "")))  # DropStepError, PAM's
 
     def _answer(self, pending: PendingSpawn, answer: Spawned | SpawnRefused) -> None:
         if pending.router_life == self.router_life:
