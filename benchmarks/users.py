@@ -3,7 +3,7 @@
 Reported: time from the first submit until every result is in (every endpoint is cold, so this is
 mostly spawning); then a second task each with every endpoint running; the PSS of the manager
 (spawner + router) and of each idle user endpoint tree (every process of its account: endpoint,
-forkserver, workers, resource tracker), from /proc/<pid>/smaps_rollup; and the manager's CPU per
+worker forker, workers), from /proc/<pid>/smaps_rollup; and the manager's CPU per
 routed task (utime + stime of spawner and router, from /proc/<pid>/stat), cold and warm.
 """
 

@@ -10,17 +10,17 @@ small so Parsl's executors can sit behind it.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import select
 import signal
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Protocol
 
-from mep.endpoint.worker import Outcome, serve
+from mep.endpoint.forker import Forker
+from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
 
@@ -28,23 +28,21 @@ log = logging.getLogger(__name__)
 
 Started = Callable[[str], None]
 Completion = Callable[[str, Outcome], None]
+
+
+class Connection(Protocol):
+    """A worker's end: ``multiprocessing.connection.Connection`` or ``mep.endpoint.forker.Channel``."""
+
+    def fileno(self) -> int: ...
+    def send(self, value: object) -> None: ...
+    def recv(self) -> Any: ...
+    def close(self) -> None: ...
+
+
 WorkerStarter = Callable[[], tuple[Any, Connection]]
-"""Starts one worker: (a process with ``sentinel``, ``is_alive``, ``kill``, ``join``, ``exitcode``; its connection)."""
+"""Starts one worker: (a process with ``pid``, ``sentinel``, ``is_alive``, ``join``, ``exitcode``; its connection)."""
 
-
-def _forkserver_starter() -> WorkerStarter:
-    """Local workers from a forkserver, started before the endpoint opens any socket."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mep.endpoint.worker"])
-
-    def start() -> tuple[Any, Connection]:
-        ours, theirs = context.Pipe()
-        process = context.Process(target=serve, args=(theirs,), name="mep-worker", daemon=True)
-        process.start()
-        theirs.close()
-        return process, ours
-
-    return start
+WORKER_RETRY_SECONDS = 1.0  # after a worker could not be started
 
 
 @dataclass
@@ -67,16 +65,19 @@ class _Worker:
 class ProcessEngine:
     """Worker processes on this host, one task at a time each.
 
-    Workers come from a forkserver started before the endpoint opens any
-    socket, so they never inherit a ZeroMQ context or the endpoint's keys. A
-    task is cancelled (or stopped at its walltime) by killing its worker, which
+    Workers are forked by ``mep.endpoint.forker``'s clean process, so they
+    never inherit a ZeroMQ context or the endpoint's keys; they are started on
+    the engine's thread, so the endpoint is ready before they are. A task is
+    cancelled (or stopped at its walltime) by killing its worker, which
     is replaced at once; a worker that dies by itself fails its task with the
     cause and is replaced too.
     """
 
     def __init__(self, workers: int, on_started: Started, on_done: Completion,
                  start_worker: WorkerStarter | None = None) -> None:
-        self._start = start_worker or _forkserver_starter()
+        self._forker = None if start_worker else Forker()
+        self._start = start_worker or self._forker.start_worker
+        self._worker_count = workers
         self._on_started = on_started
         self._on_done = on_done
         self._lock = threading.Lock()
@@ -84,7 +85,7 @@ class ProcessEngine:
         self._cancels: dict[str, Outcome] = {}
         self._stopping = False
         self._wake_read, self._wake_write = os.pipe()
-        self._workers = [self._start_worker() for _ in range(workers)]
+        self._workers: list[_Worker] = []
         self._thread = threading.Thread(target=self._loop, name="process-engine", daemon=True)
         self._thread.start()
 
@@ -111,6 +112,8 @@ class ProcessEngine:
             _kill_tree(worker.process)
             worker.process.join()
             worker.connection.close()
+        if self._forker is not None:
+            self._forker.shutdown()
         os.close(self._wake_read)
         os.close(self._wake_write)
 
@@ -119,19 +122,28 @@ class ProcessEngine:
 
     # --- the engine's own thread ----------------------------------------------------
 
-    def _start_worker(self) -> _Worker:
-        process, connection = self._start()
-        return _Worker(process=process, connection=connection)
+    def _start_workers(self) -> bool:
+        """Start workers up to the configured count; False if one could not be started (retried later)."""
+        while len(self._workers) < self._worker_count:
+            try:
+                process, connection = self._start()
+            except OSError:
+                log.exception("could not start a worker; trying again in %g s", WORKER_RETRY_SECONDS)
+                return False
+            self._workers.append(_Worker(process=process, connection=connection))
+        return True
 
     def _loop(self) -> None:
         while True:
+            complete = self._start_workers()
             with self._lock:
                 if self._stopping:
                     return
                 self._apply_cancels()
                 self._assign()
             busy = [w.connection for w in self._workers if w.task is not None]
-            ready = wait([*busy, *(w.process.sentinel for w in self._workers), self._wake_read])
+            ready = _ready([*busy, *(w.process.sentinel for w in self._workers), self._wake_read],
+                           None if complete else WORKER_RETRY_SECONDS)
             if self._wake_read in ready:
                 os.read(self._wake_read, 65536)
             for worker in list(self._workers):
@@ -189,7 +201,18 @@ class ProcessEngine:
                 FAILED, code=ErrorCode.WORKER_LOST,
                 message=f"the worker process running this task {_describe(worker.process.exitcode)}")
             self._on_done(worker.task.task_id, outcome)
-        self._workers[self._workers.index(worker)] = self._start_worker()
+        self._workers.remove(worker)  # replaced at the top of the loop
+
+
+def _ready(waitables: list[Any], timeout: float | None) -> list[Any]:
+    """Which of ``waitables`` (descriptors, or objects with ``fileno()``) are readable or hung up."""
+    poller = select.poll()
+    by_fd = {}
+    for waitable in waitables:
+        fd = waitable if isinstance(waitable, int) else waitable.fileno()
+        by_fd[fd] = waitable
+        poller.register(fd, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
 
 
 def _kill_tree(process: Any) -> None:

@@ -1,8 +1,9 @@
 """Choose the engine a user endpoint runs its tasks on, from its config.
 
-``process`` without ``worker_python``: the process engine's forkserver pool
-of this interpreter. ``process`` with ``worker_python``: the same engine whose
-workers are bootstrap workers of that interpreter. ``htex``: Parsl's
+``process`` without ``worker_python``: the process engine's pool of workers
+forked from a clean process of this interpreter (``mep.endpoint.forker``).
+``process`` with ``worker_python``: the same engine whose workers are
+bootstrap workers of that interpreter. ``htex``: Parsl's
 HighThroughputExecutor (``mep.endpoint.parsl_engine``, which alone imports
 Parsl). A ``worker_python`` that can't run tasks at all gives an engine that
 fails each task with the reason, rather than an endpoint that can't start.
@@ -13,9 +14,9 @@ from __future__ import annotations
 import functools
 from typing import Protocol
 
-from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engine import Completion, ProcessEngine, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
+from mep.endpoint.settings import EndpointConfig
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
@@ -27,14 +28,14 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Completion) -> Engine:
+def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion) -> Engine:
     engine = config.engine
     if engine.worker_python is not None:
         try:
             worker_runtime(engine.worker_python)
         except WorkerEnvironmentError as exc:
             return UnusableEngine(str(exc), on_done)
-    if isinstance(engine, HtexEngine):
+    if engine.type == "htex":
         from mep.endpoint.parsl_engine import ParslHtexEngine
 
         return ParslHtexEngine(engine, config.idle_timeout, on_started, on_done)

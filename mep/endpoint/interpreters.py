@@ -16,7 +16,6 @@ with each client's.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import json
 import os
 import signal
@@ -24,13 +23,15 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 LOADER = (
     "import sys, multiprocessing.connection as c; k = c.Connection(int(sys.argv[1])); "
@@ -69,6 +70,8 @@ def worker_runtime(python: str | None) -> WorkerRuntime:
     Raises WorkerEnvironmentError when the interpreter can't be started or has no dill.
     """
     if python is None:
+        import importlib.metadata  # here: only a client's first task needs it
+
         return WorkerRuntime(".".join(map(str, sys.version_info[:3])), importlib.metadata.version("dill"))
     try:
         probe = subprocess.run([python, "-I", "-c", _PROBE], capture_output=True, text=True, timeout=_PROBE_TIMEOUT,
@@ -127,6 +130,8 @@ class WorkerProcess:
 
 def start_worker(python: str) -> tuple[WorkerProcess, Connection]:
     """Start ``python`` as a bootstrap worker and send it the bootstrap; raises OSError if it can't start."""
+    from multiprocessing.connection import Connection  # here: the local workers' endpoint doesn't need it
+
     ours, theirs = socket.socketpair()
     try:
         popen = subprocess.Popen([python, "-I", "-c", LOADER, str(theirs.fileno())], pass_fds=(theirs.fileno(),),

@@ -23,9 +23,9 @@ import zmq
 from setproctitle import setproctitle
 
 from mep.cli.logs import use_format
-from mep.config.endpoint import HtexEngine, UserEndpointConfig
 from mep.endpoint.engines import make_engine
 from mep.endpoint.large_results import LargeResultFiles
+from mep.endpoint.settings import EndpointConfig, load_config
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
 from mep.errors import AssertionRefusedError, ErrorCode
@@ -82,7 +82,7 @@ class UserEndpoint:
     the engine.
     """
 
-    def __init__(self, boot: EndpointBoot, config: UserEndpointConfig) -> None:
+    def __init__(self, boot: EndpointBoot, config: EndpointConfig) -> None:
         self.boot = boot
         self.config = config
         self.assertions = AssertionVerifier(boot.assertion_keys, boot.manager_endpoint_id)
@@ -90,7 +90,7 @@ class UserEndpoint:
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
-        # The engine first: its forkserver must not inherit the ZeroMQ context or the keys.
+        # The engine first: the processes it starts must not inherit the ZeroMQ context's descriptors.
         self.engine = make_engine(config, self._task_started, self._task_done)
         self.functions: dict[str, bytes] = {}
         self.active: dict[str, ActiveTask] = {}
@@ -351,11 +351,11 @@ class UserEndpoint:
         self.socket.send_multipart(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
 
 
-def task_window(config: UserEndpointConfig) -> int:
+def task_window(config: EndpointConfig) -> int:
     """How many tasks to let the router send at once: what the engine can run, plus a small prefetch, so a
     worker that finishes finds its next task here rather than a round trip away (docs/protocol.md, CREDIT)."""
     engine = config.engine
-    if isinstance(engine, HtexEngine):
+    if engine.type == "htex":
         nodes = engine.provider.arguments.get("nodes_per_block", 1)
         slots = engine.workers_per_node * engine.max_blocks * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
     else:
@@ -380,7 +380,7 @@ def _make_undumpable() -> None:
     /proc/<pid>/mem. Non-dumpable, the kernel makes /proc/<pid>/ root's and
     refuses ptrace and /proc/<pid>/{mem,environ,fd} to anyone without
     CAP_SYS_PTRACE, and writes no core dump. Workers exec'd from here (the
-    forkserver, worker_python interpreters) are dumpable again but start from
+    worker forker, worker_python interpreters) are dumpable again but start from
     a fresh image that never held the secret; a plain fork inherits the flag.
     """
     libc = ctypes.CDLL(None, use_errno=True)
@@ -407,5 +407,9 @@ def main() -> int:
     _release_boot_pipe()
     use_format(boot.log_format, ENDPOINT_TEXT_FORMAT)
     setproctitle(f"mep-endpoint {boot.account} {boot.endpoint_id}")
-    config = UserEndpointConfig.model_validate(boot.config)
+    try:
+        config = load_config(boot.config)
+    except ValueError as exc:
+        log.error("unusable config in the boot document: %s", exc)
+        return 2
     return UserEndpoint(boot, config).run()
