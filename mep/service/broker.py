@@ -51,8 +51,10 @@ from mep.protocol.messages import (
     Cancel,
     CancelAck,
     Credit,
+    Describe,
     Dispatch,
     DispatchAck,
+    EndpointInfoRequest,
     Error,
     Fetch,
     Heartbeat,
@@ -65,6 +67,7 @@ from mep.protocol.messages import (
     ResultsAck,
     Runtime,
     Started,
+    Starting,
     StatusReply,
     StatusRequest,
     Submit,
@@ -77,6 +80,7 @@ from mep.protocol.messages import (
     Unregister,
 )
 from mep.protocol.receive import handling, loop_turn
+from mep.service.endpoint_info import EndpointDirectory
 from mep.service.state import ServiceState
 from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 from mep.service.throttle import FailedAuthentications
@@ -161,6 +165,7 @@ class Broker:
         self.socket.bind(settings.listen)
         self.address = self.socket.last_endpoint.decode()
         self.managers: dict[str, ManagerLink] = {}
+        self.directory = EndpointDirectory(self.store)  # what endpoints accept, and why tasks wait
         self.client_routes: dict[str, bytes] = {}
         self._last_expiry = float("-inf")
         self._stop = threading.Event()
@@ -289,8 +294,16 @@ class Broker:
                 self._cancel(routing_id, header, outbox)
             case TaskQuery():
                 identity_id = self._authenticate(header.token)
-                outbox.reply(routing_id, TaskList(request_id=header.request_id,
-                                                  tasks=self.store.task_infos(identity_id, header)))
+                tasks = self.store.task_infos(identity_id, header)
+                if header.reasons:
+                    tasks = self.directory.with_reasons(identity_id, tasks, self.managers)
+                outbox.reply(routing_id, TaskList(request_id=header.request_id, tasks=tasks))
+            case EndpointInfoRequest():
+                self._authenticate(header.token)
+                if not self.store.endpoint_exists(header.endpoint_id):
+                    raise UnknownEndpointError(f"no endpoint with id {header.endpoint_id!r} is registered with "
+                                               "this service")
+                outbox.reply(routing_id, self.directory.info(header, self.managers))
             case StatusRequest():
                 self._authenticate(header.token)
                 link = self.managers.get(header.endpoint_id)
@@ -423,8 +436,13 @@ class Broker:
                 outbox.reply(routing_id, Heartbeat())
             case Started():
                 self.store.mark_started(endpoint_id, header.task_ids)
+            case Describe():
+                self.directory.describe(endpoint_id, header.options)
+            case Starting():
+                self.directory.set_starting(endpoint_id, header.groups)
             case Unregister():
                 del self.managers[endpoint_id]
+                self.directory.offline(endpoint_id)
                 requeued, cancelled = self.store.requeue_in_flight(endpoint_id)
                 outbox.completed.extend(cancelled)
                 log.info("manager for endpoint %s stopped; %d task(s) it held wait for its return", endpoint_id,
@@ -478,6 +496,7 @@ class Broker:
         requeued, cancelled = self.store.requeue_in_flight(endpoint_id)
         outbox.completed.extend(cancelled)
         self.managers[endpoint_id] = ManagerLink(routing_id=routing_id, last_seen=now)
+        self.directory.online(endpoint_id)
         log.info("manager for endpoint %s (mep %s) registered; %d in-flight task(s) queued again",
                  endpoint_id, header.mep_version or "unknown", requeued)
         outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
@@ -613,6 +632,7 @@ class Broker:
             if link.last_seen < deadline:
                 log.warning("manager for endpoint %s went silent; its tasks wait for it to return", endpoint_id)
                 del self.managers[endpoint_id]
+                self.directory.offline(endpoint_id)
 
     def _send(self, routing_id: bytes, frames: list[Any]) -> bool:
         try:

@@ -1,0 +1,161 @@
+"""Options a researcher can discover, and tasks that say why they wait (issue 13).
+
+Real service, real root manager, real accounts: ``Client.endpoint_info`` shows
+what the router read from the admin's schema and template and whether the
+manager is connected; the Executor refuses a typo at ``submit`` with the
+message the endpoint gives for it; ``Client.get_task`` and a future's repr
+say why a task waits (endpoint offline, starting, queued behind others).
+Functions travel by value: this module is not installed where the endpoints run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mep
+from mep.config.options import JINJA_GLOBALS
+from mep.sdk.endpoint_info import OptionsCheck
+from tests.harness import DOMAIN_STRIP, expression_mapping, wait_for
+
+pytestmark = pytest.mark.root
+
+OFFLINE_SINCE = re.compile(r"endpoint offline since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def gated(gate: str) -> str:
+    """Runs until the test creates ``gate``: the tasks after it queue behind it."""
+    import os
+    import time
+
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+    return "done"
+
+
+@pytest.fixture
+def gate() -> Iterator[Path]:
+    directory = tempfile.mkdtemp(prefix="mep-gate-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    path = Path(directory) / "open"
+    yield path
+    path.unlink(missing_ok=True)
+    os.rmdir(directory)
+
+
+def _client(deploy, identity) -> mep.Client:  # noqa: ANN001
+    return mep.Client(service=deploy.address, service_key=deploy.service_key, token=identity.token)
+
+
+def _described(client: mep.Client, endpoint_id: str) -> mep.sdk.endpoint_info.EndpointDescription:
+    """The router describes its endpoint right after it registers: wait for that."""
+    return wait_for(lambda: (info := client.endpoint_info(endpoint_id)).schema is not None and info,
+                    what="the router to describe the endpoint")
+
+
+def test_the_shared_reserved_names_are_jinjas_globals() -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    assert set(JINJA_GLOBALS) == set(ImmutableSandboxedEnvironment().globals)
+
+
+def test_endpoint_info_shows_the_schema_the_template_and_whether_the_manager_is_connected(
+        deploy, account_factory) -> None:
+    account = account_factory("mepinfo")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))  # the shipped local template
+    client = _client(deploy, deploy.identity(f"{account.pw_name}@example.org"))
+    info = _described(client, manager.endpoint_id)
+    assert info.online and info.status == "online"
+    assert info.template_description.startswith("mep template: local — a pool of worker processes")
+    options = {name: (kind, default, description) for name, kind, default, description in info.options}
+    assert options["workers"] == ("integer", "2", "Worker processes in the pool.")
+    assert options["idle_timeout"] == ("number", "300", "Seconds without tasks before the endpoint exits.")
+    assert options["python_env"][1] == "-"
+    assert info.schema["additionalProperties"] is False
+    assert "Worker processes in the pool." in repr(info) and "<table>" in info._repr_html_()
+
+    manager.process.stop()
+    offline = wait_for(lambda: not (found := client.endpoint_info(manager.endpoint_id)).online and found,
+                       what="the endpoint to be offline")
+    assert OFFLINE_SINCE.fullmatch(f"endpoint {offline.status}"), offline.status
+    assert offline.schema == info.schema  # what it accepts is still known while it is away
+    with pytest.raises(mep.UnknownEndpointError):
+        client.endpoint_info("00000000-0000-4000-8000-000000000000")
+
+
+def test_a_config_typo_fails_at_submit_with_the_endpoints_own_message(
+        deploy, account_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    account = account_factory("meptypo")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    _described(_client(deploy, identity), manager.endpoint_id)
+    typo = {"worker": 2}
+    with deploy.executor(identity, manager, user_endpoint_config=typo) as executor:
+        with pytest.raises(mep.ConfigInvalidError) as at_submit:
+            executor.submit(add, 1, 2)
+        executor.user_endpoint_config = {"workers": 1}  # a valid config submits as usual
+        assert executor.submit(add, 1, 2).result(timeout=120) == 3
+    assert "'worker' was unexpected" in str(at_submit.value)
+    # The endpoint side's refusal of the same config, from an SDK that does not check first (an older mep):
+    monkeypatch.setattr(OptionsCheck, "check", lambda self, frozen, config: None)
+    with deploy.executor(identity, manager, user_endpoint_config=typo) as unchecked:
+        future = unchecked.submit(add, 1, 2)
+    with pytest.raises(mep.ConfigInvalidError) as on_endpoint:
+        future.result(timeout=120)
+    assert str(on_endpoint.value) == str(at_submit.value)
+
+
+def test_a_task_says_its_endpoint_is_offline_then_starting_and_runs_once_the_manager_is_back(
+        deploy, account_factory) -> None:
+    account = account_factory("mepoffline")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    client = _client(deploy, identity)
+    _described(client, manager.endpoint_id)
+    manager.process.stop()
+    wait_for(lambda: not client.endpoint_info(manager.endpoint_id).online, what="the endpoint to be offline")
+    with deploy.executor(identity, manager) as executor:
+        future = executor.submit(add, 2, 3)
+    reason = client.get_task(future.task_id).waiting_reason
+    assert OFFLINE_SINCE.fullmatch(reason), reason
+    wait_for(lambda: reason in repr(future), what="the future's repr to show the reason")
+    assert reason in future._repr_html_()
+    assert reason in repr(client.list_tasks(task_ids=[future.task_id]))
+
+    manager.start()
+    seen = set()
+
+    def finished() -> bool:
+        task = client.get_task(future.task_id)
+        seen.add(task.waiting_reason)
+        return task.state == "succeeded"
+
+    wait_for(finished, timeout=120, what="the task to run once the manager is back")
+    assert future.result(timeout=60) == 5
+    assert "endpoint starting" in seen, seen
+
+
+def test_a_task_behind_others_on_a_busy_endpoint_says_how_many(deploy, account_factory, gate: Path) -> None:
+    account = account_factory("mepqueued")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    client = _client(deploy, identity)
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 1}) as executor:
+        futures = [executor.submit(gated, str(gate)) for _ in range(4)]
+    wait_for(lambda: client.get_task(futures[0].task_id).state == "running", timeout=120,
+             what="the first task to run")
+    assert client.get_task(futures[3].task_id).waiting_reason == "queued behind 3 tasks (1 running)"
+    assert client.get_task(futures[1].task_id).waiting_reason == "queued behind 1 task (1 running)"
+    wait_for(lambda: "queued behind 3 tasks (1 running)" in repr(futures[3]), what="the repr to show the queue")
+    gate.touch()
+    assert [future.result(timeout=120) for future in futures] == ["done"] * 4
+    assert client.get_task(futures[3].task_id).waiting_reason == ""
