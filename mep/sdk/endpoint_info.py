@@ -99,7 +99,9 @@ class EndpointDescription:
         return rows
 
     def __repr__(self) -> str:
-        text = text_table(("", ""), self._summary())
+        summary = self._summary()
+        width = max(len(name) for name, _ in summary)
+        text = "\n".join(f"{name.ljust(width)}  {value}" for name, value in summary)
         return text + ("\n\n" + text_table(OPTION_COLUMNS, self.options) if self.options else "")
 
     def _repr_html_(self) -> str:
