@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
 import mep
+from mep.config.manager import shipped_templates_dir
 from mep.config.options import JINJA_GLOBALS
+from mep.manager.describe import template_description
+from mep.protocol.messages import EndpointOptions
 from mep.sdk.endpoint_info import OptionsCheck
+from mep.service.endpoint_info import checked_options
 from tests.harness import DOMAIN_STRIP, expression_mapping, wait_for
-
-pytestmark = pytest.mark.root
+from tests.test_sdk_behaviour import NOWHERE_ENDPOINT, free_address
 
 OFFLINE_SINCE = re.compile(r"endpoint offline since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
 
@@ -68,6 +73,29 @@ def test_the_shared_reserved_names_are_jinjas_globals() -> None:
     assert set(JINJA_GLOBALS) == set(ImmutableSandboxedEnvironment().globals)
 
 
+def test_a_templates_description_is_the_first_paragraph_of_its_opening_comment() -> None:
+    assert template_description("{#\n  Slurm: jobs\n  per block.\n\n  Options: ...\n#}\nengine: {}") == \
+        "Slurm: jobs per block."
+    assert template_description("engine: {}  {# not at the top #}") == ""
+
+
+def test_the_service_refuses_a_description_whose_schema_is_not_a_json_object() -> None:
+    for schema in ("[1, 2]", "{not json"):
+        with pytest.raises(mep.errors.ProtocolError, match="DESCRIBE: the schema"):
+            checked_options(EndpointOptions(schema=schema))
+
+
+def test_without_an_answer_from_the_service_options_are_left_to_the_endpoint() -> None:
+    executor = mep.Executor(NOWHERE_ENDPOINT, service=free_address(), token="t",
+                            service_key=zmq.curve_keypair()[0].decode(), user_endpoint_config={"worker": 2})
+    try:
+        future = executor.submit(add, 1, 2)  # not refused here: nothing says the endpoint refuses it
+        assert not future.done()  # queued and sent; the service would have the last word
+    finally:
+        executor.shutdown(wait=False)
+
+
+@pytest.mark.root
 def test_endpoint_info_shows_the_schema_the_template_and_whether_the_manager_is_connected(
         deploy, account_factory) -> None:
     account = account_factory("mepinfo")
@@ -92,6 +120,7 @@ def test_endpoint_info_shows_the_schema_the_template_and_whether_the_manager_is_
         client.endpoint_info("00000000-0000-4000-8000-000000000000")
 
 
+@pytest.mark.root
 def test_a_config_typo_fails_at_submit_with_the_endpoints_own_message(
         deploy, account_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     account = account_factory("meptypo")
@@ -114,6 +143,7 @@ def test_a_config_typo_fails_at_submit_with_the_endpoints_own_message(
     assert str(on_endpoint.value) == str(at_submit.value)
 
 
+@pytest.mark.root
 def test_a_task_says_its_endpoint_is_offline_then_starting_and_runs_once_the_manager_is_back(
         deploy, account_factory) -> None:
     account = account_factory("mepoffline")
@@ -144,6 +174,7 @@ def test_a_task_says_its_endpoint_is_offline_then_starting_and_runs_once_the_man
     assert "endpoint starting" in seen, seen
 
 
+@pytest.mark.root
 def test_a_task_behind_others_on_a_busy_endpoint_says_how_many(deploy, account_factory, gate: Path) -> None:
     account = account_factory("mepqueued")
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
@@ -159,3 +190,27 @@ def test_a_task_behind_others_on_a_busy_endpoint_says_how_many(deploy, account_f
     gate.touch()
     assert [future.result(timeout=120) for future in futures] == ["done"] * 4
     assert client.get_task(futures[3].task_id).waiting_reason == ""
+
+
+@pytest.mark.root
+def test_a_schema_the_routers_account_cannot_read_is_reported_and_left_to_the_spawner(
+        deploy, account_factory) -> None:
+    policy = deploy.root / "policy"
+    policy.mkdir(mode=0o755)
+    for name in ("local.yaml.j2", "local.schema.json"):
+        shutil.copy(shipped_templates_dir() / name, policy / name)
+    os.chmod(policy / "local.schema.json", 0o600)  # root's alone: the spawner reads it, the router can't
+    account = account_factory("mepunread")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=policy / "local.yaml.j2",
+                                   schema=policy / "local.schema.json")
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    client = _client(deploy, identity)
+    info = wait_for(lambda: "cannot read" in (found := client.endpoint_info(manager.endpoint_id)).problem and found,
+                    what="the router to describe the endpoint")
+    assert info.schema is None and info.online
+    assert "local.schema.json (Permission denied)" in info.problem
+    assert info.template_description.startswith("mep template: local")
+    with deploy.executor(identity, manager, user_endpoint_config={"worker": 2}) as executor:
+        future = executor.submit(add, 1, 2)  # not checked here: the spawner refuses it
+    with pytest.raises(mep.ConfigInvalidError, match="'worker' was unexpected"):
+        future.result(timeout=120)
