@@ -214,3 +214,25 @@ def test_a_schema_the_routers_account_cannot_read_is_reported_and_left_to_the_sp
         future = executor.submit(add, 1, 2)  # not checked here: the spawner refuses it
     with pytest.raises(mep.ConfigInvalidError, match="'worker' was unexpected"):
         future.result(timeout=120)
+
+
+@pytest.mark.root
+def test_what_an_endpoint_accepts_and_when_it_left_outlive_a_service_restart(deploy, account_factory) -> None:
+    account = account_factory("meprestart")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    client = _client(deploy, identity)
+    schema = _described(client, manager.endpoint_id).schema
+    deploy.service.popen.kill()  # a crash: the service never hears the manager leave
+    deploy.service.popen.wait(timeout=30)
+    manager.process.stop()
+    deploy.start_service(deploy.address)
+    info = client.endpoint_info(manager.endpoint_id)
+    assert not info.online and info.offline_since and info.schema == schema
+    with deploy.executor(identity, manager) as executor:
+        future = executor.submit(add, 1, 1)
+    reason = client.get_task(future.task_id).waiting_reason
+    assert OFFLINE_SINCE.match(reason) and reason.endswith("when the service started (its manager has not "
+                                                          "connected again)"), reason
+    manager.start()
+    assert future.result(timeout=120) == 2
