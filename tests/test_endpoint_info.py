@@ -10,6 +10,7 @@ Functions travel by value: this module is not installed where the endpoints run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -193,27 +194,36 @@ def test_a_task_behind_others_on_a_busy_endpoint_says_how_many(deploy, account_f
 
 
 @pytest.mark.root
-def test_a_schema_the_routers_account_cannot_read_is_reported_and_left_to_the_spawner(
-        deploy, account_factory) -> None:
+def test_a_schema_only_root_can_read_is_described_from_the_boot_document(deploy, account_factory) -> None:
+    """As in /etc/mep/NAME (0700, beside manager.key): the router's account can't read the files itself."""
     policy = deploy.root / "policy"
-    policy.mkdir(mode=0o755)
+    policy.mkdir(mode=0o700)
     for name in ("local.yaml.j2", "local.schema.json"):
         shutil.copy(shipped_templates_dir() / name, policy / name)
-    os.chmod(policy / "local.schema.json", 0o600)  # root's alone: the spawner reads it, the router can't
+        os.chmod(policy / name, 0o600)
     account = account_factory("mepunread")
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=policy / "local.yaml.j2",
                                    schema=policy / "local.schema.json")
     identity = deploy.identity(f"{account.pw_name}@example.org")
-    client = _client(deploy, identity)
-    info = wait_for(lambda: "cannot read" in (found := client.endpoint_info(manager.endpoint_id)).problem and found,
-                    what="the router to describe the endpoint")
-    assert info.schema is None and info.online
-    assert "local.schema.json (Permission denied)" in info.problem
-    assert info.template_description.startswith("mep template: local")
+    info = _described(_client(deploy, identity), manager.endpoint_id)
+    assert info.schema == json.loads((shipped_templates_dir() / "local.schema.json").read_text())
+    assert info.template_description.startswith("mep template: local") and not info.problem
     with deploy.executor(identity, manager, user_endpoint_config={"worker": 2}) as executor:
-        future = executor.submit(add, 1, 2)  # not checked here: the spawner refuses it
-    with pytest.raises(mep.ConfigInvalidError, match="'worker' was unexpected"):
-        future.result(timeout=120)
+        with pytest.raises(mep.ConfigInvalidError, match="'worker' was unexpected"):
+            executor.submit(add, 1, 2)
+
+
+def test_a_router_that_cannot_read_the_schema_says_why(tmp_path: Path) -> None:
+    """A router started without the texts (no boot document) reads the files; one it can't read is reported."""
+    from mep.config.manager import ManagerConfig
+    from mep.manager.describe import endpoint_options
+
+    config = ManagerConfig(endpoint_id="e", service_address="tcp://127.0.0.1:1", service_public_key="k",
+                           manager_secret_key_file=tmp_path / "key", identity_mapping=tmp_path / "map",
+                           schema=tmp_path / "missing.schema.json")
+    options = endpoint_options(config)
+    assert not options.schema and "cannot read" in options.problem and "missing.schema.json" in options.problem
+    assert options.template_description.startswith("mep template: local")
 
 
 @pytest.mark.root

@@ -1,12 +1,14 @@
 """What the router tells the service about its endpoint: the options it accepts, and what is starting.
 
-``endpoint_options`` reads the admin's schema and template as the router's
-own (unprivileged) account, at start: they are the files the root spawner
-checks and renders with, and researchers read them through
-``Client.endpoint_info``. The router needs no privilege for this: it sends
-text it can already read, and the schema stays the spawner's to enforce. A
-file the router's account can't read leaves the description without it, with
-the reason, and tasks are checked on the endpoint side as before.
+``endpoint_options`` describes the admin's schema and template from their
+texts as the root side read them for the router's boot document (policy-checked:
+the files the spawner renders with; the router's account can't read
+``/etc/mep/NAME``, which is 0700), or else, for a router started without them
+(tests), by reading the files as the router's own account. Researchers read
+the result through ``Client.endpoint_info``; the schema stays the spawner's to
+enforce. A schema that can't be read or shown leaves the description without
+it, with the reason, and tasks are checked on the endpoint side as before.
+All parsing happens here, in the unprivileged router.
 
 The template's description is the first paragraph of its opening ``{# #}``
 comment (docs/templates.md).
@@ -48,9 +50,9 @@ def template_description(template_text: str) -> str:
     return " ".join(paragraph.split())[:MAX_DESCRIPTION_CHARS]
 
 
-def endpoint_options(config: ManagerConfig) -> EndpointOptions:
+def endpoint_options(config: ManagerConfig, schema_text: str = "", template_text: str = "") -> EndpointOptions:
     problems: list[str] = []
-    schema = _read(config.schema_file, problems)
+    schema = schema_text or _read(config.schema_file, problems)
     if schema and len(schema) > MAX_SCHEMA_CHARS:
         problems.append(f"the schema is {len(schema)} characters, more than the {MAX_SCHEMA_CHARS} it may show")
         schema = ""
@@ -62,7 +64,7 @@ def endpoint_options(config: ManagerConfig) -> EndpointOptions:
         if not is_object:
             problems.append(f"the schema {config.schema_file} is not a JSON object")
             schema = ""
-    template = _read(config.template, problems)
+    template = template_text or _read(config.template, problems)
     for problem in problems:
         log.warning("endpoint_info: %s; researchers see no schema to check options against before submitting",
                     problem)

@@ -42,6 +42,7 @@ from mep.protocol.messages import (
     Cancel,
     Credit,
     Describe,
+    EndpointOptions,
     LostTask,
     Started,
     TasksLost,
@@ -127,7 +128,7 @@ class SpawnWait:
 
 class Router:
     def __init__(self, config: ManagerConfig, manager_secret_key: str, endpoint_address: str,
-                 endpoint_secret_key: str, spawner: socketlib.socket) -> None:
+                 endpoint_secret_key: str, spawner: socketlib.socket, options: EndpointOptions | None = None) -> None:
         self.config = config
         self.endpoint_address = endpoint_address
         self.endpoint_public_key = public_from_secret(endpoint_secret_key)
@@ -167,7 +168,7 @@ class Router:
         self.pause = PauseDetector(longest_turn=config.heartbeat_interval)
         self._stopping = False
         self._next_request = 0
-        self.options = endpoint_options(config)  # for the service's ENDPOINT_INFO
+        self.options = options or endpoint_options(config)  # for the service's ENDPOINT_INFO
         self.starting_report = StartingReport()
 
     # --- lifecycle ----------------------------------------------------------------

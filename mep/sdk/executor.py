@@ -189,8 +189,9 @@ class Executor(concurrent.futures.Executor):
     ``service`` is the service's address (``tcp://host:port``), ``service_key``
     its pinned CURVE public key and ``token`` your mep token; each falls back to
     ``MEP_SERVICE``, ``MEP_SERVICE_KEY`` and ``MEP_TOKEN``.
-    ``user_endpoint_config`` is checked against the admin's schema on the
-    endpoint. It and ``walltime`` (seconds, ``None`` for no limit) are read
+    ``user_endpoint_config`` is checked against the admin's schema at
+    ``submit`` (fetched once, as ``Client.endpoint_info`` shows it; raising the
+    endpoint's own ``ConfigInvalidError``) and again on the endpoint. It and ``walltime`` (seconds, ``None`` for no limit) are read
     when a task is submitted: change the attributes between submissions to
     give tasks different configs or limits; a task keeps the ones it was
     submitted with, however long it waits to be sent. Leaving a ``with``
@@ -418,7 +419,8 @@ class Executor(concurrent.futures.Executor):
                         socket.send_multipart(encode(Fetch(token=self._settings.token, request_id=next(request_ids),
                                                            task_ids=task_ids)))
                     last_polled = now
-                if state.awaiting_result and self._options.service_describes and now - last_reasons > self._poll_interval:
+                reasons_due = now - last_reasons > self._poll_interval
+                if state.awaiting_result and self._options.service_describes and reasons_due:
                     # why they wait, for the futures' reprs (only a service that answered ENDPOINT_INFO reads it)
                     socket.send_multipart(encode(TaskQuery(token=self._settings.token, request_id=next(request_ids),
                                                            task_ids=list(itertools.islice(state.awaiting_result, 1000)),
