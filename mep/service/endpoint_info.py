@@ -81,12 +81,10 @@ class EndpointDirectory:
         self.store = store
         store.db.executescript(SCHEMA)
         self.starting: dict[str, frozenset[tuple[str, str]]] = {}
-        # Managers connected when the service last stopped are gone now (their connections died with it);
-        # they are offline since this start, unless they register again.
+        # A row still marked online names a manager connected when the service last stopped: its connection
+        # died with the service, so it counts as offline since this start until it registers again. Read so,
+        # not rewritten here: a service must start even on a full disk.
         self.started_at = time.time()
-        with store.transaction():
-            store.db.execute("UPDATE endpoint_status SET online=0, offline_since=? WHERE online=1",
-                             (self.started_at,))
 
     # --- what the broker reports -------------------------------------------------
 
@@ -124,13 +122,21 @@ class EndpointDirectory:
     # --- what researchers ask ------------------------------------------------------
 
     def info(self, request: EndpointInfoRequest, connected: Collection[str]) -> EndpointInfo:
-        row = self.store.db.execute("SELECT options, offline_since FROM endpoint_status WHERE endpoint_id=?",
+        row = self.store.db.execute("SELECT options FROM endpoint_status WHERE endpoint_id=?",
                                     (request.endpoint_id,)).fetchone()
         options = msgspec.json.decode(row[0], type=EndpointOptions) if row and row[0] else None
         online = request.endpoint_id in connected
         return EndpointInfo(request_id=request.request_id, endpoint_id=request.endpoint_id, online=online,
-                            offline_since=0.0 if online or row is None else (row[1] or 0.0),
+                            offline_since=0.0 if online else self._offline_since(request.endpoint_id),
                             ever_online=row is not None, options=options)
+
+    def _offline_since(self, endpoint_id: str) -> float:
+        """When the endpoint's manager (not connected now) went away; 0 if it never connected."""
+        row = self.store.db.execute("SELECT online, offline_since FROM endpoint_status WHERE endpoint_id=?",
+                                    (endpoint_id,)).fetchone()
+        if row is None:
+            return 0.0
+        return self.started_at if row[0] else (row[1] or 0.0)
 
     def with_reasons(self, submitter_id: str, tasks: list[TaskInfo], connected: Collection[str]) -> list[TaskInfo]:
         """``tasks`` (the submitter's), each waiting one with the reason it waits."""
@@ -162,16 +168,13 @@ class EndpointDirectory:
         return tasks
 
     def _offline_reason(self, endpoint_id: str) -> str:
-        row = self.store.db.execute("SELECT offline_since FROM endpoint_status WHERE endpoint_id=?",
-                                    (endpoint_id,)).fetchone()
-        if row is None:
+        since = self._offline_since(endpoint_id)
+        if not since:
             return "endpoint offline: its manager has not connected to this service yet"
-        if row[0] is None:
-            return "endpoint offline"
-        if row[0] == self.started_at:  # it was connected when the service stopped: when it left is unknown
-            return (f"endpoint offline since {utc_text(row[0])}, when the service started (its manager has not "
+        if since == self.started_at:  # it was connected when the service stopped: when it left is unknown
+            return (f"endpoint offline since {utc_text(since)}, when the service started (its manager has not "
                     "connected again)")
-        return f"endpoint offline since {utc_text(row[0])}"
+        return f"endpoint offline since {utc_text(since)}"
 
     def _placement(self, task_ids: list[str]) -> dict[str, tuple[int, str]]:
         """task id -> (its place in submission order, its stored config)."""
