@@ -128,9 +128,8 @@ def test_config_the_schema_refuses_never_reaches_slurm(deploy, manager, account_
     account = account_factory("mepbadcfg")
     identity = deploy.identity(f"{account.pw_name}@example.org")
     with deploy.executor(identity, manager, user_endpoint_config={"partition": "debug --uid=0"}) as executor:
-        future = executor.submit(add, 1, 1)
-        with pytest.raises(mep.ConfigInvalidError) as refused:
-            future.result(timeout=60)
+        with pytest.raises(mep.ConfigInvalidError) as refused:  # at submit (the SDK checks the schema) or spawn
+            executor.submit(add, 1, 1).result(timeout=60)
     assert "user_endpoint_config.partition" in str(refused.value)
     assert not endpoints_of(manager, account.pw_uid)
     assert not jobs_of(account.pw_name)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
 import re
 import shlex
@@ -44,51 +43,23 @@ from typing import Any
 import yaml
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
-from jsonschema.protocols import Validator
-from jsonschema.validators import validator_for
 from pydantic import ValidationError
-from referencing.exceptions import Unresolvable
 
 from mep.config.endpoint import ENGINE_TYPES, HtexEngine, UserEndpointConfig
+from mep.config.options import (
+    _USER_CONFIG,
+    RESERVED_NAMESPACE,
+    OptionsSchema,
+    _format_path,
+    _shorten,
+    _yaml_string,
+)
 from mep.config.parsl_check import check_engine
 from mep.errors import ConfigInvalidError, ConfigurationError, TemplateError
-
-RESERVED_NAMESPACE = "mep"
-
-_USER_CONFIG = "user_endpoint_config"
-_OPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_MAX_NESTING = 32
-_MAX_MESSAGE = 300
 
 
 class _UnplaceableValue(Exception):
     """A template tried to emit a value that has no faithful YAML form."""
-
-
-def _yaml_char(char: str) -> str:
-    if char in '"\\':
-        return "\\" + char
-    # Python's printable set excludes every YAML line break (\x85, \u2028, \u2029),
-    # tabs, controls, BOMs and surrogates; those are escaped so the scalar stays one line.
-    if char.isprintable():
-        return char
-    code = ord(char)
-    if code <= 0xFF:
-        return f"\\x{code:02x}"
-    if code <= 0xFFFF:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
-
-
-def _yaml_string(text: str) -> str:
-    """A double-quoted YAML scalar that loads back as exactly ``text``.
-
-    Not ``json.dumps``: its surrogate-pair escapes for non-BMP characters load
-    in PyYAML as two lone surrogates, and it leaves DEL raw, which YAML refuses.
-    """
-    return '"' + "".join(map(_yaml_char, text)) + '"'
 
 
 def _yaml_float(number: float) -> str:
@@ -145,46 +116,6 @@ def _new_environment() -> ImmutableSandboxedEnvironment:
     )
     environment.filters["shell_quote"] = _shell_quote
     return environment
-
-
-def _format_path(root: str, parts: Iterable[str | int]) -> str:
-    text = root
-    for part in parts:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif _OPTION_NAME.match(part):
-            text += f".{part}" if text else part
-        else:
-            text += f"[{_yaml_string(part)}]"
-    return text
-
-
-def _shorten(message: str) -> str:
-    return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 1] + "…"
-
-
-def _plain_json(value: object, path: tuple[str | int, ...] = ()) -> Any:
-    """A copy of ``value`` made only of JSON types, or ConfigInvalidError naming where it isn't."""
-    if len(path) > _MAX_NESTING:
-        raise ConfigInvalidError(f"{_format_path(_USER_CONFIG, path)}: nested more than {_MAX_NESTING} levels")
-    if value is None or type(value) in (bool, int, str):
-        return value
-    if type(value) is float:
-        if math.isfinite(value):
-            return value
-        raise ConfigInvalidError(f"{_format_path(_USER_CONFIG, path)}: {value} is not a JSON number")
-    if type(value) is list:
-        return [_plain_json(item, (*path, index)) for index, item in enumerate(value)]
-    if isinstance(value, Mapping):
-        copy = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ConfigInvalidError(f"{_format_path(_USER_CONFIG, path)}: keys must be strings")
-            copy[key] = _plain_json(item, (*path, key))
-        return copy
-    raise ConfigInvalidError(
-        f"{_format_path(_USER_CONFIG, path)}: a {type(value).__name__} is not a JSON value"
-    )
 
 
 _YAML_KEY = re.compile(r"(\s*)(?:-\s+)?([A-Za-z_][A-Za-z0-9_.-]*|\"[^\"]*\")\s*:(?:\s|$)")
@@ -283,7 +214,7 @@ class TemplateRenderer:
         self._reserved_names = frozenset({RESERVED_NAMESPACE, *self._environment.globals})
         self._template = self._compile(template_source)
         self._template_keys = self._data_keys(template_source)
-        self._validator = self._load_schema(schema_source)
+        self._options = OptionsSchema(schema_source, str(self._schema_path), self._reserved_names)
         digest = hashlib.sha256()
         for part in (template_source, schema_source):
             data = part.encode("utf-8", "surrogatepass")
@@ -372,7 +303,7 @@ class TemplateRenderer:
         endpoint: Mapping[str, Any],
     ) -> str:
         """Validate ``user_config`` and return the rendered YAML text, before parsing."""
-        variables = self._checked_user_config(user_config)
+        variables = self._options.check(user_config)
         variables[RESERVED_NAMESPACE] = {
             "user_runtime": dict(user_runtime),
             "mapped_user": dict(mapped_user),
@@ -415,55 +346,6 @@ class TemplateRenderer:
                 for offset, part in enumerate(value.split("\n")):
                     data[lineno + offset] = data.get(lineno + offset, "") + part
         return [(number, key) for number, text in sorted(data.items()) if (key := _line_key(text))]
-
-    def _load_schema(self, source: str) -> Validator:
-        try:
-            schema = json.loads(source)
-        except json.JSONDecodeError as exc:
-            raise ConfigurationError(
-                f"schema {self._schema_path}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})"
-            ) from exc
-        if not isinstance(schema, dict):
-            raise ConfigurationError(f"schema {self._schema_path}: must be a JSON object")
-        declared = schema.get("$schema")
-        if declared is None:
-            validator_class: type[Validator] | None = Draft202012Validator
-        else:
-            validator_class = validator_for(schema, default=None) if isinstance(declared, str) else None  # type: ignore[arg-type]
-        if validator_class is None:
-            raise ConfigurationError(
-                f"schema {self._schema_path}: unknown $schema {declared!r}; "
-                "use https://json-schema.org/draft/2020-12/schema or leave it out"
-            )
-        try:
-            validator_class.check_schema(schema)
-        except SchemaError as exc:
-            raise ConfigurationError(
-                _shorten(f"schema {self._schema_path}: {_format_path('', exc.absolute_path) or '(root)'}: {exc.message}")
-            ) from exc
-        return validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
-
-    def _checked_user_config(self, user_config: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(user_config, Mapping):
-            raise ConfigInvalidError(f"{_USER_CONFIG} must be a mapping of option names to values")
-        config: dict[str, Any] = _plain_json(user_config)
-        for name in config:
-            if not _OPTION_NAME.match(name):
-                raise ConfigInvalidError(
-                    _shorten(
-                        f"{_USER_CONFIG}: option name {_yaml_string(name)} is not allowed; "
-                        "use letters, digits and '_', not starting with a digit"
-                    )
-                )
-            if name in self._reserved_names:
-                raise ConfigInvalidError(f"{_USER_CONFIG}: option name '{name}' is reserved for mep; rename it")
-        try:
-            error = best_match(self._validator.iter_errors(config))
-        except Unresolvable as exc:
-            raise TemplateError(f"schema {self._schema_path}: a $ref in it cannot be resolved") from exc
-        if error is not None:
-            raise ConfigInvalidError(_shorten(f"{_format_path(_USER_CONFIG, error.absolute_path)}: {error.message}"))
-        return config
 
     def _parse(self, text: str) -> dict[str, Any]:
         try:

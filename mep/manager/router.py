@@ -43,6 +43,8 @@ from mep.protocol.messages import (
     Chunk,
     ChunkRead,
     Credit,
+    Describe,
+    EndpointOptions,
     LostTask,
     Started,
     TasksLost,
@@ -75,6 +77,7 @@ from mep.protocol.messages import (
     TaskRef,
     Tasks,
 )
+from mep.manager.describe import StartingReport, endpoint_options
 from mep.manager.flow import HeldWork, QueuedTask
 from mep.manager.large_results import ChunkRelay
 from mep.protocol.receive import handling, loop_turn
@@ -128,7 +131,7 @@ class SpawnWait:
 
 class Router:
     def __init__(self, config: ManagerConfig, manager_secret_key: str, endpoint_address: str,
-                 endpoint_secret_key: str, spawner: socketlib.socket) -> None:
+                 endpoint_secret_key: str, spawner: socketlib.socket, options: EndpointOptions | None = None) -> None:
         self.config = config
         self.endpoint_address = endpoint_address
         self.endpoint_public_key = public_from_secret(endpoint_secret_key)
@@ -170,6 +173,8 @@ class Router:
         self.pause = PauseDetector(longest_turn=config.heartbeat_interval)
         self._stopping = False
         self._next_request = 0
+        self.options = options or endpoint_options(config)  # for the service's ENDPOINT_INFO
+        self.starting_report = StartingReport()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -220,6 +225,7 @@ class Router:
         self._drain(self.endpoints_socket, self._from_endpoint)
         self._drain(self.service, self._from_service)
         self._retry_queued()
+        self._report_starting()
         self._send_credit()
         self._flush_to_service()
         self.audit.flush()
@@ -287,6 +293,8 @@ class Router:
                 self.held.registered()
                 self.config = self.config.model_copy(update={"heartbeat_interval": header.heartbeat_interval})
                 log.info("registered with the service at %s", self.config.service_address)
+                self.service.send_multipart(encode(Describe(options=self.options)))
+                self.starting_report.reset()
                 self.spawner.send(SpawnerStatusRequest())
             case Dispatch():
                 self._dispatch(header, payloads)
@@ -305,6 +313,16 @@ class Router:
                     self._register()
             case _:
                 log.warning("the service sent %s: %s", type(header).__name__, getattr(header, "message", ""))
+
+    def _report_starting(self) -> None:
+        """Tell the service which groups wait for their user endpoint to start (a task's "endpoint starting")."""
+        if self.registering_since:
+            return
+        starting = set(self.spawn_waits)
+        starting.update(key for link in self.endpoints.values() if link.routing_id is None for key in link.keys)
+        report = self.starting_report.changed(starting)
+        if report is not None:
+            self.service.send_multipart(encode(report))
 
     def _dispatch(self, dispatch: Dispatch, payloads: list[Any]) -> None:
         if self._stopping:

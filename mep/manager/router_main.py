@@ -22,6 +22,7 @@ from setproctitle import setproctitle
 from mep.cli.logs import use_format
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError
+from mep.manager.describe import endpoint_options
 from mep.manager.spawner_link import CHANNEL_FD, LOG_FD, RouterBoot
 
 log = logging.getLogger("mep.router")
@@ -47,7 +48,8 @@ def main() -> int:
 
     try:
         return Router(config, boot.manager_secret_key, boot.endpoint_address, boot.endpoint_secret_key,
-                      socket.socket(fileno=CHANNEL_FD)).run()
+                      socket.socket(fileno=CHANNEL_FD),
+                      options=endpoint_options(config, boot.schema_text, boot.template_text)).run()
     except ConfigurationError as exc:
         log.error("router: %s", exc)
     except Exception:

@@ -37,6 +37,10 @@ class RouterBoot(msgspec.Struct, forbid_unknown_fields=True):
     endpoint_secret_key: str  # the router's endpoint-facing key, kept across restarts
     log_level: int
     log_format: Literal["text", "json"] = "text"
+    # The admin's schema and template as the root side read them (policy-checked), for ENDPOINT_INFO: the
+    # router's account can't read /etc/mep/NAME (0700, it holds manager.key). Parsed only by the router.
+    schema_text: str = ""
+    template_text: str = ""
 
 _encoder = msgspec.msgpack.Encoder()
 

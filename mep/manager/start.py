@@ -27,7 +27,7 @@ from mep.root.accounts import Account, AccountPolicy
 from mep.root.authorize import account_policy
 from mep.root.interpreter import check_interpreter_usable
 from mep.root.pam import DEFAULT_LIBRARY
-from mep.root.policy_files import check_policy_file
+from mep.root.policy_files import check_policy_file, read_policy_file
 from mep.root.router_process import RouterLaunch, single_user_account
 from mep.root.session_holder import PamSettings
 from mep.root.spawner import Spawner, SpawnerSettings
@@ -164,7 +164,9 @@ def start_manager(config_path: Path) -> int:
         account=router or single_user_account(), drop_privileges=as_root, lock_fd=_instance_lock,
         boot=RouterBoot(config=config.model_dump(mode="json", by_alias=True), manager_secret_key=secret_key,
                         endpoint_address=address, endpoint_secret_key=router_secret,
-                        log_level=logging.getLogger().getEffectiveLevel(), log_format=active_format()))
+                        log_level=logging.getLogger().getEffectiveLevel(), log_format=active_format(),
+                        schema_text=read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode(),
+                        template_text=read_policy_file(config.template, trusted_owner_uids=trusted).decode()))
     spawner = Spawner(SpawnerSettings(config=config, router_address=address, router_public_key=router_public,
                                       policy=policy, trusted_owner_uids=trusted, drop_privileges=as_root,
                                       audit_log=config.audit_log_path(), pam=pam,

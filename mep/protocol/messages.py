@@ -35,8 +35,12 @@ MAX_IDS_PER_REQUEST = 100_000  # task ids in a Fetch, Cancel, ResultsAck or Task
 MAX_ID_CHARS = 256  # a task id, function hash, endpoint id or token
 MAX_QUERY_STATES = 16
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one ChunkRequest may ask for (the SDK asks for 1 MiB)
+MAX_SCHEMA_CHARS = 64 * 1024  # the admin's options schema, as JSON text (docs/protocol.md, "Limits")
+MAX_DESCRIPTION_CHARS = 4096  # a template's description, or why an endpoint has no schema to show
+MAX_STARTING_GROUPS = 10_000  # groups a router reports starting at once (one per user endpoint it starts)
 
 Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+Description = Annotated[str, msgspec.Meta(max_length=MAX_DESCRIPTION_CHARS)]
 IdList = Annotated[list[Id], msgspec.Meta(max_length=MAX_IDS_PER_REQUEST)]
 
 
@@ -215,6 +219,7 @@ class TaskQuery(Envelope, tag="TASK_QUERY"):
     states: Annotated[list[str], msgspec.Meta(max_length=MAX_QUERY_STATES)] = []
     since: float = 0.0
     limit: int = 1000
+    reasons: bool = False  # fill in ``TaskInfo.waiting_reason`` (an older client can't read that field)
 
 
 class TaskInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -231,6 +236,7 @@ class TaskInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     started_at: float = 0.0
     completed_at: float = 0.0
     collected: bool = False
+    waiting_reason: str = ""  # why an unfinished task waits, when the query asked for reasons
 
 
 class TaskList(Envelope, tag="TASK_LIST"):
@@ -258,6 +264,38 @@ class StatusReply(Envelope, tag="STATUS_REPLY"):
     request_id: int = 0
     processes: list[ProcessStatus] = []
     endpoint_online: bool = False
+
+
+class EndpointOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What an endpoint accepts in ``user_endpoint_config``, as its router read it at start.
+
+    ``schema`` is the admin's JSON Schema as text (checked to be a JSON object by the service);
+    ``schema_path`` names it in messages; ``problem`` says why there is no schema ("" when there is).
+    """
+
+    schema: Annotated[str, msgspec.Meta(max_length=MAX_SCHEMA_CHARS)] = ""
+    schema_path: Description = ""
+    template_description: Description = ""
+    problem: Description = ""
+
+
+class EndpointInfoRequest(Envelope, tag="ENDPOINT_INFO"):
+    """What may I pass this endpoint, and is it online? Any authenticated identity may ask."""
+
+    token: Id = ""
+    request_id: int = 0
+    endpoint_id: Id = ""
+
+
+class EndpointInfo(Envelope, tag="ENDPOINT_INFO_REPLY"):
+    """``offline_since``: Unix time its manager went away (0: online, or never connected: ``ever_online``)."""
+
+    request_id: int = 0
+    endpoint_id: str = ""
+    online: bool = False
+    offline_since: float = 0.0
+    ever_online: bool = False
+    options: EndpointOptions | None = None  # None: its manager has not described it (an older mep)
 
 
 class Error(Envelope, tag="ERROR"):
@@ -306,6 +344,25 @@ class Register(Envelope, tag="REGISTER"):
 
 class Registered(Envelope, tag="REGISTERED"):
     heartbeat_interval: float = 10.0
+
+
+class Describe(Envelope, tag="DESCRIBE"):
+    """Router -> service after each REGISTERED: what the endpoint accepts, for ``ENDPOINT_INFO``."""
+
+    options: EndpointOptions = msgspec.field(default_factory=EndpointOptions)
+
+
+class StartingGroup(msgspec.Struct, forbid_unknown_fields=True):
+    """A (submitter, config) whose user endpoint is being started; the config as SHA-256 of its canonical JSON."""
+
+    submitter_id: Id
+    config_sha256: Id
+
+
+class Starting(Envelope, tag="STARTING"):
+    """Router -> service: every group whose user endpoint is starting now (the whole set; empty: none)."""
+
+    groups: Annotated[list[StartingGroup], msgspec.Meta(max_length=MAX_STARTING_GROUPS)] = []
 
 
 class Unregister(Envelope, tag="UNREGISTER"):
@@ -511,8 +568,12 @@ Header = (
     | TasksLost
     | StatusRequest
     | StatusReply
+    | EndpointInfoRequest
+    | EndpointInfo
     | Error
     | Register
+    | Describe
+    | Starting
     | Unregister
     | Registered
     | Dispatch

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mep.errors import MepError
+from mep.errors import MepError, ProtocolError
 from mep.protocol.messages import (
     Cancel,
     CancelAck,
@@ -30,6 +30,7 @@ from mep.protocol.messages import (
 from mep.sdk.connection import ServiceSettings, request
 from mep.sdk.display import html_table, text_table, when
 from mep.sdk.large_results import payload_of
+from mep.sdk.endpoint_info import EndpointDescription, fetch_description
 from mep.sdk.results import outcome
 
 TASK_COLUMNS = ("task id", "state", "attempts", "submitted", "completed", "message")
@@ -62,7 +63,7 @@ class Tasks(list[TaskInfo]):
 
     def _rows(self) -> list[tuple[object, ...]]:
         return [(task.task_id, task.state, task.attempts, when(task.received_at), when(task.completed_at),
-                 task.message.splitlines()[0] if task.message else "") for task in self]
+                 task.message.splitlines()[0] if task.message else task.waiting_reason) for task in self]
 
     def __repr__(self) -> str:
         return text_table(TASK_COLUMNS, self._rows()) if self else "Tasks([])"
@@ -87,8 +88,16 @@ class Client:
         header.token = self._settings.token
         return request(self._settings, header, self.timeout, preceded_by)
 
+    def endpoint_info(self, endpoint_id: str) -> EndpointDescription:
+        """What the endpoint accepts in ``user_endpoint_config`` (the admin's schema: each option's type, default
+        and description), what its template does, and whether it is online (since when not)."""
+        self._request_ids += 1
+        return fetch_description(self._settings, endpoint_id, self.timeout, self._request_ids)
+
     def get_task(self, task_id: str) -> TaskInfo:
-        """One task's lifecycle: state, attempts, timestamps, and why it failed if it did."""
+        """One task's lifecycle: state, attempts, timestamps, why it failed if it did, and while it is
+        unfinished why it waits (``waiting_reason``: endpoint offline since ..., endpoint starting,
+        queued behind N tasks)."""
         tasks = self.list_tasks(task_ids=[task_id])
         if not tasks:
             raise MepError(f"the service knows no task {task_id} of yours")
@@ -98,8 +107,13 @@ class Client:
                    since: float = 0.0, limit: int = 1000) -> Tasks:
         """Your tasks, newest first; ``states`` among waiting, dispatched, running, succeeded, failed,
         cancelled, expired; ``since`` a Unix time of submission."""
-        reply, _ = self._ask(TaskQuery(task_ids=list(task_ids), endpoint_id=endpoint_id, states=list(states),
-                                       since=since, limit=limit))
+        query = TaskQuery(task_ids=list(task_ids), endpoint_id=endpoint_id, states=list(states), since=since,
+                          limit=limit, reasons=True)
+        try:
+            reply, _ = self._ask(query)
+        except ProtocolError:  # an older service refuses the field ``reasons``; ask as it understands
+            query.reasons = False
+            reply, _ = self._ask(query)
         assert isinstance(reply, TaskList)
         return Tasks(reply.tasks)
 

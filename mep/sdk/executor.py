@@ -58,12 +58,15 @@ from mep.protocol.messages import (
     ResultsAck,
     Submit,
     SubmitAck,
+    TaskList,
+    TaskQuery,
     TaskRef,
 )
 from mep.protocol.receive import handling
 from mep.protocol.user_config import check_config
 from mep.sdk.connection import ServiceSettings
 from mep.sdk.display import html_table
+from mep.sdk.endpoint_info import OptionsCheck
 from mep.sdk.large_results import BackgroundLoader, acknowledge, nothing
 from mep.sdk.results import outcome
 from mep.sdk.serialize import FunctionCache, client_runtime, serialize_args
@@ -98,6 +101,7 @@ class TaskFuture(concurrent.futures.Future):
         self._on_cancel = on_cancel
         self._link = link
         self._waiting_for = QUEUED_HERE
+        self._service_reason = ""  # why the service says it waits (Client.get_task's waiting_reason)
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
@@ -131,6 +135,8 @@ class TaskFuture(concurrent.futures.Future):
         if silent_since is not None:
             return (f"{self._waiting_for}; no answer from the service at {self._link.address} for "
                     f"{time.monotonic() - silent_since:.0f} s, retrying")
+        if self._waiting_for == ACCEPTED and self._service_reason:
+            return f"{ACCEPTED}: {self._service_reason}"
         return self._waiting_for
 
     def __repr__(self) -> str:
@@ -184,8 +190,9 @@ class Executor(concurrent.futures.Executor):
     ``service`` is the service's address (``tcp://host:port``), ``service_key``
     its pinned CURVE public key and ``token`` your mep token; each falls back to
     ``MEP_SERVICE``, ``MEP_SERVICE_KEY`` and ``MEP_TOKEN``.
-    ``user_endpoint_config`` is checked against the admin's schema on the
-    endpoint. It and ``walltime`` (seconds, ``None`` for no limit) are read
+    ``user_endpoint_config`` is checked against the admin's schema at
+    ``submit`` (fetched once, as ``Client.endpoint_info`` shows it; raising the
+    endpoint's own ``ConfigInvalidError``) and again on the endpoint. It and ``walltime`` (seconds, ``None`` for no limit) are read
     when a task is submitted: change the attributes between submissions to
     give tasks different configs or limits; a task keeps the ones it was
     submitted with, however long it waits to be sent. Leaving a ``with``
@@ -241,6 +248,7 @@ class Executor(concurrent.futures.Executor):
         self._large_results = BackgroundLoader(self._settings, read_results_locally, answer_timeout,
                                                lambda: self.submit(nothing).result())
         self._runtime = client_runtime()
+        self._options = OptionsCheck(self._settings, endpoint_id)  # the endpoint's schema, fetched once
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         # True while the I/O thread sleeps with no submission in flight: only then must a submit wake it (an
         # acknowledgement wakes it otherwise); one pipe write per batch, not one GIL hand-off per submit
@@ -291,11 +299,13 @@ class Executor(concurrent.futures.Executor):
         if self._closing.is_set():
             raise RuntimeError("cannot submit to an Executor that has been shut down")
         check_config(self.user_endpoint_config)  # here, not in the I/O thread: the caller sees what is wrong
+        config = self._config_now()
+        self._options.check(config, self.user_endpoint_config)  # a typo fails here, in the endpoint's words
         body, fn_hash = _functions.serialized(fn)
         task_id = str(uuid.uuid4())
         pending = _Pending(task_id=task_id, future=self._future(task_id), fn_hash=fn_hash, fn_body=body,
                            args=serialize_args(args, kwargs), walltime=self._checked_walltime(),
-                           config=self._config_now())
+                           config=config)
         for what, size in (("function", len(body)), ("arguments", len(pending.args))):
             if size > self._max_payload_bytes:
                 pending.future.set_exception(PayloadTooLargeError(
@@ -375,7 +385,7 @@ class Executor(concurrent.futures.Executor):
         poller.register(self._wake_read, zmq.POLLIN)
         state = self._state
         request_ids = itertools.count(1)
-        last_heard = last_polled = time.monotonic()
+        last_heard = last_polled = last_reasons = time.monotonic()
         try:
             while not (self._closing.is_set() and self._commands.empty() and not state.queued
                        and not state.in_flight and not state.awaiting_result):
@@ -418,6 +428,13 @@ class Executor(concurrent.futures.Executor):
                         socket.send_multipart(encode(Fetch(token=self._settings.token, request_id=next(request_ids),
                                                            task_ids=task_ids)))
                     last_polled = now
+                reasons_due = now - last_reasons > self._poll_interval
+                if state.awaiting_result and self._options.service_describes and reasons_due:
+                    # why they wait, for the futures' reprs (only a service that answered ENDPOINT_INFO reads it)
+                    socket.send_multipart(encode(TaskQuery(token=self._settings.token, request_id=next(request_ids),
+                                                           task_ids=list(itertools.islice(state.awaiting_result, 1000)),
+                                                           limit=1000, reasons=True)))
+                    last_reasons = now
         except AuthenticationError as exc:  # a wrong pinned key: nothing we send can succeed
             self._fail_everything(state, exc)
         except Exception as exc:  # the thread must never die silently: fail every future with the reason
@@ -522,6 +539,11 @@ class Executor(concurrent.futures.Executor):
                 inline = [r.task_id for r in header.results if r.large is None]  # large ones: once loaded
                 if inline:
                     socket.send_multipart(encode(ResultsAck(token=self._settings.token, task_ids=inline)))
+            case TaskList():
+                for info in header.tasks:
+                    pending = state.awaiting_result.get(info.task_id)
+                    if pending is not None:
+                        pending.future._service_reason = info.waiting_reason
             case CancelAck():
                 for task_id in header.cancelled:
                     pending = state.awaiting_result.pop(task_id, None)

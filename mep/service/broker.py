@@ -53,8 +53,10 @@ from mep.protocol.messages import (
     Chunk,
     ChunkRequest,
     Credit,
+    Describe,
     Dispatch,
     DispatchAck,
+    EndpointInfoRequest,
     Error,
     Fetch,
     Heartbeat,
@@ -67,6 +69,7 @@ from mep.protocol.messages import (
     ResultsAck,
     Runtime,
     Started,
+    Starting,
     StatusReply,
     StatusRequest,
     Submit,
@@ -80,6 +83,7 @@ from mep.protocol.messages import (
 )
 from mep.protocol.receive import handling, loop_turn
 from mep.service.blobs import ChunkFetches
+from mep.service.endpoint_info import EndpointDirectory
 from mep.service.state import ServiceState
 from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 from mep.service.throttle import FailedAuthentications
@@ -164,6 +168,7 @@ class Broker:
         self.socket.bind(settings.listen)
         self.address = self.socket.last_endpoint.decode()
         self.managers: dict[str, ManagerLink] = {}
+        self.directory = EndpointDirectory(self.store)  # what endpoints accept, and why tasks wait
         self.client_routes: dict[str, bytes] = {}
         self.chunk_fetches = ChunkFetches(self.store)
         self._last_expiry = float("-inf")
@@ -296,8 +301,16 @@ class Broker:
                                            outbox)
             case TaskQuery():
                 identity_id = self._authenticate(header.token)
-                outbox.reply(routing_id, TaskList(request_id=header.request_id,
-                                                  tasks=self.store.task_infos(identity_id, header)))
+                tasks = self.store.task_infos(identity_id, header)
+                if header.reasons:
+                    tasks = self.directory.with_reasons(identity_id, tasks, self.managers)
+                outbox.reply(routing_id, TaskList(request_id=header.request_id, tasks=tasks))
+            case EndpointInfoRequest():
+                self._authenticate(header.token)
+                if not self.store.endpoint_exists(header.endpoint_id):
+                    raise UnknownEndpointError(f"no endpoint with id {header.endpoint_id!r} is registered with "
+                                               "this service")
+                outbox.reply(routing_id, self.directory.info(header, self.managers))
             case StatusRequest():
                 self._authenticate(header.token)
                 link = self.managers.get(header.endpoint_id)
@@ -432,8 +445,13 @@ class Broker:
                 self.store.mark_started(endpoint_id, header.task_ids)
             case Chunk():
                 self.chunk_fetches.answered(endpoint_id, header, payloads, outbox)
+            case Describe():
+                self.directory.describe(endpoint_id, header.options)
+            case Starting():
+                self.directory.set_starting(endpoint_id, header.groups)
             case Unregister():
                 del self.managers[endpoint_id]
+                self.directory.offline(endpoint_id)
                 requeued, cancelled = self.store.requeue_in_flight(endpoint_id)
                 outbox.completed.extend(cancelled)
                 log.info("manager for endpoint %s stopped; %d task(s) it held wait for its return", endpoint_id,
@@ -487,6 +505,7 @@ class Broker:
         requeued, cancelled = self.store.requeue_in_flight(endpoint_id)
         outbox.completed.extend(cancelled)
         self.managers[endpoint_id] = ManagerLink(routing_id=routing_id, last_seen=now)
+        self.directory.online(endpoint_id)
         log.info("manager for endpoint %s (mep %s) registered; %d in-flight task(s) queued again",
                  endpoint_id, header.mep_version or "unknown", requeued)
         outbox.reply(routing_id, Registered(heartbeat_interval=self.settings.heartbeat_interval))
@@ -622,6 +641,7 @@ class Broker:
             if link.last_seen < deadline:
                 log.warning("manager for endpoint %s went silent; its tasks wait for it to return", endpoint_id)
                 del self.managers[endpoint_id]
+                self.directory.offline(endpoint_id)
 
     def _send(self, routing_id: bytes, frames: list[Any]) -> bool:
         try:
