@@ -40,7 +40,7 @@ CONTEXT: dict[str, Any] = {
 
 # A value for each option any shipped schema offers, within every schema's bounds.
 FULL_OPTIONS: dict[str, Any] = {
-    "workers": 4, "idle_timeout": 120, "python_env": "envs/analysis", "partition": "batch",
+    "workers": 4, "idle_timeout": 120, "python_env": "envs/analysis", "mpi": False, "partition": "batch",
     "walltime": "01:00:00", "account": "proj1", "nodes_per_block": 2, "cores_per_node": 8, "mem_per_node": 16,
     "workers_per_node": 4, "max_blocks": 3, "start_timeout": 60, "environment": {"OMP_NUM_THREADS": "4"},
     "queue": "normal", "cpus_per_node": 8, "project": "proj1", "cpu": 2, "memory": "4Gi",

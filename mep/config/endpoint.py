@@ -95,6 +95,20 @@ def _check_json(value: object, where: str) -> None:
     raise ValueError(f"{where}: a {type(value).__name__} is not a JSON value")
 
 
+MPI_RESOURCES = ("num_nodes", "ranks_per_node", "num_ranks")
+"""The resource_specification keys Parsl's MPI mode places a task by (``launcher_options`` is never
+accepted: Parsl pastes it into the launch command line)."""
+HTEX_RESOURCES = ("priority",)
+"""What HTEX honours per task outside MPI mode."""
+
+
+class MpiMode(_StrictModel):
+    """Parsl's MPI mode: each task gets nodes of its block and ``$PARSL_MPI_PREFIX`` to launch its ranks with."""
+
+    launcher: Literal["mpiexec", "srun", "aprun"] = Field(
+        default="mpiexec", description="How $PARSL_MPI_PREFIX launches ranks (mpiexec: MPICH's or Open MPI's)")
+
+
 class HtexEngine(_StrictModel):
     """Parsl's HighThroughputExecutor: workers in blocks that ``provider`` obtains from a scheduler.
 
@@ -131,8 +145,13 @@ class HtexEngine(_StrictModel):
     start_timeout: float = Field(
         default=600.0, gt=0, allow_inf_nan=False,
         description="Seconds tasks may wait for a first block to start before they fail")
+    mpi: MpiMode | None = Field(default=None, description="Run tasks in Parsl's MPI mode (MPIFunction)")
     # On a shared login node the interchange's port is a way into the account unless it is encrypted.
     encrypted: Literal[True] = True
+
+    @property
+    def honoured_resources(self) -> tuple[str, ...]:
+        return MPI_RESOURCES if self.mpi is not None else HTEX_RESOURCES
 
     @field_validator("provider")
     @classmethod
@@ -148,6 +167,10 @@ class HtexEngine(_StrictModel):
             raise ValueError(f"min_blocks ({self.min_blocks}) is more than max_blocks ({self.max_blocks})")
         if self.init_blocks > self.max_blocks:
             raise ValueError(f"init_blocks ({self.init_blocks}) is more than max_blocks ({self.max_blocks})")
+        if self.mpi is not None and self.worker_python is not None:
+            # a worker_python worker keeps the environment of its first task, so a later task would launch
+            # its ranks with another task's $PARSL_MPI_PREFIX
+            raise ValueError("mpi mode runs tasks in mep's own interpreter: it can't be combined with worker_python")
         return self
 
 
@@ -168,6 +191,10 @@ Engine = Annotated[
 ]
 
 
+class ResourceLimitError(ValueError):
+    """A task's resource_specification asks for something this endpoint does not grant; says which limit."""
+
+
 class UserEndpointConfig(_StrictModel):
     """What one user endpoint runs with, as the mapped account.
 
@@ -181,6 +208,34 @@ class UserEndpointConfig(_StrictModel):
     idle_timeout: float = Field(
         default=300.0, gt=0, allow_inf_nan=False, description="Seconds without tasks before the endpoint exits."
     )
+    task_resources: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="The most of each resource one task's resource_specification may ask for, by Parsl's names "
+        "(num_nodes, ranks_per_node, ...); a key not listed may not be asked for")
+
+    @model_validator(mode="after")
+    def _resources_honoured(self) -> UserEndpointConfig:
+        honoured = self.engine.honoured_resources if isinstance(self.engine, HtexEngine) else ()
+        unhonoured = sorted(set(self.task_resources) - set(honoured))
+        if unhonoured:
+            raise ValueError(f"task_resources names {', '.join(unhonoured)}, which the {self.engine.type} engine"
+                             f"{' in this mode' if honoured else ''} can't honour per task"
+                             + (f" (it honours {', '.join(honoured)})" if honoured else ""))
+        return self
+
+    def check_resources(self, requested: dict[str, int]) -> dict[str, int]:
+        """``requested`` if every amount is within ``task_resources``; raises ResourceLimitError naming the limit."""
+        for name, amount in sorted(requested.items()):
+            if name not in self.task_resources:
+                allowed = ", ".join(f"{key} (at most {most})" for key, most in sorted(self.task_resources.items()))
+                raise ResourceLimitError(
+                    f"this endpoint does not accept {name!r} in a task's resource_specification; "
+                    + (f"it accepts {allowed}" if allowed else "it accepts none (its template sets no task_resources)"))
+            if amount > self.task_resources[name]:
+                raise ResourceLimitError(
+                    f"resource_specification asks for {name}={amount}, more than this endpoint allows: "
+                    f"task_resources.{name} is {self.task_resources[name]} (set by the admin's template)")
+        return requested
 
     @property
     def worker_python(self) -> str | None:

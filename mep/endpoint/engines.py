@@ -11,10 +11,11 @@ fails each task with the reason, rather than an endpoint that can't start.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Protocol
 
 from mep.config.endpoint import HtexEngine, UserEndpointConfig
-from mep.endpoint.engine import Completion, ProcessEngine, Started
+from mep.endpoint.engine import EMPTY, Completion, ProcessEngine, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
@@ -22,7 +23,9 @@ from mep.protocol.messages import FAILED
 
 
 class Engine(Protocol):
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None: ...
+    # resources: the task's resource_specification, already checked against the config's task_resources
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+               resources: Mapping[str, int] = EMPTY) -> None: ...
     def cancel(self, task_id: str, outcome: Outcome) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -51,7 +54,8 @@ class UnusableEngine:
         self._reason = reason
         self._on_done = on_done
 
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None:
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+               resources: Mapping[str, int] = EMPTY) -> None:
         self._on_done(task_id, Outcome(FAILED, code=ErrorCode.CONFIG_INVALID, message=self._reason))
 
     def cancel(self, task_id: str, outcome: Outcome) -> None:
