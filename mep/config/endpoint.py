@@ -47,12 +47,43 @@ WorkerPython = Annotated[
 ]
 
 
+class Container(_StrictModel):
+    """Workers run in a container the admin allows; mep builds the command line (``mep.endpoint.containers``).
+
+    The image is one word that can't be read as an option (no leading ``-``); it is passed as its own
+    argument, never through a shell.
+    """
+
+    type: Literal["podman", "apptainer", "singularity"]
+    image: str = Field(pattern=r"^[A-Za-z0-9/][A-Za-z0-9._/:@+-]{0,254}$",
+                       description="Image name (podman) or image file / URI (apptainer, singularity)")
+    python: Annotated[str, AfterValidator(_clean_path)] = Field(
+        default="/usr/bin/python3", description="The interpreter inside the image; it needs only dill")
+    runtime: Annotated[str, AfterValidator(_clean_path)] | None = Field(
+        default=None, description="podman only: the OCI runtime's path (e.g. /usr/sbin/runc where crun can't "
+        "run, as on hosts with hybrid cgroups); default: podman's own choice")
+
+    @model_validator(mode="after")
+    def _runtime_is_podmans(self) -> Container:
+        if self.runtime is not None and self.type != "podman":
+            raise ValueError(f"runtime is a podman setting; {self.type} has none")
+        return self
+
+
 class ProcessEngine(_StrictModel):
     """Run tasks in a pool of worker processes on the host the user endpoint runs on."""
 
     type: Literal["process"] = "process"
     workers: int = Field(default=1, ge=1, le=1024)
     worker_python: WorkerPython = None
+    container: Container | None = Field(default=None, description="Run each worker in this container")
+
+    @model_validator(mode="after")
+    def _one_interpreter(self) -> ProcessEngine:
+        if self.container is not None and self.worker_python is not None:
+            raise ValueError("worker_python and container both choose the workers' interpreter: give one "
+                             "(container.python names the interpreter in the image)")
+        return self
 
 
 class ParslComponent(BaseModel):

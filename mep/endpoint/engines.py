@@ -1,7 +1,8 @@
 """Choose the engine a user endpoint runs its tasks on, from its config.
 
 ``process`` without ``worker_python``: the process engine's forkserver pool
-of this interpreter. ``process`` with ``worker_python``: the same engine whose
+of this interpreter. ``process`` with ``container``: bootstrap workers in the container
+(``mep.endpoint.containers``). ``process`` with ``worker_python``: the same engine whose
 workers are bootstrap workers of that interpreter. ``htex``: Parsl's
 HighThroughputExecutor (``mep.endpoint.parsl_engine``, which alone imports
 Parsl). A ``worker_python`` that can't run tasks at all gives an engine that
@@ -11,10 +12,13 @@ fails each task with the reason, rather than an endpoint that can't start.
 from __future__ import annotations
 
 import functools
+import os
+import pwd
 from collections.abc import Mapping
 from typing import Protocol
 
 from mep.config.endpoint import HtexEngine, UserEndpointConfig
+from mep.endpoint.containers import container_problem, start_container_worker
 from mep.endpoint.engine import EMPTY, Completion, ProcessEngine, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
 from mep.endpoint.worker import Outcome
@@ -44,6 +48,13 @@ def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Comple
     if engine.worker_python is not None:
         return ProcessEngine(engine.workers, on_started, on_done,
                              start_worker=functools.partial(start_worker, engine.worker_python))
+    if engine.container is not None:
+        problem = container_problem(engine.container)
+        if problem:
+            return UnusableEngine(problem, on_done)
+        home = pwd.getpwuid(os.getuid()).pw_dir
+        return ProcessEngine(engine.workers, on_started, on_done,
+                             start_worker=functools.partial(start_container_worker, engine.container, home))
     return ProcessEngine(engine.workers, on_started, on_done)
 
 
