@@ -54,6 +54,7 @@ def test_the_slurm_template_grants_mpi_placement_up_to_its_block() -> None:
     config = slurm({"mpi": True, "nodes_per_block": 2})
     assert config.engine.mpi is not None and config.engine.mpi.launcher == "mpiexec"
     assert config.task_resources == {"num_nodes": 2, "ranks_per_node": 64, "num_ranks": 128}
+    assert config.engine.launcher.type == "SimpleLauncher", "one pool on the first node hands out the nodes"
     assert config.check_resources({"num_nodes": 2, "ranks_per_node": 4}) == {"num_nodes": 2, "ranks_per_node": 4}
     with pytest.raises(ValueError, match=r"num_nodes=3, more than this endpoint allows: task_resources\.num_nodes is 2"):
         config.check_resources({"num_nodes": 3})
