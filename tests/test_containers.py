@@ -21,7 +21,7 @@ from mep.config.endpoint import Container
 from mep.config.manager import shipped_templates_dir
 from mep.endpoint.containers import worker_argv
 from mep.endpoint.interpreters import LOADER
-from tests.harness import DOMAIN_STRIP, PYTHON, expression_mapping
+from tests.harness import DOMAIN_STRIP, PYTHON, expression_mapping, wait_for
 from tests.test_templates import CONTEXT, renderer
 
 TEMPLATES = shipped_templates_dir()
@@ -69,8 +69,25 @@ def as_account(account, *command: str) -> subprocess.CompletedProcess:  # noqa: 
                           capture_output=True, text=True, cwd=account.pw_dir, timeout=300)
 
 
-def stop_podman_pause_process(account) -> None:  # noqa: ANN001
-    """Rootless podman leaves a pause process holding the account's user namespace; it would block userdel."""
+def podman_clients_of(uid: int) -> list[int]:
+    """The account's ``podman run`` processes (not the pause process, whose command line is plain "podman")."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if os.stat(f"/proc/{entry}").st_uid == uid and command.startswith(b"podman\0") and b"\0run\0" in command:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def stop_podman_pause_process(account, *managers) -> None:  # noqa: ANN001
+    """Stop the managers (their endpoints end their container workers), then rootless podman's pause process,
+    which holds the account's user namespace and would block userdel."""
+    for manager in managers:
+        manager.process.stop()
+    wait_for(lambda: not podman_clients_of(account.pw_uid), timeout=60, what="the container workers to end")
     pid_file = Path(f"/tmp/podman-run-{account.pw_uid}/libpod/tmp/pause.pid")
     if pid_file.exists():
         try:
@@ -89,6 +106,7 @@ def test_a_task_runs_in_the_podman_container_the_researcher_chose(deploy, accoun
     os.chown(tarball, account.pw_uid, account.pw_gid)
     (Path(account.pw_dir) / "marker").write_text("from the home directory")
     os.chown(Path(account.pw_dir) / "marker", account.pw_uid, account.pw_gid)
+    managers = []
     try:
         imported = as_account(account, "podman", "import", "--quiet", str(tarball), IMAGE)
         assert imported.returncode == 0, imported.stderr
@@ -99,6 +117,7 @@ def test_a_task_runs_in_the_podman_container_the_researcher_chose(deploy, accoun
         manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=template,
                                        schema=TEMPLATES / "local.schema.json",
                                        settings={"allow_setuid_helpers": True})  # rootless podman's newuidmap
+        managers.append(manager)
         identity = deploy.identity(f"{account.pw_name}@example.org")
         with deploy.executor(identity, manager, user_endpoint_config={"container_image": IMAGE}) as executor:
             inside = executor.submit(where_am_i).result(timeout=180)
@@ -111,7 +130,7 @@ def test_a_task_runs_in_the_podman_container_the_researcher_chose(deploy, accoun
             with pytest.raises(mep.ConfigInvalidError, match="newuidmap.*allow_setuid_helpers: true"):
                 executor.submit(where_am_i).result(timeout=60)
     finally:
-        stop_podman_pause_process(account)
+        stop_podman_pause_process(account, *managers)
     assert inside["container"] is True, "podman writes /run/.containerenv in every container"
     assert inside["host"] != os.uname().nodename, "the container has its own UTS namespace"
     assert inside["uid"] == account.pw_uid, "keep-id: the researcher's own uid inside"
