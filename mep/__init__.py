@@ -48,6 +48,7 @@ __all__ = [
     "LargeResultNoReaderError",
     "LargeResultUnavailableError",
     "ShellFunction",
+    "MPIFunction",
     "MappingError",
     "MepError",
     "QuotaExceededError",
@@ -79,6 +80,10 @@ def __getattr__(name: str):  # lazy: the service and manager import mep without 
         from mep.sdk import client
 
         return getattr(client, name)
+    if name == "MPIFunction":
+        from mep.sdk.mpi import MPIFunction
+
+        return MPIFunction
     if name == "ShellFunction":
         from mep.sdk.shell import ShellFunction
 

@@ -40,7 +40,7 @@ CONTEXT: dict[str, Any] = {
 
 # A value for each option any shipped schema offers, within every schema's bounds.
 FULL_OPTIONS: dict[str, Any] = {
-    "workers": 4, "idle_timeout": 120, "python_env": "envs/analysis", "partition": "batch",
+    "workers": 4, "idle_timeout": 120, "python_env": "envs/analysis", "mpi": False, "partition": "batch",
     "walltime": "01:00:00", "account": "proj1", "nodes_per_block": 2, "cores_per_node": 8, "mem_per_node": 16,
     "workers_per_node": 4, "max_blocks": 3, "start_timeout": 60, "environment": {"OMP_NUM_THREADS": "4"},
     "queue": "normal", "cpus_per_node": 8, "project": "proj1", "cpu": 2, "memory": "4Gi",
@@ -97,7 +97,8 @@ def test_defaults_render_to_a_valid_config(name: str) -> None:
 
 @pytest.mark.parametrize("name", CATALOGUE)
 def test_every_option_renders_and_passes_the_parsl_signature_check(name: str) -> None:
-    options = {option: FULL_OPTIONS[option] for option in schema_of(name)["properties"]}
+    # container_image and python_env exclude each other: tests/test_containers.py renders the former
+    options = {option: FULL_OPTIONS[option] for option in schema_of(name)["properties"] if option in FULL_OPTIONS}
     config = renderer(name).render(options, **CONTEXT)
     assert config.idle_timeout == 120
     if "python_env" in options:

@@ -22,6 +22,7 @@ import os
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
+from mep.config.task_resources import check_resources
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -47,12 +48,43 @@ WorkerPython = Annotated[
 ]
 
 
+class Container(_StrictModel):
+    """Workers run in a container the admin allows; mep builds the command line (``mep.endpoint.containers``).
+
+    The image is one word that can't be read as an option (no leading ``-``); it is passed as its own
+    argument, never through a shell.
+    """
+
+    type: Literal["podman", "apptainer", "singularity"]
+    image: str = Field(pattern=r"^[A-Za-z0-9/][A-Za-z0-9._/:@+-]{0,254}$",
+                       description="Image name (podman) or image file / URI (apptainer, singularity)")
+    python: Annotated[str, AfterValidator(_clean_path)] = Field(
+        default="/usr/bin/python3", description="The interpreter inside the image; it needs only dill")
+    runtime: Annotated[str, AfterValidator(_clean_path)] | None = Field(
+        default=None, description="podman only: the OCI runtime's path (e.g. /usr/sbin/runc where crun can't "
+        "run, as on hosts with hybrid cgroups); default: podman's own choice")
+
+    @model_validator(mode="after")
+    def _runtime_is_podmans(self) -> Container:
+        if self.runtime is not None and self.type != "podman":
+            raise ValueError(f"runtime is a podman setting; {self.type} has none")
+        return self
+
+
 class ProcessEngine(_StrictModel):
     """Run tasks in a pool of worker processes on the host the user endpoint runs on."""
 
     type: Literal["process"] = "process"
     workers: int = Field(default=1, ge=1, le=1024)
     worker_python: WorkerPython = None
+    container: Container | None = Field(default=None, description="Run each worker in this container")
+
+    @model_validator(mode="after")
+    def _one_interpreter(self) -> ProcessEngine:
+        if self.container is not None and self.worker_python is not None:
+            raise ValueError("worker_python and container both choose the workers' interpreter: give one "
+                             "(container.python names the interpreter in the image)")
+        return self
 
 
 class ParslComponent(BaseModel):
@@ -95,6 +127,20 @@ def _check_json(value: object, where: str) -> None:
     raise ValueError(f"{where}: a {type(value).__name__} is not a JSON value")
 
 
+MPI_RESOURCES = ("num_nodes", "ranks_per_node", "num_ranks")
+"""The resource_specification keys Parsl's MPI mode places a task by (``launcher_options`` is never
+accepted: Parsl pastes it into the launch command line)."""
+HTEX_RESOURCES = ("priority",)
+"""What HTEX honours per task outside MPI mode."""
+
+
+class MpiMode(_StrictModel):
+    """Parsl's MPI mode: each task gets nodes of its block and ``$PARSL_MPI_PREFIX`` to launch its ranks with."""
+
+    launcher: Literal["mpiexec", "srun", "aprun"] = Field(
+        default="mpiexec", description="How $PARSL_MPI_PREFIX launches ranks (mpiexec: MPICH's or Open MPI's)")
+
+
 class HtexEngine(_StrictModel):
     """Parsl's HighThroughputExecutor: workers in blocks that ``provider`` obtains from a scheduler.
 
@@ -131,8 +177,13 @@ class HtexEngine(_StrictModel):
     start_timeout: float = Field(
         default=600.0, gt=0, allow_inf_nan=False,
         description="Seconds tasks may wait for a first block to start before they fail")
+    mpi: MpiMode | None = Field(default=None, description="Run tasks in Parsl's MPI mode (MPIFunction)")
     # On a shared login node the interchange's port is a way into the account unless it is encrypted.
     encrypted: Literal[True] = True
+
+    @property
+    def honoured_resources(self) -> tuple[str, ...]:
+        return MPI_RESOURCES if self.mpi is not None else HTEX_RESOURCES
 
     @field_validator("provider")
     @classmethod
@@ -148,6 +199,10 @@ class HtexEngine(_StrictModel):
             raise ValueError(f"min_blocks ({self.min_blocks}) is more than max_blocks ({self.max_blocks})")
         if self.init_blocks > self.max_blocks:
             raise ValueError(f"init_blocks ({self.init_blocks}) is more than max_blocks ({self.max_blocks})")
+        if self.mpi is not None and self.worker_python is not None:
+            # a worker_python worker keeps the environment of its first task, so a later task would launch
+            # its ranks with another task's $PARSL_MPI_PREFIX
+            raise ValueError("mpi mode runs tasks in mep's own interpreter: it can't be combined with worker_python")
         return self
 
 
@@ -208,6 +263,24 @@ class UserEndpointConfig(_StrictModel):
         default=300.0, gt=0, allow_inf_nan=False, description="Seconds without tasks before the endpoint exits."
     )
     large_results: LargeResults = Field(default_factory=LargeResults)
+    task_resources: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="The most of each resource one task's resource_specification may ask for, by Parsl's names "
+        "(num_nodes, ranks_per_node, ...); a key not listed may not be asked for")
+
+    @model_validator(mode="after")
+    def _resources_honoured(self) -> UserEndpointConfig:
+        honoured = self.engine.honoured_resources if isinstance(self.engine, HtexEngine) else ()
+        unhonoured = sorted(set(self.task_resources) - set(honoured))
+        if unhonoured:
+            raise ValueError(f"task_resources names {', '.join(unhonoured)}, which the {self.engine.type} engine"
+                             f"{' in this mode' if honoured else ''} can't honour per task"
+                             + (f" (it honours {', '.join(honoured)})" if honoured else ""))
+        return self
+
+    def check_resources(self, requested: dict[str, int]) -> dict[str, int]:
+        """``requested`` if every amount is within ``task_resources``; raises ResourceLimitError naming the limit."""
+        return check_resources(self.task_resources, requested)
 
     @property
     def worker_python(self) -> str | None:

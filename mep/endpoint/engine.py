@@ -1,6 +1,7 @@
 """Engines execute tasks for the user endpoint; ``process`` is a pool of worker processes on this host.
 
-An engine takes ``submit(task id, function hash, function body, args)`` and
+An engine takes ``submit(task id, function hash, function body, args, resources)``
+(``resources``: the task's checked resource_specification) and
 ``cancel(task id, outcome)``, and reports through two callbacks that may run on
 any thread: ``on_started(task id)`` when a worker takes the task, and
 ``on_done(task id, Outcome)`` exactly once per task. The seam is deliberately
@@ -15,7 +16,8 @@ import select
 import signal
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 Started = Callable[[str], None]
 Completion = Callable[[str, Outcome], None]
+EMPTY: Mapping[str, int] = MappingProxyType({})  # no resource_specification
 
 
 class Connection(Protocol):
@@ -91,7 +94,9 @@ class ProcessEngine:
 
     # --- called from the endpoint's thread ----------------------------------------
 
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None:
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+               resources: Mapping[str, int] = EMPTY) -> None:
+        """``resources`` is always empty here: the config admits no task_resources for this engine."""
         with self._lock:
             self._pending.append(_Task(task_id, fn_hash, fn_body, args))
         self._wake()

@@ -1,9 +1,9 @@
 """Choose the engine a user endpoint runs its tasks on, from its config.
 
 ``process`` without ``worker_python``: the process engine's pool of workers
-forked from a clean process of this interpreter (``mep.endpoint.forker``).
-``process`` with ``worker_python``: the same engine whose workers are
-bootstrap workers of that interpreter. ``htex``: Parsl's
+forked from a clean process of this interpreter (``mep.endpoint.forker``). ``process`` with ``container``: bootstrap workers in the container
+(``mep.endpoint.containers``). ``process`` with ``worker_python``: the same engine whose
+workers are bootstrap workers of that interpreter. ``htex``: Parsl's
 HighThroughputExecutor (``mep.endpoint.parsl_engine``, which alone imports
 Parsl). A ``worker_python`` that can't run tasks at all gives an engine that
 fails each task with the reason, rather than an endpoint that can't start.
@@ -12,9 +12,12 @@ fails each task with the reason, rather than an endpoint that can't start.
 from __future__ import annotations
 
 import functools
+import os
+import pwd
+from collections.abc import Mapping
 from typing import Protocol
 
-from mep.endpoint.engine import Completion, ProcessEngine, Started
+from mep.endpoint.engine import EMPTY, Completion, ProcessEngine, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
 from mep.endpoint.settings import EndpointConfig
 from mep.endpoint.worker import Outcome
@@ -23,7 +26,9 @@ from mep.protocol.messages import FAILED
 
 
 class Engine(Protocol):
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None: ...
+    # resources: the task's resource_specification, already checked against the config's task_resources
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+               resources: Mapping[str, int] = EMPTY) -> None: ...
     def cancel(self, task_id: str, outcome: Outcome) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -42,6 +47,15 @@ def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion
     if engine.worker_python is not None:
         return ProcessEngine(engine.workers, on_started, on_done,
                              start_worker=functools.partial(start_worker, engine.worker_python))
+    if engine.container is not None:  # only the pydantic model carries one (mep.endpoint.settings)
+        from mep.endpoint.containers import container_problem, start_container_worker
+
+        problem = container_problem(engine.container)
+        if problem:
+            return UnusableEngine(problem, on_done)
+        home = pwd.getpwuid(os.getuid()).pw_dir
+        return ProcessEngine(engine.workers, on_started, on_done,
+                             start_worker=functools.partial(start_container_worker, engine.container, home))
     return ProcessEngine(engine.workers, on_started, on_done)
 
 
@@ -52,7 +66,8 @@ class UnusableEngine:
         self._reason = reason
         self._on_done = on_done
 
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None:
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+               resources: Mapping[str, int] = EMPTY) -> None:
         self._on_done(task_id, Outcome(FAILED, code=ErrorCode.CONFIG_INVALID, message=self._reason))
 
     def cancel(self, task_id: str, outcome: Outcome) -> None:

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,11 +131,14 @@ class WorkerProcess:
 
 def start_worker(python: str) -> tuple[WorkerProcess, Connection]:
     """Start ``python`` as a bootstrap worker and send it the bootstrap; raises OSError if it can't start."""
-    from multiprocessing.connection import Connection  # here: the local workers' endpoint doesn't need it
+    return start_bootstrap(lambda fd: [python, "-I", "-c", LOADER, str(fd)])
 
+
+def start_bootstrap(command: Callable[[int], list[str]]) -> tuple[WorkerProcess, Connection]:
+    """Start a bootstrap worker by ``command(fd)``: the argv that runs LOADER with the connection ``fd`` (here)."""
     ours, theirs = socket.socketpair()
     try:
-        popen = subprocess.Popen([python, "-I", "-c", LOADER, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+        popen = subprocess.Popen(command(theirs.fileno()), pass_fds=(theirs.fileno(),),
                                  stdin=subprocess.DEVNULL, close_fds=True)
     except BaseException:
         ours.close()

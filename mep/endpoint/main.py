@@ -25,7 +25,7 @@ from setproctitle import setproctitle
 from mep.cli.logs import use_format
 from mep.endpoint.engines import make_engine
 from mep.endpoint.large_results import LargeResultFiles
-from mep.endpoint.settings import EndpointConfig, load_config
+from mep.endpoint.settings import EndpointConfig, ResourceLimitError, load_config
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
 from mep.errors import AssertionRefusedError, ErrorCode
@@ -244,8 +244,13 @@ class UserEndpoint:
                     if self._refuse_unasserted(checked, task) or refuse_mismatch(
                             header.runtimes, task, self.config, self._task_done):
                         continue
+                    try:
+                        resources = self.config.check_resources(task.resources)
+                    except ResourceLimitError as exc:
+                        self._task_done(task.task_id, Outcome(FAILED, code=ErrorCode.CONFIG_INVALID, message=str(exc)))
+                        continue
                     self.engine.submit(task.task_id, task.fn_hash, self.functions[task.fn_hash],
-                                       payloads[task.args_frame].bytes)
+                                       payloads[task.args_frame].bytes, resources)
             case Cancel():
                 for task_id in header.task_ids:
                     if task_id in self.active:

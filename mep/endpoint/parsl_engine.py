@@ -38,7 +38,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -55,6 +55,7 @@ from parsl.jobs.states import JobState, JobStatus
 from parsl.providers.base import ExecutionProvider
 
 from mep.endpoint import bootstrap
+from mep.endpoint.engine import EMPTY
 from mep.endpoint.interpreters import WorkerProcess, lost_worker, start_worker
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
@@ -125,8 +126,13 @@ class ParslHtexEngine:
 
     # --- the engine interface (the endpoint's thread) -----------------------------------
 
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None:
-        context = {"task_executor": {"f": f"{__name__}.run_on_worker", "a": (self._config.worker_python,)}}
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+               resources: Mapping[str, int] = EMPTY) -> None:
+        context: dict = {"task_executor": {"f": f"{__name__}.run_on_worker", "a": (self._config.worker_python,)}}
+        if self._config.mpi is not None:
+            context["resource_spec"] = mpi_placement(resources)
+        elif resources:
+            context["resource_spec"] = dict(resources)
         with self._lock:
             try:
                 if self._executor is None:
@@ -164,6 +170,9 @@ class ParslHtexEngine:
             max_workers_per_node=config.workers_per_node, encrypted=True,
             block_error_handler=self._check_blocks,
         )
+        if config.mpi is not None:  # Parsl's MPI mode is these two attributes, read by start()
+            executor.enable_mpi_mode = True
+            executor.mpi_launcher = config.mpi.launcher
         executor.run_id = self._run_dir.name
         executor.run_dir = str(self._run_dir)
         executor.log_config = None
@@ -287,6 +296,21 @@ class ParslHtexEngine:
                 return  # cancelled meanwhile: its outcome was already reported
             del self._tasks[task_id]
         self._on_done(task_id, _outcome(future))
+
+
+def mpi_placement(resources: Mapping[str, int]) -> dict[str, int]:
+    """A complete MPI-mode resource_spec: Parsl reads num_nodes, ranks_per_node and num_ranks as given.
+
+    Parsl's MPI mode hangs on a task without ``num_nodes`` (Parsl issue #3427) and composes
+    ``mpiexec -n None`` without ``num_ranks``, so what the task left out is filled in: one node, one rank
+    per node, and whichever of ranks_per_node and num_ranks follows from the other.
+    """
+    nodes = resources.get("num_nodes", 1)
+    if "num_ranks" in resources and "ranks_per_node" not in resources:
+        per_node = -(-resources["num_ranks"] // nodes)
+    else:
+        per_node = resources.get("ranks_per_node", 1)
+    return {"num_nodes": nodes, "ranks_per_node": per_node, "num_ranks": resources.get("num_ranks", nodes * per_node)}
 
 
 def _private_run_dir() -> Path:

@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import msgspec
 
+from mep.config.task_resources import ResourceLimitError, check_resources
+
+__all__ = ["EndpointConfig", "ResourceLimitError", "load_config"]
+
 if TYPE_CHECKING:
     from mep.config.endpoint import UserEndpointConfig
 
@@ -27,6 +31,7 @@ class ProcessSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     type: Literal["process"] = "process"
     workers: int = 1
     worker_python: str | None = None
+    container: None = None  # a config with a container is read with the model (load_config)
 
 
 class LargeResultSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -43,6 +48,10 @@ class ProcessEndpointSettings(msgspec.Struct, frozen=True, forbid_unknown_fields
     engine: ProcessSettings = msgspec.field(default_factory=ProcessSettings)
     idle_timeout: float = 300.0
     large_results: LargeResultSettings = msgspec.field(default_factory=LargeResultSettings)
+    task_resources: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def check_resources(self, requested: dict[str, int]) -> dict[str, int]:
+        return check_resources(self.task_resources, requested)
 
     @property
     def worker_python(self) -> str | None:
@@ -58,8 +67,8 @@ def load_config(document: dict[str, Any]) -> EndpointConfig:
     if isinstance(engine, dict) and engine.get("type", "process") == "process":
         try:
             return msgspec.convert(document, ProcessEndpointSettings)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"the endpoint config is not a valid process-engine config: {exc}") from None
+        except msgspec.ValidationError:
+            pass  # not the plain shape (a container, or not valid at all): the model decides, with its message
     from mep.config.endpoint import UserEndpointConfig
 
     return UserEndpointConfig.model_validate(document)

@@ -707,7 +707,7 @@ class Router:
         for task in batch:
             runtime = runtimes.setdefault(msgspec.structs.astuple(task.runtime), len(runtimes))
             ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads),
-                          runtime=runtime, walltime=task.ref.walltime,
+                          runtime=runtime, walltime=task.ref.walltime, resources=task.ref.resources,
                           assertion=assertions.setdefault(task.assertion, len(assertions)))
             payloads.append(task.args)
             if ref.fn_hash not in link.functions_sent:

@@ -42,6 +42,15 @@ MAX_STARTING_GROUPS = 10_000  # groups a router reports starting at once (one pe
 Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 Description = Annotated[str, msgspec.Meta(max_length=MAX_DESCRIPTION_CHARS)]
 IdList = Annotated[list[Id], msgspec.Meta(max_length=MAX_IDS_PER_REQUEST)]
+MAX_RESOURCE_KEYS = 16
+MAX_RESOURCE_AMOUNT = 1 << 31
+# A task's resource_specification as Parsl names its keys (num_nodes, ranks_per_node, cores, memory, gpus, ...):
+# whole amounts only, so it is plain data every hop can check and none has to interpret.
+ResourceSpecification = Annotated[
+    dict[Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")],
+         Annotated[int, msgspec.Meta(ge=0, lt=MAX_RESOURCE_AMOUNT)]],
+    msgspec.Meta(max_length=MAX_RESOURCE_KEYS),
+]
 
 
 class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -116,6 +125,7 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     runtime: int = 0
     assertion: int = 0
     walltime: float = 0.0  # seconds the task may run once started; 0: no limit
+    resources: ResourceSpecification = {}  # the task's resource_specification; the endpoint checks its limits
 
 
 # --- SDK <-> service ---------------------------------------------------------

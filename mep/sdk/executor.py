@@ -68,6 +68,7 @@ from mep.sdk.connection import ServiceSettings
 from mep.sdk.display import html_table
 from mep.sdk.endpoint_info import OptionsCheck
 from mep.sdk.large_results import BackgroundLoader, acknowledge, nothing
+from mep.sdk.resources import task_resources
 from mep.sdk.results import outcome
 from mep.sdk.serialize import FunctionCache, client_runtime, serialize_args
 
@@ -164,6 +165,7 @@ class _Pending:
     fn_body: bytes = b""
     args: bytes = b""
     walltime: float = 0.0
+    resources: dict[str, int] = field(default_factory=dict)  # resource_specification as taken at submit()
     config: bytes = b"\x80"  # user_endpoint_config as taken at submit(), in the wire's msgpack (b"\x80": {})
 
 
@@ -192,8 +194,11 @@ class Executor(concurrent.futures.Executor):
     ``MEP_SERVICE``, ``MEP_SERVICE_KEY`` and ``MEP_TOKEN``.
     ``user_endpoint_config`` is checked against the admin's schema at
     ``submit`` (fetched once, as ``Client.endpoint_info`` shows it; raising the
-    endpoint's own ``ConfigInvalidError``) and again on the endpoint. It and ``walltime`` (seconds, ``None`` for no limit) are read
-    when a task is submitted: change the attributes between submissions to
+    endpoint's own ``ConfigInvalidError``) and again on the endpoint. It,
+    ``walltime`` (seconds, ``None`` for no limit) and
+    ``resource_specification`` (Parsl's names: ``{"num_nodes": 1,
+    "ranks_per_node": 2}``; a function's own, an ``MPIFunction``'s, overlays
+    it) are read when a task is submitted: change the attributes between submissions to
     give tasks different configs or limits; a task keeps the ones it was
     submitted with, however long it waits to be sent. Leaving a ``with``
     block waits until the service has durably accepted every submission;
@@ -223,6 +228,7 @@ class Executor(concurrent.futures.Executor):
         service_key: str | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
         walltime: float | None = None,
+        resource_specification: dict[str, int] | None = None,
         batch_size: int = 1000,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         resend_after: float = 10.0,
@@ -235,6 +241,7 @@ class Executor(concurrent.futures.Executor):
         self._settings = ServiceSettings.resolve(service, service_key, token)
         self.user_endpoint_config = dict(user_endpoint_config or {})
         self.walltime = walltime
+        self.resource_specification = dict(resource_specification or {})
         self._batch_size = min(batch_size, MAX_IDS_PER_REQUEST)  # the most tasks one SUBMIT may carry
         self._max_payload_bytes = max_payload_bytes
         self._resend_after = resend_after
@@ -289,6 +296,7 @@ class Executor(concurrent.futures.Executor):
     def _repr_html_(self) -> str:
         rows = [("endpoint", self.endpoint_id), ("service", self.service), ("status", self._status()),
                 ("user_endpoint_config", self.user_endpoint_config), ("walltime", self.walltime),
+                ("resource_specification", self.resource_specification),
                 *self._counts()]
         return html_table("mep.Executor", ("", ""), rows)
 
@@ -305,7 +313,7 @@ class Executor(concurrent.futures.Executor):
         task_id = str(uuid.uuid4())
         pending = _Pending(task_id=task_id, future=self._future(task_id), fn_hash=fn_hash, fn_body=body,
                            args=serialize_args(args, kwargs), walltime=self._checked_walltime(),
-                           config=config)
+                           resources=task_resources(self.resource_specification, fn), config=config)
         for what, size in (("function", len(body)), ("arguments", len(pending.args))):
             if size > self._max_payload_bytes:
                 pending.future.set_exception(PayloadTooLargeError(
@@ -509,7 +517,7 @@ class Executor(concurrent.futures.Executor):
         included: set[str] = set()
         for pending in batch:
             ref = TaskRef(task_id=pending.task_id, fn_hash=pending.fn_hash, args_frame=len(payloads),
-                          walltime=pending.walltime)
+                          walltime=pending.walltime, resources=pending.resources)
             payloads.append(pending.args)
             if pending.fn_hash not in included and (include_all_functions or pending.fn_hash not in state.functions_stored):
                 ref.fn_frame = len(payloads)

@@ -43,21 +43,34 @@ class ShellFunction:
         self.walltime = walltime
         self.max_output_bytes = max_output_bytes
 
+    #: The environment variable whose value goes in front of the command line (MPIFunction's launcher).
+    launcher_variable: str | None = None
+
     def __call__(self, **arguments: Any) -> subprocess.CompletedProcess:
         """Run here, exactly as the endpoint does."""
-        return _shell_runner(self.command, self.walltime, self.max_output_bytes)(**arguments)
+        return _shell_runner(*self._runner_arguments())(**arguments)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # rebuilt on the endpoint by a copy of _shell_runner that travels by value (it lives in "__main__")
-        return by_value(_shell_runner), (self.command, self.walltime, self.max_output_bytes)
+        return by_value(_shell_runner), self._runner_arguments()
+
+    def _runner_arguments(self) -> tuple[Any, ...]:
+        return self.command, self.walltime, self.max_output_bytes, self.launcher_variable
+
+    def _repr_extra(self) -> str:
+        return f", walltime={self.walltime!r}" if self.walltime is not None else ""
 
     def __repr__(self) -> str:
-        walltime = f", walltime={self.walltime!r}" if self.walltime is not None else ""
-        return f"ShellFunction({self.command!r}{walltime})"
+        return f"{type(self).__name__}({self.command!r}{self._repr_extra()})"
 
 
-def _shell_runner(command: str, walltime: float | None, max_output_bytes: int) -> Any:
-    """The callable a worker runs; standard library only, imported inside, since it travels by value."""
+def _shell_runner(command: str, walltime: float | None, max_output_bytes: int,
+                  launcher_variable: str | None = None) -> Any:
+    """The callable a worker runs; standard library only, imported inside, since it travels by value.
+
+    With ``launcher_variable``, that variable's value (e.g. ``mpiexec -n 2 -ppn 2 -hosts node1``, set by
+    the worker for this task) goes in front of the command line.
+    """
 
     def run_command(**arguments: Any) -> Any:
         import os
@@ -71,6 +84,12 @@ def _shell_runner(command: str, walltime: float | None, max_output_bytes: int) -
         if missing:
             raise TypeError(f"the command {command!r} needs the argument(s) {', '.join(missing)}")
         line = command.format(**{name: shlex.quote(str(value)) for name, value in arguments.items()})
+        if launcher_variable is not None:
+            launcher = os.environ.get(launcher_variable)
+            if not launcher:
+                raise RuntimeError(f"this endpoint did not give the task ${launcher_variable}: its engine is not "
+                                   "in MPI mode (ask for an htex template with mpi enabled)")
+            line = f"{launcher} {line}"
         process = subprocess.Popen(["/bin/sh", "-c", line], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, start_new_session=True)
         try:

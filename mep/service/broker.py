@@ -343,7 +343,8 @@ class Broker:
             reason = self._task_problem(task, payloads, offered, known, limit) or quota.problem(task.task_id)
             if reason is None:
                 if self.store.add_task(task.task_id, submit.endpoint_id, identity_id, task.fn_hash,
-                                       payloads[task.args_frame].buffer, config, runtime, task.walltime):
+                                       payloads[task.args_frame].buffer, config, runtime, task.walltime,
+                                       dumps_canonical(task.resources)):
                     quota.unfinished += 1
                 elif self.store.task_owner(task.task_id) != identity_id:
                     reason = (ErrorCode.BAD_REQUEST, f"task id {task.task_id} is already in use")
@@ -591,7 +592,7 @@ class Broker:
                         runtime=msgspec.json.decode(task.runtime, type=Runtime), task_ids=[])
                 groups[key].task_ids.append(task.task_id)
                 ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads),
-                              walltime=task.walltime)
+                              walltime=task.walltime, resources=loads_canonical(task.resources))
                 payloads.append(self.store.task_args(task.task_id))
                 sent_bytes += task.args_bytes
                 if task.fn_hash not in link.functions_sent and task.fn_hash not in new_functions:

@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     config TEXT NOT NULL,
     runtime TEXT NOT NULL,
     walltime REAL NOT NULL DEFAULT 0,   -- seconds; 0: none
+    resources TEXT NOT NULL DEFAULT '{}',  -- the task's resource_specification, JSON
     state TEXT NOT NULL,                -- see TASK_STATES
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
@@ -163,6 +164,7 @@ class QueuedTask:
     config: str
     runtime: str
     walltime: float
+    resources: str  # JSON
 
 
 @dataclass
@@ -190,10 +192,13 @@ class Store:
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
-        """A database an older mep created gains the columns added since (CREATE TABLE IF NOT EXISTS won't)."""
+        """A database an older mep created gains the columns added since, with their defaults (CREATE TABLE IF
+        NOT EXISTS won't), so an upgrade keeps its tasks."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
         if "result_large" not in columns:
             self.db.execute("ALTER TABLE tasks ADD COLUMN result_large TEXT")
+        if "resources" not in columns:
+            self.db.execute("ALTER TABLE tasks ADD COLUMN resources TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self.db.close()
@@ -355,12 +360,12 @@ class Store:
         return self.db.execute("SELECT body FROM functions WHERE hash=?", (fn_hash,)).fetchone()[0]
 
     def add_task(self, task_id: str, endpoint_id: str, submitter_id: str, fn_hash: str, args: bytes,
-                 config: str, runtime: str, walltime: float) -> bool:
+                 config: str, runtime: str, walltime: float, resources: str = "{}") -> bool:
         """False when the id is already taken (a resubmission): the first one stands."""
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO tasks (id, endpoint_id, submitter_id, fn_hash, args, config, runtime,"
-            " walltime, state, created_at) VALUES (?,?,?,?,?,?,?,?,'waiting',?)",
-            (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, walltime, time.time()),
+            " walltime, resources, state, created_at) VALUES (?,?,?,?,?,?,?,?,?,'waiting',?)",
+            (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, walltime, resources, time.time()),
         )
         return cursor.rowcount == 1
 
@@ -386,7 +391,7 @@ class Store:
             still_waiting = []
             for submitter in active:
                 rows = self.db.execute(
-                    "SELECT id, fn_hash, length(args), submitter_id, config, runtime, walltime FROM tasks"
+                    "SELECT id, fn_hash, length(args), submitter_id, config, runtime, walltime, resources FROM tasks"
                     " WHERE endpoint_id=? AND state='waiting' AND submitter_id=? ORDER BY created_at LIMIT ? OFFSET ?",
                     (endpoint_id, submitter, share, len(taken.get(submitter, ())))).fetchall()
                 taken.setdefault(submitter, []).extend(QueuedTask(*row) for row in rows)
