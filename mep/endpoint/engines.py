@@ -47,12 +47,13 @@ def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Comple
 class UnusableEngine:
     """Fails every task at once with why the configured workers can't run."""
 
-    def __init__(self, reason: str, on_done: Completion) -> None:
+    def __init__(self, reason: str, on_done: Completion, code: str = ErrorCode.CONFIG_INVALID) -> None:
         self._reason = reason
         self._on_done = on_done
+        self._code = code
 
     def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes) -> None:
-        self._on_done(task_id, Outcome(FAILED, code=ErrorCode.CONFIG_INVALID, message=self._reason))
+        self._on_done(task_id, Outcome(FAILED, code=self._code, message=self._reason))
 
     def cancel(self, task_id: str, outcome: Outcome) -> None:
         """Nothing to stop: every task was answered when it arrived."""

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,10 +25,17 @@ from setproctitle import setproctitle
 
 from mep.cli.logs import use_format
 from mep.config.endpoint import HtexEngine, UserEndpointConfig
-from mep.endpoint.engines import make_engine
+from mep.endpoint.engines import UnusableEngine, make_engine
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
-from mep.errors import AssertionRefusedError, ErrorCode
+from mep.errors import (
+    AssertionRefusedError,
+    ConfigInvalidError,
+    ConfigurationError,
+    ErrorCode,
+    MepError,
+    TemplateError,
+)
 from mep.protocol import decode, encode
 from mep.protocol.assertions import AssertionVerifier, Verified, check_task_claims
 from mep.protocol.curve import make_curve_client
@@ -80,7 +88,7 @@ class UserEndpoint:
     the engine.
     """
 
-    def __init__(self, boot: EndpointBoot, config: UserEndpointConfig) -> None:
+    def __init__(self, boot: EndpointBoot, config: UserEndpointConfig, refusal: MepError | None = None) -> None:
         self.boot = boot
         self.config = config
         self.assertions = AssertionVerifier(boot.assertion_keys, boot.manager_endpoint_id)
@@ -88,7 +96,9 @@ class UserEndpoint:
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         # The engine first: its forkserver must not inherit the ZeroMQ context or the keys.
-        self.engine = make_engine(config, self._task_started, self._task_done)
+        # A config that did not render: every task fails with why (the researcher's typed error), none runs.
+        self.engine = make_engine(config, self._task_started, self._task_done) if refusal is None \
+            else UnusableEngine(str(refusal), self._task_done, code=refusal.code)
         self.functions: dict[str, bytes] = {}
         self.active: dict[str, ActiveTask] = {}
         self.unacknowledged: dict[str, tuple[Result, bytes, float]] = {}
@@ -398,5 +408,26 @@ def main() -> int:
     _release_boot_pipe()
     use_format(boot.log_format, ENDPOINT_TEXT_FORMAT)
     setproctitle(f"mep-endpoint {boot.account} {boot.endpoint_id}")
-    config = UserEndpointConfig.model_validate(boot.config)
-    return UserEndpoint(boot, config).run()
+    config, refusal = rendered_config(boot)
+    return UserEndpoint(boot, config, refusal).run()
+
+
+REFUSING_IDLE_TIMEOUT = 60.0  # seconds an endpoint whose config did not render keeps answering tasks with why
+
+
+def rendered_config(boot: EndpointBoot) -> tuple[UserEndpointConfig, MepError | None]:
+    """The admin's template rendered with the researcher's options, here, as the user (never as root).
+
+    A refused config or template gives a stand-in config and the error every task is then failed with.
+    """
+    from mep.config.render import TemplateRenderer  # jinja2 and jsonschema: only where a config is rendered
+
+    try:
+        renderer = TemplateRenderer(Path(boot.template_path), Path(boot.schema_path), template_text=boot.template,
+                                    schema_text=boot.schema)
+        return renderer.render(boot.user_config, mapped_user=boot.mapped_user, user_runtime=boot.user_runtime,
+                               endpoint={"id": boot.manager_endpoint_id}), None
+    except (ConfigInvalidError, TemplateError, ConfigurationError) as exc:
+        log.error("refusing every task: the user endpoint config did not render: %s", exc)
+        refusal = exc if isinstance(exc, (ConfigInvalidError, TemplateError)) else TemplateError(str(exc))
+        return UserEndpointConfig(idle_timeout=REFUSING_IDLE_TIMEOUT), refusal

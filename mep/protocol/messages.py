@@ -491,7 +491,15 @@ class EndpointBoot(msgspec.Struct, forbid_unknown_fields=True):
     router_address: str
     router_public_key: str
     secret_key: str
-    config: dict[str, Any]
+    # The admin's template and schema (read by root through its policy-file checks) and the researcher's
+    # options: the endpoint renders them itself, as the user (mep.config.render).
+    template: str
+    schema: str
+    template_path: str  # names the files in messages only
+    schema_path: str
+    user_config: dict[str, Any] = {}
+    user_runtime: dict[str, Any] = {}
+    mapped_user: dict[str, Any] = {}
     heartbeat_interval: float = 10.0
     # Whom this endpoint serves, checked against each task's signed assertion with these pinned keys;
     # serves_any_identity: the admin lets identities mapped to one account share endpoints.
