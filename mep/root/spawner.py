@@ -55,8 +55,7 @@ from typing import Any
 
 import msgspec
 
-from mep.cli.logs import active_format
-from mep.config.manager import ManagerConfig
+from mep.root.config import RootConfig
 from mep.root.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
 from mep.root import registry
 from mep.root.accounts import Account, AccountPolicy, AccountRefused, resolve_account
@@ -69,11 +68,12 @@ from mep.root.policy_files import read_policy_file
 from mep.root.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
 from mep.root.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
 from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
-from mep.protocol.assertions import AssertionVerifier, NonceCache, check_spawn_claims
-from mep.protocol.curve import generate_keypair
-from mep.protocol.guard import forbid_unpickling, process_status
-from mep.sdnotify import notify_ready
-from mep.protocol.messages import (
+from mep.root.assertions import AssertionVerifier, NonceCache, check_spawn_claims
+from mep.root.guard import forbid_unpickling, process_status
+from mep.root.keys import generate_keypair
+from mep.root.logs import active_format
+from mep.root.sdnotify import notify_ready
+from mep.root.messages import (
     AuditStatus,
     AuditTasks,
     EndpointBoot,
@@ -88,7 +88,7 @@ from mep.protocol.messages import (
     SpawnRefused,
     SpawnRequest,
 )
-from mep.protocol.receive import handling, loop_turn
+from mep.root.receive import handling, loop_turn
 
 log = logging.getLogger("mep.spawner")
 
@@ -126,7 +126,7 @@ class EndpointProcess:
 class SpawnerSettings:
     """What the spawner knows before the manager splits (all root-checked)."""
 
-    config: ManagerConfig
+    config: RootConfig
     router_address: str
     router_public_key: str
     policy: AccountPolicy
