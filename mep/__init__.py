@@ -11,32 +11,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from mep.errors import (  # noqa: E402
-    AccountRefusedError,
-    AuthenticationError,
-    AuthenticationThrottledError,
-    ConfigInvalidError,
-    EndpointLostError,
-    LargeResultNoReaderError,
-    LargeResultUnavailableError,
-    MappingError,
-    MepError,
-    QuotaExceededError,
-    RemoteError,
-    SerializationError,
-    ServiceUnavailableError,
-    ServiceUnreachableError,
-    SpawnError,
-    TaskCancelledError,
-    TaskExpiredError,
-    TaskRefusedError,
-    TemplateError,
-    UnknownEndpointError,
-    UnmappedIdentityError,
-    WalltimeExceededError,
-    WorkerLostError,
-)
-
 __all__ = [
     "AccountRefusedError",
     "AuthenticationError",
@@ -71,7 +45,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: the service and manager import mep without the SDK (and dill)
+_SDK = frozenset({"Client", "Executor", "MPIFunction", "ShellFunction", "TaskPendingError", "Tasks", "progress"})
+
+
+def __getattr__(name: str):  # lazy: the root process imports mep without mep.errors, the others without the SDK
+    if name in __all__ and name not in _SDK:
+        import mep.errors
+
+        return getattr(mep.errors, name)
     if name == "Executor":
         from mep.sdk.executor import Executor
 

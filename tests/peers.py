@@ -126,7 +126,7 @@ import mep.root.spawner as spawner_module
 from mep.root.router_process import RouterLaunch, RouterProcess
 from mep.root.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import RouterBoot, SpawnerLink
-from mep.manager.start import account_rules, router_account
+from mep.root.start import account_rules, router_account
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 config_path, fd, state = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 config = ManagerConfig.load(Path(config_path))

@@ -110,17 +110,18 @@ def test_logrotate_reopens_audit_logs_and_truncates_the_daemons_logs(deb_tree: P
 def test_units_verify_without_a_word(deb_tree: Path, unit: str) -> None:
     """systemd-analyze verify exits 0 even on unknown keys: any output is a failure.
 
-    One line depends on this host rather than the unit: ExecStart's /usr/bin/mep exists only where
-    the package is installed (CI's packaging/check.sh verifies there, with nothing filtered).
+    One line depends on this host rather than the unit: ExecStart's program (/usr/bin/mep, or the venv's
+    python for the manager's root process) exists only where the package is installed (CI's
+    packaging/check.sh verifies there, with nothing filtered).
     """
     result = subprocess.run(["systemd-analyze", "verify", str(deb_tree / "usr/lib/systemd/system" / unit)],
                             capture_output=True, text=True)
     output = (result.stdout + result.stderr).splitlines()
-    if os.path.exists("/usr/bin/mep"):
+    program = "/opt/mep/venv/bin/python" if unit.startswith("mep-manager") else "/usr/bin/mep"
+    if os.path.exists(program):
         assert result.returncode == 0 and output == []
     else:
-        assert output == ["mep-service.service: Command /usr/bin/mep is not executable: No such file or directory"
-                          .replace("mep-service.service", unit.replace("@.", "@i."))]
+        assert output == [f"{unit.replace('@.', '@i.')}: Command {program} is not executable: No such file or directory"]
 
 
 def test_service_unit_is_hardened_below_the_threshold(deb_tree: Path) -> None:
@@ -135,7 +136,7 @@ def test_manager_unit_keeps_user_endpoints_alive_across_restarts(deb_tree: Path)
     text = (deb_tree / "usr/lib/systemd/system/mep-manager@.service").read_text()
     settings = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert "KillMode=process" in settings and "Type=notify" in settings and "Restart=on-failure" in settings
-    assert "ExecStart=/usr/bin/mep manager start --config /etc/mep/%i/config.yaml" in settings
+    assert "ExecStart=/opt/mep/venv/bin/python -I -m mep.root --config /etc/mep/%i/config.yaml" in settings
     # namespaces, seccomp and NoNewPrivileges would be inherited by every user endpoint
     assert not [line for line in settings if line.startswith(("Protect", "Private", "NoNewPrivileges",
                                                                "SystemCallFilter", "CapabilityBoundingSet"))]

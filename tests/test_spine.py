@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 import mep
-from tests.harness import DOMAIN_STRIP, PYTHON, children_of, expression_mapping, wait_for
+from tests.harness import DOMAIN_STRIP, PYTHON, audit_log_of, children_of, expression_mapping, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -187,13 +187,18 @@ def test_schema_violation_names_the_property(deploy, account_factory) -> None:
     account = account_factory("mepschema")
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
     identity = deploy.identity(f"{account.pw_name}@example.org")
-    before = children_of(manager.spawner_pid)
     for config, words in (({"workers": 0}, "workers"), ({"colour": "blue"}, "colour")):
         with deploy.executor(identity, manager, user_endpoint_config=config) as executor:
             with pytest.raises(mep.ConfigInvalidError) as refused:  # at submit (the SDK checks the schema) or spawn
                 executor.submit(add, 1, 2).result(timeout=60)
         assert words in str(refused.value)
-    assert children_of(manager.spawner_pid) == before
+        # Rendered and refused by the user's own endpoint (never as root); the outcome is in root's audit log.
+        wait_for(lambda: any(record.get("task_id") == future.task_id and record.get("code") == "config_invalid"
+                             for record in audit_records(manager)), what="the refusal's audit record")
+
+
+def audit_records(manager) -> list[dict]:
+    return [json.loads(line) for line in audit_log_of(manager.config_path).read_text().splitlines()]
 
 
 def test_template_error_names_file_and_line(deploy, account_factory) -> None:

@@ -84,7 +84,7 @@ class _Setup:
             context = MappingContext(trusted_owner_uids=trusted)
         else:
             from mep.config.manager import ManagerConfig
-            from mep.manager.start import account_rules, pam_settings, router_account
+            from mep.root.start import account_rules, pam_settings, router_account
 
             config = ManagerConfig.load(config_path)
             router = router_account(config.router_user) if os.geteuid() == 0 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -272,10 +273,18 @@ def manager() -> None:
               help="The endpoint's config.yaml ('mep endpoint configure NAME' writes /etc/mep/NAME/config.yaml).")
 @_friendly
 def manager_start(config_path: Path) -> None:
-    """Serve an endpoint: as root for every mapped user, as anyone else for yourself only."""
-    from mep.manager.start import start_manager
+    """Serve an endpoint: as root for every mapped user, as anyone else for yourself only.
 
-    sys.exit(start_manager(config_path))
+    Checks the config (naming every bad key), then execs the root process, ``python -I -m mep.root``: its own
+    small entry point, without this CLI.
+    """
+    from mep.config.manager import ManagerConfig
+
+    ManagerConfig.load(config_path)
+    options = click.get_current_context().find_root().params
+    argv = [sys.executable, "-I", "-m", "mep.root", "--config", str(config_path), "--log-format",
+            options["log_format"], *(f"--log-level={level}" for level in options["log_levels"])]
+    os.execv(sys.executable, argv + (["--verbose"] if options["verbose"] else []))
 
 
 # --- clients ------------------------------------------------------------------------

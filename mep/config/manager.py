@@ -8,16 +8,21 @@ user's request can name a path here.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mep.config.settings_file import read_mapping, validated
+from mep.root.config import (  # noqa: F401 - one definition, with the root process's reading of this file
+    DEFAULT_DISABLED_SHELLS,
+    PATH_KEYS,
+    default_audit_log,
+    default_run_dir,
+    shipped_templates_dir,
+)
 
 
-DEFAULT_DISABLED_SHELLS = ("/sbin/nologin", "/usr/sbin/nologin", "/bin/false")
 _ACCOUNT_OR_GROUP_NAME = r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$"
 
 
@@ -49,14 +54,6 @@ class EndpointLimits(BaseModel):
     cpu: int | None = Field(default=None, ge=1, description="CPU seconds per process (RLIMIT_CPU)")
     nofile: int | None = Field(default=None, ge=16, description="Open files per process (RLIMIT_NOFILE)")
     core: int | None = Field(default=None, ge=0, description="Bytes of a core dump (RLIMIT_CORE); 0: none")
-
-
-def shipped_templates_dir() -> Path:
-    """Where the templates that ship with mep were installed (``<prefix>/share/mep/templates``)."""
-    installed = Path(sys.prefix) / "share" / "mep" / "templates"
-    if installed.is_dir():
-        return installed
-    return Path(__file__).resolve().parents[2] / "templates"  # running from a source checkout
 
 
 class ManagerConfig(BaseModel):
@@ -129,21 +126,13 @@ class ManagerConfig(BaseModel):
     def load(cls, path: Path) -> ManagerConfig:
         data = read_mapping(path, "manager config")
         base = path.parent
-        for key in ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log"):
+        for key in PATH_KEYS:
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
                 data[key] = str(base / data[key])  # relative paths are relative to the config file
         return validated(cls, data, path)
 
     def audit_log_path(self) -> Path:
-        if self.audit_log is not None:
-            return self.audit_log
-        if os.geteuid() == 0:
-            return Path("/var/log/mep") / f"audit-{self.endpoint_id}.jsonl"
-        return Path.home() / ".mep" / "log" / f"audit-{self.endpoint_id}.jsonl"
+        return default_audit_log(self.endpoint_id) if self.audit_log is None else self.audit_log
 
     def socket_dir(self) -> Path:
-        if self.run_dir is not None:
-            return self.run_dir
-        if os.geteuid() == 0:
-            return Path("/run/mep") / self.endpoint_id
-        return Path("/tmp") / f"mep-{os.geteuid()}" / self.endpoint_id[:8]
+        return default_run_dir(self.endpoint_id) if self.run_dir is None else self.run_dir

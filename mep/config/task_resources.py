@@ -1,7 +1,7 @@
 """A task's ``resource_specification`` checked against the most its endpoint's template grants.
 
-Shared by the endpoint config model and the endpoint's own light reading of it
-(``mep.endpoint.settings``), which must not import pydantic.
+Kept apart from the config model so that the check and its error type read
+without pydantic's machinery.
 """
 
 from __future__ import annotations

@@ -15,14 +15,16 @@ import functools
 import os
 import pwd
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mep.endpoint.engine import EMPTY, Completion, ProcessEngine, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
-from mep.endpoint.settings import EndpointConfig
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
+
+if TYPE_CHECKING:
+    from mep.config.endpoint import UserEndpointConfig
 
 
 class Engine(Protocol):
@@ -33,7 +35,7 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion) -> Engine:
+def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Completion) -> Engine:
     engine = config.engine
     if engine.worker_python is not None:
         try:
@@ -47,7 +49,7 @@ def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion
     if engine.worker_python is not None:
         return ProcessEngine(engine.workers, on_started, on_done,
                              start_worker=functools.partial(start_worker, engine.worker_python))
-    if engine.container is not None:  # only the pydantic model carries one (mep.endpoint.settings)
+    if engine.container is not None:
         from mep.endpoint.containers import container_problem, start_container_worker
 
         problem = container_problem(engine.container)
@@ -62,13 +64,14 @@ def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion
 class UnusableEngine:
     """Fails every task at once with why the configured workers can't run."""
 
-    def __init__(self, reason: str, on_done: Completion) -> None:
+    def __init__(self, reason: str, on_done: Completion, code: str = ErrorCode.CONFIG_INVALID) -> None:
         self._reason = reason
         self._on_done = on_done
+        self._code = code
 
     def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
                resources: Mapping[str, int] = EMPTY) -> None:
-        self._on_done(task_id, Outcome(FAILED, code=ErrorCode.CONFIG_INVALID, message=self._reason))
+        self._on_done(task_id, Outcome(FAILED, code=self._code, message=self._reason))
 
     def cancel(self, task_id: str, outcome: Outcome) -> None:
         """Nothing to stop: every task was answered when it arrived."""

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,12 +24,20 @@ import zmq
 from setproctitle import setproctitle
 
 from mep.cli.logs import use_format
-from mep.endpoint.engines import make_engine
+from mep.config.endpoint import UserEndpointConfig
+from mep.config.task_resources import ResourceLimitError
+from mep.endpoint.engines import UnusableEngine, make_engine
 from mep.endpoint.large_results import LargeResultFiles
-from mep.endpoint.settings import EndpointConfig, ResourceLimitError, load_config
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
-from mep.errors import AssertionRefusedError, ErrorCode
+from mep.errors import (
+    AssertionRefusedError,
+    ConfigInvalidError,
+    ConfigurationError,
+    ErrorCode,
+    MepError,
+    TemplateError,
+)
 from mep.protocol import decode, encode
 from mep.protocol.assertions import AssertionVerifier, Verified, check_task_claims
 from mep.protocol.curve import make_curve_client
@@ -82,7 +91,7 @@ class UserEndpoint:
     the engine.
     """
 
-    def __init__(self, boot: EndpointBoot, config: EndpointConfig) -> None:
+    def __init__(self, boot: EndpointBoot, config: UserEndpointConfig, refusal: MepError | None = None) -> None:
         self.boot = boot
         self.config = config
         self.assertions = AssertionVerifier(boot.assertion_keys, boot.manager_endpoint_id)
@@ -91,7 +100,9 @@ class UserEndpoint:
         self._wake_read, self._wake_write = os.pipe()
         self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         # The engine first: the processes it starts must not inherit the ZeroMQ context's descriptors.
-        self.engine = make_engine(config, self._task_started, self._task_done)
+        # A config that did not render: every task fails with why (the researcher's typed error), none runs.
+        self.engine = make_engine(config, self._task_started, self._task_done) if refusal is None \
+            else UnusableEngine(str(refusal), self._task_done, code=refusal.code)
         self.functions: dict[str, bytes] = {}
         self.active: dict[str, ActiveTask] = {}
         self.unacknowledged: dict[str, tuple[Result, bytes, float]] = {}
@@ -356,7 +367,7 @@ class UserEndpoint:
         self.socket.send_multipart(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
 
 
-def task_window(config: EndpointConfig) -> int:
+def task_window(config: UserEndpointConfig) -> int:
     """How many tasks to let the router send at once: what the engine can run, plus a small prefetch, so a
     worker that finishes finds its next task here rather than a round trip away (docs/protocol.md, CREDIT)."""
     engine = config.engine
@@ -412,9 +423,26 @@ def main() -> int:
     _release_boot_pipe()
     use_format(boot.log_format, ENDPOINT_TEXT_FORMAT)
     setproctitle(f"mep-endpoint {boot.account} {boot.endpoint_id}")
+    config, refusal = rendered_config(boot)
+    return UserEndpoint(boot, config, refusal).run()
+
+
+REFUSING_IDLE_TIMEOUT = 60.0  # seconds an endpoint whose config did not render keeps answering tasks with why
+
+
+def rendered_config(boot: EndpointBoot) -> tuple[UserEndpointConfig, MepError | None]:
+    """The admin's template rendered with the researcher's options, here, as the user (never as root).
+
+    A refused config or template gives a stand-in config and the error every task is then failed with.
+    """
+    from mep.config.render import TemplateRenderer  # jinja2 and jsonschema: only where a config is rendered
+
     try:
-        config = load_config(boot.config)
-    except ValueError as exc:
-        log.error("unusable config in the boot document: %s", exc)
-        return 2
-    return UserEndpoint(boot, config).run()
+        renderer = TemplateRenderer(Path(boot.template_path), Path(boot.schema_path), template_text=boot.template,
+                                    schema_text=boot.schema)
+        return renderer.render(boot.user_config, mapped_user=boot.mapped_user, user_runtime=boot.user_runtime,
+                               endpoint={"id": boot.manager_endpoint_id}), None
+    except (ConfigInvalidError, TemplateError, ConfigurationError) as exc:
+        log.error("refusing every task: the user endpoint config did not render: %s", exc)
+        refusal = exc if isinstance(exc, (ConfigInvalidError, TemplateError)) else TemplateError(str(exc))
+        return UserEndpointConfig(idle_timeout=REFUSING_IDLE_TIMEOUT), refusal

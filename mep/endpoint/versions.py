@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from mep.endpoint.interpreters import WorkerEnvironmentError, worker_runtime
-from mep.endpoint.settings import EndpointConfig
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED, Runtime, TaskRef
 
+if TYPE_CHECKING:
+    from mep.config.endpoint import UserEndpointConfig
 
-def refuse_mismatch(runtimes: Sequence[Runtime], task: TaskRef, config: EndpointConfig,
+
+def refuse_mismatch(runtimes: Sequence[Runtime], task: TaskRef, config: UserEndpointConfig,
                     on_done: Callable[[str, Outcome], None]) -> bool:
     """Fail ``task`` through ``on_done`` if its client can't exchange payloads with the workers; True if it did."""
     if not 0 <= task.runtime < len(runtimes):

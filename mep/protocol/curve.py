@@ -11,16 +11,11 @@ loop learns who sent each message from the handshake, never from the message.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import zmq
 import zmq.utils.z85
-
-from mep.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -28,70 +23,14 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ANONYMOUS = ""
 
 
-def generate_keypair() -> tuple[str, str]:
-    """A new (public, secret) CURVE key pair as Z85 text."""
-    public, secret = zmq.curve_keypair()
-    return public.decode("ascii"), secret.decode("ascii")
-
-
-def public_from_secret(secret: str) -> str:
-    return zmq.curve_public(secret.encode("ascii")).decode("ascii")
-
-
-def _check_key_text(text: str, path: Path) -> str:
-    key = text.strip()
-    if len(key) != 40:
-        raise ConfigurationError(f"{path} does not hold a Z85 CURVE key (expected 40 characters)")
-    return key
-
-
-def write_secret_key(path: Path, secret: str) -> None:
-    """Write a secret key 0600, refusing to follow or reuse an existing file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
-
-
-def read_secret_key(path: Path) -> str:
-    """Read a CURVE secret key file, refusing one that group or others can read or write."""
-    return _check_key_text(read_private_text(path), path)
-
-
-def read_private_text(path: Path) -> str:
-    """Read a secret file (any key format) that only its owner, this account, can read or write."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise ConfigurationError(f"secret key file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigurationError(f"cannot open secret key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd) as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigurationError(f"secret key file {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise ConfigurationError(
-                f"secret key file {path} is mode {stat.S_IMODE(info.st_mode):04o}; "
-                f"it must not be readable by others: chmod 600 {path}"
-            )
-        if info.st_uid != os.geteuid():
-            raise ConfigurationError(
-                f"secret key file {path} is owned by uid {info.st_uid}, not by the account "
-                f"reading it (uid {os.geteuid()})"
-            )
-        return handle.read()
-
-
-def check_public_key(key: str, what: str) -> str:
-    """Validate a Z85 public key given in a config or argument."""
-    key = key.strip()
-    try:
-        if len(key) != 40:
-            raise ValueError
-        zmq.utils.z85.decode(key)
-    except ValueError:
-        raise ConfigurationError(f"{what} is not a Z85 CURVE public key (40 characters)") from None
-    return key
+from mep.root.keys import (  # noqa: E402,F401 - defined with the root process, re-exported
+    check_public_key,
+    generate_keypair,
+    public_from_secret,
+    read_private_text,
+    read_secret_key,
+    write_secret_key,
+)
 
 
 KeyLookup = Callable[[str], str | None]

@@ -14,13 +14,33 @@ start and throughput.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 import msgspec
 
 from mep.protocol.user_config import JsonConfig
+from mep.root.messages import (  # noqa: F401 - the spawner's own message set, defined with the root process
+    PROTOCOL_VERSION,
+    AuditStatus,
+    AuditTasks,
+    EndpointBoot,
+    EndpointExited,
+    Envelope,
+    IdentityResource,
+    ProcessStatus,
+    RemapGroups,
+    RetireEndpoint,
+    RouterStopping,
+    Runtime,
+    Spawned,
+    SpawnerStatus,
+    SpawnerStatusRequest,
+    SpawnRefused,
+    SpawnerMessage,
+    SpawnRequest,
+    TaskAudit,
+)
 
-PROTOCOL_VERSION = 1
 SIGNATURE = b"MEP1"
 
 # Result statuses.
@@ -53,22 +73,7 @@ ResourceSpecification = Annotated[
 ]
 
 
-class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Base of all headers; the version lets a peer refuse what it can't read."""
-
-    v: int = PROTOCOL_VERSION
-
-
 # --- shared pieces ---------------------------------------------------------
-
-
-class Runtime(msgspec.Struct, forbid_unknown_fields=True):
-    """The submitting client's interpreter, so the endpoint can detect mismatches."""
-
-    python: str
-    dill: str
-    mep: str
-    platform: str
 
 
 class Rejection(msgspec.Struct, forbid_unknown_fields=True):
@@ -260,16 +265,6 @@ class StatusRequest(Envelope, tag="STATUS"):
     endpoint_id: str = ""
 
 
-class ProcessStatus(msgspec.Struct, forbid_unknown_fields=True):
-    """What a process says of itself: who it runs as and whether it ever loaded dill."""
-
-    role: str
-    pid: int
-    uid: int
-    dill_loaded: bool
-    unpickling_refused: bool
-
-
 class StatusReply(Envelope, tag="STATUS_REPLY"):
     request_id: int = 0
     processes: list[ProcessStatus] = []
@@ -317,18 +312,6 @@ class Error(Envelope, tag="ERROR"):
 
 
 # --- service <-> manager router ---------------------------------------------
-
-
-class IdentityResource(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """An identity in the Globus Auth shape, as the service asserts it."""
-
-    id: str
-    username: str
-    status: str = "used"
-    email: str | None = None
-    name: str | None = None
-    organization: str | None = None
-    identity_provider: str | None = None
 
 
 class TaskGroup(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -465,102 +448,6 @@ class Shutdown(Envelope, tag="SHUTDOWN"):
     reason: str = ""
 
 
-# --- manager router <-> root spawner (socketpair, no payload frames) ---------
-
-
-class SpawnRequest(Envelope, tag="SPAWN"):
-    request_id: int = 0
-    submitter_id: str = ""
-    identities: list[IdentityResource] = []
-    user_endpoint_config: JsonConfig = {}
-    runtime: Runtime | None = None
-    identity_assertion: str = ""
-
-
-class Spawned(Envelope, tag="SPAWNED"):
-    request_id: int = 0
-    endpoint_id: str = ""
-    pid: int = 0
-    account: str = ""
-    public_key: str = ""
-    reused: bool = False
-
-
-class SpawnRefused(Envelope, tag="SPAWN_REFUSED"):
-    request_id: int = 0
-    code: str = ""
-    message: str = ""
-    step: str = ""  # spawn_failed: the step of starting the endpoint that failed (a metric's label), else ""
-
-
-class EndpointExited(Envelope, tag="ENDPOINT_EXITED"):
-    """``signalled``: killed from outside (OOM killer, an admin), not a failure of its own making."""
-
-    endpoint_id: str = ""
-    pid: int = 0
-    how: str = ""
-    log_tail: str = ""
-    signalled: bool = False
-
-
-class RouterStopping(Envelope, tag="ROUTER_STOPPING"):
-    """The router is stopping on purpose: when it hangs up, stop the endpoints rather than keep them for adoption."""
-
-
-class RetireEndpoint(Envelope, tag="RETIRE"):
-    """The router is shutting this endpoint down: never hand it out again (``kill``: it is hung, SIGKILL it)."""
-
-    endpoint_id: str = ""
-    kill: bool = False
-
-
-class RemapGroups(Envelope, tag="REMAP_GROUPS"):
-    """Forget which endpoint serves which submitter: the mapping changed, or an account was disabled."""
-
-    reason: str = ""
-
-
-class SpawnerStatusRequest(Envelope, tag="SPAWNER_STATUS"):
-    pass
-
-
-class SpawnerStatus(Envelope, tag="SPAWNER_STATUS_REPLY"):
-    process: ProcessStatus | None = None
-
-
-class TaskAudit(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One audit record of a task: ``outcome`` is accepted, routed, or the result's status.
-
-    A "routed" record covers a batch: ``task_ids`` (not ``task_id``) sent together to one endpoint.
-    """
-
-    task_id: str = ""
-    outcome: str = ""
-    task_ids: list[str] = []
-    fn_hash: str = ""
-    endpoint_id: str = ""
-    account: str = ""
-    submitter_id: str = ""
-    code: str = ""
-
-
-class AuditTasks(Envelope, tag="AUDIT_TASKS"):
-    """Router -> spawner: task records for the audit log, which only the spawner writes."""
-
-    records: list[TaskAudit] = []
-
-
-class AuditStatus(Envelope, tag="AUDIT_STATUS"):
-    """Spawner -> router: whether the audit log can be written; while it can't, nothing is routed.
-
-    ``confirmed``: tasks whose "routed" record is on disk; only these may be sent to their endpoint.
-    """
-
-    ok: bool = True
-    message: str = ""  # for the submitters whose tasks are refused meanwhile
-    confirmed: list[str] = []
-
-
 Header = (
     Submit
     | SubmitAck
@@ -594,38 +481,5 @@ Header = (
     | Tasks
     | IdleExit
     | Shutdown
-    | SpawnRequest
-    | Spawned
-    | SpawnRefused
-    | EndpointExited
-    | RetireEndpoint
-    | RouterStopping
-    | RemapGroups
-    | SpawnerStatusRequest
-    | SpawnerStatus
-    | AuditTasks
-    | AuditStatus
+    | SpawnerMessage
 )
-
-
-# --- spawner -> user endpoint (one JSON document on the endpoint's stdin) ---
-
-
-class EndpointBoot(msgspec.Struct, forbid_unknown_fields=True):
-    """Everything a freshly exec'd user endpoint needs; secrets travel only here, never in argv/env."""
-
-    endpoint_id: str
-    account: str
-    router_address: str
-    router_public_key: str
-    secret_key: str
-    config: dict[str, Any]
-    heartbeat_interval: float = 10.0
-    # Whom this endpoint serves, checked against each task's signed assertion with these pinned keys;
-    # serves_any_identity: the admin lets identities mapped to one account share endpoints.
-    manager_endpoint_id: str = ""
-    identity_id: str = ""
-    identities: list[IdentityResource] = []
-    serves_any_identity: bool = False
-    assertion_keys: list[str] = []
-    log_format: Literal["text", "json"] = "text"  # the manager's: its logs and the endpoints' join on ids

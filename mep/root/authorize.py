@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mep.config.manager import ManagerConfig
+from mep.root.config import RootConfig as ManagerConfig
 from mep.root.accounts import Account, AccountPolicy, resolve_account
 from mep.root.identity import IdentityMapper, MappingDecision
 

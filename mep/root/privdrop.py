@@ -41,7 +41,7 @@ from mep.root.errors import SpawnError
 from mep.root.accounts import Account
 
 if TYPE_CHECKING:
-    from mep.config.manager import EndpointLimits
+    from mep.root.config import EndpointLimits
 
 #: Exit status of a child that failed at each step, in the order the steps run,
 #: so an admin who only sees "exited with status 206" can tell where it stopped.
@@ -479,7 +479,7 @@ def resource_limits(limits: EndpointLimits) -> tuple[tuple[str, int], ...]:
     """The manager config's ``endpoint_limits`` as ``SpawnPlan.resource_limits``."""
     names = {"nproc": "RLIMIT_NPROC", "address_space": "RLIMIT_AS", "cpu": "RLIMIT_CPU", "nofile": "RLIMIT_NOFILE",
              "core": "RLIMIT_CORE"}
-    return tuple((names[key], value) for key, value in limits.model_dump().items() if value is not None)
+    return tuple((name, getattr(limits, key)) for key, name in names.items() if getattr(limits, key) is not None)
 
 
 def _lowered_limit(name: str, value: int, who: str) -> tuple[str, int, int, int]:

@@ -28,7 +28,7 @@ import msgspec
 
 from mep.root.accounts import Account
 from mep.root.privdrop import SpawnPlan, spawn
-from mep.manager.spawner_link import RouterBoot, SpawnerLink, channel_pair
+from mep.root.messages import RouterBoot, SpawnerLink, channel_pair
 
 log = logging.getLogger("mep.spawner")
 

@@ -3,17 +3,21 @@
 For each ``SpawnRequest`` from the router: verify the service's signed
 identity assertion (the router is not trusted for who submitted), map the identity set to one
 account (the mapping file is reloaded first if it changed), check the account
-against policy, validate the user's config against the admin's schema and
-render the admin's template, then either hand back the endpoint already
-running for the same (identity, account, template digest, config) or fork, drop
+against policy, then either hand back the endpoint already running for the
+same (identity, account, template digest, user-config digest) or fork, drop
 privileges and exec a new one, directly or, with PAM on, under a session
 holder (``session_holder``). Each endpoint gets a fresh CURVE key pair; the
-secret goes only to the endpoint's stdin, the public half to the router.
+secret goes only to the endpoint's stdin, the public half to the router. The
+admin's template and schema (read here, as root, through the policy-file
+checks) travel on that stdin too, with the researcher's options: the endpoint
+renders and validates them as the user, after the drop, so no template code
+and no user value is ever evaluated as root (nor by the router). An invalid
+config makes the endpoint fail each of its tasks with the typed error.
 Children are watched through pidfds, so a recycled pid can never be mistaken
 for one of ours.
 
 Nothing slow runs on the loop. Mapping (an external program may take its
-5 s), rendering and starting (a PAM stack may take its 30 s) run in worker
+5 s) and starting (a PAM stack may take its 30 s) run in worker
 threads whose outcomes are posted back to the loop, which alone owns the
 process tables and the channel: several accounts' spawns run at once, one
 account's run one at a time (a second request for it waits, then usually
@@ -33,7 +37,7 @@ manager restart, so the endpoints reconnect and their work carries on.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
 import pwd
@@ -51,9 +55,7 @@ from typing import Any
 
 import msgspec
 
-from mep.cli.logs import active_format
-from mep.config.manager import ManagerConfig
-from mep.config.render import TemplateRenderer
+from mep.root.config import RootConfig
 from mep.root.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
 from mep.root import registry
 from mep.root.accounts import Account, AccountPolicy, AccountRefused, resolve_account
@@ -66,11 +68,12 @@ from mep.root.policy_files import read_policy_file
 from mep.root.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
 from mep.root.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
 from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
-from mep.protocol.assertions import AssertionVerifier, NonceCache, check_spawn_claims
-from mep.protocol.curve import generate_keypair
-from mep.protocol.guard import forbid_unpickling, process_status
-from mep.sdnotify import notify_ready
-from mep.protocol.messages import (
+from mep.root.assertions import AssertionVerifier, NonceCache, check_spawn_claims
+from mep.root.guard import forbid_unpickling, process_status
+from mep.root.keys import generate_keypair
+from mep.root.logs import active_format
+from mep.root.sdnotify import notify_ready
+from mep.root.messages import (
     AuditStatus,
     AuditTasks,
     EndpointBoot,
@@ -85,13 +88,13 @@ from mep.protocol.messages import (
     SpawnRefused,
     SpawnRequest,
 )
-from mep.protocol.receive import handling, loop_turn
+from mep.root.receive import handling, loop_turn
 
 log = logging.getLogger("mep.spawner")
 
 STOP_GRACE = 45.0  # seconds endpoints get after SIGTERM (they give running tasks 30) before SIGKILL
 SPAWN_WORKERS = 8  # spawns (mapping, PAM, start) in progress at once, across accounts
-# (identity id, "" when identities may share endpoints; uid; template digest; canonical rendered config)
+# (identity id, "" when identities may share endpoints; uid; template digest; user config and runtime digest)
 EndpointKey = tuple[str, int, str, str]
 
 
@@ -123,7 +126,7 @@ class EndpointProcess:
 class SpawnerSettings:
     """What the spawner knows before the manager splits (all root-checked)."""
 
-    config: ManagerConfig
+    config: RootConfig
     router_address: str
     router_public_key: str
     policy: AccountPolicy
@@ -145,7 +148,6 @@ class PendingSpawn:
     progress: Authorization = field(default_factory=Authorization)
     account: Account | None = None
     key: EndpointKey | None = None
-    rendered: dict[str, Any] = field(default_factory=dict)
     endpoint_id: str = ""
 
     @property
@@ -164,11 +166,9 @@ class Spawner:
                                    trusted_owner_uids=trusted,
                                    run_as=config.identity_mapping_user if settings.drop_privileges else None),
         )
-        self.renderer = TemplateRenderer(
-            config.template, config.schema_file,
-            template_text=read_policy_file(config.template, trusted_owner_uids=trusted).decode(),
-            schema_text=read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode(),
-        )
+        self.template = read_policy_file(config.template, trusted_owner_uids=trusted).decode()
+        self.schema = read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode()
+        self.template_digest = _digest(self.template.encode(), self.schema.encode())
         self.audit: AuditWriter | None = None  # opened once the router runs: it must never hold the log
         self.assertions = AssertionVerifier(config.service_signing_keys, config.endpoint_id)
         self.nonces = NonceCache()
@@ -470,7 +470,7 @@ class Spawner:
             return
         if pending.mapper is not self.mapping.mapper:  # reloaded meanwhile: decided by the new mapping alone
             pending.mapper, pending.progress = self.mapping.mapper, Authorization()
-            self._in_worker(lambda: self._map_and_render(pending), lambda again: self._authorized(pending, again))
+            self._in_worker(lambda: self._map(pending), lambda again: self._authorized(pending, again))
             return
         self._start_or_reuse(pending)
 
@@ -600,25 +600,18 @@ class Spawner:
     def _authorize(self, pending: PendingSpawn) -> None:
         request = pending.request
         self._check_assertion(request)  # before anything is mapped: the verifier and nonce cache are thread-safe
-        self._map_and_render(pending)
+        self._map(pending)
 
-    def _map_and_render(self, pending: PendingSpawn) -> None:
+    def _map(self, pending: PendingSpawn) -> None:
         request = pending.request
         identities = [msgspec.structs.asdict(identity) for identity in request.identities]
         account = authorize(pending.mapper, identities, self.settings.policy, pending.progress)
         self._check_pam_account(account.name)  # for a reused endpoint too: the account may have expired since
-        config = self.renderer.render(
-            request.user_endpoint_config,
-            mapped_user={"name": account.name, "uid": account.uid, "gid": account.gid, "home": account.home,
-                         "groups": list(account.groups), "shell": account.shell},
-            user_runtime=msgspec.to_builtins(request.runtime) if request.runtime else {},
-            endpoint={"id": self.settings.config.endpoint_id},
-        )
-        pending.rendered = config.model_dump(mode="json")
         pending.account = account
         shared = self.settings.config.share_endpoints_across_identities
-        pending.key = ("" if shared else request.submitter_id, account.uid, self.renderer.digest,
-                       json.dumps(pending.rendered, sort_keys=True))
+        # The same options from another runtime may render differently (a template may pick worker_python by it).
+        options = msgspec.json.encode([request.user_endpoint_config, request.runtime], order="sorted")
+        pending.key = ("" if shared else request.submitter_id, account.uid, self.template_digest, _digest(options))
 
     def _start(self, pending: PendingSpawn) -> EndpointProcess:
         """The decision on disk, then the endpoint started (PAM's account and session steps included)."""
@@ -634,7 +627,13 @@ class Spawner:
         boot = EndpointBoot(endpoint_id=endpoint_id, account=account.name,
                             router_address=self.settings.router_address,
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
-                            config=pending.rendered, heartbeat_interval=config.heartbeat_interval,
+                            template=self.template, schema=self.schema, template_path=str(config.template),
+                            schema_path=str(config.schema_file), user_config=pending.request.user_endpoint_config,
+                            user_runtime=msgspec.to_builtins(pending.request.runtime) if pending.request.runtime
+                            else {}, mapped_user={"name": account.name, "uid": account.uid, "gid": account.gid,
+                                                  "home": account.home, "groups": list(account.groups),
+                                                  "shell": account.shell},
+                            heartbeat_interval=config.heartbeat_interval,
                             manager_endpoint_id=config.endpoint_id, identity_id=key[0], identities=serves,
                             serves_any_identity=not key[0], assertion_keys=config.service_signing_keys,
                             log_format=active_format())
@@ -922,6 +921,14 @@ def _held_endpoint_pidfd(endpoint_pid: int, holder_pid: int) -> int:
         os.close(pidfd)
         return -1
     return pidfd
+
+
+def _digest(*parts: bytes) -> str:
+    """sha256 hex over length-prefixed parts, so bytes moved from one part to the next change it."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
 
 
 def _describe_exit(status: int) -> str:

@@ -1,4 +1,4 @@
-"""``mep manager start``: check everything as root, then split into spawner (root) and router.
+"""The root process's start (``python -I -m mep.root``): check everything as root, then split into spawner and router.
 
 Like OpenSSH's privilege separation: this process keeps root and becomes the
 spawner; the router is a fresh interpreter it starts (and restarts when it
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from setproctitle import setproctitle
 
-from mep.cli.logs import active_format
-from mep.config.manager import ManagerConfig
-from mep.errors import ConfigurationError
+from mep.root.config import RootConfig
+from mep.root.errors import ConfigurationError
+from mep.root.logs import active_format
 from mep.root.accounts import Account, AccountPolicy
 from mep.root.authorize import account_policy
 from mep.root.interpreter import check_interpreter_usable
@@ -31,8 +31,8 @@ from mep.root.policy_files import check_policy_file, read_policy_file
 from mep.root.router_process import RouterLaunch, single_user_account
 from mep.root.session_holder import PamSettings
 from mep.root.spawner import Spawner, SpawnerSettings
-from mep.manager.spawner_link import RouterBoot
-from mep.protocol.curve import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
+from mep.root.messages import RouterBoot
+from mep.root.keys import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
 
 log = logging.getLogger("mep.manager")
 
@@ -111,7 +111,7 @@ def router_keypair(path: Path) -> tuple[str, str]:
     return public_from_secret(secret), secret
 
 
-def account_rules(config: ManagerConfig, router: Account | None) -> tuple[AccountPolicy, frozenset[int]]:
+def account_rules(config: RootConfig, router: Account | None) -> tuple[AccountPolicy, frozenset[int]]:
     """The account policy and the owners trusted for policy files, as this process's manager would use them.
 
     As root (``router`` given) the manager's own uids are off limits and only
@@ -124,7 +124,7 @@ def account_rules(config: ManagerConfig, router: Account | None) -> tuple[Accoun
     return account_policy(config, manager_uids=frozenset(), only_uid=own), frozenset({0, own})
 
 
-def pam_settings(config: ManagerConfig, config_path: Path, *, trusted_owner_uids: frozenset[int]) -> PamSettings | None:
+def pam_settings(config: RootConfig, config_path: Path, *, trusted_owner_uids: frozenset[int]) -> PamSettings | None:
     """``pam:`` checked at start: root only, a real service file, a library only root can have replaced."""
     if not config.pam.enable:
         return None
@@ -142,7 +142,7 @@ def pam_settings(config: ManagerConfig, config_path: Path, *, trusted_owner_uids
 
 
 def start_manager(config_path: Path) -> int:
-    config = ManagerConfig.load(config_path)
+    config = RootConfig.load(config_path)
     as_root = os.geteuid() == 0
     secret_key = read_secret_key(config.manager_secret_key_file)
     check_public_key(config.service_public_key, f"service_public_key in {config_path}")
@@ -162,7 +162,7 @@ def start_manager(config_path: Path) -> int:
     assert _instance_lock is not None
     launch = RouterLaunch(
         account=router or single_user_account(), drop_privileges=as_root, lock_fd=_instance_lock,
-        boot=RouterBoot(config=config.model_dump(mode="json", by_alias=True), manager_secret_key=secret_key,
+        boot=RouterBoot(config=config.as_json(), manager_secret_key=secret_key,
                         endpoint_address=address, endpoint_secret_key=router_secret,
                         log_level=logging.getLogger().getEffectiveLevel(), log_format=active_format(),
                         schema_text=read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode(),

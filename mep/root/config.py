@@ -1,0 +1,138 @@
+"""The manager's config file as the root process reads it: a msgspec Struct, no pydantic.
+
+The admin's tools (``mep endpoint configure``, ``mep manager start`` before it
+execs the root process, the docs) use ``mep.config.manager.ManagerConfig``,
+which also describes each option; ``tests/test_root_size.py`` keeps the two
+agreeing on every option's name and default. The root process itself reads
+the file with this one. Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+from mep.root.accounts import DEFAULT_DISABLED_SHELLS
+from mep.root.errors import ConfigurationError
+
+_NAME = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$")]
+PATH_KEYS = ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log")
+
+
+def shipped_templates_dir() -> Path:
+    """Where the templates that ship with mep were installed (``<prefix>/share/mep/templates``)."""
+    installed = Path(sys.prefix) / "share" / "mep" / "templates"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[2] / "templates"  # running from a source checkout
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class PamConfig(_Section):
+    enable: bool = False
+    service: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]+$")] = "mep"
+    library: str = "libpam.so.0"
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 30.0
+
+
+class EndpointLimits(_Section):
+    nproc: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    address_space: Annotated[int, msgspec.Meta(ge=1 << 26)] | None = None
+    cpu: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    nofile: Annotated[int, msgspec.Meta(ge=16)] | None = None
+    core: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class RootConfig(_Section):
+    endpoint_id: str
+    service_address: str
+    service_public_key: str
+    manager_secret_key_file: Path
+    identity_mapping: Path
+    template: Path = msgspec.field(default_factory=lambda: shipped_templates_dir() / "local.yaml.j2")
+    schema_file: Path = msgspec.field(default_factory=lambda: shipped_templates_dir() / "local.schema.json",
+                                      name="schema")
+    min_uid: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    router_user: str = "mep"
+    run_dir: Path | None = None
+    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    identity_mapping_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    identity_mapping_user: _NAME = "nobody"
+    allow_users: frozenset[_NAME] = frozenset()
+    deny_users: frozenset[_NAME] = frozenset()
+    allow_groups: frozenset[_NAME] = frozenset()
+    deny_groups: frozenset[_NAME] = frozenset()
+    disabled_shells: frozenset[str] = DEFAULT_DISABLED_SHELLS
+    refuse_locked: bool = False
+    pam: PamConfig = msgspec.field(default_factory=PamConfig)
+    max_queued_tasks: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    max_queued_bytes: Annotated[int, msgspec.Meta(ge=1024**2)] = 256 * 1024**2
+    submitter_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
+    max_concurrent_spawns: Annotated[int, msgspec.Meta(ge=1)] = 4
+    max_endpoints_per_account: Annotated[int, msgspec.Meta(ge=1)] = 8
+    audit_log: Path | None = None
+    service_signing_keys: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]],
+                                    msgspec.Meta(max_length=4)] = []
+    share_endpoints_across_identities: bool = False
+    endpoint_limits: EndpointLimits = msgspec.field(default_factory=EndpointLimits)
+    allow_setuid_helpers: bool = False
+    metrics_listen: str | None = None
+
+    def __post_init__(self) -> None:
+        # A compromised router could then trace the program and forge its answer: who maps to which account.
+        if self.identity_mapping_user == self.router_user:
+            raise ValueError(f"identity_mapping_user must not be the router's account ({self.router_user!r})")
+
+    @classmethod
+    def load(cls, path: Path) -> RootConfig:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read manager config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"{path} must be a YAML mapping of settings")
+        for key in PATH_KEYS:
+            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
+                data[key] = str(path.parent / data[key])
+        try:
+            return msgspec.convert(data, cls, dec_hook=_path)
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise ConfigurationError(f"{path}: {exc}") from None
+
+    def as_json(self) -> dict[str, Any]:
+        """The config as JSON data, for the router (which reads it with ``ManagerConfig``)."""
+        return msgspec.to_builtins(self, enc_hook=str)
+
+    def audit_log_path(self) -> Path:
+        return default_audit_log(self.endpoint_id) if self.audit_log is None else self.audit_log
+
+    def socket_dir(self) -> Path:
+        return default_run_dir(self.endpoint_id) if self.run_dir is None else self.run_dir
+
+
+def default_audit_log(endpoint_id: str) -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/log/mep") / f"audit-{endpoint_id}.jsonl"
+    return Path.home() / ".mep" / "log" / f"audit-{endpoint_id}.jsonl"
+
+
+def default_run_dir(endpoint_id: str) -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/mep") / endpoint_id
+    return Path("/tmp") / f"mep-{os.geteuid()}" / endpoint_id[:8]
+
+
+def _path(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError(f"{kind} from {type(value).__name__}")

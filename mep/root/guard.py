@@ -1,0 +1,58 @@
+"""Payloads stay opaque: an audit hook that refuses unpickling in brokering processes.
+
+The service, the router and the spawner call ``forbid_unpickling`` at start.
+From then on any ``pickle`` load that would resolve a class or function
+(``pickle.find_class``, which dill goes through too) raises, so a bug or an
+attacker can't make those processes execute a payload. ``process_status``
+reports it, and whether dill was ever imported, for ``mep status``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from mep.root.messages import ProcessStatus
+
+_installed = False
+
+
+class UnpicklingForbidden(RuntimeError):
+    """Raised by the audit hook: this process must never deserialise user data."""
+
+
+def _refuse_unpickling(event: str, args: tuple) -> None:
+    if event == "pickle.find_class":
+        raise UnpicklingForbidden(
+            f"unpickling is forbidden in this mep process (attempted to load {args[0]}.{args[1]})"
+        )
+
+
+def forbid_unpickling() -> None:
+    """Install the hook once; audit hooks can't be removed, which is the point."""
+    global _installed
+    if not _installed:
+        sys.addaudithook(_refuse_unpickling)
+        _installed = True
+
+
+def unpickling_refused() -> bool:
+    """Prove the hook works by trying a harmless load that needs ``find_class``."""
+    import pickle
+
+    probe = pickle.dumps(os.path.join)  # by reference: loading it calls find_class
+    try:
+        pickle.loads(probe)
+    except UnpicklingForbidden:
+        return True
+    return False
+
+
+def process_status(role: str) -> ProcessStatus:
+    return ProcessStatus(
+        role=role,
+        pid=os.getpid(),
+        uid=os.getuid(),
+        dill_loaded="dill" in sys.modules,
+        unpickling_refused=unpickling_refused(),
+    )
