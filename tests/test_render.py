@@ -438,7 +438,7 @@ def test_model_rejects_what_the_template_must_not_configure(tmp_path: Path, temp
 
 
 def test_model_has_no_privileged_fields() -> None:
-    assert set(UserEndpointConfig.model_fields) == {"engine", "idle_timeout", "task_resources"}
+    assert set(UserEndpointConfig.model_fields) == {"engine", "idle_timeout", "large_results", "task_resources"}
     assert set(ProcessEngine.model_fields) == {"type", "workers", "worker_python", "container"}
 
 
