@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mep.config.manager import ManagerConfig
 from mep.root.accounts import Account, AccountPolicy, resolve_account
 from mep.root.identity import IdentityMapper, MappingDecision
+
+if TYPE_CHECKING:
+    from mep.config.manager import ManagerConfig
 
 
 @dataclass
