@@ -1,10 +1,11 @@
-"""The identity-mapping helper: one ``HelperRequest`` on stdin, one ``HelperReply`` on fd 3, then exit.
+"""The identity-mapping helper: a ``HelperLoad`` on stdin, then ``HelperRequest`` frames answered on fd 3.
 
-Started by root (``mep.root.identity``) as ``identity_mapping_user``; it
-loads the mapping content root read and checked, and maps the identity set
-when there is one. Every error becomes a refusal in the reply, so root never
-has to guess; what the engine logs (a program's stderr) travels in the reply
-for root's log.
+Started by root (``mep.root.identity``) as ``identity_mapping_user`` when a
+mapping file is loaded; it loads the content root read and checked, answers
+once whether it loaded, then maps one identity set per frame on the channel
+(a socket at fd 3: 4-byte big-endian length, msgspec JSON) until root closes
+it. Every error becomes a refusal in the reply, so root never has to guess;
+what the engine logs (a program's stderr) travels in the reply for root's log.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPAB
 
 import dataclasses  # noqa: E402 - after the prctl
 import logging  # noqa: E402
-import os  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 
 import msgspec  # noqa: E402
@@ -25,15 +26,19 @@ import msgspec  # noqa: E402
 from mep.mapping.engine import MappingRules  # noqa: E402
 from mep.root.errors import ConfigurationError, MappingError, UnmappedIdentityError  # noqa: E402
 from mep.root.identity import (  # noqa: E402
+    FRAME_HEADER_BYTES,
     MAX_LOG_LINES,
     HelperDecision,
+    HelperLoad,
     HelperRefusal,
     HelperReply,
     HelperRequest,
     MappingContext,
+    encode_frame,
 )
 
-REPLY_FD = 3  # privdrop.run_for_answer's answer pipe
+CHANNEL_FD = 3  # a socket, root's other end: requests in, answers out
+MAX_REQUEST_BYTES = 1 << 20
 _KINDS = ((UnmappedIdentityError, "unmapped"), (MappingError, "mapping"), (ConfigurationError, "configuration"))
 
 
@@ -47,31 +52,50 @@ class _Collector(logging.Handler):
             self.lines.append((record.levelno, record.getMessage()[:8000]))
 
 
-def answer(request: HelperRequest) -> HelperReply:
-    context = MappingContext(request.endpoint_id, request.external_timeout, frozenset(request.trusted_owner_uids))
-    try:
-        rules = MappingRules.from_content(request.content, source=request.source, context=context)
-        if request.identities is None:
-            return HelperReply()
-        decision = rules.map(request.identities)
-    except (UnmappedIdentityError, MappingError, ConfigurationError) as error:
-        kind = next(kind for cls, kind in _KINDS if isinstance(error, cls))
-        return HelperReply(refusal=HelperRefusal(kind, error.message[:60000], error.admin_detail[:60000]))
-    return HelperReply(decision=HelperDecision(**dataclasses.asdict(decision)))
+def _refused(error: Exception) -> HelperReply:
+    for cls, kind in _KINDS:
+        if isinstance(error, cls):
+            return HelperReply(refusal=HelperRefusal(kind, error.message[:60000], error.admin_detail[:60000]))
+    # A bug or a bad request: root fails closed on "internal"
+    return HelperReply(refusal=HelperRefusal("internal", type(error).__name__, str(error)[:8000]))
+
+
+def _receive_frame(channel: socket.socket) -> bytes | None:
+    """The next request frame; None when root closed the channel."""
+    header = channel.recv(FRAME_HEADER_BYTES, socket.MSG_WAITALL)
+    if len(header) < FRAME_HEADER_BYTES:
+        return None
+    size = int.from_bytes(header, "big")
+    if size > MAX_REQUEST_BYTES:
+        raise SystemExit(f"mep.mapping: a request of {size} bytes, more than {MAX_REQUEST_BYTES}")
+    body = channel.recv(size, socket.MSG_WAITALL)
+    return body if len(body) == size else None
 
 
 def main() -> None:
     collector = _Collector()
     logging.getLogger().addHandler(collector)
     logging.getLogger().setLevel(logging.INFO)
+    channel = socket.socket(fileno=CHANNEL_FD)
+
+    def send(reply: HelperReply) -> None:
+        reply.log, collector.lines = collector.lines, []
+        channel.sendall(encode_frame(msgspec.json.encode(reply)))
+
     try:
-        reply = answer(msgspec.json.decode(sys.stdin.buffer.read(), type=HelperRequest))
-    except Exception as error:  # noqa: BLE001 - a bug or a bad request: root fails closed on "internal"
-        reply = HelperReply(refusal=HelperRefusal("internal", type(error).__name__, str(error)[:8000]))
-    reply.log = collector.lines
-    data = msgspec.json.encode(reply)
-    while data:
-        data = data[os.write(REPLY_FD, data):]
+        load = msgspec.json.decode(sys.stdin.buffer.read(), type=HelperLoad)
+        context = MappingContext(load.endpoint_id, load.external_timeout, frozenset(load.trusted_owner_uids))
+        rules = MappingRules.from_content(load.content, source=load.source, context=context)
+    except Exception as error:  # noqa: BLE001 - every failure is the load's answer
+        send(_refused(error))
+        return
+    send(HelperReply())
+    while (frame := _receive_frame(channel)) is not None:
+        try:
+            decision = rules.map(msgspec.json.decode(frame, type=HelperRequest).identities)
+            send(HelperReply(decision=HelperDecision(**dataclasses.asdict(decision))))
+        except Exception as error:  # noqa: BLE001 - one request's failure is its answer
+            send(_refused(error))
 
 
 if __name__ == "__main__":

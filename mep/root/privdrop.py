@@ -619,21 +619,26 @@ def run_for_answer(plan: SpawnPlan, *, timeout: float, limit: int) -> tuple[int,
         deadline = time.monotonic() + timeout
         answer = read_bounded(answer_read, deadline, limit)
         exited = answer is not None and bool(select.select([child.pidfd], [], [], max(0.0, deadline - time.monotonic()))[0])
-        try:
-            if not exited:
-                signal.pidfd_send_signal(child.pidfd, 0)  # not reaped yet: its group id is still its own
-                os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        finally:
-            _, status = os.waitpid(child.pid, 0)
-            os.close(child.pidfd)
+        status = end_process_group(child)
     finally:
         os.close(answer_read)
     if answer is None or not exited:
         raise SpawnError(f"{plan.title or 'the process'} as {plan.account.name} did not answer and exit within"
                          f" {timeout:g} s, or wrote more than {limit} bytes; it was killed")
     return os.waitstatus_to_exitcode(status), answer
+
+
+def end_process_group(child: SpawnedProcess) -> int:
+    """Kill ``child``'s process group (it leads its own session; an exited leader's leftovers too), reap it."""
+    try:
+        signal.pidfd_send_signal(child.pidfd, 0)  # not reaped yet: its group id is still its own
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        _, status = os.waitpid(child.pid, 0)
+        os.close(child.pidfd)
+    return status
 
 
 def read_bounded(fd: int, deadline: float, limit: int) -> bytes | None:
