@@ -49,17 +49,23 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc."""
+def children_of(pid: int, *, mapping_helpers: bool = False) -> list[int]:
+    """Direct children of ``pid``, from /proc; a spawner's identity-mapping helper only with ``mapping_helpers``.
+
+    The helper (``python -I -m mep.mapping``) lives as long as the mapping it serves, so tests that count
+    what a spawner started for users leave it out.
+    """
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as handle:
                     fields = handle.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    helper = handle.read().split(b"\0")[1:4] == [b"-I", b"-m", b"mep.mapping"]
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and (mapping_helpers or not helper):
                 found.append(int(entry))
     return found
 

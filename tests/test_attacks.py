@@ -24,7 +24,8 @@ import pytest
 
 import mep
 from mep.errors import ErrorCode
-from mep.root import external
+from mep.mapping import external
+from mep.mapping.engine import MappingRules
 from mep.root.identity import IdentityMapper, MappingContext
 from mep.protocol.messages import SpawnRefused
 from mep.sdk.client import Client
@@ -190,7 +191,7 @@ def test_mapping_program_link_swap(program_dirs, monkeypatch: pytest.MonkeyPatch
     _mapper_program(untrusted / "evil", "root", owner=attacker, marker=marker)  # the attacker's own program
     link = untrusted / "mapper"  # the admin's command names a link in a directory the attacker can write
     link.symlink_to(trusted / "mapper")
-    mapper = IdentityMapper.from_documents(
+    mapper = MappingRules.from_documents(  # in this process: the interleaving needs the monkeypatch
         [{"DATA_TYPE": "external_identity_mapping#1.0.0", "command": [str(link)]}],
         context=MappingContext(endpoint_id=str(uuid.uuid4())))
     real_run = external._run_bounded

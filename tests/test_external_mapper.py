@@ -26,8 +26,9 @@ from globus_identity_mapping.errors import IdentityMappingError, InvalidMappingE
 from globus_identity_mapping.mappers.external_program import ExternalIdentityMapping
 
 from mep.errors import ConfigurationError, MappingError, UnmappedIdentityError
-from mep.root.external import POSIX_CONNECTOR_ID, PROGRAM_ENVIRONMENT
-from mep.root.identity import IdentityMapper, MappingContext
+from mep.mapping.engine import MappingRules
+from mep.mapping.external import POSIX_CONNECTOR_ID, PROGRAM_ENVIRONMENT
+from mep.root.identity import MappingContext
 
 pytestmark = pytest.mark.root  # the programs must be root-owned, as mep demands
 
@@ -82,8 +83,8 @@ def external(command: list[str]) -> dict[str, object]:
     return {"DATA_TYPE": EXTERNAL, "command": command}
 
 
-def mapper(*documents: dict[str, object], timeout: float = 5.0) -> IdentityMapper:
-    return IdentityMapper.from_documents(
+def mapper(*documents: dict[str, object], timeout: float = 5.0) -> MappingRules:
+    return MappingRules.from_documents(
         list(documents), source="map.json",
         context=MappingContext(endpoint_id=ENDPOINT_ID, external_timeout=timeout),
     )
@@ -244,9 +245,9 @@ def test_program_does_not_have_to_read_its_input(program: Program) -> None:
 
 def test_a_lot_of_stderr_is_drained_and_logged_in_part(program: Program, caplog: pytest.LogCaptureFixture) -> None:
     noisy = ANSWER_ALL + "\nsys.stderr.write('warning: noisy\\n' * 100000)\n"
-    with caplog.at_level(logging.INFO, logger="mep.spawner.external"):
+    with caplog.at_level(logging.INFO, logger="mep.mapping.external"):
         assert mapper(external([program(noisy)])).map([ALICE]).account == "alice"
-    logged = [r.getMessage() for r in caplog.records if r.name == "mep.spawner.external"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mep.mapping.external"]
     assert len(logged) == 1 and "warning: noisy" in logged[0] and len(logged[0]) < 5000
 
 
@@ -334,10 +335,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_stderr_of_a_failing_program_goes_to_the_log(program: Program, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="mep.spawner.external"):
+    with caplog.at_level(logging.INFO, logger="mep.mapping.external"):
         refusal(MappingError, [external([program("sys.stderr.write('ldap down\\x1b[31m\\n'); sys.exit(1)")])],
                 [ALICE])
-    (record,) = [r for r in caplog.records if r.name == "mep.spawner.external"]
+    (record,) = [r for r in caplog.records if r.name == "mep.mapping.external"]
     assert record.levelno == logging.WARNING
     assert "ldap down\\x1b[31m\\n" in record.getMessage(), "control characters are escaped in the log"
 
@@ -426,7 +427,7 @@ def example_document(name: str, script: str, table: Path) -> object:
 
 def test_csv_example_maps_by_username_and_by_id(csv_mapper: tuple[str, Path]) -> None:
     script, table = csv_mapper
-    loaded = IdentityMapper.from_documents(example_document("example-external-csv.json", script, table),
+    loaded = MappingRules.from_documents(example_document("example-external-csv.json", script, table),
                                            context=MappingContext(endpoint_id=ENDPOINT_ID))
     assert loaded.map([identity("Erin@Partner.Example.NET")]).account == "erin"
     by_id = {"id": "9c2a7e4d-6f1b-4a3c-8e5d-2b7f9a1c0d3e", "username": "pipeline@clients.auth.globus.org",
@@ -442,7 +443,7 @@ def test_csv_example_maps_by_username_and_by_id(csv_mapper: tuple[str, Path]) ->
 def test_csv_example_with_a_broken_table_refuses(csv_mapper: tuple[str, Path]) -> None:
     script, table = csv_mapper
     table.write_text("who,account\nerin@partner.example.net,erin\n")
-    loaded = IdentityMapper.from_documents(example_document("example-external-csv.json", script, table))
+    loaded = MappingRules.from_documents(example_document("example-external-csv.json", script, table))
     with pytest.raises(MappingError) as raised:
         loaded.map([identity("erin@partner.example.net")])
     assert "must name the columns 'identity' and 'account'" in raised.value.admin_detail
@@ -450,7 +451,7 @@ def test_csv_example_with_a_broken_table_refuses(csv_mapper: tuple[str, Path]) -
 
 def test_chained_example_tries_documents_in_order(csv_mapper: tuple[str, Path]) -> None:
     script, table = csv_mapper
-    loaded = IdentityMapper.from_documents(example_document("example-chained.json", script, table))
+    loaded = MappingRules.from_documents(example_document("example-chained.json", script, table))
     service = {"id": "b34bb069-3b68-4d38-b4e6-bc1e4fc95332", "username": "svc@example.org", "status": "used"}
     decision = loaded.map([service])
     assert (decision.account, decision.document_index) == ("svc_pipeline", 0), "the id table wins over the domain"

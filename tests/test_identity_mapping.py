@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mep.errors import ConfigurationError, MappingError, UnmappedIdentityError
+from mep.mapping.engine import MappingRules
 from mep.root.identity import IdentityMapper, MappingDecision
 from mep.root.policy_files import read_policy_file
 from tests.accounts import unix_account
@@ -274,7 +275,7 @@ AGREEING_CASES = [
 @pytest.mark.parametrize("case", AGREEING_CASES, ids=lambda case: case.name)
 def test_mapping_agrees_with_reference(case: Case) -> None:
     assert reference_account(case.documents, case.identities) == case.account
-    mapper = IdentityMapper.from_documents(case.documents)
+    mapper = MappingRules.from_documents(case.documents)
     if case.account is None:
         with pytest.raises(UnmappedIdentityError):
             mapper.map(case.identities)
@@ -347,7 +348,7 @@ DIFFERENCES = [
 @pytest.mark.parametrize("case", DIFFERENCES, ids=lambda case: case.name)
 def test_mep_is_stricter_than_reference(case: Difference) -> None:
     assert ExpressionIdentityMapping([case.mapping]).map_identity(case.identity) == case.reference
-    mapper = IdentityMapper.from_documents(document(case.mapping))
+    mapper = MappingRules.from_documents(document(case.mapping))
     if case.mep is None:
         with pytest.raises(UnmappedIdentityError):
             mapper.map([case.identity])
@@ -358,15 +359,15 @@ def test_mep_is_stricter_than_reference(case: Difference) -> None:
 def test_empty_output_is_no_mapping_and_the_next_rule_decides() -> None:
     empty_group = rule("{username}", r"(.*)@example\.org", "{0}")
     fallback = rule("{username}", r".*@example\.org", "guest")
-    decision = IdentityMapper.from_documents([document(empty_group, fallback)]).map([identity("@example.org")])
+    decision = MappingRules.from_documents([document(empty_group, fallback)]).map([identity("@example.org")])
     assert (decision.account, decision.mapping_index) == ("guest", 1)
     with pytest.raises(UnmappedIdentityError):
-        IdentityMapper.from_documents([document(rule("{username}", ".*", "{email}"))]).map(
+        MappingRules.from_documents([document(rule("{username}", ".*", "{email}"))]).map(
             [identity("alice@example.org", email="")])
 
 
 def test_unmapped_message_names_first_identity_and_hides_rules() -> None:
-    mapper = IdentityMapper.from_documents([document(DOMAIN_STRIP)], source="/etc/mep/x/identity_mapping.json")
+    mapper = MappingRules.from_documents([document(DOMAIN_STRIP)], source="/etc/mep/x/identity_mapping.json")
     with pytest.raises(UnmappedIdentityError) as raised:
         mapper.map([identity("alice@elsewhere.org"), identity("al@elsewhere.org")])
     assert str(raised.value) == (
@@ -377,7 +378,7 @@ def test_unmapped_message_names_first_identity_and_hides_rules() -> None:
 
 
 def test_ambiguous_set_is_refused() -> None:
-    mapper = IdentityMapper.from_documents([document(DOMAIN_STRIP)])
+    mapper = MappingRules.from_documents([document(DOMAIN_STRIP)])
     with pytest.raises(MappingError) as raised:
         mapper.map([identity("alice@example.org"), identity("bob@example.org", status="private")])
     message = str(raised.value)
@@ -435,7 +436,7 @@ EVALUATION_ERRORS = [
 def test_evaluation_error_fails_closed(
     name: str, documents: list[dict[str, object]], identities: list[dict[str, object]], detail: str
 ) -> None:
-    mapper = IdentityMapper.from_documents(documents, source="map.json")
+    mapper = MappingRules.from_documents(documents, source="map.json")
     with pytest.raises(MappingError) as raised:
         mapper.map(identities)
     assert "ask your admin" in str(raised.value)
@@ -447,7 +448,7 @@ def test_skipped_identities_are_not_evaluated() -> None:
     """An unused identity missing a property is skipped, not an error (as in the reference)."""
     documents = [document(rule("{organization}", "physics", "phys"))]
     identities = [identity("a@x.org", status="unused", organization=None), identity("b@x.org")]
-    assert IdentityMapper.from_documents(documents).map(identities).account == "phys"
+    assert MappingRules.from_documents(documents).map(identities).account == "phys"
     assert reference_account(documents, identities) == "phys"
 
 
@@ -457,7 +458,7 @@ def test_skipped_identities_are_not_evaluated() -> None:
     ids=["empty", "string", "list of lists", "no id", "empty id", "None"],
 )
 def test_malformed_identity_set_is_a_mapping_error(identities: object) -> None:
-    mapper = IdentityMapper.from_documents([document(DOMAIN_STRIP)])
+    mapper = MappingRules.from_documents([document(DOMAIN_STRIP)])
     with pytest.raises(MappingError):
         mapper.map(identities)  # type: ignore[arg-type]
 
@@ -493,7 +494,7 @@ def test_invalid_expression_rejected_at_load_with_location(
             ExpressionIdentityMapping([bad_mapping])
     documents = [document(DOMAIN_STRIP), document(DOMAIN_STRIP, bad_mapping)]
     with pytest.raises(ConfigurationError) as raised:
-        IdentityMapper.from_documents(documents, source="/etc/mep/ep/identity_mapping.json")
+        MappingRules.from_documents(documents, source="/etc/mep/ep/identity_mapping.json")
     message = str(raised.value)
     assert message.startswith("/etc/mep/ep/identity_mapping.json: document 1, mapping 1: ")
     assert reason in message
@@ -543,7 +544,7 @@ INVALID_DOCUMENTS = [
 )
 def test_invalid_documents_rejected_at_load(documents: object, reason: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
-        IdentityMapper.from_documents(documents, source="map.json")
+        MappingRules.from_documents(documents, source="map.json")
     assert str(raised.value).startswith("map.json: ")
     assert reason in str(raised.value)
 
@@ -551,8 +552,8 @@ def test_invalid_documents_rejected_at_load(documents: object, reason: str) -> N
 EXAMPLES = Path(__file__).resolve().parent.parent / "identity_maps"
 
 
-def load_example(name: str) -> IdentityMapper:
-    return IdentityMapper.from_documents(json.loads((EXAMPLES / name).read_text()), source=name)
+def load_example(name: str) -> MappingRules:
+    return MappingRules.from_documents(json.loads((EXAMPLES / name).read_text()), source=name)
 
 
 def test_example_domain_strip() -> None:
@@ -579,7 +580,7 @@ def test_example_id_table() -> None:
 
 
 def test_single_document_is_accepted() -> None:
-    mapper = IdentityMapper.from_documents(document(DOMAIN_STRIP))
+    mapper = MappingRules.from_documents(document(DOMAIN_STRIP))
     assert mapper.map([identity("alice@example.org")]).account == "alice"
 
 
@@ -605,13 +606,13 @@ def assert_maps_like_reference(mapping: dict[str, object], subject: dict[str, ob
         expected = reference_whole_match(mapping, subject)
     except InvalidMappingError:
         with pytest.raises(ConfigurationError):
-            IdentityMapper.from_documents(document(mapping))
+            MappingRules.from_documents(document(mapping))
         return
     except IdentityMappingError:
         with pytest.raises(MappingError):
-            IdentityMapper.from_documents(document(mapping)).map([subject])
+            MappingRules.from_documents(document(mapping)).map([subject])
         return
-    mapper = IdentityMapper.from_documents(document(mapping))
+    mapper = MappingRules.from_documents(document(mapping))
     if not expected:  # None, or "": mep's deliberate difference (an empty output is no mapping)
         with pytest.raises(UnmappedIdentityError):
             mapper.map([subject])

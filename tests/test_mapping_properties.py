@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError, TaskRefusedError
 from mep.root.authorize import authorize
-from mep.root.identity import IdentityMapper
+from mep.mapping.engine import MappingRules
 from mep.manager.start import account_rules
 from mep.manager.start import router_account as router_of
 from tests.accounts import free_uid
@@ -98,7 +98,7 @@ def test_no_configuration_runs_a_task_as_root_the_manager_or_a_system_account(kn
         "mappings": st.lists(rules(known_accounts), min_size=1, max_size=4)}), min_size=1, max_size=3),
         label="documents")
     try:
-        mapper = IdentityMapper.from_documents(documents)
+        mapper = MappingRules.from_documents(documents)
     except ConfigurationError:
         return  # the manager refuses to start with this file
     try:

@@ -396,7 +396,7 @@ def test_log_path_planted_by_the_user_is_refused(user, root_secret, plant, expec
         ({"extra_env": {"A=B": "c"}}, "'A=B' is not a valid environment variable name"),
         ({"argv": ["python3", "-c", "pass"]}, "absolute program path"),
         ({"log_path": "/var/tmp/../root/endpoint.log"}, "not a normalised absolute path"),
-        ({"stdin_data": b"x" * (1 << 20)}, "exceed the pipe's"),
+        ({"stdin_data": b"x" * ((1 << 20) + 1)}, "exceed the pipe's"),
         ({"drop_privileges": False}, "single-user mode"),
     ],
 )

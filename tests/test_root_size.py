@@ -32,15 +32,13 @@ GOAL_ROOT_LINES = 1500
 MAX_ROOT_LINES = 4060
 EXPECTED_ROOT_MODULES = {
     "mep", "mep.root", "mep.root.__main__", "mep.root.accounts", "mep.root.assertions", "mep.root.audit",
-    "mep.root.authorize", "mep.root.config", "mep.root.errors", "mep.root.external", "mep.root.guard",
+    "mep.root.authorize", "mep.root.config", "mep.root.errors", "mep.root.guard",
     "mep.root.identity", "mep.root.interpreter", "mep.root.keys", "mep.root.logs", "mep.root.mapping_file",
     "mep.root.messages", "mep.root.pam", "mep.root.policy_files", "mep.root.privdrop", "mep.root.receive",
     "mep.root.registry", "mep.root.router_process", "mep.root.sdnotify", "mep.root.session_holder",
     "mep.root.shadow", "mep.root.spawner", "mep.root.start",
 }
-# globus_identity_mapping is still loaded: mapping rules are evaluated in root until they move to an unprivileged
-# helper (branch rootpolicy); then it joins this list.
-FOREIGN = ("jinja2", "jsonschema", "pydantic", "click", "dill", "parsl")
+FOREIGN = ("jinja2", "jsonschema", "pydantic", "click", "globus_identity_mapping", "dill", "parsl")
 
 
 def module_file(name: str) -> Path | None:

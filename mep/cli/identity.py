@@ -11,7 +11,8 @@ configuration itself is invalid. Never a traceback.
 rules, endpoint id and PAM settings apply) or an identity-mapping JSON file
 alone (``.json``, or content that is a list of documents or one document:
 default account rules; external programs get the reference validator's
-testing endpoint id).
+testing endpoint id; as root, the mapping helper runs as ``nobody``, the
+default ``identity_mapping_user``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class _Setup:
             trusted = frozenset({0, os.geteuid()})
             self.mapping_path = config_path
             self.policy = None
-            context = MappingContext(trusted_owner_uids=trusted)
+            # As root, the helper runs as the default identity_mapping_user, as it would in a manager.
+            context = MappingContext(trusted_owner_uids=trusted, run_as="nobody" if os.geteuid() == 0 else None)
         else:
             from mep.config.manager import ManagerConfig
             from mep.root.start import account_rules, pam_settings, router_account

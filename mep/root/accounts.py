@@ -97,112 +97,71 @@ AccountCheck = Callable[[str, pwd.struct_passwd, AccountPolicy], None]
 
 def resolve_account(name: str, policy: AccountPolicy) -> Account:
     """Look up ``name`` and prove policy allows running tasks as it, or raise ``AccountRefused``."""
-    _check_name_syntax(name)
+    if len(name) > MAX_ACCOUNT_NAME_LENGTH or not _ACCOUNT_NAME.fullmatch(name):
+        raise AccountRefused(name, "is not a valid account name",
+                             f"mapped name {name!r} does not match {_ACCOUNT_NAME.pattern}"
+                             f" (at most {MAX_ACCOUNT_NAME_LENGTH} characters); checked before any lookup")
     try:
-        # getpwnam only: a numeric name stays a name and never selects a uid.
-        passwd = pwd.getpwnam(name)
+        passwd = pwd.getpwnam(name)  # getpwnam only: a numeric name stays a name and never selects a uid
     except KeyError:
-        raise AccountRefused(
-            name, "does not exist on this host", f"getpwnam({name!r}) found no account"
-        ) from None
+        raise AccountRefused(name, "does not exist on this host", f"getpwnam({name!r}) found no account") from None
     for check in ACCOUNT_CHECKS:
         check(name, passwd, policy)
     return Account.from_passwd(passwd)
 
 
-def _check_name_syntax(name: str) -> None:
-    if len(name) > MAX_ACCOUNT_NAME_LENGTH or not _ACCOUNT_NAME.fullmatch(name):
-        raise AccountRefused(
-            name,
-            "is not a valid account name",
-            f"mapped name {name!r} does not match {_ACCOUNT_NAME.pattern}"
-            f" (at most {MAX_ACCOUNT_NAME_LENGTH} characters); checked before any lookup",
-        )
-
-
 def refuse_non_canonical_name(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     """NSS modules may answer for aliases (SSSD's user@domain, case folding); only the real name counts."""
     if passwd.pw_name != name:
-        raise AccountRefused(
-            name,
-            f"is not the account's canonical name (the system calls it {passwd.pw_name!r})",
-            f"getpwnam({name!r}) returned pw_name {passwd.pw_name!r} (uid {passwd.pw_uid})",
-        )
+        raise AccountRefused(name, f"is not the account's canonical name (the system calls it {passwd.pw_name!r})",
+                             f"getpwnam({name!r}) returned pw_name {passwd.pw_name!r} (uid {passwd.pw_uid})")
 
 
-def refuse_missing_primary_group(
-    name: str, passwd: pwd.struct_passwd, policy: AccountPolicy
-) -> None:
+def refuse_missing_primary_group(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     try:
         grp.getgrgid(passwd.pw_gid)
     except KeyError:
-        raise AccountRefused(
-            name,
-            f"has no primary group (gid {passwd.pw_gid} does not exist)",
-            f"getgrgid({passwd.pw_gid}) found no group for account {name!r}",
-        ) from None
+        raise AccountRefused(name, f"has no primary group (gid {passwd.pw_gid} does not exist)",
+                             f"getgrgid({passwd.pw_gid}) found no group for account {name!r}") from None
 
 
 def refuse_root(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
+    who = f"{name!r} (uid {passwd.pw_uid})"
     if passwd.pw_uid == 0:
         raise AccountRefused(name, "is the superuser (uid 0)", f"{name!r} has uid 0")
     if passwd.pw_gid == 0:
-        raise AccountRefused(
-            name,
-            "has the root group (gid 0) as its primary group",
-            f"{name!r} (uid {passwd.pw_uid}) has primary gid 0",
-        )
+        raise AccountRefused(name, "has the root group (gid 0) as its primary group", f"{who} has primary gid 0")
     if 0 in os.getgrouplist(passwd.pw_name, passwd.pw_gid):
-        raise AccountRefused(
-            name,
-            "is a member of the root group (gid 0)",
-            f"{name!r} (uid {passwd.pw_uid}) has gid 0 among its supplementary groups",
-        )
+        raise AccountRefused(name, "is a member of the root group (gid 0)",
+                             f"{who} has gid 0 among its supplementary groups")
 
 
 def refuse_system_account(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     if passwd.pw_uid < policy.min_uid:
-        raise AccountRefused(
-            name,
-            f"is a system account (uid {passwd.pw_uid} < {policy.min_uid})",
-            f"{name!r} has uid {passwd.pw_uid}, below min_uid {policy.min_uid}",
-        )
+        raise AccountRefused(name, f"is a system account (uid {passwd.pw_uid} < {policy.min_uid})",
+                             f"{name!r} has uid {passwd.pw_uid}, below min_uid {policy.min_uid}")
 
 
 def refuse_overflow_ids(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     if passwd.pw_uid == OVERFLOW_ID:
-        raise AccountRefused(
-            name,
-            f"is the shared 'nobody' account (uid {OVERFLOW_ID})",
-            f"{name!r} has the overflow uid {OVERFLOW_ID}",
-        )
+        raise AccountRefused(name, f"is the shared 'nobody' account (uid {OVERFLOW_ID})",
+                             f"{name!r} has the overflow uid {OVERFLOW_ID}")
     if passwd.pw_gid == OVERFLOW_ID:
-        raise AccountRefused(
-            name,
-            f"has the shared 'nogroup' group (gid {OVERFLOW_ID}) as its primary group",
-            f"{name!r} (uid {passwd.pw_uid}) has the overflow gid {OVERFLOW_ID} as primary group",
-        )
+        raise AccountRefused(name, f"has the shared 'nogroup' group (gid {OVERFLOW_ID}) as its primary group",
+                             f"{name!r} (uid {passwd.pw_uid}) has the overflow gid {OVERFLOW_ID} as primary group")
 
 
 def refuse_manager_accounts(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     if passwd.pw_uid in policy.manager_uids:
-        raise AccountRefused(
-            name,
-            f"is an account mep itself runs as (uid {passwd.pw_uid})",
-            f"{name!r} has uid {passwd.pw_uid}, one of the manager's uids"
-            f" {sorted(policy.manager_uids)}",
-        )
+        raise AccountRefused(name, f"is an account mep itself runs as (uid {passwd.pw_uid})",
+                             f"{name!r} has uid {passwd.pw_uid}, one of the manager's uids"
+                             f" {sorted(policy.manager_uids)}")
 
 
-def refuse_other_than_single_user(
-    name: str, passwd: pwd.struct_passwd, policy: AccountPolicy
-) -> None:
+def refuse_other_than_single_user(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     if policy.only_uid is not None and passwd.pw_uid != policy.only_uid:
-        raise AccountRefused(
-            name,
-            f"is not the account this single-user endpoint runs as (uid {policy.only_uid})",
-            f"{name!r} has uid {passwd.pw_uid}; single-user mode allows only uid {policy.only_uid}",
-        )
+        raise AccountRefused(name, f"is not the account this single-user endpoint runs as (uid {policy.only_uid})",
+                             f"{name!r} has uid {passwd.pw_uid}; single-user mode allows only uid {policy.only_uid}")
 
 
 def _group_names(passwd: pwd.struct_passwd) -> set[str]:
@@ -221,33 +180,24 @@ def refuse_denied(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -
         raise AccountRefused(name, "is on this endpoint's deny list", f"{name!r} is listed in deny_users")
     denied = sorted(_group_names(passwd) & policy.deny_groups) if policy.deny_groups else []
     if denied:
-        raise AccountRefused(
-            name,
-            f"is a member of group {denied[0]!r}, which this endpoint denies",
-            f"{name!r} is a member of {denied}, listed in deny_groups",
-        )
+        raise AccountRefused(name, f"is a member of group {denied[0]!r}, which this endpoint denies",
+                             f"{name!r} is a member of {denied}, listed in deny_groups")
 
 
 def refuse_not_allowed(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     if policy.allow_users and name not in policy.allow_users:
-        raise AccountRefused(
-            name, "is not on this endpoint's list of allowed users", f"{name!r} is not listed in allow_users"
-        )
+        raise AccountRefused(name, "is not on this endpoint's list of allowed users",
+                             f"{name!r} is not listed in allow_users")
     if policy.allow_groups and not _group_names(passwd) & policy.allow_groups:
-        raise AccountRefused(
-            name,
-            "is not a member of any group this endpoint allows",
-            f"{name!r} is a member of none of allow_groups {sorted(policy.allow_groups)}",
-        )
+        raise AccountRefused(name, "is not a member of any group this endpoint allows",
+                             f"{name!r} is a member of none of allow_groups {sorted(policy.allow_groups)}")
 
 
 def refuse_disabled_shell(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
     if passwd.pw_shell in policy.disabled_shells:
-        raise AccountRefused(
-            name,
-            f"is disabled (its login shell is {passwd.pw_shell})",
-            f"{name!r} has shell {passwd.pw_shell!r}, one of disabled_shells {sorted(policy.disabled_shells)}",
-        )
+        raise AccountRefused(name, f"is disabled (its login shell is {passwd.pw_shell})",
+                             f"{name!r} has shell {passwd.pw_shell!r}, one of disabled_shells"
+                             f" {sorted(policy.disabled_shells)}")
 
 
 def refuse_expired_or_locked(name: str, passwd: pwd.struct_passwd, policy: AccountPolicy) -> None:
@@ -257,17 +207,11 @@ def refuse_expired_or_locked(name: str, passwd: pwd.struct_passwd, policy: Accou
         return
     if shadow.expired():
         expired_on = time.strftime("%Y-%m-%d", time.gmtime(shadow.expire_day * 86400))
-        raise AccountRefused(
-            name,
-            f"has expired (on {expired_on})",
-            f"{name!r} has shadow account expiry day {shadow.expire_day} ({expired_on}); see chage -l {name}",
-        )
+        raise AccountRefused(name, f"has expired (on {expired_on})", f"{name!r} has shadow account expiry day"
+                             f" {shadow.expire_day} ({expired_on}); see chage -l {name}")
     if policy.refuse_locked and shadow.password_locked:
-        raise AccountRefused(
-            name,
-            "has a locked password, and this endpoint refuses such accounts",
-            f"{name!r} has a password field starting with '!' or '*' and refuse_locked is true",
-        )
+        raise AccountRefused(name, "has a locked password, and this endpoint refuses such accounts",
+                             f"{name!r} has a password field starting with '!' or '*' and refuse_locked is true")
 
 
 # Run in order after the lookup; the first to object decides the message.

@@ -1,89 +1,70 @@
-"""Identity mapping: which local account a submitter's identity set maps to.
+"""Identity mapping, root's side: the admin's mapping file is evaluated by an unprivileged helper, never by root.
 
-Owns loading the admin's identity-mapping file (the format Globus Connect
-Server and Globus Compute use, see ``identity_maps/README.md``) and evaluating
-it. The reference implementation is ``globus_identity_mapping``; mep follows
-it, except where it maps more than a rule says or hides a mistake:
-
-* ``match`` must cover the whole source (``fullmatch``): the reference compiles
-  ``^...$`` and calls ``.match``, so ``$`` also matches before a trailing
-  newline (``"alice\\n"`` maps like ``"alice"``) and a top-level ``|`` anchors
-  each branch at one end only (``a@x\\.org|b@x\\.org`` matches
-  ``"a@x.org.attacker.net"``).
-* ``literal`` matches are plain text (``re.escape``): the reference leaves a
-  special character after a backslash unescaped, so the literal ``a\\*`` matches
-  ``"a"``.
-* Placeholders are substituted in one pass: the reference substitutes them one
-  after the other over the whole string, so a username containing ``{email}``
-  gets the email substituted into it.
-* Loading refuses what could only fail or mislead later: unknown keys (a typo
-  such as ``"literall": true`` would silently turn on regular expressions;
-  only a string ``"comment"`` is allowed beside the known keys, as JSON has
-  no comments and the reference ignores extra keys),
-  duplicate JSON keys, a trailing lone backslash (the reference compiles a rule
-  that never matches), group references the match can't supply, groups in
-  ``source``, and DATA_TYPEs mep does not evaluate (the reference skips them
-  with a warning).
-* Any error while evaluating a document fails the whole mapping (the
-  reference's validator logs it and moves on to the next document).
-
-An identity set that yields two different accounts from the deciding mapping
-is refused as ambiguous rather than picking one.
-
-``external_identity_mapping#1.0.0`` documents run the admin's program (see
-``mep.root.external``) with the set's mappable identities: one
-identity without ``-a`` (the first result counts, as in the reference), several
-with ``-a`` (every result counts, and disagreeing results are ambiguous). Only
-identities whose ``status`` is ``used`` or ``private`` are handed over, as for
-expressions (the reference hands every identity of a set to the program).
+Root reads the mapping file (checked like every policy file, ``policy_files``)
+and, when it loads the file, starts ``python -I -m mep.mapping`` through the
+checked privilege drop (``privdrop``) as ``identity_mapping_user`` (``nobody``
+by default, like sshd's ``AuthorizedKeysCommandUser``; in single-user mode as
+the manager's own account) with the content on its stdin, so that account
+needs no access to the file. The helper stays: its first answer says whether
+the file loads (a broken file is refused when loaded: at start, or kept out
+on reload), then it maps one identity set per request, framed on a socket at
+its fd 3 (``encode_frame``), one request at a time. It evaluates the
+expression rules and runs the external programs (``mep.mapping``). Root
+decodes each answer strictly (``HelperReply``: typed, bounded, no unknown
+fields) and checks it: the deciding identity must be one the request named. No
+answer in time, a crash or a lie fails closed (a ``MappingError`` for a
+request, a ``ConfigurationError`` when a file is loaded), and the helper's
+process group is killed; the next request starts a fresh one. The account
+named is then checked by root as before (``accounts.resolve_account``, PAM).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import os
+import pwd
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Annotated, Any, Literal
 
-from globus_identity_mapping.errors import InvalidMappingError
-from globus_identity_mapping.mappers.expression import ExpressionIdentityMapping
+import msgspec
 
-from mep.root.errors import ConfigurationError, MappingError, MepError, UnmappedIdentityError
-from mep.root.external import DEFAULT_TIMEOUT_SECONDS, ExternalProgram, ProgramFailed
+from mep.root.accounts import Account
+from mep.root.errors import ConfigurationError, MappingError, MepError, SpawnError, UnmappedIdentityError
 from mep.root.policy_files import read_policy_file
+from mep.root.privdrop import SpawnedProcess, SpawnPlan, end_process_group, spawn
 
-EXPRESSION_DATA_TYPE = ExpressionIdentityMapping.DATA_TYPE
+log = logging.getLogger("mep.spawner.mapping")
+
 EXTERNAL_DATA_TYPE = "external_identity_mapping#1.0.0"
 #: What ``globus-idm-validator`` passes as the gateway id; mep's dry run uses it when no endpoint is named.
 REFERENCE_TESTING_ENDPOINT_ID = "11111111-1111-1111-1111-111111111111"
-
-# Identities of the set that take part in mapping, as in the reference.
-_MAPPABLE_STATUSES = frozenset({"used", "private"})
-# "comment" is allowed everywhere: JSON has no comments, and a string can't change a rule.
-_COMMENT_KEY = "comment"
-_DOCUMENT_KEYS = frozenset({"DATA_TYPE", "mappings", _COMMENT_KEY})
-_EXTERNAL_DOCUMENT_KEYS = frozenset({"DATA_TYPE", "command", _COMMENT_KEY})
-_REQUIRED_TEXT_KEYS = ("source", "match", "output")
-_FLAG_KEYS = ("ignore_case", "literal")
-_MAPPING_KEYS = frozenset((*_REQUIRED_TEXT_KEYS, *_FLAG_KEYS, _COMMENT_KEY))
-# The reference's placeholder syntax: ``{name}`` not escaped by an odd number of backslashes.
-_PLACEHOLDER = re.compile(r"(?<!\\)((?:\\\\)*)\{([^}]*)\}")
-_GROUP_REFERENCE = re.compile(r"[0-9]+")
-_TRAILING_BACKSLASHES = re.compile(r"\\+\Z")
-
-_Error = TypeVar("_Error", bound=MepError)
+DEFAULT_EXTERNAL_TIMEOUT = 5.0  # per program run, as the reference
+HELPER_STARTUP_SECONDS = 20.0  # an interpreter's start and imports, on a loaded machine
+HELPER_REQUEST_SECONDS = 10.0  # one decision by the running helper, besides its external programs' timeouts
+HELPER_RESTART_PAUSE = 1.0  # at least this long between two starts, so a crashing helper can't spin
+FRAME_HEADER_BYTES = 4
+MAX_REPLY_BYTES = 1 << 20
+MAX_LOG_LINES = 50
+_Text = Annotated[str, msgspec.Meta(max_length=65536)]
 
 
 @dataclass(frozen=True)
 class MappingContext:
-    """What evaluating a file needs beyond the file: who may own programs, which endpoint asks."""
+    """What evaluating a file needs beyond the file: who may own programs, which endpoint asks, who evaluates."""
 
     endpoint_id: str = REFERENCE_TESTING_ENDPOINT_ID  # passed to external programs as "-s"
-    external_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    external_timeout: float = DEFAULT_EXTERNAL_TIMEOUT
     trusted_owner_uids: frozenset[int] = frozenset({0})
-    run_as: str | None = None  # the account external programs run as (identity_mapping_user); None: ours
+    run_as: str | None = None  # the account the helper runs as (identity_mapping_user); None: ours, no drop
 
 
 @dataclass(frozen=True)
@@ -103,394 +84,229 @@ class MappingDecision:
         return f"document {self.document_index}, mapping {self.mapping_index}"
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    identity_id: str
-    account: str
+class HelperLoad(msgspec.Struct, forbid_unknown_fields=True):
+    """Root to helper, once, on its stdin: the file's content and what evaluating it needs."""
 
-
-@dataclass(frozen=True)
-class _DocumentOutcome:
-    mapping_index: int | None
-    candidates: tuple[_Candidate, ...]
-
-
-class _EvaluationFailed(Exception):
-    """A document could not be evaluated for this identity set; the mapping must fail closed."""
-
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(reason)
-        self.where = where  # "mapping 3" or "program /path"
-        self.reason = reason
-
-
-class _InvalidDocument(Exception):
-    """A document can't be loaded; ``mapping_index`` is None when the document itself is wrong."""
-
-    def __init__(self, reason: str, mapping_index: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.mapping_index = mapping_index
-
-
-class _MappingDocument(Protocol):
-    program: str  # "" for expression documents
-
-    def evaluate(self, identities: Sequence[Mapping[str, object]]) -> _DocumentOutcome | None:
-        """The deciding mapping's outputs, or None when nothing in this document matched."""
-
-
-class _UnresolvedPlaceholder(Exception):
-    """A ``{name}`` in a source or output has no text to put in its place."""
-
-
-@dataclass(frozen=True)
-class _ExpressionRule:
+    content: bytes
     source: str
-    pattern: re.Pattern[str]
-    output: str
-
-    def apply(self, identity: Mapping[str, object]) -> str | None:
-        source = _interpolate(self.source, identity, ())
-        match = self.pattern.fullmatch(source)
-        if match is None:
-            return None
-        # An empty output is no mapping for this identity (the reference would hand back ""), never an account "".
-        return _interpolate(self.output, identity, match.groups()) or None
+    endpoint_id: str
+    external_timeout: float
+    trusted_owner_uids: list[int]
 
 
-@dataclass(frozen=True)
-class _ExpressionDocument:
-    rules: tuple[_ExpressionRule, ...]
-    program: str = ""
+class HelperRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Root to helper, one frame per decision on the channel (fd 3): the identity set to map."""
 
-    def evaluate(self, identities: Sequence[Mapping[str, object]]) -> _DocumentOutcome | None:
-        # Mapping-major order, as the reference's map_identities: the first
-        # mapping that yields anything for any identity decides.
-        for mapping_index, rule in enumerate(self.rules):
-            candidates = []
-            for identity in identities:
-                if identity.get("status") not in _MAPPABLE_STATUSES:
-                    continue
-                try:
-                    account = rule.apply(identity)
-                except _UnresolvedPlaceholder as error:
-                    raise _EvaluationFailed(
-                        f"mapping {mapping_index}", f"identity {identity['id']!r}: {error}"
-                    ) from None
-                if account is not None:
-                    candidates.append(_Candidate(str(identity["id"]), account))
-            if candidates:
-                return _DocumentOutcome(mapping_index, tuple(candidates))
-        return None
+    identities: list[dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class _ExternalDocument:
-    runner: ExternalProgram
-
-    @property
-    def program(self) -> str:
-        return self.runner.command[0]
-
-    def evaluate(self, identities: Sequence[Mapping[str, object]]) -> _DocumentOutcome | None:
-        mappable = [identity for identity in identities if identity.get("status") in _MAPPABLE_STATUSES]
-        if not mappable:
-            return None
-        whole_set = len(mappable) > 1
-        try:
-            results = self.runner.run(mappable, whole_set=whole_set)
-        except ProgramFailed as failure:
-            raise _EvaluationFailed(self.runner.label, failure.reason) from None
-        if not results:
-            return None
-        if not whole_set:
-            results = results[:1]  # as the reference: without -a only the first result counts
-        return _DocumentOutcome(
-            None, tuple(_Candidate(result.identity_id, result.account) for result in results)
-        )
+class HelperDecision(msgspec.Struct, forbid_unknown_fields=True):
+    account: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]  # "" is no mapping, never an account
+    identity_id: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    document_index: Annotated[int, msgspec.Meta(ge=0)]
+    mapping_index: Annotated[int, msgspec.Meta(ge=0)] | None
+    program: Annotated[str, msgspec.Meta(max_length=4096)] = ""
 
 
-def _interpolate(
-    template: str, identity: Mapping[str, object], groups: Sequence[str | None]
-) -> str:
-    def substitute(placeholder: re.Match[str]) -> str:
-        escapes, name = placeholder.groups()
-        if _GROUP_REFERENCE.fullmatch(name):
-            value: object = groups[int(name)]
-            if value is None:
-                raise _UnresolvedPlaceholder(f"match group {{{name}}} took no part in the match")
-        else:
-            value = identity.get(name)
-            if not isinstance(value, str):
-                raise _UnresolvedPlaceholder(
-                    f"identity property {name!r} is missing or not text (got {value!r})"
-                )
-        return escapes + value
-
-    return _PLACEHOLDER.sub(substitute, template)
+class HelperRefusal(msgspec.Struct, forbid_unknown_fields=True):
+    kind: Literal["unmapped", "mapping", "configuration", "internal"]
+    message: _Text
+    admin_detail: _Text = ""
 
 
-def _placeholder_names(template: str) -> list[str]:
-    return [placeholder.group(2) for placeholder in _PLACEHOLDER.finditer(template)]
+class HelperReply(msgspec.Struct, forbid_unknown_fields=True):
+    """Helper to root, on fd 3: a decision, a refusal, or neither (a file that loaded); its log lines."""
+
+    decision: HelperDecision | None = None
+    refusal: HelperRefusal | None = None
+    log: Annotated[list[tuple[Annotated[int, msgspec.Meta(ge=0, le=50)], _Text]],
+                   msgspec.Meta(max_length=MAX_LOG_LINES)] = []
 
 
-def _compile_match(match: str, *, ignore_case: bool, literal: bool) -> re.Pattern[str]:
-    flags = re.IGNORECASE if ignore_case else 0
-    if literal:
-        return re.compile(re.escape(match), flags)
-    trailing = _TRAILING_BACKSLASHES.search(match)
-    if trailing is not None and len(trailing.group()) % 2:
-        raise _InvalidDocument("match ends with a lone backslash; escape it as \\\\")
-    try:
-        # The reference's compiler: its language, its load-time rejections.
-        # Only ``.fullmatch`` is ever called on the result.
-        return ExpressionIdentityMapping._compile_match(match, ignore_case, literal)
-    except InvalidMappingError as error:
-        # Its messages are sometimes an unformatted (template, args...) tuple.
-        detail = error.args[-1] if len(error.args) > 1 else error.args[0]
-        raise _InvalidDocument(f"invalid match expression {match!r}: {detail}") from None
-
-
-def _check_keys(item: Mapping[str, object], allowed: frozenset[str]) -> None:
-    unknown = sorted(set(item) - allowed)
-    if unknown:
-        raise _InvalidDocument(f"unknown keys {unknown}; allowed: {sorted(allowed)}")
-    if not isinstance(item.get(_COMMENT_KEY, ""), str):
-        raise _InvalidDocument(f"{_COMMENT_KEY!r} must be a string")
-
-
-def _load_expression_rule(mapping: object) -> _ExpressionRule:
-    if not isinstance(mapping, dict):
-        raise _InvalidDocument("a mapping must be a JSON object")
-    _check_keys(mapping, _MAPPING_KEYS)
-    for key in _REQUIRED_TEXT_KEYS:
-        if not isinstance(mapping.get(key), str):
-            raise _InvalidDocument(f"{key!r} is required and must be a string")
-    for key in _FLAG_KEYS:
-        if not isinstance(mapping.get(key, False), bool):
-            raise _InvalidDocument(f"{key!r} must be true or false")
-    literal = mapping.get("literal", False)
-    pattern = _compile_match(
-        mapping["match"], ignore_case=mapping.get("ignore_case", False), literal=literal
-    )
-    if any(_GROUP_REFERENCE.fullmatch(name) for name in _placeholder_names(mapping["source"])):
-        raise _InvalidDocument("'source' can't use match groups such as {0}")
-    for name in _placeholder_names(mapping["output"]):
-        if _GROUP_REFERENCE.fullmatch(name) and int(name) >= pattern.groups:
-            if literal:
-                raise _InvalidDocument(
-                    f"'output' uses {{{name}}} but a literal match has no groups"
-                )
-            raise _InvalidDocument(
-                f"'output' uses {{{name}}} but the match has only {pattern.groups} group(s),"
-                " numbered from {0}"
-            )
-    return _ExpressionRule(mapping["source"], pattern, mapping["output"])
-
-
-def _load_expression_document(document: Mapping[str, object], context: MappingContext) -> _ExpressionDocument:
-    _check_keys(document, _DOCUMENT_KEYS)
-    mappings = document.get("mappings")
-    if not isinstance(mappings, list):
-        raise _InvalidDocument("'mappings' is required and must be a list")
-    rules = []
-    for mapping_index, mapping in enumerate(mappings):
-        try:
-            rules.append(_load_expression_rule(mapping))
-        except _InvalidDocument as error:
-            raise _InvalidDocument(error.reason, mapping_index) from None
-    return _ExpressionDocument(tuple(rules))
-
-
-def _load_external_document(document: Mapping[str, object], context: MappingContext) -> _ExternalDocument:
-    _check_keys(document, _EXTERNAL_DOCUMENT_KEYS)
-    try:
-        runner = ExternalProgram.from_command(
-            document.get("command"), endpoint_id=context.endpoint_id, timeout=context.external_timeout,
-            trusted_owner_uids=context.trusted_owner_uids, run_as=context.run_as,
-        )
-    except ValueError as error:
-        raise _InvalidDocument(str(error)) from None
-    try:
-        runner.check_files()
-    except ConfigurationError as error:
-        raise _InvalidDocument(str(error)) from None
-    return _ExternalDocument(runner)
-
-
-# One loader per supported DATA_TYPE.
-_DOCUMENT_LOADERS: dict[str, Callable[[Mapping[str, object], MappingContext], _MappingDocument]] = {
-    EXPRESSION_DATA_TYPE: _load_expression_document,
-    EXTERNAL_DATA_TYPE: _load_external_document,
+_REFUSALS: dict[str, type[MepError]] = {
+    "unmapped": UnmappedIdentityError, "mapping": MappingError, "configuration": ConfigurationError,
 }
 
 
-def _load_document(document: object, context: MappingContext) -> _MappingDocument:
-    if not isinstance(document, dict):
-        raise _InvalidDocument("a mapping document must be a JSON object with a DATA_TYPE")
-    data_type = document.get("DATA_TYPE")
-    loader = _DOCUMENT_LOADERS.get(data_type) if isinstance(data_type, str) else None
-    if loader is not None:
-        return loader(document, context)
-    raise _InvalidDocument(
-        f"unsupported DATA_TYPE {data_type!r}; supported: {sorted(_DOCUMENT_LOADERS)}"
-    )
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate keys {duplicates} in one object")
-    return dict(pairs)
-
-
-def _with_admin_detail(error: _Error, admin_detail: str) -> _Error:
-    # The user sees str(error); the spawner logs admin_detail (which file, which rule).
-    error.admin_detail = admin_detail
-    return error
-
-
-def _identity_label(identity: Mapping[str, object]) -> str:
-    username = identity.get("username")
-    return username if isinstance(username, str) and username else str(identity["id"])
-
-
-def _checked_identities(identities: object) -> list[Mapping[str, object]]:
-    if (
-        not isinstance(identities, Sequence)
-        or isinstance(identities, str | bytes)
-        or not identities
-        or not all(
-            isinstance(identity, Mapping)
-            and isinstance(identity.get("id"), str)
-            and identity["id"]
-            for identity in identities
-        )
-    ):
-        raise _with_admin_detail(
-            MappingError("the request carried no usable identity to map; please report this bug"),
-            f"identity set is not a non-empty list of objects with an 'id': {identities!r}",
-        )
-    return list(identities)
-
-
 class IdentityMapper:
-    """A loaded identity-mapping file: documents tried in order, the first that yields an account wins."""
+    """A mapping file's checked content and the helper serving it; ``map`` asks that helper, one request at a time.
 
-    def __init__(self, documents: Sequence[_MappingDocument], source: str) -> None:
-        self._documents = tuple(documents)
+    The helper is started when the file is loaded (its first answer says whether the file loads) and
+    replaced, after a short pause, when it crashed, lied or missed a request's deadline; ``close`` ends it.
+    """
+
+    def __init__(self, content: bytes, source: str, context: MappingContext) -> None:
+        self._content = content
         self._source = source
+        self._context = context
+        self._lock = threading.Lock()  # the spawner's workers map concurrently; the helper answers in order
+        self._helper: tuple[SpawnedProcess, socket.socket] | None = None
+        self._started_at = -HELPER_RESTART_PAUSE
+        self._closed = False
+        with self._lock:
+            self._ask(None)
 
     @property
     def source(self) -> str:
         return self._source
 
     @classmethod
-    def from_file(
-        cls, path: Path, *, trusted_owner_uids: frozenset[int], context: MappingContext | None = None
-    ) -> IdentityMapper:
+    def from_file(cls, path: Path, *, trusted_owner_uids: frozenset[int],
+                  context: MappingContext | None = None) -> IdentityMapper:
         """Load a mapping file that only trusted accounts can have written (see ``read_policy_file``).
 
         External programs named in it must be owned by the same trusted accounts.
         """
         content = read_policy_file(path, trusted_owner_uids=trusted_owner_uids)
-        try:
-            documents = json.loads(content, object_pairs_hook=_reject_duplicate_keys)
-        except (UnicodeDecodeError, ValueError) as error:
-            raise ConfigurationError(f"{path}: not valid JSON: {error}") from None
-        context = context or MappingContext()
-        context = MappingContext(context.endpoint_id, context.external_timeout, trusted_owner_uids, context.run_as)
-        return cls.from_documents(documents, source=str(path), context=context)
+        context = dataclasses.replace(context or MappingContext(), trusted_owner_uids=trusted_owner_uids)
+        return cls(content, str(path), context)
 
     @classmethod
-    def from_documents(
-        cls, documents: object, *, source: str = "<memory>", context: MappingContext | None = None
-    ) -> IdentityMapper:
+    def from_documents(cls, documents: object, *, source: str = "<memory>",
+                       context: MappingContext | None = None) -> IdentityMapper:
         """Load parsed JSON: a list of mapping documents, or one document."""
-        if isinstance(documents, dict):
-            documents = [documents]
-        if not isinstance(documents, list):
-            raise ConfigurationError(
-                f"{source}: must be a JSON list of identity-mapping documents (or a single"
-                f" document), not {type(documents).__name__}"
-            )
-        if not documents:
-            raise ConfigurationError(
-                f"{source}: contains no identity-mapping documents; add at least one"
-            )
-        loaded = []
-        for document_index, document in enumerate(documents):
-            try:
-                loaded.append(_load_document(document, context or MappingContext()))
-            except _InvalidDocument as error:
-                where = f"document {document_index}"
-                if error.mapping_index is not None:
-                    where += f", mapping {error.mapping_index}"
-                raise ConfigurationError(f"{source}: {where}: {error.reason}") from None
-        return cls(loaded, source)
+        return cls(json.dumps(documents).encode(), source, context or MappingContext())
 
     def map(self, identities: Sequence[Mapping[str, object]]) -> MappingDecision:
-        """Map the submitter's identity set to one account, or raise an error the user can act on.
+        """The account the identity set maps to; ``UnmappedIdentityError`` or ``MappingError`` (fails closed)."""
+        with self._lock:
+            if self._closed:  # a request that picked this mapping just before a reload replaced it
+                raise self._failure(MappingError, "was ended: the mapping was reloaded meanwhile; retry")
+            reply = self._ask([dict(identity) for identity in identities])
+            asked = {identity.get("id") for identity in identities}
+            if reply.decision is None or reply.decision.identity_id not in asked:
+                self._end_helper()
+                raise self._failure(MappingError, f"answered {reply.decision!r}, naming no identity it was asked about")
+        return MappingDecision(**msgspec.structs.asdict(reply.decision))
 
-        Raises ``UnmappedIdentityError`` when no document maps any identity,
-        ``MappingError`` when a document fails to evaluate (never falling
-        through to a later one) or the deciding mapping names several accounts.
-        Both carry ``admin_detail`` for the log.
-        """
-        checked = _checked_identities(identities)
-        label = _identity_label(checked[0])
-        for document_index, document in enumerate(self._documents):
-            try:
-                outcome = document.evaluate(checked)
-            except _EvaluationFailed as failure:
-                raise _with_admin_detail(
-                    MappingError(
-                        f"the identity mapping on this endpoint failed for {label}; ask your admin"
-                        " to check the endpoint's identity mapping"
-                    ),
-                    f"{self._source}: document {document_index}, {failure.where}: {failure.reason}",
-                ) from None
-            if outcome is not None:
-                return self._decide(checked, document_index, document.program, outcome)
-        raise _with_admin_detail(
-            UnmappedIdentityError(
-                f"no local account is mapped to {label} on this endpoint;"
-                " ask your admin to add a mapping"
-            ),
-            f"{self._source}: no document maps any of (id, username, status)"
-            f" {[(i['id'], i.get('username'), i.get('status')) for i in checked]};"
-            f" only statuses {sorted(_MAPPABLE_STATUSES)} are tried",
-        )
+    def helper_pid(self) -> int | None:
+        """The pid of the running helper (None between a failure and the next request), for tests and logs."""
+        return self._helper[0].pid if self._helper else None
 
-    def _decide(
-        self,
-        identities: Sequence[Mapping[str, object]],
-        document_index: int,
-        program: str,
-        outcome: _DocumentOutcome,
-    ) -> MappingDecision:
-        first = outcome.candidates[0]
-        conflicting = next(
-            (candidate for candidate in outcome.candidates if candidate.account != first.account),
-            None,
-        )
-        if conflicting is not None:
-            by_id = {str(identity["id"]): identity for identity in identities}
-            rule = MappingDecision("", "", document_index, outcome.mapping_index, program).rule()
-            raise _with_admin_detail(
-                MappingError(
-                    f"ambiguous: identities {_identity_label(by_id[first.identity_id])} and"
-                    f" {_identity_label(by_id[conflicting.identity_id])} map to accounts"
-                    f" {first.account!r} and {conflicting.account!r}; ask your admin"
-                ),
-                f"{self._source}: {rule} maps one identity set to several accounts: {outcome.candidates}",
-            )
-        return MappingDecision(
-            account=first.account,
-            identity_id=first.identity_id,
-            document_index=document_index,
-            mapping_index=outcome.mapping_index,
-            program=program,
-        )
+    def close(self) -> None:
+        """End the helper (its process group) and reap it; a request in progress finishes first."""
+        with self._lock:
+            self._closed = True
+            self._end_helper()
+
+    def _ask(self, identities: list[dict[str, Any]] | None) -> HelperReply:
+        """One exchange with the helper, starting one first if none runs; ``None``: only start it (the load)."""
+        failed = ConfigurationError if identities is None else MappingError
+        # Each external document may take its timeout; a count of the DATA_TYPE's mentions bounds their number.
+        externals = self._content.count(EXTERNAL_DATA_TYPE.encode())
+        timeout = HELPER_REQUEST_SECONDS + self._context.external_timeout * externals
+        if self._helper is not None and select.select([self._helper[0].pidfd], [], [], 0)[0]:
+            log.warning("%s: the identity-mapping helper ended since its last answer; starting another", self._source)
+            self._end_helper()
+        try:
+            if self._helper is None:
+                reply = self._reply(self._start_helper(), failed, loading=True)
+                if identities is None:
+                    return reply
+            answer = self._exchange(msgspec.json.encode(HelperRequest(identities or [])), timeout)
+        except (SpawnError, OSError) as error:
+            self._end_helper()
+            raise self._failure(failed, f"failed: {error}") from None
+        return self._reply(answer, failed, loading=False)
+
+    def _reply(self, answer: bytes, failed: type[MepError], *, loading: bool) -> HelperReply:
+        """The decoded answer; a refusal raised as its error, the helper ended unless it answered a request."""
+        try:
+            reply = msgspec.json.decode(answer, type=HelperReply)
+        except msgspec.MsgspecError as error:
+            self._end_helper()
+            raise self._failure(failed, f"answered unusably: {error}") from None
+        for level, line in reply.log:
+            log.log(level or logging.INFO, "%s", line)
+        refusal = reply.refusal
+        if refusal is None:
+            return reply
+        if loading or refusal.kind == "internal":
+            self._end_helper()
+        if refusal.kind == "internal" or loading and (failed is MappingError or refusal.kind != "configuration"):
+            raise self._failure(failed, f"failed: {refusal.message}: {refusal.admin_detail}")
+        error = _REFUSALS[refusal.kind](refusal.message)
+        error.admin_detail = refusal.admin_detail
+        raise error
+
+    def _start_helper(self) -> bytes:
+        """Start a helper on the content (pausing first if the last one started only just now); its load answer."""
+        time.sleep(max(0.0, self._started_at + HELPER_RESTART_PAUSE - time.monotonic()))
+        self._started_at = time.monotonic()
+        context = self._context
+        load = HelperLoad(content=self._content, source=self._source, endpoint_id=context.endpoint_id,
+                          external_timeout=context.external_timeout,
+                          trusted_owner_uids=sorted(context.trusted_owner_uids))
+        ours, theirs = socket.socketpair()
+        try:
+            plan = SpawnPlan(account=_helper_account(context.run_as), argv=[sys.executable, "-I", "-m", "mep.mapping"],
+                             stdin_data=msgspec.json.encode(load), log_path="", pass_fds=(theirs.fileno(),),
+                             drop_privileges=context.run_as is not None, title="the identity-mapping helper")
+            self._helper = (spawn(plan), ours)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return self._exchange(None, HELPER_STARTUP_SECONDS)
+
+    def _exchange(self, request: bytes | None, timeout: float) -> bytes:
+        """Send ``request`` (if any) as one frame and return the helper's answer frame, within ``timeout``."""
+        assert self._helper is not None
+        channel = self._helper[1]
+        deadline = time.monotonic() + timeout
+        try:
+            if request is not None:
+                channel.settimeout(timeout)
+                channel.sendall(encode_frame(request))
+            size = int.from_bytes(_receive(channel, FRAME_HEADER_BYTES, deadline), "big")
+            if size > MAX_REPLY_BYTES:
+                raise SpawnError(f"announced an answer of {size} bytes, more than {MAX_REPLY_BYTES}; it was killed")
+            return _receive(channel, size, deadline)
+        except TimeoutError:
+            raise SpawnError(f"did not answer within {timeout:g} s; it was killed") from None
+
+    def _end_helper(self) -> None:
+        if self._helper is not None:
+            process, channel = self._helper
+            self._helper = None
+            channel.close()
+            end_process_group(process)
+
+    def _failure(self, kind: type[MepError], what: str) -> MepError:
+        detail = f"{self._source}: the identity-mapping helper (python -I -m mep.mapping) {what}"
+        if kind is ConfigurationError:
+            return ConfigurationError(detail)
+        error = kind("the identity mapping on this endpoint failed; ask your admin to check the endpoint's"
+                     " identity mapping")
+        error.admin_detail = detail
+        return error
+
+
+def encode_frame(data: bytes) -> bytes:
+    """One frame on the helper's channel: the length (4 bytes, big-endian), then the msgspec JSON."""
+    return len(data).to_bytes(FRAME_HEADER_BYTES, "big") + data
+
+
+def _receive(channel: socket.socket, size: int, deadline: float) -> bytes:
+    """Exactly ``size`` bytes; ``TimeoutError`` past ``deadline`` (monotonic), ``SpawnError`` at end-of-file."""
+    data = b""
+    while len(data) < size:
+        channel.settimeout(max(0.0, deadline - time.monotonic()) or 1e-9)
+        chunk = channel.recv(size - len(data))
+        if not chunk:
+            raise SpawnError("ended without answering (it crashed or was killed)")
+        data += chunk
+    return data
+
+
+def _helper_account(run_as: str | None) -> Account:
+    """The account the helper runs as: ``run_as`` (never root or group 0; no supplementary groups), or our own."""
+    try:
+        entry = pwd.getpwnam(run_as) if run_as is not None else pwd.getpwuid(os.geteuid())
+    except KeyError:
+        raise SpawnError(f"identity_mapping_user {run_as!r} does not exist; create it (useradd --system) or"
+                         " name another unprivileged account") from None
+    if run_as is not None and (entry.pw_uid == 0 or entry.pw_gid == 0):
+        raise SpawnError(f"identity_mapping_user {run_as!r} is root or in group 0; name an unprivileged account")
+    return dataclasses.replace(Account.from_passwd(entry), groups=())

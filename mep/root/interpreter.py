@@ -3,7 +3,7 @@
 A virtual environment under a 0700 directory (a pyenv interpreter in /root,
 say) works for root and fails inside every user endpoint. The manager runs
 ``import mep`` with this interpreter as an unprivileged account, through the
-same checked drop as a real endpoint (``privdrop.spawn``), and refuses to start
+same checked drop as a real endpoint (``privdrop.run_for_answer``), and refuses to start
 with a message naming the directory that blocks other accounts.
 """
 
@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import os
 import pwd
-import select
-import shutil
-import signal
 import stat
-import tempfile
 
 from mep.root.errors import ConfigurationError, SpawnError
 from mep.root.accounts import Account
-from mep.root.privdrop import SpawnPlan, read_log_tail, spawn
+from mep.root.privdrop import SpawnPlan, run_for_answer
 
 PROBE_TIMEOUT_SECONDS = 60
+# Says on fd 3 why the import failed (its stdout and stderr are /dev/null).
+_PROBE = "import os\ntry:\n    import mep\nexcept BaseException as e:\n    os.write(3, repr(e).encode()[:2000])\n    raise"
 _REMEDY = (
     "Install mep into a world-readable virtual environment"
     " (e.g. /usr/bin/python3 -m venv /opt/mep/venv) and start the manager from it."
@@ -78,39 +76,13 @@ def _probe_account(name: str) -> Account:
 
 def _run_probe(python: str, account: Account) -> str | None:
     """None if ``account`` could import mep with ``python``, else what went wrong."""
-    # The probe account usually has no home (nobody's is /nonexistent): give
-    # its log a private directory it owns, in a place every account can reach.
-    workdir = tempfile.mkdtemp(prefix="mep-interpreter-probe-", dir="/tmp")
+    plan = SpawnPlan(account=account, argv=[python, "-c", _PROBE], stdin_data=b"", log_path="",
+                     title="the interpreter check")
     try:
-        os.chown(workdir, account.uid, account.gid)
-        log_path = os.path.join(workdir, "probe.log")
-        plan = SpawnPlan(
-            account=account,
-            argv=[python, "-c", "import mep"],
-            stdin_data=b"",
-            log_path=log_path,
-            title="the interpreter check",
-        )
-        try:
-            child = spawn(plan)
-        except SpawnError as exc:
-            return str(exc)
-        status = _wait(child.pid, child.pidfd)
-        if status == 0:
-            return None
-        output = read_log_tail(account, log_path, max_lines=1) or "no output"
-        return f"'{python} -c \"import mep\"' as {account.name} exited with status {status} ({output})"
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _wait(pid: int, pidfd: int) -> int:
-    """The probe's exit code (negative for a signal); killed if it outlives the timeout."""
-    try:
-        ready, _, _ = select.select([pidfd], [], [], PROBE_TIMEOUT_SECONDS)
-        if not ready:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(pidfd)
-    return os.waitstatus_to_exitcode(status)
+        status, said = run_for_answer(plan, timeout=PROBE_TIMEOUT_SECONDS, limit=4096)
+    except SpawnError as exc:
+        return str(exc)
+    if status == 0:
+        return None
+    output = said.decode("utf-8", "replace") or "no output"
+    return f"'{python} -c \"import mep\"' as {account.name} exited with status {status} ({output})"

@@ -4,7 +4,7 @@ The spawner asks ``refresh()`` before every spawn request: one ``lstat`` tells
 whether the file changed (device, inode, size, modification or change time),
 so an admin's edit takes effect for the next request, and an editor that
 replaces the file (new inode) is seen too. A new version that fails to load
-leaves the previous mapper in place; the outcome says why, for the admin's log
+leaves the previous mapper (and its helper) in place; the outcome says why, for the admin's log
 and the audit log, and the same broken version is not retried until it changes
 again or SIGHUP asks for it. Endpoints already running are not touched.
 """
@@ -51,9 +51,10 @@ class MappingFile:
         """Load the file now; on failure keep the current mapper and say why."""
         self._attempted = _signature(self.path)
         try:
-            self.mapper = self._load()
+            previous, self.mapper = self.mapper, self._load()
         except ConfigurationError as error:
             return ReloadOutcome(str(self.path), trigger, loaded=False, error=str(error))
+        previous.close()  # its helper ends once the new one has loaded
         return ReloadOutcome(str(self.path), trigger, loaded=True)
 
     def _load(self) -> IdentityMapper:

@@ -23,15 +23,18 @@ nothing written means the exec succeeded.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno as errno_codes
 import fcntl
 import gc
 import os
 import re
 import resource
+import select
 import signal
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -77,10 +80,11 @@ _DEFAULT_LANG = "C.UTF-8"
 _SYSTEM_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 
 _MAX_REPORT_BYTES = 4096
+_MAX_STDIN_BYTES = 1 << 20  # a pipe is grown to this for a large stdin (a mapping file), never further
 # Passed descriptors land on 3, 4, ...; every pipe and copy the parent makes for the child sits above them.
 _MAX_PASSED_FDS = 6
 _LOWEST_PARENT_FD = 3 + _MAX_PASSED_FDS
-_RESETTABLE_SIGNALS = tuple(
+RESETTABLE_SIGNALS = tuple(
     sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 )
 
@@ -211,7 +215,7 @@ def attach_stdin(setup: ChildSetup) -> None:
 
 def reset_signals(setup: ChildSetup) -> None:
     """Restore default dispositions and an empty mask: ignored signals and the mask survive exec."""
-    for signum in _RESETTABLE_SIGNALS:
+    for signum in RESETTABLE_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
@@ -450,27 +454,13 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int, pass_fds: tu
     if not plan.no_new_privs:
         skipped |= {drop_bounding_set, set_no_new_privs}
     steps = tuple(step for step in CHILD_STEPS if step not in skipped)
-    target = DropTarget.of(account)
     return ChildSetup(
-        uid=target.uid,
-        gid=target.gid,
-        groups=target.groups,
-        cap_last_cap=target.cap_last_cap,
-        stdin_fd=stdin_fd,
-        error_fd=error_fd,
-        pass_fds=pass_fds,
-        home=account.home,
-        log_path=log_path,
-        log_directories=tuple(
-            (name, "/" + "/".join(components[: index + 1])) for index, name in enumerate(components)
-        ),
-        log_name=log_name,
+        **dataclasses.asdict(DropTarget.of(account)), stdin_fd=stdin_fd, error_fd=error_fd, pass_fds=pass_fds,
+        home=account.home, log_path=log_path, log_name=log_name,
+        log_directories=tuple((name, "/" + "/".join(components[: index + 1])) for index, name in enumerate(components)),
         # Every descriptor number is below fs.nr_open, whatever the rlimits were when it was opened.
         fd_ceiling=_read_int("/proc/sys/fs/nr_open"),
-        executable=plan.argv[0],
-        argv=tuple(plan.argv),
-        env=_child_environment(plan, who),
-        steps=steps,
+        executable=plan.argv[0], argv=tuple(plan.argv), env=_child_environment(plan, who), steps=steps,
         rlimits=tuple(_lowered_limit(name, value, who) for name, value in plan.resource_limits),
     )
 
@@ -597,8 +587,13 @@ def pipe_above(lowest: int = 3) -> tuple[int, int]:
 
 
 def preload_pipe(fd: int, data: bytes, who: str) -> None:
-    """Write all of stdin before the fork: fitting the pipe buffer, it can never block or hit EPIPE."""
+    """Write all of stdin before the fork: fitting the pipe buffer (grown if need be), it can never block or hit EPIPE."""
     capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    if capacity < len(data) <= _MAX_STDIN_BYTES:
+        try:
+            capacity = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, len(data))
+        except OSError:
+            pass  # above the system's pipe-max-size: refused below
     if len(data) > capacity:
         raise SpawnError(
             f"cannot start {who}: {len(data)} bytes for its stdin exceed the pipe's {capacity} bytes"
@@ -606,6 +601,58 @@ def preload_pipe(fd: int, data: bytes, who: str) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def run_for_answer(plan: SpawnPlan, *, timeout: float, limit: int) -> tuple[int, bytes]:
+    """Run ``plan`` to its end, with a pipe at fd 3 for its answer: (its exit code, what it wrote there).
+
+    ``SpawnError`` if it could not start, or did not answer and exit within
+    ``timeout``, or wrote more than ``limit`` bytes; it and its process group
+    (it leads its own session) are killed then.
+    """
+    answer_read, answer_write = pipe_above(_LOWEST_PARENT_FD)
+    try:
+        try:
+            child = spawn(dataclasses.replace(plan, pass_fds=(answer_write,)))
+        finally:
+            os.close(answer_write)
+        deadline = time.monotonic() + timeout
+        answer = read_bounded(answer_read, deadline, limit)
+        exited = answer is not None and bool(select.select([child.pidfd], [], [], max(0.0, deadline - time.monotonic()))[0])
+        status = end_process_group(child)
+    finally:
+        os.close(answer_read)
+    if answer is None or not exited:
+        raise SpawnError(f"{plan.title or 'the process'} as {plan.account.name} did not answer and exit within"
+                         f" {timeout:g} s, or wrote more than {limit} bytes; it was killed")
+    return os.waitstatus_to_exitcode(status), answer
+
+
+def end_process_group(child: SpawnedProcess) -> int:
+    """Kill ``child``'s process group (it leads its own session; an exited leader's leftovers too), reap it."""
+    try:
+        signal.pidfd_send_signal(child.pidfd, 0)  # not reaped yet: its group id is still its own
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        _, status = os.waitpid(child.pid, 0)
+        os.close(child.pidfd)
+    return status
+
+
+def read_bounded(fd: int, deadline: float, limit: int) -> bytes | None:
+    """What ``fd`` yields until end-of-file, or None past ``deadline`` (monotonic) or ``limit`` bytes."""
+    data = b""
+    while len(data) <= limit:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return data
+        data += chunk
+    return None
 
 
 _fork_lock = threading.Lock()  # the collector switch is process-wide: one fork at a time across threads

@@ -36,7 +36,6 @@ import logging
 import os
 import pwd
 import resource
-import select
 import signal
 import sys
 import time
@@ -49,11 +48,13 @@ from mep.root.errors import SpawnError
 from mep.root.accounts import Account, AccountRefused
 from mep.root.pam import DEFAULT_LIBRARY, DEFAULT_SERVICE, PAM_NEW_AUTHTOK_REQD, PAM_RUSER, PamError, PamHandle
 from mep.root.privdrop import (
+    RESETTABLE_SIGNALS,
     DropStepError,
     SpawnPlan,
     allowed_environment,
     pipe_above,
     preload_pipe,
+    read_bounded,
     spawn,
 )
 
@@ -135,7 +136,7 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
         pid = os.posix_spawn(
             sys.executable, argv, {"PATH": _HOLDER_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")},
             file_actions=[(os.POSIX_SPAWN_DUP2, stdin_read, 0), (os.POSIX_SPAWN_DUP2, report_write, REPORT_FD)],
-            setsid=True, setsigmask=(), setsigdef=_resettable_signals(),
+            setsid=True, setsigmask=(), setsigdef=RESETTABLE_SIGNALS,
         )
     except (OSError, SpawnError) as error:  # SpawnError: the request does not fit the pipe
         os.close(report_read)
@@ -162,16 +163,7 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
 
 def _read_report(fd: int, timeout: float) -> HolderReport | None:
     """The holder's report, or None if it said nothing valid before EOF or the deadline."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while len(data) <= _MAX_REPORT_BYTES:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            return None
-        chunk = os.read(fd, _MAX_REPORT_BYTES)
-        if not chunk:
-            break
-        data += chunk
+    data = read_bounded(fd, time.monotonic() + timeout, _MAX_REPORT_BYTES)
     try:
         return msgspec.json.decode(data, type=HolderReport) if data else None
     except msgspec.MsgspecError:
@@ -204,10 +196,6 @@ def _own_name() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return str(os.geteuid())
-
-
-def _resettable_signals() -> list[int]:
-    return [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
 # --- the holder's side ---------------------------------------------------------------------

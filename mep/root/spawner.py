@@ -213,6 +213,7 @@ class Spawner:
             return self._serve()
         finally:
             self._workers.shutdown(wait=False, cancel_futures=True)
+            self.mapping.mapper.close()
             self.audit.close()
 
     def _serve(self) -> int:

@@ -17,7 +17,8 @@ This module owns running it the way a root process must run admin code:
   (``/proc/self/fd/N``), so a symlink swapped between the check and the exec
   changes nothing; file arguments are passed as the resolved paths that were
   checked (in directories only root can write);
-* it runs as an unprivileged account (``identity_mapping_user``, like sshd's
+* it runs as the mapping helper does (``mep.mapping``): as an unprivileged
+  account (``identity_mapping_user``, like sshd's
   ``AuthorizedKeysCommandUser``) with no supplementary groups, so a program
   that is fooled by its input can't act as root;
 * an empty environment but ``PATH`` and ``LANG``, ``/`` as working
@@ -26,9 +27,6 @@ This module owns running it the way a root process must run admin code:
   whole process group is killed, and a bound on what it may print;
 * its stderr goes to the admin's log; its output is validated strictly: a
   result id that is not one of the input ids is a lie, not a mapping.
-
-Without ``run_as`` (a single-user manager, the unit tests) it runs as the
-caller's own account.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pwd
 import selectors
 import signal
 import subprocess
@@ -49,7 +46,7 @@ from pathlib import Path
 from mep.root.errors import ConfigurationError
 from mep.root.policy_files import check_policy_file, open_policy_file
 
-log = logging.getLogger("mep.spawner.external")
+log = logging.getLogger("mep.mapping.external")
 
 #: Globus's connector id for POSIX storage; Globus Compute's endpoint manager passes it as ``-c``.
 POSIX_CONNECTOR_ID = "145812c8-decc-41f1-83cf-bb2a85a2a70b"
@@ -89,12 +86,10 @@ class ExternalProgram:
     timeout: float = DEFAULT_TIMEOUT_SECONDS
     trusted_owner_uids: frozenset[int] = frozenset({0})
     connector_id: str = POSIX_CONNECTOR_ID
-    run_as: str | None = None  # the account it runs as (identity_mapping_user); None: the caller's own
 
     @classmethod
     def from_command(cls, command: object, *, endpoint_id: str, timeout: float = DEFAULT_TIMEOUT_SECONDS,
-                     trusted_owner_uids: frozenset[int] = frozenset({0}), run_as: str | None = None
-                     ) -> ExternalProgram:
+                     trusted_owner_uids: frozenset[int] = frozenset({0})) -> ExternalProgram:
         """Validate a document's ``command`` (the reference also accepts numbers as arguments); ``ValueError``."""
         if (
             not isinstance(command, list)
@@ -107,8 +102,7 @@ class ExternalProgram:
             raise ValueError(f"the program {argv[0]!r} must be an absolute path (no PATH search)")
         if any("\0" in arg for arg in argv):
             raise ValueError("an argument of 'command' contains a NUL byte")
-        return cls(command=argv, endpoint_id=endpoint_id, timeout=timeout, trusted_owner_uids=trusted_owner_uids,
-                   run_as=run_as)
+        return cls(command=argv, endpoint_id=endpoint_id, timeout=timeout, trusted_owner_uids=trusted_owner_uids)
 
     @property
     def label(self) -> str:
@@ -146,7 +140,6 @@ class ExternalProgram:
 
     def run(self, identities: Sequence[Mapping[str, object]], *, whole_set: bool) -> list[ProgramResult]:
         """The program's answer for these identities, in its order; raises ``ProgramFailed``."""
-        account = _account_of(self.run_as)
         try:
             program_fd = self._open_program()
         except ConfigurationError as error:
@@ -158,7 +151,7 @@ class ExternalProgram:
                 raise ProgramFailed(str(error)) from None
             document = {"DATA_TYPE": INPUT_DATA_TYPE, "identities": [dict(identity) for identity in identities]}
             stdout, stderr, status = _run_bounded(argv, json.dumps(document).encode(), self.timeout,
-                                                  program_fd=program_fd, account=account)
+                                                  program_fd=program_fd)
         finally:
             os.close(program_fd)
         if stderr:
@@ -216,32 +209,16 @@ def _normal_id(identity_id: str) -> str:
         return identity_id
 
 
-def _account_of(name: str | None) -> pwd.struct_passwd | None:
-    """The account programs run as; ``ProgramFailed`` if it is missing or privileged."""
-    if name is None:
-        return None
-    try:
-        account = pwd.getpwnam(name)
-    except KeyError:
-        raise ProgramFailed(f"identity_mapping_user {name!r} does not exist; create it (useradd --system) or "
-                            "name another unprivileged account") from None
-    if account.pw_uid == 0 or account.pw_gid == 0:
-        raise ProgramFailed(f"identity_mapping_user {name!r} is root or in group 0; name an unprivileged account")
-    return account
-
-
-def _run_bounded(argv: list[str], stdin: bytes, timeout: float, *, program_fd: int,
-                 account: pwd.struct_passwd | None) -> tuple[bytes, bytes, int]:
+def _run_bounded(argv: list[str], stdin: bytes, timeout: float, *, program_fd: int) -> tuple[bytes, bytes, int]:
     """(stdout, start of stderr, exit code; negative for a signal), or ``ProgramFailed``.
 
-    ``program_fd`` is executed (``argv[0]`` is only its name); ``account``: whom it runs as (None: us).
+    ``program_fd`` is executed (``argv[0]`` is only its name).
     """
-    drop = {} if account is None else {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
     try:
         process = subprocess.Popen(
             argv, executable=f"/proc/self/fd/{program_fd}", pass_fds=(program_fd,),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=PROGRAM_ENVIRONMENT, cwd="/", close_fds=True, start_new_session=True, umask=0o077, **drop,
+            env=PROGRAM_ENVIRONMENT, cwd="/", close_fds=True, start_new_session=True, umask=0o077,
         )
     except OSError as error:
         raise ProgramFailed(f"cannot run {argv[0]}: {error.strerror}") from None
