@@ -136,6 +136,8 @@ def start_worker(python: str) -> tuple[WorkerProcess, Connection]:
 
 def start_bootstrap(command: Callable[[int], list[str]]) -> tuple[WorkerProcess, Connection]:
     """Start a bootstrap worker by ``command(fd)``: the argv that runs LOADER with the connection ``fd`` (here)."""
+    from multiprocessing.connection import Connection  # here: the local workers' endpoint doesn't need it
+
     ours, theirs = socket.socketpair()
     try:
         popen = subprocess.Popen(command(theirs.fileno()), pass_fds=(theirs.fileno(),),
