@@ -184,7 +184,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
                  settings: dict[str, Any] | None = None) -> Iterator[SpawnerPeer]:
     """A running spawner for ``mapping``; stopped (with its endpoints) and removed afterwards."""
     from mep.root.spawner import Spawner, SpawnerSettings
-    from mep.manager.start import account_rules, pam_settings, router_account
+    from mep.root.start import account_rules, pam_settings, router_account
 
     directory = Path(tempfile.mkdtemp(prefix="mep-spawner-", dir="/var/tmp"))
     os.chmod(directory, 0o755)  # endpoints connect to the socket in it as their accounts

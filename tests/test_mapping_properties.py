@@ -24,8 +24,8 @@ from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError, TaskRefusedError
 from mep.root.authorize import authorize
 from mep.mapping.engine import MappingRules
-from mep.manager.start import account_rules
-from mep.manager.start import router_account as router_of
+from mep.root.start import account_rules
+from mep.root.start import router_account as router_of
 from tests.accounts import free_uid
 
 pytestmark = pytest.mark.root

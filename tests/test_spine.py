@@ -192,9 +192,6 @@ def test_schema_violation_names_the_property(deploy, account_factory) -> None:
             with pytest.raises(mep.ConfigInvalidError) as refused:  # at submit (the SDK checks the schema) or spawn
                 executor.submit(add, 1, 2).result(timeout=60)
         assert words in str(refused.value)
-        # Rendered and refused by the user's own endpoint (never as root); the outcome is in root's audit log.
-        wait_for(lambda: any(record.get("task_id") == future.task_id and record.get("code") == "config_invalid"
-                             for record in audit_records(manager)), what="the refusal's audit record")
 
 
 def audit_records(manager) -> list[dict]:
@@ -214,6 +211,9 @@ def test_template_error_names_file_and_line(deploy, account_factory) -> None:
     with pytest.raises(mep.TemplateError) as refused:
         future.result(timeout=60)
     assert "broken.yaml.j2" in str(refused.value) and "line 3" in str(refused.value)
+    # Rendered and refused by the user's own endpoint (never as root); the outcome is in root's audit log.
+    wait_for(lambda: any(record.get("task_id") == future.task_id and record.get("code") == "template_error"
+                         for record in audit_records(manager)), what="the refusal's audit record")
     assert "cores" in str(refused.value)
 
 
