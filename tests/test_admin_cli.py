@@ -414,24 +414,24 @@ def test_signing_key_commands_print_one_record_as_json_or_table(scratch: Path) -
     assert run_mep("service", "init", *state).returncode == 0
     (scratch / "service" / "signing.key").unlink()  # so that 'generate' has a key to create
     generated = json.loads(run_mep("service", "signing-key", "generate", *state, "--output", "json").stdout)
-    assert list(generated) == ["signing key"] and generated["signing key"].startswith("ed25519:")
+    assert list(generated) == ["signing_key"] and generated["signing_key"].startswith("ed25519:")
     shown = _both_outputs("service", "signing-key", "show", *state)
     assert shown == (generated, generated)
 
     staged = run_mep("service", "signing-key", "rotate", *state, "--output", "json")
     assert staged.returncode == 0 and "rotate --finish" in staged.stderr, staged.stderr
-    next_key = json.loads(staged.stdout)["next signing key"]
-    both = {**generated, "next signing key": next_key}
+    next_key = json.loads(staged.stdout)["next_signing_key"]
+    both = {**generated, "next_signing_key": next_key}
     assert _both_outputs("service", "signing-key", "show", *state) == (both, both)
     finished = json.loads(run_mep("service", "signing-key", "rotate", "--finish", *state, "--output", "json").stdout)
-    assert finished == {"signing key": next_key, "previous signing key": generated["signing key"]}
+    assert finished == {"signing_key": next_key, "previous_signing_key": generated["signing_key"]}
 
     config = scratch / "config.yaml"
-    config.write_text(f"# the manager's settings\nservice_signing_keys: [{generated['signing key']}]\n")
+    config.write_text(f"# the manager's settings\nservice_signing_keys: [{generated['signing_key']}]\n")
     pinned = json.loads(run_mep("manager", "pin-signing-key", "--config", str(config), next_key,
                                 "--output", "json").stdout)
-    assert pinned == {"config": str(config), "pinned": [generated["signing key"], next_key]}
-    unpinned = run_mep("manager", "pin-signing-key", "--config", str(config), "--remove", generated["signing key"])
+    assert pinned == {"config": str(config), "pinned": [generated["signing_key"], next_key]}
+    unpinned = run_mep("manager", "pin-signing-key", "--config", str(config), "--remove", generated["signing_key"])
     assert unpinned.stdout.splitlines() == [f"config: {config}", f"pinned: {next_key}"], unpinned.stderr
     assert "restart the manager" in unpinned.stderr
 

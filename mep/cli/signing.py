@@ -40,7 +40,7 @@ def signing_key() -> None:
 @signing_key.command("show", epilog=_examples(
     "mep service signing-key show",
     "mep service signing-key show --state-dir /srv/mep/service",
-    "mep service signing-key show --output json | jq -r '.\"signing key\"'"))
+    "mep service signing-key show --output json | jq -r .signing_key"))
 @state_dir_option
 @output_option
 @_friendly
@@ -50,7 +50,7 @@ def show(state_dir: Path | None, output_format: str) -> None:
 
     state = ServiceState.open(_state_directory(state_dir))
     keys = state.pinnable_signing_keys()
-    emit_record(dict(zip(("signing key", "next signing key"), keys)), output_format)
+    emit_record(dict(zip(("signing_key", "next_signing_key"), keys)), output_format)
 
 
 @signing_key.command("generate", epilog=_examples("mep service signing-key generate",
@@ -69,7 +69,7 @@ def generate(state_dir: Path | None, output_format: str) -> None:
         raise ConfigurationError(f"{ServiceState.signing_key_path(directory)} already exists; "
                                  "to replace it, use 'mep service signing-key rotate'")
     state = ServiceState.open(directory)
-    emit_record({"signing key": state.signer.public_key}, output_format)
+    emit_record({"signing_key": state.signer.public_key}, output_format)
     say("pin it in each manager: mep manager pin-signing-key --config CONFIG KEY")
 
 
@@ -94,7 +94,7 @@ def rotate(state_dir: Path | None, finish: bool, output_format: str) -> None:
             raise ConfigurationError(f"a next signing key is already staged ({staged}); pin it in every manager, "
                                      "then run 'mep service signing-key rotate --finish'")
         write_secret_key(staged, generate_signing_key())
-        emit_record({"next signing key": public_key_text(read_private_text(staged))}, output_format)
+        emit_record({"next_signing_key": public_key_text(read_private_text(staged))}, output_format)
         say("pin it in every manager beside the current key (mep manager pin-signing-key) and restart them; "
                    "then run 'mep service signing-key rotate --finish'")
         return
@@ -105,14 +105,14 @@ def rotate(state_dir: Path | None, finish: bool, output_format: str) -> None:
     read_private_text(staged)  # refuse a staged key with loose permissions before it is used
     os.replace(current, directory / "signing.previous.key")  # kept only for the record
     os.replace(staged, current)
-    emit_record({"signing key": public_key_text(read_private_text(current)), "previous signing key": previous},
+    emit_record({"signing_key": public_key_text(read_private_text(current)), "previous_signing_key": previous},
                 output_format)
     say("restart the service to sign with it; once endpoints started before the new key was pinned "
                f"have exited, unpin the old key: mep manager pin-signing-key --remove --config CONFIG {previous}")
 
 
 @click.command("pin-signing-key", epilog=_examples(
-    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml \"$(mep service signing-key show | cut -d' ' -f3)\"",
+    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml \"$(mep service signing-key show | cut -d' ' -f2)\"",
     "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml --remove ed25519:OLD... --output json"))
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               required=True, help="The manager's config.yaml.")
