@@ -398,3 +398,55 @@ def test_configure_prints_next_steps_that_run_as_printed(scratch: Path) -> None:
                               text=True)
     assert exported.stdout == written["service_public_key"], "the key survives the shell as printed"
     assert written["endpoint_id"] in configured.stderr
+
+
+def _both_outputs(*args: str) -> tuple[dict, dict[str, str]]:
+    """The command's record as ``--output json`` prints it, then as the default table's ``key: value`` lines."""
+    as_json = run_mep(*args, "--output", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    as_table = run_mep(*args)
+    assert as_table.returncode == 0, as_table.stderr
+    return json.loads(as_json.stdout), dict(line.split(": ", 1) for line in as_table.stdout.splitlines())
+
+
+def test_signing_key_commands_print_one_record_as_json_or_table(scratch: Path) -> None:
+    state = ["--state-dir", str(scratch / "service")]
+    assert run_mep("service", "init", *state).returncode == 0
+    (scratch / "service" / "signing.key").unlink()  # so that 'generate' has a key to create
+    generated = json.loads(run_mep("service", "signing-key", "generate", *state, "--output", "json").stdout)
+    assert list(generated) == ["signing_key"] and generated["signing_key"].startswith("ed25519:")
+    shown = _both_outputs("service", "signing-key", "show", *state)
+    assert shown == (generated, generated)
+
+    staged = run_mep("service", "signing-key", "rotate", *state, "--output", "json")
+    assert staged.returncode == 0 and "rotate --finish" in staged.stderr, staged.stderr
+    next_key = json.loads(staged.stdout)["next_signing_key"]
+    both = {**generated, "next_signing_key": next_key}
+    assert _both_outputs("service", "signing-key", "show", *state) == (both, both)
+    finished = json.loads(run_mep("service", "signing-key", "rotate", "--finish", *state, "--output", "json").stdout)
+    assert finished == {"signing_key": next_key, "previous_signing_key": generated["signing_key"]}
+
+    config = scratch / "config.yaml"
+    config.write_text(f"# the manager's settings\nservice_signing_keys: [{generated['signing_key']}]\n")
+    pinned = json.loads(run_mep("manager", "pin-signing-key", "--config", str(config), next_key,
+                                "--output", "json").stdout)
+    assert pinned == {"config": str(config), "pinned": [generated["signing_key"], next_key]}
+    unpinned = run_mep("manager", "pin-signing-key", "--config", str(config), "--remove", generated["signing_key"])
+    assert unpinned.stdout.splitlines() == [f"config: {config}", f"pinned: {next_key}"], unpinned.stderr
+    assert "restart the manager" in unpinned.stderr
+
+
+def test_status_prints_json_by_default_and_a_table_when_asked(deploy) -> None:
+    identity = deploy.identity("status-output@example.org")
+    args = ("status", "--service", deploy.address, "--service-key", deploy.service_key, "--token", identity.token)
+    default, as_json = run_mep(*args), run_mep(*args, "--output", "json")
+    assert default.returncode == 0 and as_json.returncode == 0, default.stderr + as_json.stderr
+    report = json.loads(default.stdout)
+    assert report == json.loads(as_json.stdout) and report["endpoint_online"] is False
+    [service] = report["processes"]
+    assert service["role"] == "service" and service["dill_loaded"] is False
+    table = run_mep(*args, "--output", "table").stdout.splitlines()
+    assert table[0] == "endpoint_online: False"
+    assert table[1].split() == ["ROLE", "PID", "UID", "DILL_LOADED", "UNPICKLING_REFUSED"]
+    assert table[2].split() == ["service", str(service["pid"]), str(service["uid"]), "False",
+                                str(service["unpickling_refused"])]

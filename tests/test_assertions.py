@@ -160,7 +160,7 @@ def test_a_deployment_signs_and_runs_tasks_end_to_end(deploy, account_factory) -
     with deploy.executor(identity, manager) as executor:
         assert executor.submit(whoami).result(timeout=60) == account.pw_uid
     pinned = [line for line in manager.config_path.read_text().splitlines() if "ed25519:" in line]
-    assert pinned and deploy.admin("signing-key", "show")["signing key"] in pinned[0]
+    assert pinned and deploy.admin("signing-key", "show")["signing_key"] in pinned[0]
 
 
 def _pin(manager, *args: str) -> None:  # noqa: ANN001 - a harness Manager
@@ -173,14 +173,14 @@ def test_a_key_rollover_keeps_tasks_running(deploy, account_factory) -> None:
     account = account_factory("meprotate")
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
     identity = deploy.identity(f"{account.pw_name}@example.org")
-    old = deploy.admin("signing-key", "show")["signing key"]
-    new = deploy.admin("signing-key", "rotate")["next signing key"]
+    old = deploy.admin("signing-key", "show")["signing_key"]
+    new = deploy.admin("signing-key", "rotate")["next_signing_key"]
     _pin(manager, new)  # 2. both keys valid on the manager
     manager.process.stop()
     manager.start()
     deploy.admin("signing-key", "rotate", "--finish")  # 3. the service signs with the new key
     deploy.restart_service(signal.SIGTERM)
-    assert deploy.admin("signing-key", "show") == {"signing key": new}
+    assert deploy.admin("signing-key", "show") == {"signing_key": new}
     with deploy.executor(identity, manager) as executor:
         assert executor.submit(whoami).result(timeout=60) == account.pw_uid
     _pin(manager, "--remove", old)  # 4. the old key is gone; only the new one is trusted

@@ -318,9 +318,8 @@ def big_result(size: int) -> bytes:
 def test_oversize_config_and_result_get_clear_errors(setup) -> None:
     deploy, manager, identity = setup
     with deploy.executor(identity, manager, user_endpoint_config={"workers": 1, "note": "x" * 100_000}) as executor:
-        future = executor.submit(echo, 1)
-    with pytest.raises(mep.MepError, match="user_endpoint_config is .* bytes as JSON; the limit is"):
-        future.result(timeout=60)
+        with pytest.raises(mep.ConfigInvalidError, match="user_endpoint_config is .* bytes as JSON; the limit is"):
+            executor.submit(echo, 1)  # refused at submit, before the schema check (the service refuses it too)
     with deploy.executor(identity, manager) as executor:
         # Above the inline limit, but above the large-result threshold too: kept in a file and read from there.
         assert executor.submit(big_result, 11 * 1024 * 1024).result(timeout=120) == b"x" * 11 * 1024 * 1024

@@ -43,7 +43,9 @@ def test_prints_the_rendered_config_as_yaml_alone() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert yaml.safe_load(result.stdout) == {
-        "engine": {"type": "process", "workers": 3, "worker_python": None}, "idle_timeout": 60.0}
+        "engine": {"type": "process", "workers": 3, "worker_python": None, "container": None}, "idle_timeout": 60.0,
+        "large_results": {"threshold_bytes": 1024 * 1024, "directory": "~/.mep/results", "retention": 7 * 24 * 3600.0},
+        "task_resources": {}}
 
 
 def test_slurm_dry_run_shows_the_provider_and_its_arguments() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ from mep.cli.diagnose import diagnose
 from mep.cli.endpoint_admin import endpoint_admin
 from mep.cli.identity import identity_group
 from mep.cli.logs import parse_levels, setup_logging
-from mep.cli.output import emit_record, emit_rows, emit_value, friendly as _friendly, output_option, say
+from mep.cli.output import (emit_record, emit_rows, emit_value, friendly as _friendly, output_option,
+                            output_option_defaulting_to, say)
 from mep.cli.service_config import open_state, service_config
 from mep.cli.template import template
 from mep.errors import ConfigurationError
@@ -292,18 +292,25 @@ def manager_start(config_path: Path) -> None:
 
 @cli.command("status", epilog=_examples(
     "mep status                                  # MEP_SERVICE, MEP_SERVICE_KEY, MEP_TOKEN from the environment",
-    "mep status --endpoint 5f0c... --timeout 30"))
+    "mep status --endpoint 5f0c... --timeout 30 --output table"))
 @click.option("--service", "service_address", envvar="MEP_SERVICE", required=True)
 @click.option("--service-key", envvar="MEP_SERVICE_KEY", required=True)
 @click.option("--token", envvar="MEP_TOKEN", required=True)
 @click.option("--endpoint", "endpoint_id", default="", help="Also report this endpoint's manager processes.")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
+@output_option_defaulting_to("json")  # scripts and tests parse its JSON, which it always printed
 @_friendly
-def status(service_address: str, service_key: str, token: str, endpoint_id: str, timeout: float) -> None:
+def status(service_address: str, service_key: str, token: str, endpoint_id: str, timeout: float,
+           output_format: str) -> None:
     """Print the service's and a manager's processes: pid, uid, and whether dill was ever loaded."""
     from mep.sdk.status import fetch_status
 
-    click.echo(json.dumps(fetch_status(service_address, service_key, token, endpoint_id, timeout), indent=2))
+    report = fetch_status(service_address, service_key, token, endpoint_id, timeout)
+    if output_format == "json":
+        emit_record(report, output_format)
+        return
+    emit_record({"endpoint_online": report["endpoint_online"]}, output_format)
+    emit_rows(report["processes"], ["role", "pid", "uid", "dill_loaded", "unpickling_refused"], output_format)
 
 
 @cli.command("demo", epilog=_examples("sudo mep demo                 # a temporary account runs the tasks",

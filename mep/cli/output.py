@@ -1,7 +1,8 @@
 """One output convention for every admin command.
 
-``--output table`` (the default, for people): a record prints as ``key: value``
-lines, a list of records as aligned columns with a header, and a command whose
+``--output table`` (the default, for people; ``mep status`` alone defaults to
+json, which it always printed): a record prints as ``key: value`` lines, a
+list of records as aligned columns with a header, and a command whose
 answer is one value (``mep service key``) prints that value alone, so
 ``$(...)`` takes it as it is. ``--output json``
 (for scripts): the same record or list as JSON, nothing else on stdout.
@@ -24,9 +25,15 @@ from mep.errors import ConfigurationError, MepError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-output_option: Callable[[F], F] = click.option(
-    "--output", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
-    help="table: for people; json: for scripts (stdout holds only the JSON).")
+
+def output_option_defaulting_to(default: str) -> Callable[[F], F]:
+    """``--output``; only a command whose JSON output scripts already parse (``mep status``) defaults to json."""
+    return click.option(
+        "--output", "output_format", type=click.Choice(["table", "json"]), default=default, show_default=True,
+        help="table: for people; json: for scripts (stdout holds only the JSON).")
+
+
+output_option: Callable[[F], F] = output_option_defaulting_to("table")
 
 
 def _cell(value: Any) -> str:

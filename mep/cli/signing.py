@@ -17,6 +17,7 @@ import click
 import yaml
 
 from mep.cli.main import _examples, _friendly, state_dir_option
+from mep.cli.output import emit_record, output_option, say
 from mep.cli.service_config import locate_state, open_state
 from mep.errors import ConfigurationError
 from mep.protocol.assertions import generate_signing_key, parse_public_key, public_key_text
@@ -36,25 +37,28 @@ def signing_key() -> None:
     """The Ed25519 key the service signs identity assertions with."""
 
 
-@signing_key.command("show", epilog=_examples("mep service signing-key show",
-                                                  "mep service signing-key show --state-dir /srv/mep/service"))
+@signing_key.command("show", epilog=_examples(
+    "mep service signing-key show",
+    "mep service signing-key show --state-dir /srv/mep/service",
+    "mep service signing-key show --output json | jq -r .signing_key"))
 @state_dir_option
+@output_option
 @_friendly
-def show(state_dir: Path | None) -> None:
+def show(state_dir: Path | None, output_format: str) -> None:
     """Print the public signing key(s) managers must pin."""
     from mep.service.state import ServiceState
 
     state = ServiceState.open(_state_directory(state_dir))
     keys = state.pinnable_signing_keys()
-    click.echo(f"signing key: {keys[0]}")
-    if len(keys) > 1:
-        click.echo(f"next signing key: {keys[1]}")
+    emit_record(dict(zip(("signing_key", "next_signing_key"), keys)), output_format)
 
 
-@signing_key.command("generate", epilog=_examples("mep service signing-key generate"))
+@signing_key.command("generate", epilog=_examples("mep service signing-key generate",
+                                                      "mep service signing-key generate --output json"))
 @state_dir_option
+@output_option
 @_friendly
-def generate(state_dir: Path | None) -> None:
+def generate(state_dir: Path | None, output_format: str) -> None:
     """Create the signing key (the service also creates it on first start); never replaces one."""
     from mep.service.state import ServiceState
 
@@ -65,18 +69,20 @@ def generate(state_dir: Path | None) -> None:
         raise ConfigurationError(f"{ServiceState.signing_key_path(directory)} already exists; "
                                  "to replace it, use 'mep service signing-key rotate'")
     state = ServiceState.open(directory)
-    click.echo(f"signing key: {state.signer.public_key}")
-    click.echo("pin it in each manager: mep manager pin-signing-key --config CONFIG KEY")
+    emit_record({"signing_key": state.signer.public_key}, output_format)
+    say("pin it in each manager: mep manager pin-signing-key --config CONFIG KEY")
 
 
 @signing_key.command("rotate", epilog=_examples(
     "mep service signing-key rotate            # stage the next key; pin it in every manager",
     "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml ed25519:...",
-    "mep service signing-key rotate --finish   # then restart the service; unpin the old key later"))
+    "mep service signing-key rotate --finish   # then restart the service; unpin the old key later",
+    "mep service signing-key rotate --output json"))
 @state_dir_option
 @click.option("--finish", is_flag=True, help="Make the staged key the signing key (after managers pinned it).")
+@output_option
 @_friendly
-def rotate(state_dir: Path | None, finish: bool) -> None:
+def rotate(state_dir: Path | None, finish: bool, output_format: str) -> None:
     """Stage the next signing key; with --finish, switch to it. Restart the service after --finish."""
     from mep.service.state import ServiceState
 
@@ -88,8 +94,8 @@ def rotate(state_dir: Path | None, finish: bool) -> None:
             raise ConfigurationError(f"a next signing key is already staged ({staged}); pin it in every manager, "
                                      "then run 'mep service signing-key rotate --finish'")
         write_secret_key(staged, generate_signing_key())
-        click.echo(f"next signing key: {public_key_text(read_private_text(staged))}")
-        click.echo("pin it in every manager beside the current key (mep manager pin-signing-key) and restart them; "
+        emit_record({"next_signing_key": public_key_text(read_private_text(staged))}, output_format)
+        say("pin it in every manager beside the current key (mep manager pin-signing-key) and restart them; "
                    "then run 'mep service signing-key rotate --finish'")
         return
     if not staged.exists():
@@ -99,20 +105,22 @@ def rotate(state_dir: Path | None, finish: bool) -> None:
     read_private_text(staged)  # refuse a staged key with loose permissions before it is used
     os.replace(current, directory / "signing.previous.key")  # kept only for the record
     os.replace(staged, current)
-    click.echo(f"signing key: {public_key_text(read_private_text(current))}")
-    click.echo("restart the service to sign with it; once endpoints started before the new key was pinned "
+    emit_record({"signing_key": public_key_text(read_private_text(current)), "previous_signing_key": previous},
+                output_format)
+    say("restart the service to sign with it; once endpoints started before the new key was pinned "
                f"have exited, unpin the old key: mep manager pin-signing-key --remove --config CONFIG {previous}")
 
 
 @click.command("pin-signing-key", epilog=_examples(
-    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml \"$(mep service signing-key show | cut -d' ' -f3)\"",
-    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml --remove ed25519:OLD..."))
+    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml \"$(mep service signing-key show | cut -d' ' -f2)\"",
+    "mep manager pin-signing-key --config /etc/mep/cluster/config.yaml --remove ed25519:OLD... --output json"))
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               required=True, help="The manager's config.yaml.")
 @click.option("--remove", is_flag=True, help="Unpin the key instead (the end of a rollover).")
 @click.argument("key")
+@output_option
 @_friendly
-def pin_signing_key(config_path: Path, remove: bool, key: str) -> None:
+def pin_signing_key(config_path: Path, remove: bool, key: str, output_format: str) -> None:
     """Pin (or unpin) a service signing key in a manager's config; restart the manager to apply it."""
     parse_public_key(key)
     text = config_path.read_text()
@@ -133,9 +141,8 @@ def pin_signing_key(config_path: Path, remove: bool, key: str) -> None:
     settings["service_signing_keys"] = keys
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # keep its comment lines
     _replace_file(config_path, header + yaml.safe_dump(settings, sort_keys=False))
-    for pinned in keys:
-        click.echo(f"pinned: {pinned}")
-    click.echo("restart the manager to apply it")
+    emit_record({"config": str(config_path), "pinned": keys}, output_format)
+    say("restart the manager to apply it")
 
 
 def register(service: click.Group, manager: click.Group) -> None:

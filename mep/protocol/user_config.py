@@ -32,6 +32,7 @@ import msgspec
 from mep.errors import ConfigInvalidError
 
 MAX_CONFIG_DEPTH = 32  # containers inside the config itself
+MAX_CONFIG_BYTES = 64 * 1024  # a user_endpoint_config as canonical JSON: options, not data
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 FLOAT_MAX = 1.7976931348623157e308  # the largest finite double: inf and NaN fail the bound
 
@@ -87,6 +88,14 @@ def check_config(value: Any) -> None:
     problem = config_problem(value)
     if problem is not None:
         raise ConfigInvalidError(problem)
+
+
+def check_config_size(value: dict[str, Any]) -> None:
+    """Raise ``ConfigInvalidError`` if ``value`` is larger than the service accepts (so the SDK says so first)."""
+    size = len(dumps_config(value).encode())
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigInvalidError(f"user_endpoint_config is {size} bytes as JSON; the limit is {MAX_CONFIG_BYTES}: "
+                                 "pass options, not data")
 
 
 def dumps_config(value: dict[str, Any]) -> str:

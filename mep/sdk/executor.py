@@ -63,7 +63,7 @@ from mep.protocol.messages import (
     TaskRef,
 )
 from mep.protocol.receive import handling
-from mep.protocol.user_config import check_config
+from mep.protocol.user_config import check_config, check_config_size
 from mep.sdk.connection import ServiceSettings
 from mep.sdk.display import html_table
 from mep.sdk.endpoint_info import OptionsCheck
@@ -307,6 +307,7 @@ class Executor(concurrent.futures.Executor):
         if self._closing.is_set():
             raise RuntimeError("cannot submit to an Executor that has been shut down")
         check_config(self.user_endpoint_config)  # here, not in the I/O thread: the caller sees what is wrong
+        check_config_size(self.user_endpoint_config)  # before the schema: too big is the first thing to fix
         config = self._config_now()
         self._options.check(config, self.user_endpoint_config)  # a typo fails here, in the endpoint's words
         body, fn_hash = _functions.serialized(fn)

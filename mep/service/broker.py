@@ -82,6 +82,7 @@ from mep.protocol.messages import (
     Unregister,
 )
 from mep.protocol.receive import handling, loop_turn
+from mep.protocol.user_config import MAX_CONFIG_BYTES
 from mep.service.blobs import ChunkFetches
 from mep.service.endpoint_info import EndpointDirectory
 from mep.service.state import ServiceState
@@ -95,7 +96,6 @@ CLIENT = "client"
 MANAGER_PREFIX = "manager:"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 DRAIN_LIMIT = 1000
-MAX_CONFIG_BYTES = 64 * 1024
 
 
 @dataclass
