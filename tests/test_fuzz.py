@@ -42,6 +42,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 
 from mep.config.endpoint import UserEndpointConfig
+from mep.errors import AuthenticationThrottledError
 from mep.protocol import decode, encode
 from mep.protocol.assertions import AssertionSigner, Claims, config_digest, generate_signing_key
 from mep.protocol.curve import generate_keypair
@@ -406,6 +407,16 @@ def test_no_generated_message_stops_any_listener(deploy, account_factory, scratc
 
     assert (deploy.service.popen.pid, manager.router_pid, manager.spawner_pid) == pids
     assert deploy.service.popen.poll() is None and manager.process.popen.poll() is None
-    with deploy.executor(bystander, manager) as executor:
-        assert executor.submit(add, 20, 22).result(timeout=60) == 42
+    try:
+        assert bystander_sum(deploy, bystander, manager) == 42
+    except AuthenticationThrottledError:
+        # The fuzzer's failed authentications came from 127.0.0.1 as well, and the throttle holds that address for
+        # the failure window (60 s): a quick fuzz run ends inside it. Once it lapses the bystander is served.
+        time.sleep(61)
+        assert bystander_sum(deploy, bystander, manager) == 42
     assert all(sent > 0 for sent, _ in counts.values()), counts
+
+
+def bystander_sum(deploy, bystander, manager) -> int:
+    with deploy.executor(bystander, manager) as executor:
+        return executor.submit(add, 20, 22).result(timeout=60)
