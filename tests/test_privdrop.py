@@ -315,7 +315,8 @@ def test_parent_keeps_no_descriptors(user):
     with pytest.raises(DropStepError):
         spawn(SpawnPlan(account=user, argv=["/nonexistent/python"], stdin_data=b"x",
                         log_path=_log_path(user)))
-    assert _open_fds() == before
+    # none new: spawning may collect garbage earlier tests left, so an old leaked descriptor can close meanwhile
+    assert _open_fds() <= before
 
 
 def test_failed_exec_names_the_step(user):
