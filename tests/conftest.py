@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +39,17 @@ def router_account() -> str:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", ROUTER_USER],
                        check=True)
     return ROUTER_USER
+
+
+@pytest.fixture
+def gate() -> Iterator[Path]:
+    """A path the test creates to release gated tasks, in a directory every account can search."""
+    directory = tempfile.mkdtemp(prefix="mep-gate-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    path = Path(directory) / "open"
+    yield path
+    path.unlink(missing_ok=True)
+    os.rmdir(directory)
 
 
 @pytest.fixture

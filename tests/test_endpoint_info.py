@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,16 +44,6 @@ def gated(gate: str) -> str:
     while not os.path.exists(gate):
         time.sleep(0.05)
     return "done"
-
-
-@pytest.fixture
-def gate() -> Iterator[Path]:
-    directory = tempfile.mkdtemp(prefix="mep-gate-", dir="/var/tmp")
-    os.chmod(directory, 0o755)
-    path = Path(directory) / "open"
-    yield path
-    path.unlink(missing_ok=True)
-    os.rmdir(directory)
 
 
 def _client(deploy, identity) -> mep.Client:  # noqa: ANN001

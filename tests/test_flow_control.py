@@ -8,7 +8,6 @@ future as its own error.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 import threading
@@ -70,17 +69,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         return self.peak_kib
-
-
-@pytest.fixture
-def gate():
-    """A path the test creates to release gated tasks, in a directory every account can search."""
-    directory = tempfile.mkdtemp(prefix="mep-gate-", dir="/var/tmp")
-    os.chmod(directory, 0o755)
-    path = Path(directory) / "open"
-    yield path
-    path.unlink(missing_ok=True)
-    os.rmdir(directory)
 
 
 # Backlog for the memory test: 300 tasks of 1 MiB (300 MiB at the service, over 35 times the router's 8 MiB
