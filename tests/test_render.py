@@ -97,17 +97,26 @@ def test_shipped_template_only_one_value_given(shipped: TemplateRenderer) -> Non
     assert (config.engine.workers, config.idle_timeout) == (2, 86400.0)
 
 
+# what the shipped schema says of each option, after every refusal of it
+WORKERS = " — workers: Worker processes in the pool."
+IDLE_TIMEOUT = " — idle_timeout: Seconds without tasks before the endpoint exits."
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({"workers": 0}, "user_endpoint_config.workers: 0 is less than the minimum of 1"),
-        ({"workers": 65}, "user_endpoint_config.workers: 65 is greater than the maximum of 64"),
-        ({"workers": "3"}, "user_endpoint_config.workers: '3' is not of type 'integer'"),
-        ({"workers": True}, "user_endpoint_config.workers: True is not of type 'integer'"),
-        ({"workers": 2.5}, "user_endpoint_config.workers: 2.5 is not of type 'integer'"),
-        ({"idle_timeout": 9}, "user_endpoint_config.idle_timeout: 9 is less than the minimum of 10"),
-        ({"idle_timeout": "300"}, "user_endpoint_config.idle_timeout: '300' is not of type 'number'"),
-        ({"user": "root"}, "user_endpoint_config: Additional properties are not allowed ('user' was unexpected)"),
+        ({"workers": 0}, "user_endpoint_config.workers: 0 is less than the minimum of 1" + WORKERS),
+        ({"workers": 65}, "user_endpoint_config.workers: 65 is greater than the maximum of 64" + WORKERS),
+        ({"workers": "3"}, "user_endpoint_config.workers: '3' is not of type 'integer'" + WORKERS),
+        ({"workers": True}, "user_endpoint_config.workers: True is not of type 'integer'" + WORKERS),
+        ({"workers": 2.5}, "user_endpoint_config.workers: 2.5 is not of type 'integer'" + WORKERS),
+        ({"idle_timeout": 9}, "user_endpoint_config.idle_timeout: 9 is less than the minimum of 10" + IDLE_TIMEOUT),
+        ({"idle_timeout": "300"}, "user_endpoint_config.idle_timeout: '300' is not of type 'number'" + IDLE_TIMEOUT),
+        ({"user": "root"}, "user_endpoint_config: Additional properties are not allowed ('user' was unexpected); "
+                           "the options are: workers, idle_timeout, python_env, container_image"),
+        ({"python_env": "../x"}, "user_endpoint_config.python_env: the value '../x' is not accepted — python_env: "
+                                 "A virtual or conda environment under your home directory (relative path); tasks "
+                                 "run with its bin/python."),
     ],
 )
 def test_shipped_schema_violations_name_the_property(

@@ -118,6 +118,7 @@ def _new_environment() -> ImmutableSandboxedEnvironment:
     return environment
 
 
+_UNDEFINED_NAME = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*)' is undefined")
 _YAML_KEY = re.compile(r"(\s*)(?:-\s+)?([A-Za-z_][A-Za-z0-9_.-]*|\"[^\"]*\")\s*:(?:\s|$)")
 
 
@@ -312,20 +313,32 @@ class TemplateRenderer:
         try:
             return self._template.render(variables)
         except UndefinedError as exc:
-            message = exc.message or "undefined value"
-            # "'x' is undefined" is a missing top-level name: usually an option the researcher left out.
-            if message.endswith("is undefined"):
-                message += (
-                    f"; pass it in {_USER_CONFIG}, or the admin can make it optional in the template "
-                    "with `is defined` or `| default(...)`"
-                )
-            raise TemplateError(_shorten(f"{self._location(exc)}: {message}")) from exc
+            raise TemplateError(_shorten(f"{self._location(exc)}: {self._undefined(exc)}")) from exc
         except SecurityError as exc:
             raise TemplateError(f"{self._location(exc)}: the template uses an operation the sandbox forbids") from exc
         except _UnplaceableValue as exc:
             raise TemplateError(f"{self._location(exc)}: cannot place {exc} in the YAML") from exc
         except Exception as exc:  # the detail (a Jinja or Python internal message) stays in __cause__ for the log
             raise TemplateError(f"{self._location(exc)}: rendering failed ({type(exc).__name__})") from exc
+
+    def _undefined(self, exc: UndefinedError) -> str:
+        """Jinja's "'x' is undefined", with advice that depends on whether the schema lets a researcher pass x.
+
+        Only an option the schema offers is worth asking the researcher for; a variable it does not
+        offer can't come from any ``user_endpoint_config``, so the template is the admin's to fix.
+        """
+        message = exc.message or "undefined value"
+        missing = _UNDEFINED_NAME.fullmatch(message)
+        if missing is None:  # an attribute or item of a value: what was meant is not knowable from here
+            return message
+        name = missing.group(1)
+        offered, hint = self._options.offers(name)
+        if offered:
+            about = f" ({hint})" if hint else ""
+            return (f"{message}: pass {name!r}{about} in {_USER_CONFIG}, or the admin can make it optional "
+                    "in the template with `is defined` or `| default(...)`")
+        return (f"{message}: the admin's template uses a variable its schema ({self._schema_path.name}) does not "
+                f"offer, so no {_USER_CONFIG} can set it; the admin must define it or guard it with `is defined`")
 
     def _compile(self, source: str) -> Template:
         try:
