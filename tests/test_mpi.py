@@ -57,9 +57,17 @@ def test_mpi_function_launches_two_ranks_in_the_accounts_slurm_job(deploy, manag
 
 
 def test_mpi_function_on_an_endpoint_without_mpi_mode_says_so(deploy, manager, account_factory) -> None:
+    """And an ordinary function there may ask for the one key HTEX honours outside MPI mode, within the limit."""
     account = account_factory("mepnompi")
     identity = deploy.identity(f"{account.pw_name}@example.org")
     hello = mep.MPIFunction("true", resource_specification={"num_nodes": 1})
     with deploy.executor(identity, manager, user_endpoint_config={"idle_timeout": 10}) as executor:
         with pytest.raises(mep.ConfigInvalidError, match="does not accept 'num_nodes'.*priority"):
             executor.submit(hello).result(timeout=240)
+        executor.resource_specification = {"priority": 5}
+        prioritised = executor.submit(mep.ShellFunction("id -u"))
+        executor.resource_specification = {"priority": 1000001}
+        over_the_limit = executor.submit(mep.ShellFunction("id -u"))
+        assert prioritised.result(timeout=240).stdout == f"{account.pw_uid}\n"
+        with pytest.raises(mep.ConfigInvalidError, match=r"priority=1000001.*task_resources\.priority is 1000000"):
+            over_the_limit.result(timeout=120)
