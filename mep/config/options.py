@@ -38,9 +38,9 @@ _MAX_MESSAGE = 300
 _MAX_VALUE = 80  # characters of an offending value quoted in a message
 # Keywords whose own message quotes only the schema's machinery (a regex, a format name, a sub-schema):
 # with a description to show, the message says that instead.
-# Keywords that refuse a config for holding a name at all, whatever its value
-_NAME_REFUSALS = ("additionalProperties", "unevaluatedProperties", None)
 _OPAQUE_KEYWORDS = frozenset({"pattern", "format", "not", "anyOf", "oneOf", "contains"})
+# Keywords that refuse a config for holding a name at all, whatever its value (None: a ``false`` schema)
+_NAME_REFUSALS = ("additionalProperties", "unevaluatedProperties", None)
 
 
 def _yaml_char(char: str) -> str:
@@ -293,7 +293,7 @@ class OptionsSchema:
         if spec is not None:
             return spec is not False, _hint(spec) if isinstance(spec, Mapping) else ""
         try:
-            # validator None: a ``false`` schema, which allows nothing; a propertyNames error is its inner keyword's
+            # a propertyNames refusal is reported under its inner keyword (pattern, enum, ...)
             refused = any(not error.absolute_path and (error.validator in _NAME_REFUSALS
                                                        or "propertyNames" in error.absolute_schema_path)
                           for error in self.validator.iter_errors({name: None}))
