@@ -63,3 +63,21 @@ def test_quick_suite_writes_every_section_with_sane_numbers(tmp_path: Path, rout
     slurm = sections["slurm"]
     assert slurm.get("skipped") or slurm["first_result_ms"] > 0, slurm
     assert "throughput 2w" in result.stdout
+
+
+def test_large_results_benchmark_smoke_run(tmp_path: Path, router_account: str) -> None:
+    """``benchmarks.large_results --smoke``: 1 KiB inline and 2 MiB through a file, both ways, every peak read."""
+    output = tmp_path / "large.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.large_results", "--smoke", "--output", str(output)],
+                            cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(output.read_text())
+    assert set(report["sizes"]) == {"1 KiB", "2 MiB"}
+    assert (report["sizes"]["1 KiB"]["kept_in_file"], report["sizes"]["2 MiB"]["kept_in_file"]) == (False, True)
+    for path, value in numbers(report):
+        assert math.isfinite(value) and value >= 0, f"{path} = {value}"
+    for label, row in report["sizes"].items():
+        for mode in ("in_place", "through_service"):
+            peaks = row[mode]["peak_rss_mib"]
+            assert set(peaks) == {"service", "router", "endpoint", "worker", "sdk"}, (label, mode)
+            assert all(peak > 0 for peak in peaks.values()), (label, mode, peaks)

@@ -116,6 +116,64 @@ def test_small_results_inline_large_ones_in_a_file_read_in_place(deploy, account
     assert kept.name.endswith(".result")
 
 
+def reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as handle:
+        handle.write("5")  # VmHWM := VmRSS, so the next peak is this test's own
+
+
+def test_the_worker_writes_a_large_result_itself_and_nobody_holds_it_twice(deploy, account_factory) -> None:
+    """The endpoint only passes the reference on; worker and SDK each hold the value once, not its bytes too."""
+    alice, _, manager, identity, _ = start(deploy, account_factory)
+    size = 64 * 1024 * 1024
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(payload_of_size, 1).result(timeout=120) == payload_of_size(1)  # endpoint up
+        endpoint = _pid_with_title(f"mep-endpoint {alice.pw_name} ")
+        others = [pid for pid in processes_of_uid(alice.pw_uid) if pid != endpoint]
+        for pid in [endpoint, os.getpid(), *others]:
+            reset_peak(pid)
+        before = {pid: memory_kib(pid, "VmHWM") for pid in [endpoint, os.getpid(), *others]}
+        value = executor.submit(payload_of_size, size).result(timeout=300)
+        assert len(value) == size
+        grew = {pid: memory_kib(pid, "VmHWM") - before[pid] for pid in before}
+    size_kib = size // 1024
+    assert grew[endpoint] < 8 * 1024, f"the endpoint's peak grew by {grew[endpoint]} KiB for a {size_kib} KiB result"
+    worker = max(grew[pid] for pid in others)
+    # more than half: the process measured is the one that made the value
+    assert size_kib / 2 < worker < 1.25 * size_kib, f"the worker's peak grew by {worker} KiB (the value: {size_kib})"
+    assert grew[os.getpid()] < 1.25 * size_kib, (
+        f"reading the {size_kib} KiB result in place grew this process's peak by {grew[os.getpid()]} KiB")
+    (kept,) = results_dir(alice).glob("*.result")
+    assert kept.stat().st_uid == alice.pw_uid and not list(results_dir(alice).glob("*.partial"))
+
+
+def test_a_result_file_that_cannot_be_written_or_a_result_that_fails_half_way(tmp_path: Path) -> None:
+    """The worker's own writing: a stated reason, and no file left behind either way."""
+    import dill
+
+    from mep.endpoint.bootstrap import run_task
+
+    def produce(breaks_late: bool) -> list:
+        class BreaksLate:  # pickled after a large part of the result is already in the file
+            def __reduce__(self):  # noqa: ANN204
+                raise ValueError("this object refuses to be pickled")
+
+        return [b"x" * (4 * 256 * 1024), BreaksLate() if breaks_late else None]
+
+    function = dill.dumps(produce)
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the results directory should be")
+    status, payload, _, message, _, code, large = run_task(
+        "h1", function, dill.dumps(((False,), {})), (str(blocked / "t.result"), THRESHOLD))
+    assert (status, payload, code, large) == ("failed", b"", "large_result_unavailable", None)
+    assert f"could not be written to {blocked}: File exists" in message
+    directory = tmp_path / "results"
+    status, _, error_type, message, _, code, large = run_task(
+        "h1", None, dill.dumps(((True,), {})), (str(directory / "t.result"), THRESHOLD))
+    assert (status, error_type, code, large) == ("error", "TypeError", "task_error", None)
+    assert "could not be serialised" in message and "refuses to be pickled" in message
+    assert list(directory.iterdir()) == [], "the half-written file is removed"
+
+
 def test_fetched_through_the_service_in_bounded_memory(deploy, account_factory) -> None:
     alice, _, manager, identity, _ = start(deploy, account_factory)
     size = 48 * CHUNK_BYTES

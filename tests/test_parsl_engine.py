@@ -73,15 +73,15 @@ def htex_manager(deploy):  # noqa: ANN001, ANN201
 def test_bootstrap_speaks_the_wire_values() -> None:
     assert (bootstrap.SUCCESS, bootstrap.TASK_ERROR, bootstrap.FAILED) == (
         messages.SUCCESS, messages.TASK_ERROR, messages.FAILED)
-    assert (bootstrap.TASK_ERROR_CODE, bootstrap.CONFIG_INVALID_CODE) == (ErrorCode.TASK_ERROR,
-                                                                         ErrorCode.CONFIG_INVALID)
+    assert (bootstrap.TASK_ERROR_CODE, bootstrap.CONFIG_INVALID_CODE, bootstrap.LARGE_RESULT_UNAVAILABLE_CODE) == (
+        ErrorCode.TASK_ERROR, ErrorCode.CONFIG_INVALID, ErrorCode.LARGE_RESULT_UNAVAILABLE)
 
 
 def test_bootstrap_imports_nothing_but_the_standard_library_and_dill() -> None:
     source = Path(bootstrap.__file__).read_text()
     imported = {line.split()[1].split(".")[0] for line in source.splitlines()
                 if line.lstrip().startswith(("import ", "from ")) and not line.lstrip().startswith("from __future__")}
-    assert imported <= {"os", "signal", "sys", "threading", "traceback", "types", "typing", "ctypes",
+    assert imported <= {"hashlib", "os", "signal", "sys", "threading", "traceback", "types", "typing", "ctypes",
                         "multiprocessing", "dill"}, imported
 
 

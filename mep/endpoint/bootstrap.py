@@ -11,9 +11,14 @@ the bootstrap still has to start to say so).
 
 The wire between the endpoint and this worker is a
 ``multiprocessing.connection.Connection`` of plain tuples: the endpoint sends
-``(task id, function hash, function body or None, args)`` and gets back
-``(task id, (status, payload, error type, message, traceback, code))``, the
-fields of ``mep.endpoint.worker.Outcome``.
+``(task id, function hash, function body or None, args, result file)`` and gets
+back ``(task id, (status, payload, error type, message, traceback, code, large))``,
+the fields of ``mep.endpoint.worker.Outcome``. ``result file`` is ``(path,
+threshold)`` or None: a result whose serialisation exceeds ``threshold`` bytes
+is pickled straight into the file at ``path`` (``ResultFile``) and only
+``large = (path, size, sha256)`` travels back, so neither this worker nor the
+endpoint ever holds its serialised bytes whole (docs/user.md, "Large
+results"); the worker's floor is the returned object itself.
 
 A task's own output (its stdout and stderr, its child processes' too) is
 captured through a pipe while it runs: the first ``KEPT_OUTPUT`` bytes go to
@@ -28,6 +33,7 @@ takes the next task.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -46,6 +52,7 @@ TASK_ERROR = "error"
 FAILED = "failed"
 TASK_ERROR_CODE = "task_error"
 CONFIG_INVALID_CODE = "config_invalid"
+LARGE_RESULT_UNAVAILABLE_CODE = "large_result_unavailable"
 
 KEPT_OUTPUT = 65536  # bytes of each task's output kept in the endpoint's log
 PR_SET_CHILD_SUBREAPER = 36
@@ -53,14 +60,17 @@ PR_SET_CHILD_SUBREAPER = 36
 _functions: dict = {}
 
 
-def run_task(fn_hash: str, fn_body: bytes | None, args: bytes) -> tuple:
-    """Run one task; ``fn_body`` is None when this worker already loaded ``fn_hash``."""
+def run_task(fn_hash: str, fn_body: bytes | None, args: bytes, result_file: tuple | None = None) -> tuple:
+    """Run one task; ``fn_body`` is None when this worker already loaded ``fn_hash``.
+
+    ``result_file``: ``(path, threshold)`` where a result above ``threshold`` bytes goes (see the module's doc).
+    """
     try:
         import dill
     except ImportError:
         message = (f"the worker interpreter {sys.executable} has no dill: install it there "
                    f"(`{sys.executable} -m pip install dill`), with the version your client uses")
-        return (FAILED, b"", "", message, "", CONFIG_INVALID_CODE)
+        return (FAILED, b"", "", message, "", CONFIG_INVALID_CODE, None)
     try:
         fn = _functions.get(fn_hash)
         if fn is None:
@@ -69,13 +79,106 @@ def run_task(fn_hash: str, fn_body: bytes | None, args: bytes) -> tuple:
         value = fn(*call_args, **call_kwargs)
     except BaseException as exc:  # the task's failure is data to send back, whatever it is
         return _failure(exc, dill)
+    if result_file is None:
+        destination = ResultFile("", -1)  # never spills: the whole serialisation is the reply's payload
+    else:
+        destination = ResultFile(*result_file)
     try:
-        return (SUCCESS, dill.dumps(value), "", "", "", "")
+        dill.dump(value, destination)
+        kept = destination.finish()
+    except ResultFileError as exc:
+        destination.abandon()
+        return (FAILED, b"", "", str(exc), "", LARGE_RESULT_UNAVAILABLE_CODE, None)
     except Exception as exc:  # dill's frames say nothing to the researcher: name the stage instead
+        destination.abandon()
         name = getattr(fn, "__qualname__", type(fn).__name__)
         stage = TypeError(f"the return value of {name} could not be serialised: {type(exc).__name__}: {exc} "
                           "(return plain data, or save the object to a file and return its path)")
         return _failure(stage, dill, "".join(traceback.format_exception_only(type(stage), stage)))
+    if isinstance(kept, bytes):
+        return (SUCCESS, kept, "", "", "", "", None)
+    return (SUCCESS, b"", "", "", "", "", kept)
+
+
+class ResultFileError(OSError):
+    """The result file could not be written; the message says where and why."""
+
+
+class ResultFile:
+    """A binary file object for ``dill.dump``: in memory up to ``threshold`` bytes, then written to ``path``.
+
+    Past the threshold, what was kept goes to ``<path minus suffix>.partial``
+    (mode 0600, its directory created 0700) and every later write goes
+    straight there, hashed on the way, so the serialisation is never whole
+    in memory: the pickler hands large ``bytes`` over as they are, without
+    copying them into a frame. ``finish`` fsyncs the file before renaming
+    it into place (the reference the service stores must not outlive a
+    crash's page cache). ``threshold`` -1: never spill.
+    """
+
+    def __init__(self, path: str, threshold: int) -> None:
+        self.path = path
+        self.threshold = threshold
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._kept = bytearray()
+        self._file = None
+        self._partial = os.path.splitext(path)[0] + ".partial"
+
+    def write(self, data) -> int:  # bytes or a buffer (memoryview, PickleBuffer), as the pickler gives them
+        length = memoryview(data).nbytes
+        self.size += length
+        if self._file is None:
+            if self.threshold < 0 or self.size <= self.threshold:
+                self._kept += data
+                return length
+            self._open()
+        self._hash.update(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        return length
+
+    def _open(self) -> None:
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            self._file = os.fdopen(fd, "wb")
+            self._file.write(self._kept)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        self._hash.update(self._kept)
+        self._kept = bytearray()
+
+    def _error(self, exc: OSError) -> ResultFileError:
+        return ResultFileError(
+            f"the result is above the endpoint's large-result threshold of {self.threshold} bytes and could not "
+            f"be written to {os.path.dirname(self.path)}: {exc.strerror or exc}")
+
+    def finish(self):
+        """The serialisation as bytes if it stayed under the threshold, else ``(path, size, sha256)``."""
+        if self._file is None:
+            return bytes(self._kept)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._partial, self.path)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        return (self.path, self.size, self._hash.hexdigest())
+
+    def abandon(self) -> None:
+        """No file left behind by a result that failed half way."""
+        if self._file is None:
+            return
+        self._file.close()
+        try:
+            os.unlink(self._partial)
+        except OSError:
+            pass
 
 
 def _load(what: str, payload: bytes, dill: types.ModuleType) -> object:
@@ -99,7 +202,7 @@ def _failure(exc: BaseException, dill: types.ModuleType, text: str = "") -> tupl
     except Exception:  # unpicklable exception: the SDK raises RemoteError from the text
         payload = b""
     # MemoryError() and friends have no message; a stored failure must still state a reason
-    return (TASK_ERROR, payload, type_name, str(exc) or f"{type_name} (no message)", text, TASK_ERROR_CODE)
+    return (TASK_ERROR, payload, type_name, str(exc) or f"{type_name} (no message)", text, TASK_ERROR_CODE, None)
 
 
 class _CapturedOutput:
@@ -208,11 +311,12 @@ def end_leftover_processes() -> int:
     return len(ended)
 
 
-def _run_contained(task_id: str, fn_hash: str, fn_body: bytes | None, args: bytes) -> tuple:
+def _run_contained(task_id: str, fn_hash: str, fn_body: bytes | None, args: bytes,
+                   result_file: tuple | None) -> tuple:
     """``run_task``, its output captured and capped, and whatever it left running ended."""
     output = _CapturedOutput()
     try:
-        return run_task(fn_hash, fn_body, args)
+        return run_task(fn_hash, fn_body, args, result_file)
     finally:
         output.restore()
         leftovers = end_leftover_processes()
@@ -226,10 +330,10 @@ def serve(connection: Connection) -> None:
     _become_subreaper()
     while True:
         try:
-            task_id, fn_hash, fn_body, args = connection.recv()
+            task_id, fn_hash, fn_body, args, result_file = connection.recv()
         except EOFError:
             return
-        connection.send((task_id, _run_contained(task_id, fn_hash, fn_body, args)))
+        connection.send((task_id, _run_contained(task_id, fn_hash, fn_body, args, result_file)))
 
 
 if __name__ == "__mep_bootstrap__":  # run by interpreters.LOADER, which defines __connection__

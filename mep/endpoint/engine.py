@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Started = Callable[[str], None]
 Completion = Callable[[str, Outcome], None]
 EMPTY: Mapping[str, int] = MappingProxyType({})  # no resource_specification
+ResultFileFor = Callable[[str], tuple[str, int]]  # task id -> (its result file's path, the large-result threshold)
 
 
 class Connection(Protocol):
@@ -77,7 +78,9 @@ class ProcessEngine:
     """
 
     def __init__(self, workers: int, on_started: Started, on_done: Completion,
-                 start_worker: WorkerStarter | None = None) -> None:
+                 start_worker: WorkerStarter | None = None, result_file: ResultFileFor | None = None) -> None:
+        """``result_file``: where a worker writes a task's large result itself (workers that share our disk)."""
+        self._result_file = result_file
         self._forker = None if start_worker else Forker()
         self._start = start_worker or self._forker.start_worker
         self._worker_count = workers
@@ -178,7 +181,8 @@ class ProcessEngine:
                 task = self._pending.popleft()
                 body = None if task.fn_hash in worker.functions else task.fn_body
                 try:
-                    worker.connection.send((task.task_id, task.fn_hash, body, task.args))
+                    result_file = self._result_file(task.task_id) if self._result_file else None
+                    worker.connection.send((task.task_id, task.fn_hash, body, task.args, result_file))
                 except OSError:  # the worker just died; its sentinel will say so
                     self._pending.appendleft(task)
                     continue

@@ -17,7 +17,7 @@ import pwd
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from mep.endpoint.engine import EMPTY, Completion, ProcessEngine, Started
+from mep.endpoint.engine import EMPTY, Completion, ProcessEngine, ResultFileFor, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
@@ -35,7 +35,11 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Completion) -> Engine:
+def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Completion,
+                result_file: ResultFileFor | None = None) -> Engine:
+    """``result_file``: given to the workers on this host outside a container, which write large results themselves
+    (an htex worker may be on another node, a container may not see the results directory: the endpoint writes
+    theirs)."""
     engine = config.engine
     if engine.worker_python is not None:
         try:
@@ -48,7 +52,8 @@ def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Comple
         return ParslHtexEngine(engine, config.idle_timeout, on_started, on_done)
     if engine.worker_python is not None:
         return ProcessEngine(engine.workers, on_started, on_done,
-                             start_worker=functools.partial(start_worker, engine.worker_python))
+                             start_worker=functools.partial(start_worker, engine.worker_python),
+                             result_file=result_file)
     if engine.container is not None:
         from mep.endpoint.containers import container_problem, start_container_worker
 
@@ -58,7 +63,7 @@ def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Comple
         home = pwd.getpwuid(os.getuid()).pw_dir
         return ProcessEngine(engine.workers, on_started, on_done,
                              start_worker=functools.partial(start_container_worker, engine.container, home))
-    return ProcessEngine(engine.workers, on_started, on_done)
+    return ProcessEngine(engine.workers, on_started, on_done, result_file=result_file)
 
 
 class UnusableEngine:

@@ -1,6 +1,9 @@
 """Results above the template's threshold: kept in a file on this host, read back in chunks on request.
 
-The endpoint runs as the account, so the file is the account's (mode 0600
+The file is written by the worker that ran the task where it shares this
+host's disk (``mep.endpoint.bootstrap.ResultFile``: the serialised result is
+never whole in the worker's or the endpoint's memory), else by the endpoint
+(``keep``). Both run as the account, so the file is the account's (mode 0600
 in a 0700 directory): the SDK reads it in place where that path is readable
 (the same host or a shared file system), and otherwise the service asks for
 it chunk by chunk (``ChunkRead``), which this module answers from the file
@@ -16,13 +19,13 @@ file's disk is gone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mep.endpoint.bootstrap import ResultFile, ResultFileError
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED, Chunk, ChunkRead, LargeResult
@@ -47,41 +50,40 @@ class LargeResultFiles:
         self.last_read = 0.0  # monotonic
         self._kept: dict[str, LargeResult] = {}  # task id -> its file, until its result is sent
 
-    def keep(self, task_id: str, outcome: Outcome) -> Outcome:
-        """Above the threshold, the payload goes to a file (``reference`` then gives it) and leaves the outcome.
+    def destination(self, task_id: str) -> tuple[str, int]:
+        """Where a task's result goes if it is above the threshold (for a worker that writes it itself)."""
+        return str(self.directory / f"{task_id}{SUFFIX}"), self.settings.threshold_bytes
 
+    def keep(self, task_id: str, outcome: Outcome) -> Outcome:
+        """Record the file a worker wrote, or write a payload above the threshold (``reference`` then gives it).
+
+        Workers on this host write large results themselves (``ResultFile``), so
+        the endpoint never holds those; it writes only what arrives whole: an
+        exception above the threshold, an htex or container worker's result.
         Called on the engine's thread: the endpoint's loop keeps heartbeating while a large file is written.
         """
+        if outcome.large is not None:
+            self._kept[task_id] = self._reference(outcome.large)
+            return outcome._replace(large=None)
         if len(outcome.payload) <= self.settings.threshold_bytes:
             return outcome
         try:
-            large = self._write(task_id, outcome.payload)
-        except OSError as exc:
-            log.error("could not keep the %d-byte result of task %s in %s: %s", len(outcome.payload), task_id,
-                      self.directory, exc)
-            return Outcome(FAILED, code=ErrorCode.LARGE_RESULT_UNAVAILABLE, message=(
-                f"the result is {len(outcome.payload)} bytes, above the endpoint's large-result threshold of "
-                f"{self.settings.threshold_bytes}, and could not be written to {self.directory}: "
-                f"{exc.strerror or exc}"))
-        self._kept[task_id] = large
+            written = ResultFile(*self.destination(task_id))
+            written.write(outcome.payload)
+            large = written.finish()
+        except ResultFileError as exc:
+            log.error("could not keep the %d-byte result of task %s: %s", len(outcome.payload), task_id, exc)
+            return Outcome(FAILED, code=ErrorCode.LARGE_RESULT_UNAVAILABLE, message=str(exc))
+        self._kept[task_id] = self._reference(large)
         return outcome._replace(payload=b"")
 
     def reference(self, task_id: str) -> LargeResult | None:
         """Where ``keep`` put this task's payload, if it did (once: the result then carries it)."""
         return self._kept.pop(task_id, None)
 
-    def _write(self, task_id: str, payload: bytes) -> LargeResult:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.directory / f"{task_id}{SUFFIX}"
-        partial = path.with_suffix(".partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())  # the reference the service stores must not outlive a crash's page cache
-        os.replace(partial, path)
-        return LargeResult(path=str(path), size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
-                           endpoint_id=self.endpoint_id, account=self.account)
+    def _reference(self, written: tuple[str, int, str]) -> LargeResult:
+        path, size, sha256 = written
+        return LargeResult(path=path, size=size, sha256=sha256, endpoint_id=self.endpoint_id, account=self.account)
 
     def read(self, request: ChunkRead) -> tuple[Chunk, list[bytes]]:
         """The chunk asked for, or why it can't be had (the code the SDK raises as LargeResultUnavailableError)."""

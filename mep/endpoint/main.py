@@ -101,7 +101,8 @@ class UserEndpoint:
         self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         # The engine first: the processes it starts must not inherit the ZeroMQ context's descriptors.
         # A config that did not render: every task fails with why (the researcher's typed error), none runs.
-        self.engine = make_engine(config, self._task_started, self._task_done) if refusal is None \
+        self.engine = make_engine(config, self._task_started, self._task_done,
+                                  result_file=self.large_results.destination) if refusal is None \
             else UnusableEngine(str(refusal), self._task_done, code=refusal.code)
         self.functions: dict[str, bytes] = {}
         self.active: dict[str, ActiveTask] = {}
@@ -127,7 +128,8 @@ class UserEndpoint:
         os.write(self._wake_write, b"s")
 
     def _task_done(self, task_id: str, outcome: Outcome) -> None:
-        # Writing a large result to its file (seconds for a GiB) happens here, off the loop that heartbeats.
+        # A large result the engine's worker did not write itself (seconds for a GiB) is written here, off the
+        # loop that heartbeats.
         outcome = self.large_results.keep(task_id, outcome)
         self._events.put(("done", task_id, outcome))
         os.write(self._wake_write, b"d")

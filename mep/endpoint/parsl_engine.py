@@ -373,7 +373,7 @@ def run_on_worker(buffer: bytes, worker_python: str | None) -> Outcome:
         _bootstrap_workers[worker_python] = start_worker(worker_python)
     process, connection = _bootstrap_workers[worker_python]
     try:
-        connection.send(("", fn_hash, fn_body, args))
+        connection.send(("", fn_hash, fn_body, args, None))  # a large result is written by the endpoint
         return Outcome(*connection.recv()[1])
     except (EOFError, OSError):
         del _bootstrap_workers[worker_python]

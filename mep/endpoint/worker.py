@@ -19,3 +19,4 @@ class Outcome(NamedTuple):
     message: str = ""
     traceback: str = ""
     code: str = ""
+    large: tuple[str, int, str] | None = None  # (path, size, sha256): the worker wrote the result to this file

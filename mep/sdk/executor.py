@@ -31,7 +31,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 import zmq
@@ -605,14 +605,14 @@ class Executor(concurrent.futures.Executor):
         self._settle(pending.future, result, payloads[result.payload_frame] if result.payload_frame != -1 else None)
 
     @staticmethod
-    def _settle(future: concurrent.futures.Future, result: Result, payload: bytes | memoryview | None) -> None:
+    def _settle(future: concurrent.futures.Future, result: Result, payload: bytes | BinaryIO | None) -> None:
         value, error = outcome(result, payload)
         if error is None:
             future.set_result(value)
         else:
             _set_exception(future, error)
 
-    def _settle_large(self, future: concurrent.futures.Future, result: Result, payload: bytes | memoryview | None,
+    def _settle_large(self, future: concurrent.futures.Future, result: Result, payload: bytes | BinaryIO | None,
                       error: BaseException | None) -> None:
         """A large result loaded (or not): the service forgets it only once it is in hand."""
         if error is not None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import zmq
 
@@ -35,31 +36,70 @@ ASKS_PER_CHUNK = 3  # a chunk not answered within the timeout is asked for again
 
 
 def payload_of(result: Result, payload: bytes | None, settings: ServiceSettings, *, read_locally: bool,
-               timeout: float) -> bytes | memoryview | None:
-    """The result's payload bytes, from the message, the file in place, or the service."""
+               timeout: float) -> bytes | BinaryIO | None:
+    """The result's payload: bytes from the message, or a file object over the result file (in place or fetched).
+
+    A file object, so that ``mep.sdk.serialize.deserialize`` unpickles as it reads and the serialised bytes
+    are never held beside the value: in place not at all, fetched once (the fetched buffer, read without a
+    copy).
+    """
     large = result.large
     if large is None:
         return payload
     if read_locally:
-        data = _read_in_place(large)
-        if data is not None:
-            return data
-    return fetch(settings, result.task_id, large, timeout)
+        handle = _open_in_place(large)
+        if handle is not None:
+            return handle
+    return io.BufferedReader(_BufferReader(fetch(settings, result.task_id, large, timeout)))
 
 
-def _read_in_place(large: LargeResult) -> bytes | None:
-    """The file's bytes if it is readable here and is the one the endpoint wrote; None to fetch instead."""
+def _open_in_place(large: LargeResult) -> BinaryIO | None:
+    """The file, at its start, if it is readable here and is the one the endpoint wrote; None to fetch instead.
+
+    Checked by hashing it a chunk at a time, then read again by the unpickler (from the page cache, mostly):
+    twice the reading, but never the file in memory. The file is the account's own (0600 in a 0700
+    directory), so only the account could change it between the check and the load.
+    """
     try:
-        with open(large.path, "rb") as handle:
-            data = handle.read(large.size + 1)
+        handle = open(large.path, "rb")
     except OSError as exc:
         log.debug("result file %s not readable here (%s); fetching it through the service", large.path, exc)
         return None
-    if len(data) != large.size or hashlib.sha256(data).hexdigest() != large.sha256:
+    try:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        size = handle.tell()
+        handle.seek(0)
+    except OSError as exc:
+        handle.close()
+        log.debug("result file %s not readable here (%s); fetching it through the service", large.path, exc)
+        return None
+    if size != large.size or digest != large.sha256:
+        handle.close()
         log.info("%s here is not the result file the endpoint wrote (another host's path?); fetching it through "
                  "the service", large.path)
         return None
-    return data
+    return handle
+
+
+class _BufferReader(io.RawIOBase):
+    """A fetched result's buffer as a file, read without copying it (``io.BytesIO`` would copy it whole)."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        count = min(len(target), len(self._data) - self._offset)
+        target[:count] = self._data[self._offset:self._offset + count]
+        self._offset += count
+        return count
+
+    def close(self) -> None:
+        self._data = memoryview(b"")  # the fetched bytes go as soon as the value is loaded
+        super().close()
 
 
 def fetch(settings: ServiceSettings, task_id: str, large: LargeResult, timeout: float) -> memoryview:
@@ -157,9 +197,9 @@ class BackgroundLoader:
         self.start_endpoint = start_endpoint
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="mep-large-result")
 
-    def load(self, result: Result, settle: Callable[[Result, bytes | memoryview | None, BaseException | None], None]) -> None:
+    def load(self, result: Result, settle: Callable[[Result, bytes | BinaryIO | None, BaseException | None], None]) -> None:
         """``settle(result, payload, None)`` once it is loaded, ``settle(result, None, error)`` if it can't be."""
-        def load() -> bytes | memoryview | None:
+        def load() -> bytes | BinaryIO | None:
             return payload_of(result, None, self.settings, read_locally=self.read_locally, timeout=self.timeout)
 
         def run() -> None:

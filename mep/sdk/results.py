@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 from mep.errors import RemoteError, error_for_code
 from mep.protocol.messages import SUCCESS, TASK_ERROR, Result
 from mep.sdk.serialize import deserialize
 
 
-def outcome(result: Result, payload: bytes | None) -> tuple[Any, BaseException | None]:
+def outcome(result: Result, payload: bytes | BinaryIO | None) -> tuple[Any, BaseException | None]:
     """(value, None) for a success, (None, exception) for anything else."""
     if result.status == SUCCESS:
         try:
@@ -27,7 +27,7 @@ def outcome(result: Result, payload: bytes | None) -> tuple[Any, BaseException |
     return None, error_for_code(result.code, result.message)
 
 
-def _remote_exception(result: Result, payload: bytes | None) -> BaseException:
+def _remote_exception(result: Result, payload: bytes | BinaryIO | None) -> BaseException:
     """The function's own exception when this side can rebuild it, else a RemoteError."""
     try:
         exc = deserialize(payload)

@@ -27,7 +27,7 @@ import types
 import weakref
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import dill
 
@@ -207,8 +207,12 @@ def _dumps_data(value: Any) -> bytes:
     return body
 
 
-def deserialize(payload: bytes | memoryview) -> Any:
-    return dill.loads(payload)
+def deserialize(payload: bytes | memoryview | BinaryIO) -> Any:
+    """The value of a payload, or of a file object (a large result: unpickled as it is read, then closed)."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return dill.loads(payload)
+    with payload:
+        return dill.load(payload)
 
 
 def serialize(value: Any) -> bytes:
