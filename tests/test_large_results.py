@@ -146,6 +146,21 @@ def test_the_worker_writes_a_large_result_itself_and_nobody_holds_it_twice(deplo
     assert kept.stat().st_uid == alice.pw_uid and not list(results_dir(alice).glob("*.partial"))
 
 
+def test_on_htex_the_endpoint_writes_the_file(deploy, account_factory) -> None:
+    """A Parsl worker may be on a node without the results directory: its result arrives whole, as before."""
+    account = account_factory("mephtexbig")
+    template = deploy.root / "large-htex.yaml.j2"
+    template.write_text(TEMPLATE.replace("  type: process\n  workers: 1\n", "  type: htex\n  provider:\n    type: "
+                                         "LocalProvider\n  workers_per_node: 1\n  max_blocks: 1\n").format(
+        threshold=THRESHOLD, idle_timeout=60))
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=template)
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    with deploy.executor(identity, manager) as executor:
+        assert executor.submit(payload_of_size, 2 * THRESHOLD).result(timeout=180) == payload_of_size(2 * THRESHOLD)
+    (kept,) = results_dir(account).glob("*.result")
+    assert (kept.stat().st_uid, stat.S_IMODE(kept.stat().st_mode)) == (account.pw_uid, 0o600)
+
+
 def test_a_result_file_that_cannot_be_written_or_a_result_that_fails_half_way(tmp_path: Path) -> None:
     """The worker's own writing: a stated reason, and no file left behind either way."""
     import dill
