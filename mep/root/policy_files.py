@@ -43,7 +43,7 @@ def read_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> bytes
 
     Raises ``ConfigurationError`` naming the path, what is wrong and the command that fixes it.
     """
-    with os.fdopen(_open_policy_file(path, trusted_owner_uids), "rb") as policy_file:
+    with os.fdopen(open_policy_file(path, trusted_owner_uids=trusted_owner_uids), "rb") as policy_file:
         return policy_file.read()
 
 
@@ -52,16 +52,11 @@ def check_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> os.s
 
     Returns its status as checked; raises ``ConfigurationError`` like ``read_policy_file``.
     """
-    fd = _open_policy_file(path, trusted_owner_uids)
+    fd = open_policy_file(path, trusted_owner_uids=trusted_owner_uids)
     try:
         return os.fstat(fd)
     finally:
         os.close(fd)
-
-
-def open_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> int:
-    """A descriptor (close-on-exec) of ``path`` after the checks of ``read_policy_file``: a program to execute."""
-    return _open_policy_file(path, trusted_owner_uids)
 
 
 def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int]) -> int:
@@ -75,7 +70,8 @@ def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int
     return _open_checked_directory(resolved, resolved, trusted_owner_uids | {0})
 
 
-def _open_policy_file(path: Path, trusted_owner_uids: frozenset[int]) -> int:
+def open_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> int:
+    """A descriptor (close-on-exec) of ``path`` after the checks of ``read_policy_file``: a program to execute."""
     absolute = Path(os.path.abspath(path))
     directory = Path(os.path.realpath(absolute.parent))
     directory_fd = _open_checked_directory(directory, absolute, trusted_owner_uids | {0})
