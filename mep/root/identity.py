@@ -21,7 +21,6 @@ named is then checked by root as before (``accounts.resolve_account``, PAM).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import select
 import socket
@@ -154,12 +153,6 @@ class IdentityMapper:
         content = read_policy_file(path, trusted_owner_uids=trusted_owner_uids)
         context = dataclasses.replace(context or MappingContext(), trusted_owner_uids=trusted_owner_uids)
         return cls(content, str(path), context)
-
-    @classmethod
-    def from_documents(cls, documents: object, *, source: str = "<memory>",
-                       context: MappingContext | None = None) -> IdentityMapper:
-        """Load parsed JSON: a list of mapping documents, or one document."""
-        return cls(json.dumps(documents).encode(), source, context or MappingContext())
 
     def map(self, identities: Sequence[Mapping[str, object]]) -> MappingDecision:
         """The account the identity set maps to; ``UnmappedIdentityError`` or ``MappingError`` (fails closed)."""

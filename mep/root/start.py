@@ -23,7 +23,6 @@ from mep.root.config import PamSettings, RootConfig
 from mep.root.errors import ConfigurationError
 from mep.root.logs import active_format
 from mep.root.accounts import Account, AccountPolicy, unprivileged_account
-from mep.root.authorize import account_policy
 from mep.root.interpreter import check_interpreter_usable
 from mep.root.pam import DEFAULT_LIBRARY
 from mep.root.policy_files import check_policy_file, read_policy_file
@@ -98,10 +97,14 @@ def account_rules(config: RootConfig, router: Account | None) -> tuple[AccountPo
     root may own policy; otherwise the manager is single-user: only its own
     account may run tasks, and it may own the policy files too.
     """
-    if router is not None:
-        return account_policy(config, manager_uids=frozenset({0, router.uid})), frozenset({0})
     own = os.geteuid()
-    return account_policy(config, manager_uids=frozenset(), only_uid=own), frozenset({0, own})
+    policy = AccountPolicy(
+        min_uid=config.min_uid, manager_uids=frozenset({0, router.uid}) if router else frozenset(),
+        only_uid=None if router else own, allow_users=frozenset(config.allow_users),
+        deny_users=frozenset(config.deny_users), allow_groups=frozenset(config.allow_groups),
+        deny_groups=frozenset(config.deny_groups), disabled_shells=frozenset(config.disabled_shells),
+        refuse_locked=config.refuse_locked)
+    return policy, frozenset({0}) if router else frozenset({0, own})
 
 
 def pam_settings(config: RootConfig, config_path: Path, *, trusted_owner_uids: frozenset[int]) -> PamSettings | None:
@@ -131,8 +134,7 @@ def start_manager(config_path: Path) -> int:
         raise ConfigurationError(f"{config_path}: service_signing_keys is empty, so no task could be verified; run "
                                  f"'mep manager pin-signing-key --config {config_path} KEY' with the key "
                                  "'mep service signing-key show' prints on the service host")
-    if as_root:
-        check_interpreter_usable(sys.executable)
+    check_interpreter_usable(sys.executable)  # as root only: a single-user manager's endpoints run as itself
     router = unprivileged_account(config.router_user if as_root else None, "router_user")
     policy, trusted = account_rules(config, router if as_root else None)
     pam = pam_settings(config, config_path, trusted_owner_uids=trusted)
