@@ -116,7 +116,7 @@ def _open_checked_directory(directory: Path, policy_path: Path, trusted: frozens
 
 def _check(status: os.stat_result, path: Path, policy_path: Path, trusted: frozenset[int], *,
            directory: bool) -> None:
-    """Owned by a trusted uid and writable by nobody else: the policy file itself, or one of its ``directory``\ s.
+    """Owned by a trusted uid and writable by nobody else: the policy file, or (``directory``) one on its path.
 
     A sticky directory may be writable by others: they can add entries there but not replace ours.
     """
