@@ -11,66 +11,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# The SDK's names and their modules; every other name in __all__ is an error type from mep.errors.
+_SDK = {"Client": "mep.sdk.client", "Executor": "mep.sdk.executor", "MPIFunction": "mep.sdk.mpi",
+        "ShellFunction": "mep.sdk.shell", "TaskPendingError": "mep.sdk.client", "Tasks": "mep.sdk.client",
+        "progress": "mep.sdk.progress"}
 __all__ = [
-    "AccountRefusedError",
-    "AuthenticationError",
-    "AuthenticationThrottledError",
-    "Client",
-    "ConfigInvalidError",
-    "EndpointLostError",
-    "Executor",
-    "LargeResultNoReaderError",
-    "LargeResultUnavailableError",
-    "ShellFunction",
-    "MPIFunction",
-    "MappingError",
-    "MepError",
-    "QuotaExceededError",
-    "RemoteError",
-    "SerializationError",
-    "ServiceUnavailableError",
-    "ServiceUnreachableError",
-    "SpawnError",
-    "TaskCancelledError",
-    "TaskExpiredError",
-    "TaskPendingError",
-    "Tasks",
-    "TaskRefusedError",
-    "TemplateError",
-    "UnknownEndpointError",
-    "UnmappedIdentityError",
-    "WalltimeExceededError",
-    "WorkerLostError",
-    "progress",
+    "AccountRefusedError", "AuthenticationError", "AuthenticationThrottledError", "Client", "ConfigInvalidError",
+    "EndpointLostError", "Executor", "LargeResultNoReaderError", "LargeResultUnavailableError", "MPIFunction",
+    "MappingError", "MepError", "QuotaExceededError", "RemoteError", "SerializationError", "ServiceUnavailableError",
+    "ServiceUnreachableError", "ShellFunction", "SpawnError", "TaskCancelledError", "TaskExpiredError",
+    "TaskPendingError", "TaskRefusedError", "Tasks", "TemplateError", "UnknownEndpointError", "UnmappedIdentityError",
+    "WalltimeExceededError", "WorkerLostError", "progress",
 ]
 
 
-_SDK = frozenset({"Client", "Executor", "MPIFunction", "ShellFunction", "TaskPendingError", "Tasks", "progress"})
-
-
 def __getattr__(name: str):  # lazy: the root process imports mep without mep.errors, the others without the SDK
-    if name in __all__ and name not in _SDK:
-        import mep.errors
+    if name not in __all__:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(mep.errors, name)
-    if name == "Executor":
-        from mep.sdk.executor import Executor
-
-        return Executor
-    if name in ("Client", "TaskPendingError", "Tasks"):
-        from mep.sdk import client
-
-        return getattr(client, name)
-    if name == "MPIFunction":
-        from mep.sdk.mpi import MPIFunction
-
-        return MPIFunction
-    if name == "ShellFunction":
-        from mep.sdk.shell import ShellFunction
-
-        return ShellFunction
-    if name == "progress":
-        from mep.sdk.progress import progress
-
-        return progress
-    raise AttributeError(name)
+    return getattr(importlib.import_module(_SDK.get(name, "mep.errors")), name)

@@ -16,7 +16,6 @@ from mep.root.errors import (  # noqa: F401 -- re-exported: the root half's erro
     AssertionMissingError,
     AssertionRefusedError,
     AssertionReplayedError,
-    ConfigInvalidError,
     ConfigurationError,
     ErrorCode,
     MappingError,
@@ -27,6 +26,12 @@ from mep.root.errors import (  # noqa: F401 -- re-exported: the root half's erro
     TaskRefusedError,
     UnmappedIdentityError,
 )
+
+
+class ConfigInvalidError(TaskRefusedError):
+    """The user endpoint config was rejected by the admin's schema or the endpoint model."""
+
+    code = ErrorCode.CONFIG_INVALID
 
 
 class AuthenticationError(MepError):

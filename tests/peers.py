@@ -126,11 +126,12 @@ import mep.root.spawner as spawner_module
 from mep.root.router_process import RouterLaunch, RouterProcess
 from mep.root.spawner import Spawner, SpawnerSettings
 from mep.manager.spawner_link import RouterBoot, SpawnerLink
-from mep.root.start import account_rules, router_account
+from mep.root.accounts import unprivileged_account
+from mep.root.start import account_rules
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 config_path, fd, state = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 config = ManagerConfig.load(Path(config_path))
-policy, trusted = account_rules(config, router_account(config.router_user))
+policy, trusted = account_rules(config, unprivileged_account(config.router_user, "router_user"))
 channel, started = socket.socket(fileno=fd), []
 
 def start_router(_launch):  # the test is the router: a stand-in process, gone once the test hangs up
@@ -147,7 +148,8 @@ def start_router(_launch):  # the test is the router: a stand-in process, gone o
                          started_at=time.monotonic())
 
 spawner_module.start_router = start_router
-launch = RouterLaunch(account=router_account(config.router_user), drop_privileges=True, lock_fd=-1,
+launch = RouterLaunch(account=unprivileged_account(config.router_user, "router_user"), drop_privileges=True,
+                      lock_fd=-1,
                       boot=RouterBoot(config={}, manager_secret_key="", endpoint_address="", endpoint_secret_key="",
                                       log_level=logging.INFO))
 settings = SpawnerSettings(config=config, router_address="ipc://" + str(state / "none.sock"),

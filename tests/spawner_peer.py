@@ -184,7 +184,8 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
                  settings: dict[str, Any] | None = None) -> Iterator[SpawnerPeer]:
     """A running spawner for ``mapping``; stopped (with its endpoints) and removed afterwards."""
     from mep.root.spawner import Spawner, SpawnerSettings
-    from mep.root.start import account_rules, pam_settings, router_account
+    from mep.root.accounts import unprivileged_account
+    from mep.root.start import account_rules, pam_settings
 
     directory = Path(tempfile.mkdtemp(prefix="mep-spawner-", dir="/var/tmp"))
     os.chmod(directory, 0o755)  # endpoints connect to the socket in it as their accounts
@@ -200,7 +201,7 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
             "identity_mapping": str(mapping_path), "audit_log": str(directory / "audit.jsonl"),
             "router_user": router_user, "service_signing_keys": [signer.public_key], "heartbeat_interval": 1.0,
             **(settings or {})})
-        policy, trusted = account_rules(config, router_account(router_user))
+        policy, trusted = account_rules(config, unprivileged_account(router_user, "router_user"))
         pam = pam_settings(config, mapping_path, trusted_owner_uids=trusted)
         router_end, spawner_end = channel_pair()
         test_alive, test_alive_write = os.pipe()
@@ -212,7 +213,8 @@ def spawner_peer(mapping: list[dict[str, Any]], *, router_user: str, with_router
                 logging.basicConfig(filename=directory / "spawner.log", level=logging.INFO, force=True)
                 os.close(test_alive_write)
                 _router_is_the_test(spawner_end, test_alive)
-                launch = RouterLaunch(account=router_account(router_user), drop_privileges=True, lock_fd=-1,
+                launch = RouterLaunch(account=unprivileged_account(router_user, "router_user"), drop_privileges=True,
+                                      lock_fd=-1,
                                       boot=RouterBoot(config={}, manager_secret_key="", endpoint_address="",
                                                       endpoint_secret_key="", log_level=logging.INFO))
                 spawner = Spawner(SpawnerSettings(

@@ -23,7 +23,7 @@ from mep.root.accounts import (
     refuse_non_canonical_name,
     resolve_account,
 )
-from mep.root.authorize import account_policy
+from mep.root.start import account_rules
 from mep.root.shadow import ShadowEntry, read_shadow
 from tests.accounts import free_uid
 
@@ -294,11 +294,13 @@ def test_policy_comes_from_the_manager_config() -> None:
         "allow_users": ["a"], "deny_users": ["b"], "allow_groups": ["g"], "deny_groups": ["h"],
         "disabled_shells": ["/bin/sh"], "refuse_locked": True,
     })
-    assert account_policy(config, manager_uids=frozenset({0, 5})) == AccountPolicy(
+    router = Account(name="router", uid=5, gid=5, home="/", shell="/usr/sbin/nologin", groups=(5,))
+    assert account_rules(config, router) == (AccountPolicy(
         min_uid=2000, manager_uids=frozenset({0, 5}), allow_users=frozenset({"a"}), deny_users=frozenset({"b"}),
         allow_groups=frozenset({"g"}), deny_groups=frozenset({"h"}), disabled_shells=frozenset({"/bin/sh"}),
-        refuse_locked=True)
+        refuse_locked=True), frozenset({0}))
     defaults = ManagerConfig.model_validate({
         "endpoint_id": "e", "service_address": "tcp://x:1", "service_public_key": "k",
         "manager_secret_key_file": "/k", "identity_mapping": "/m"})
-    assert account_policy(defaults, manager_uids=frozenset()) == AccountPolicy()
+    assert account_rules(defaults, router)[0] == AccountPolicy(manager_uids=frozenset({0, 5}))
+    assert account_rules(defaults, None)[0] == AccountPolicy(manager_uids=frozenset(), only_uid=os.geteuid())

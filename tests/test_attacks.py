@@ -219,9 +219,9 @@ def test_mapping_program_runs_as_the_identity_mapping_user(program_dirs, record_
         print(json.dumps({"result": [{"id": i["id"], "output": who} for i in request["identities"]]}))
         """))
     program.chmod(0o755)
-    mapper = IdentityMapper.from_documents(
-        [{"DATA_TYPE": "external_identity_mapping#1.0.0", "command": [str(program)]}],
-        context=MappingContext(endpoint_id=str(uuid.uuid4()), run_as="nobody"))
+    document = {"DATA_TYPE": "external_identity_mapping#1.0.0", "command": [str(program)]}
+    mapper = IdentityMapper(json.dumps([document]).encode(), "<memory>",
+                            MappingContext(endpoint_id=str(uuid.uuid4()), run_as="nobody"))
     nobody = pwd.getpwnam("nobody")
     seen = mapper.map([{"id": str(uuid.uuid4()), "username": "x@example.org", "status": "used"}]).account
     assert seen == f"{nobody.pw_uid}-{nobody.pw_uid}-{nobody.pw_gid}-[]", seen

@@ -41,6 +41,11 @@ DOMAIN_STRIP = {"DATA_TYPE": "expression_identity_mapping#1.0.0",
 ALICE = {"id": str(uuid.uuid4()), "username": "alice@example.org", "status": "used"}
 
 
+def mapper_of(documents: object, *, source: str = "<memory>", context: MappingContext | None = None) -> IdentityMapper:
+    """A mapper for parsed JSON (a list of mapping documents, or one), its helper started."""
+    return IdentityMapper(json.dumps(documents).encode(), source, context or MappingContext())
+
+
 @pytest.fixture
 def root_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="mep-mapping-helper-", dir="/var/tmp"))  # root's, 0700
@@ -73,13 +78,13 @@ def test_the_helper_is_not_dumpable_and_has_no_groups(root_dir: Path) -> None:
     program.chmod(0o755)
     root_dir.chmod(0o755)  # nobody runs the program from here
     external = {"DATA_TYPE": "external_identity_mapping#1.0.0", "command": [str(program)]}
-    mapper = IdentityMapper.from_documents([external], context=MappingContext(run_as="nobody"))
+    mapper = mapper_of([external], context=MappingContext(run_as="nobody"))
     nobody = pwd.getpwnam("nobody").pw_uid
     assert mapper.map([ALICE]).account == f"0/{nobody}/"  # /proc/<helper>/mem is root's: not dumpable
 
 
 def test_refusals_keep_their_type_and_admin_detail_across_the_process() -> None:
-    mapper = IdentityMapper.from_documents([DOMAIN_STRIP], source="map.json", context=MappingContext(run_as="nobody"))
+    mapper = mapper_of([DOMAIN_STRIP], source="map.json", context=MappingContext(run_as="nobody"))
     with pytest.raises(UnmappedIdentityError) as unmapped:
         mapper.map([{**ALICE, "username": "alice@elsewhere.org"}])
     assert "no local account is mapped to alice@elsewhere.org" in str(unmapped.value)
@@ -90,14 +95,14 @@ def test_refusals_keep_their_type_and_admin_detail_across_the_process() -> None:
 
 def test_a_broken_file_is_refused_when_loaded() -> None:
     with pytest.raises(ConfigurationError, match="map.json: document 0: unsupported DATA_TYPE"):
-        IdentityMapper.from_documents([{"DATA_TYPE": "nope"}], source="map.json")
+        mapper_of([{"DATA_TYPE": "nope"}], source="map.json")
 
 
 def test_a_missing_or_privileged_identity_mapping_user_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="'mep-no-such-account' does not exist"):
-        IdentityMapper.from_documents([DOMAIN_STRIP], context=MappingContext(run_as="mep-no-such-account"))
+        mapper_of([DOMAIN_STRIP], context=MappingContext(run_as="mep-no-such-account"))
     with pytest.raises(ConfigurationError, match="'root' is root or in group 0"):
-        IdentityMapper.from_documents([DOMAIN_STRIP], context=MappingContext(run_as="root"))
+        mapper_of([DOMAIN_STRIP], context=MappingContext(run_as="root"))
 
 
 def stand_in_helper(directory: Path, after_loading: str) -> str:
@@ -143,7 +148,7 @@ def test_a_helper_that_lies_or_crashes_is_refused(root_dir: Path, monkeypatch: p
     reply = answer if isinstance(answer, str) else json.dumps(answer)
     monkeypatch.setattr(sys, "executable", stand_in_helper(root_dir, "channel.recv(65536)\n" + (
         "raise SystemExit(1)" if answer is None else f"frame({reply!r}.encode())\ntime.sleep(600)")))
-    mapper = IdentityMapper.from_documents([DOMAIN_STRIP], source="map.json")
+    mapper = mapper_of([DOMAIN_STRIP], source="map.json")
     liar = mapper.helper_pid()
     assert liar is not None
     with pytest.raises(MappingError) as refused:
@@ -155,7 +160,7 @@ def test_a_helper_that_lies_or_crashes_is_refused(root_dir: Path, monkeypatch: p
 
 def test_many_decisions_are_served_by_one_unprivileged_helper() -> None:
     """Concurrent requests (the spawner's workers) are answered in turn by the one helper the load started."""
-    with closing(IdentityMapper.from_documents([DOMAIN_STRIP], context=MappingContext(run_as="nobody"))) as mapper:
+    with closing(mapper_of([DOMAIN_STRIP], context=MappingContext(run_as="nobody"))) as mapper:
         helper = mapper.helper_pid()
         assert helper is not None
         status = status_of(helper)
@@ -174,7 +179,7 @@ def test_a_hung_helper_is_killed_fails_closed_and_a_fresh_one_serves_next(
         root_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_interpreter = sys.executable
     monkeypatch.setattr(sys, "executable", stand_in_helper(root_dir, "time.sleep(600)\n"))
-    mapper = IdentityMapper.from_documents([DOMAIN_STRIP], source="map.json")
+    mapper = mapper_of([DOMAIN_STRIP], source="map.json")
     hung = mapper.helper_pid()
     assert hung is not None
     monkeypatch.setattr(root_identity, "HELPER_REQUEST_SECONDS", 0.5)
@@ -189,7 +194,7 @@ def test_a_hung_helper_is_killed_fails_closed_and_a_fresh_one_serves_next(
 
 
 def test_a_killed_helper_is_replaced_for_the_next_decision() -> None:
-    with closing(IdentityMapper.from_documents([DOMAIN_STRIP])) as mapper:
+    with closing(mapper_of([DOMAIN_STRIP])) as mapper:
         killed = mapper.helper_pid()
         assert killed is not None
         os.kill(killed, signal.SIGKILL)
@@ -231,14 +236,14 @@ def test_log_lines_in_a_reply_are_bounded() -> None:
 
 
 def test_root_policy_modules_load_no_mapping_engine_or_heavy_library() -> None:
-    """What root imports for mapping and account policy: mep.root alone (and the package's own mep.errors)."""
+    """What root imports for mapping and account policy: mep.root alone (and the mep package itself)."""
     modules = ("identity", "authorize", "mapping_file", "accounts", "shadow", "pam", "session_holder", "privdrop",
                "audit", "policy_files", "interpreter")
     probe = (f"import sys\nfor name in {modules!r}: __import__('mep.root.' + name)\n"
              "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-I", "-c", "import json\n" + probe], check=True,
                                        capture_output=True, text=True).stdout)
-    assert [m for m in loaded if m.startswith("mep") and not m.startswith("mep.root")] == ["mep", "mep.errors"]
+    assert [m for m in loaded if m.startswith("mep") and not m.startswith("mep.root")] == ["mep"]
     heavy = {"globus_identity_mapping", "marshmallow", "jinja2", "pydantic", "click", "yaml", "zmq"}
     assert not {m.split(".")[0] for m in loaded} & heavy
 

@@ -25,7 +25,7 @@ from mep.errors import ConfigurationError, TaskRefusedError
 from mep.root.authorize import authorize
 from mep.mapping.engine import MappingRules
 from mep.root.start import account_rules
-from mep.root.start import router_account as router_of
+from mep.root.accounts import unprivileged_account
 from tests.accounts import free_uid
 
 pytestmark = pytest.mark.root
@@ -92,7 +92,7 @@ def test_no_configuration_runs_a_task_as_root_the_manager_or_a_system_account(kn
             **data.draw(configs(known_accounts), label="config")})
     except ValidationError:
         return  # the manager refuses to start with this config
-    policy, _ = account_rules(config, router_of(config.router_user))
+    policy, _ = account_rules(config, unprivileged_account(config.router_user, "router_user"))
     documents = data.draw(st.lists(st.fixed_dictionaries({
         "DATA_TYPE": st.just("expression_identity_mapping#1.0.0"),
         "mappings": st.lists(rules(known_accounts), min_size=1, max_size=4)}), min_size=1, max_size=3),

@@ -21,9 +21,10 @@ import mep
 from mep.errors import AccountRefusedError, ConfigurationError, SpawnError
 from mep.root import pam as pam_binding
 from mep.root.accounts import Account, AccountRefused
-from mep.root.pam import PamError, check_account, pam_transaction
+from mep.root.config import PamSettings
+from mep.root.pam import PamError, PamHandle, check_account
 from mep.root.privdrop import SpawnPlan
-from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
+from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, start_session_holder
 from tests.harness import DOMAIN_STRIP, audit_log_of, children_of, expression_mapping, processes_of_uid, wait_for
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture
 
@@ -87,7 +88,7 @@ def test_a_conversing_session_module_does_not_crash_the_interpreter(pam_service:
     user = account_factory("meppammotd")
     pam_service.write("account required pam_permit.so\nsession optional pam_motd.so\n"
                       "session required pam_echo.so session for %u\nsession required pam_permit.so\n")
-    with pam_transaction(pam_service.name, user.pw_name) as pam:
+    with PamHandle(pam_service.name, user.pw_name) as pam:
         pam.account_management()
         pam.establish_credentials()
         pam.open_session()

@@ -38,7 +38,6 @@ from mep.root.privdrop import (
     STEP_EXIT_CODES,
     ChildSetup,
     DropStepError,
-    DropTarget,
     SpawnedProcess,
     SpawnPlan,
     allowed_environment,
@@ -416,7 +415,7 @@ def test_invalid_plan_is_refused_before_fork(user, changes, refusal):
 
 
 def test_drop_steps_switch_every_id_and_leave_no_capability(user):
-    target = DropTarget.of(user)
+    target = _setup(user)
 
     def drop() -> dict:
         os.setgroups([0])  # root's own groups, which a drop must not keep
@@ -433,7 +432,7 @@ def test_drop_steps_switch_every_id_and_leave_no_capability(user):
 
 
 def test_verify_drop_refuses_kept_root_groups(user):
-    target = DropTarget.of(user)
+    target = _setup(user)
 
     def drop_without_groups() -> None:
         os.setgroups([0])
@@ -447,7 +446,7 @@ def test_verify_drop_refuses_kept_root_groups(user):
 
 
 def test_verify_drop_refuses_capabilities_kept_across_setuid(user):
-    target = DropTarget.of(user)
+    target = _setup(user)
 
     def drop_keeping_capabilities() -> None:
         pr_set_keepcaps = 8
@@ -463,7 +462,7 @@ def test_verify_drop_refuses_capabilities_kept_across_setuid(user):
 def test_verify_drop_aborts_when_setuid_0_still_works():
     # A "drop" to uid 0 with every capability cleared passes all other checks;
     # only the setuid(0) attempt shows that root is still there.
-    target = dataclasses.replace(DropTarget.of(_account(pwd.getpwuid(0))), groups=(0,))
+    target = dataclasses.replace(_setup(_account(pwd.getpwuid(0))), groups=(0,))
 
     def drop_to_root_without_capabilities() -> None:
         for step in (set_gid, set_groups, set_uid):
@@ -501,7 +500,7 @@ def test_new_session_alone(user):
 
 def test_set_no_new_privs_and_umask_alone(user):
     def harden() -> list:
-        set_no_new_privs(DropTarget.of(user))
+        set_no_new_privs(_setup(user))
         set_umask(_setup(user))
         return [_proc_status()["NoNewPrivs"], os.umask(0)]
 
@@ -694,7 +693,7 @@ def test_interpreter_check_names_a_private_directory_on_the_way(shared_dir):
 
 
 def test_interpreter_check_needs_its_probe_account():
-    with pytest.raises(ConfigurationError, match="'mep-no-such-account' .* does not exist"):
+    with pytest.raises(ConfigurationError, match="checks the interpreter 'mep-no-such-account' does not exist"):
         check_interpreter_usable(PYTHON, probe_account="mep-no-such-account")
 
 

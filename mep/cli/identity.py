@@ -29,7 +29,7 @@ import click
 from mep.errors import ConfigurationError, MepError, TaskRefusedError
 
 if TYPE_CHECKING:
-    from mep.root.session_holder import PamSettings
+    from mep.root.config import PamSettings
 
 _IDENTITY_KEYS = frozenset({"id", "sub", "username", "email", "name", "identity_provider", "organization", "status"})
 EXIT_MAPPED, EXIT_REFUSED, EXIT_INVALID_CONFIG = 0, 1, 2
@@ -86,10 +86,11 @@ class _Setup:
             context = MappingContext(trusted_owner_uids=trusted, run_as="nobody" if os.geteuid() == 0 else None)
         else:
             from mep.config.manager import ManagerConfig
-            from mep.root.start import account_rules, pam_settings, router_account
+            from mep.root.accounts import unprivileged_account
+            from mep.root.start import account_rules, pam_settings
 
             config = ManagerConfig.load(config_path)
-            router = router_account(config.router_user) if os.geteuid() == 0 else None
+            router = unprivileged_account(config.router_user, "router_user") if os.geteuid() == 0 else None
             self.policy, trusted = account_rules(config, router)
             self.pam = pam_settings(config, config_path, trusted_owner_uids=trusted) if config.pam.enable else None
             self.mapping_path = config.identity_mapping

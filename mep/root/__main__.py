@@ -3,19 +3,7 @@
 ``mep manager start`` (the admin's CLI) execs this, and the systemd unit runs
 it directly, so the root process image holds only ``mep.root`` (no click, no
 template engine, no pydantic): what ``tests/test_root_size.py`` pins.
-"""
 
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-from pathlib import Path
-
-from mep.root.errors import ConfigurationError, MepError
-from mep.root.logs import parse_levels, setup_logging
-
-EXAMPLES = """\
 examples:
   # serve an endpoint for every mapped user (as root; what the systemd unit runs)
   /opt/mep/venv/bin/python -I -m mep.root --config /etc/mep/cluster/config.yaml
@@ -36,6 +24,19 @@ an account, checks it (policy, PAM) and starts that account's endpoint after
 a checked privilege drop; writes every decision to the audit log. SIGHUP
 reloads the identity mapping and reopens the audit log; SIGTERM stops.
 """
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mep.root.errors import ConfigurationError, MepError
+from mep.root.logs import parse_levels, setup_logging
+
+# The help's examples are the end of this module's docstring (which python -OO leaves out).
+EXAMPLES = "examples:" + (__doc__ or "").partition("\nexamples:")[2]
 
 
 def main(argv: list[str] | None = None) -> int:

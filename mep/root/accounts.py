@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mep.root.errors import AccountRefusedError
+from mep.root.errors import AccountRefusedError, ConfigurationError, MepError
 from mep.root.shadow import read_shadow
 
 # Conservative on purpose: no "/", whitespace, control characters or a leading
@@ -68,6 +68,21 @@ class AccountPolicy:
     deny_groups: frozenset[str] = frozenset()
     disabled_shells: frozenset[str] = DEFAULT_DISABLED_SHELLS
     refuse_locked: bool = False  # accounts without a usable password are normal (SSH keys, single sign-on)
+
+
+def unprivileged_account(name: str | None, setting: str, error: type[MepError] = ConfigurationError) -> Account:
+    """The account the admin's ``setting`` names for one of mep's own processes (None: this process's own).
+
+    Never root nor a member of group 0 by its primary group; ``error`` is raised, naming the setting, otherwise.
+    """
+    try:
+        entry = pwd.getpwuid(os.geteuid()) if name is None else pwd.getpwnam(name)
+    except KeyError:
+        raise error(f"{setting} {name!r} does not exist; create it (useradd --system --no-create-home --shell"
+                    f" /usr/sbin/nologin {name}) or name another unprivileged account") from None
+    if name is not None and 0 in (entry.pw_uid, entry.pw_gid):
+        raise error(f"{setting} {name!r} is root or in group 0; name an unprivileged account")
+    return Account.from_passwd(entry)
 
 
 class AccountRefused(AccountRefusedError):

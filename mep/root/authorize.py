@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mep.root.config import RootConfig as ManagerConfig
 from mep.root.accounts import Account, AccountPolicy, resolve_account
 from mep.root.identity import IdentityMapper, MappingDecision
 
@@ -34,20 +33,3 @@ def authorize(
     progress.decision = mapper.map(identities)
     progress.account = resolve_account(progress.decision.account, policy)
     return progress.account
-
-
-def account_policy(
-    config: ManagerConfig, *, manager_uids: frozenset[int], only_uid: int | None = None
-) -> AccountPolicy:
-    """The manager config's account rules; ``manager_uids`` are never allowed, ``only_uid`` is single-user mode."""
-    return AccountPolicy(
-        min_uid=config.min_uid,
-        manager_uids=manager_uids,
-        only_uid=only_uid,
-        allow_users=frozenset(config.allow_users),
-        deny_users=frozenset(config.deny_users),
-        allow_groups=frozenset(config.allow_groups),
-        deny_groups=frozenset(config.deny_groups),
-        disabled_shells=frozenset(config.disabled_shells),
-        refuse_locked=config.refuse_locked,
-    )

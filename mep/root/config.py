@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
-import yaml
 
 from mep.root.accounts import DEFAULT_DISABLED_SHELLS
 from mep.root.errors import ConfigurationError
+from mep.root.pam import DEFAULT_LIBRARY
 
 _NAME = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$")]
 PATH_KEYS = ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log")
@@ -36,11 +36,13 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pass
 
 
-class PamConfig(_Section):
-    enable: bool = False
+class PamSettings(_Section):
+    """``pam:``; the session holder gets it as it is."""
+
     service: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]+$")] = "mep"
-    library: str = "libpam.so.0"
-    timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 30.0
+    library: str = DEFAULT_LIBRARY  # tests point it at libpam_wrapper.so
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 30.0  # how long the spawner waits for PAM's answer
+    enable: bool = False
 
 
 class EndpointLimits(_Section):
@@ -72,7 +74,7 @@ class RootConfig(_Section):
     deny_groups: frozenset[_NAME] = frozenset()
     disabled_shells: frozenset[str] = DEFAULT_DISABLED_SHELLS
     refuse_locked: bool = False
-    pam: PamConfig = msgspec.field(default_factory=PamConfig)
+    pam: PamSettings = msgspec.field(default_factory=PamSettings)
     max_queued_tasks: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     max_queued_bytes: Annotated[int, msgspec.Meta(ge=1024**2)] = 256 * 1024**2
     submitter_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
@@ -93,6 +95,8 @@ class RootConfig(_Section):
 
     @classmethod
     def load(cls, path: Path) -> RootConfig:
+        import yaml  # here: the session holder and the policy modules need this module's structs, not YAML
+
         try:
             data = yaml.safe_load(path.read_text())
         except OSError as exc:

@@ -93,12 +93,6 @@ class AccountRefusedError(TaskRefusedError):
     code = ErrorCode.ACCOUNT_REFUSED
 
 
-class ConfigInvalidError(TaskRefusedError):
-    """The user endpoint config was rejected by the admin's schema or the endpoint model."""
-
-    code = ErrorCode.CONFIG_INVALID
-
-
 class SpawnError(TaskRefusedError):
     """Starting the user endpoint failed (names the failed step)."""
 

@@ -21,10 +21,7 @@ named is then checked by root as before (``accounts.resolve_account``, PAM).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import pwd
 import select
 import socket
 import sys
@@ -37,7 +34,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from mep.root.accounts import Account
+from mep.root.accounts import unprivileged_account
 from mep.root.errors import ConfigurationError, MappingError, MepError, SpawnError, UnmappedIdentityError
 from mep.root.policy_files import read_policy_file
 from mep.root.privdrop import SpawnedProcess, SpawnPlan, end_process_group, spawn
@@ -146,10 +143,6 @@ class IdentityMapper:
         with self._lock:
             self._ask(None)
 
-    @property
-    def source(self) -> str:
-        return self._source
-
     @classmethod
     def from_file(cls, path: Path, *, trusted_owner_uids: frozenset[int],
                   context: MappingContext | None = None) -> IdentityMapper:
@@ -160,12 +153,6 @@ class IdentityMapper:
         content = read_policy_file(path, trusted_owner_uids=trusted_owner_uids)
         context = dataclasses.replace(context or MappingContext(), trusted_owner_uids=trusted_owner_uids)
         return cls(content, str(path), context)
-
-    @classmethod
-    def from_documents(cls, documents: object, *, source: str = "<memory>",
-                       context: MappingContext | None = None) -> IdentityMapper:
-        """Load parsed JSON: a list of mapping documents, or one document."""
-        return cls(json.dumps(documents).encode(), source, context or MappingContext())
 
     def map(self, identities: Sequence[Mapping[str, object]]) -> MappingDecision:
         """The account the identity set maps to; ``UnmappedIdentityError`` or ``MappingError`` (fails closed)."""
@@ -239,7 +226,10 @@ class IdentityMapper:
                           trusted_owner_uids=sorted(context.trusted_owner_uids))
         ours, theirs = socket.socketpair()
         try:
-            plan = SpawnPlan(account=_helper_account(context.run_as), argv=[sys.executable, "-I", "-m", "mep.mapping"],
+            # No supplementary groups: the helper needs none, and a group could give it files to read.
+            account = dataclasses.replace(unprivileged_account(context.run_as, "identity_mapping_user", SpawnError),
+                                          groups=())
+            plan = SpawnPlan(account=account, argv=[sys.executable, "-I", "-m", "mep.mapping"],
                              stdin_data=msgspec.json.encode(load), log_path="", pass_fds=(theirs.fileno(),),
                              drop_privileges=context.run_as is not None, title="the identity-mapping helper")
             self._helper = (spawn(plan), ours)
@@ -299,14 +289,3 @@ def _receive(channel: socket.socket, size: int, deadline: float) -> bytes:
         data += chunk
     return data
 
-
-def _helper_account(run_as: str | None) -> Account:
-    """The account the helper runs as: ``run_as`` (never root or group 0; no supplementary groups), or our own."""
-    try:
-        entry = pwd.getpwnam(run_as) if run_as is not None else pwd.getpwuid(os.geteuid())
-    except KeyError:
-        raise SpawnError(f"identity_mapping_user {run_as!r} does not exist; create it (useradd --system) or"
-                         " name another unprivileged account") from None
-    if run_as is not None and (entry.pw_uid == 0 or entry.pw_gid == 0):
-        raise SpawnError(f"identity_mapping_user {run_as!r} is root or in group 0; name an unprivileged account")
-    return dataclasses.replace(Account.from_passwd(entry), groups=())

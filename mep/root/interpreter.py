@@ -10,11 +10,10 @@ with a message naming the directory that blocks other accounts.
 from __future__ import annotations
 
 import os
-import pwd
 import stat
 
 from mep.root.errors import ConfigurationError, SpawnError
-from mep.root.accounts import Account
+from mep.root.accounts import Account, unprivileged_account
 from mep.root.privdrop import SpawnPlan, run_for_answer
 
 PROBE_TIMEOUT_SECONDS = 60
@@ -34,7 +33,7 @@ def check_interpreter_usable(python: str, *, probe_account: str = "nobody") -> N
     """
     if os.geteuid() != 0:
         return
-    failure = _run_probe(python, _probe_account(probe_account))
+    failure = _run_probe(python, unprivileged_account(probe_account, "the account that checks the interpreter"))
     if failure is None:
         return
     blocked = first_blocked_component(python)
@@ -62,16 +61,6 @@ def first_blocked_component(python: str) -> tuple[str, int] | None:
             if not mode & stat.S_IXOTH:
                 return component, stat.S_IMODE(mode)
     return None
-
-
-def _probe_account(name: str) -> Account:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigurationError(
-            f"the account {name!r} used to check that other accounts can run mep does not exist"
-        ) from None
-    return Account.from_passwd(entry)
 
 
 def _run_probe(python: str, account: Account) -> str | None:

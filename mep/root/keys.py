@@ -22,13 +22,6 @@ def public_from_secret(secret: str) -> str:
     return zmq.curve_public(secret.encode("ascii")).decode("ascii")
 
 
-def _check_key_text(text: str, path: Path) -> str:
-    key = text.strip()
-    if len(key) != 40:
-        raise ConfigurationError(f"{path} does not hold a Z85 CURVE key (expected 40 characters)")
-    return key
-
-
 def write_secret_key(path: Path, secret: str) -> None:
     """Write a secret key 0600, refusing to follow or reuse an existing file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -38,7 +31,10 @@ def write_secret_key(path: Path, secret: str) -> None:
 
 def read_secret_key(path: Path) -> str:
     """Read a CURVE secret key file, refusing one that group or others can read or write."""
-    return _check_key_text(read_private_text(path), path)
+    key = read_private_text(path).strip()
+    if len(key) != 40:
+        raise ConfigurationError(f"{path} does not hold a Z85 CURVE key (expected 40 characters)")
+    return key
 
 
 def read_private_text(path: Path) -> str:

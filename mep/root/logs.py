@@ -56,12 +56,6 @@ def active_format() -> str:
     return "json" if json_lines else "text"
 
 
-def use_format(log_format: str, text_format: str = TEXT_FORMAT) -> None:
-    """Switch the handlers ``logging.basicConfig`` set up to ``log_format`` (known only after a boot document)."""
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(make_formatter(log_format, text_format))
-
-
 def setup_logging(verbose: bool, log_format: str = "text", levels: dict[str, int] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(log_format))

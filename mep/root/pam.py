@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -31,7 +29,6 @@ from mep.root.accounts import AccountRefused
 log = logging.getLogger("mep.spawner.pam")
 
 DEFAULT_LIBRARY = "libpam.so.0"
-DEFAULT_SERVICE = "mep"
 
 PAM_SUCCESS = 0
 PAM_NEW_AUTHTOK_REQD = 12
@@ -46,18 +43,12 @@ _MAX_MESSAGE_CHARS = 500
 
 
 class PamError(Exception):
-    """A PAM step failed: ``step`` is the PAM function, ``code`` its return value, ``text`` pam_strerror."""
+    """A PAM step failed: ``step`` is the PAM function, ``code`` its return value; ``detail`` adds what modules said."""
 
     def __init__(self, step: str, code: int, text: str, messages: list[str]) -> None:
-        detail = f"{step} failed: {text} (PAM code {code})"
-        if messages:
-            detail += "; the modules said: " + " | ".join(messages)
-        super().__init__(detail)
-        self.step = step
-        self.code = code
-        self.text = text
-        self.messages = list(messages)
-        self.detail = detail
+        said = "; the modules said: " + " | ".join(messages) if messages else ""
+        self.step, self.code, self.detail = step, code, f"{step} failed: {text} (PAM code {code}){said}"
+        super().__init__(self.detail)
 
 
 class _Message(ctypes.Structure):
@@ -94,19 +85,17 @@ def _load(library: str) -> ctypes.CDLL:
         lib = ctypes.CDLL(library, use_errno=True)
     except OSError as error:
         raise ConfigurationError(f"cannot load the PAM library {library!r} (pam.library): {error}") from None
-    handle_p = ctypes.c_void_p
-    lib.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(handle_p)]
-    lib.pam_end.argtypes = [handle_p, ctypes.c_int]
-    for name in ("pam_acct_mgmt", "pam_setcred", "pam_open_session", "pam_close_session"):
-        getattr(lib, name).argtypes = [handle_p, ctypes.c_int]
-    lib.pam_set_item.argtypes = [handle_p, ctypes.c_int, ctypes.c_void_p]
-    lib.pam_strerror.argtypes = [handle_p, ctypes.c_int]
-    lib.pam_strerror.restype = ctypes.c_char_p
-    lib.pam_getenvlist.argtypes = [handle_p]
-    lib.pam_getenvlist.restype = ctypes.POINTER(ctypes.c_void_p)
-    for name in ("pam_start", "pam_end", "pam_acct_mgmt", "pam_setcred", "pam_open_session",
-                 "pam_close_session", "pam_set_item"):
-        getattr(lib, name).restype = ctypes.c_int
+    handle, flags = ctypes.c_void_p, ctypes.c_int
+    signatures = {  # name: (argument types, return type)
+        "pam_start": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(handle)], ctypes.c_int),
+        "pam_set_item": ([handle, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+        "pam_strerror": ([handle, ctypes.c_int], ctypes.c_char_p),
+        "pam_getenvlist": ([handle], ctypes.POINTER(ctypes.c_void_p)),
+        **{name: ([handle, flags], ctypes.c_int)
+           for name in ("pam_end", "pam_acct_mgmt", "pam_setcred", "pam_open_session", "pam_close_session")},
+    }
+    for name, (argtypes, restype) in signatures.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
     return lib
 
 
@@ -188,19 +177,24 @@ class PamHandle:
         array = self._lib.pam_getenvlist(self._handle)
         if not array:
             return {}
-        found = {}
+        found: dict[str, str] = {}
+        index = 0
         try:
-            index = 0
-            while array[index]:
-                entry = ctypes.string_at(array[index]).decode("utf-8", "replace")
+            while array[index]:  # NULL-terminated; PAM leaves each string and the array for us to free
+                name, separator, value = ctypes.string_at(array[index]).decode("utf-8", "replace").partition("=")
                 _libc.free(array[index])
-                name, separator, value = entry.partition("=")
                 if separator:
                     found[name] = value
                 index += 1
         finally:
             _libc.free(array)
         return found
+
+    def __enter__(self) -> PamHandle:
+        return self
+
+    def __exit__(self, *_exception: object) -> None:
+        self.end()
 
     def end(self) -> None:
         if self._handle:
@@ -214,18 +208,9 @@ class PamHandle:
             raise PamError(step, code, text, self._conversation.messages)
 
 
-@contextmanager
-def pam_transaction(service: str, user: str, *, library: str = DEFAULT_LIBRARY) -> Iterator[PamHandle]:
-    handle = PamHandle(service, user, library=library)
-    try:
-        yield handle
-    finally:
-        handle.end()
-
-
 def check_account(service: str, user: str, *, library: str = DEFAULT_LIBRARY) -> list[str]:
     """Run PAM account management for ``user`` (no session); returns what the modules said, or raises ``PamError``."""
-    with pam_transaction(service, user, library=library) as pam:
+    with PamHandle(service, user, library=library) as pam:
         pam.account_management()
         return pam.messages
 

@@ -43,7 +43,7 @@ def read_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> bytes
 
     Raises ``ConfigurationError`` naming the path, what is wrong and the command that fixes it.
     """
-    with os.fdopen(_open_policy_file(path, trusted_owner_uids), "rb") as policy_file:
+    with os.fdopen(open_policy_file(path, trusted_owner_uids=trusted_owner_uids), "rb") as policy_file:
         return policy_file.read()
 
 
@@ -52,16 +52,11 @@ def check_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> os.s
 
     Returns its status as checked; raises ``ConfigurationError`` like ``read_policy_file``.
     """
-    fd = _open_policy_file(path, trusted_owner_uids)
+    fd = open_policy_file(path, trusted_owner_uids=trusted_owner_uids)
     try:
         return os.fstat(fd)
     finally:
         os.close(fd)
-
-
-def open_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> int:
-    """A descriptor (close-on-exec) of ``path`` after the checks of ``read_policy_file``: a program to execute."""
-    return _open_policy_file(path, trusted_owner_uids)
 
 
 def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int]) -> int:
@@ -75,7 +70,8 @@ def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int
     return _open_checked_directory(resolved, resolved, trusted_owner_uids | {0})
 
 
-def _open_policy_file(path: Path, trusted_owner_uids: frozenset[int]) -> int:
+def open_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> int:
+    """A descriptor (close-on-exec) of ``path`` after the checks of ``read_policy_file``: a program to execute."""
     absolute = Path(os.path.abspath(path))
     directory = Path(os.path.realpath(absolute.parent))
     directory_fd = _open_checked_directory(directory, absolute, trusted_owner_uids | {0})
@@ -87,7 +83,7 @@ def _open_policy_file(path: Path, trusted_owner_uids: frozenset[int]) -> int:
     finally:
         os.close(directory_fd)
     try:
-        _check_file(os.fstat(file_fd), absolute, trusted_owner_uids)
+        _check(os.fstat(file_fd), absolute, absolute, trusted_owner_uids, directory=False)
     except BaseException:
         os.close(file_fd)
         raise
@@ -99,7 +95,7 @@ def _open_checked_directory(directory: Path, policy_path: Path, trusted: frozens
     fd = os.open("/", _OPEN_DIRECTORY)
     current = Path("/")
     try:
-        _check_directory(os.fstat(fd), current, policy_path, trusted)
+        _check(os.fstat(fd), current, policy_path, trusted, directory=True)
         for part in directory.parts[1:]:
             current = current / part
             try:
@@ -111,42 +107,30 @@ def _open_checked_directory(directory: Path, policy_path: Path, trusted: frozens
                 ) from None
             os.close(fd)
             fd = next_fd
-            _check_directory(os.fstat(fd), current, policy_path, trusted)
+            _check(os.fstat(fd), current, policy_path, trusted, directory=True)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _check_directory(
-    status: os.stat_result, directory: Path, policy_path: Path, trusted: frozenset[int]
-) -> None:
+def _check(status: os.stat_result, path: Path, policy_path: Path, trusted: frozenset[int], *,
+           directory: bool) -> None:
+    """Owned by a trusted uid and writable by nobody else: the policy file, or (``directory``) one on its path.
+
+    A sticky directory may be writable by others: they can add entries there but not replace ours.
+    """
+    what = f"its directory {path}" if directory else "it"
+    if not directory and not stat.S_ISREG(status.st_mode):
+        raise ConfigurationError(f"refusing to use {path}: it is not a regular file; put the policy in a plain file")
     if status.st_uid not in trusted:
         raise ConfigurationError(
-            f"refusing to use {policy_path}: its directory {directory} is owned by"
-            f" {_describe_uid(status.st_uid)}, not by {_describe_trusted(trusted)};"
-            f" fix with: chown root {directory}"
-        )
-    if status.st_mode & _WRITABLE_BY_OTHERS and not status.st_mode & stat.S_ISVTX:
-        raise ConfigurationError(
-            f"refusing to use {policy_path}: its directory {directory} is writable by group or"
-            f" others (mode {stat.S_IMODE(status.st_mode):04o}); fix with: chmod go-w {directory}"
-        )
-
-
-def _check_file(status: os.stat_result, path: Path, trusted: frozenset[int]) -> None:
-    if not stat.S_ISREG(status.st_mode):
-        raise ConfigurationError(
-            f"refusing to use {path}: it is not a regular file; put the policy in a plain file"
-        )
-    if status.st_uid not in trusted:
-        raise ConfigurationError(
-            f"refusing to use {path}: it is owned by {_describe_uid(status.st_uid)}, not by"
+            f"refusing to use {policy_path}: {what} is owned by {_describe_uid(status.st_uid)}, not by"
             f" {_describe_trusted(trusted)}; fix with: chown root {path}"
         )
-    if status.st_mode & _WRITABLE_BY_OTHERS:
+    if status.st_mode & _WRITABLE_BY_OTHERS and not (directory and status.st_mode & stat.S_ISVTX):
         raise ConfigurationError(
-            f"refusing to use {path}: it is writable by group or others"
+            f"refusing to use {policy_path}: {what} is writable by group or others"
             f" (mode {stat.S_IMODE(status.st_mode):04o}); fix with: chmod go-w {path}"
         )
 

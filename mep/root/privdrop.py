@@ -90,25 +90,11 @@ RESETTABLE_SIGNALS = tuple(
 
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
+# prctl is the one call the os module lacks.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
-_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-_libc.capget.restype = ctypes.c_int
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
 
 
 class DropStepError(SpawnError):
@@ -168,28 +154,13 @@ class SpawnedProcess:
 
 
 @dataclass(frozen=True)
-class DropTarget:
-    """The ids a drop switches to, resolved before it starts (no NSS lookup mid-drop)."""
+class ChildSetup:
+    """Everything the child needs between fork and exec, computed before the fork (no NSS lookup mid-drop)."""
 
     uid: int
     gid: int
     groups: tuple[int, ...]  # sorted, without duplicates
     cap_last_cap: int  # the highest capability number this kernel knows
-
-    @classmethod
-    def of(cls, account: Account) -> DropTarget:
-        return cls(
-            uid=account.uid,
-            gid=account.gid,
-            groups=tuple(sorted(set(account.groups))),
-            cap_last_cap=_read_int("/proc/sys/kernel/cap_last_cap"),
-        )
-
-
-@dataclass(frozen=True)
-class ChildSetup(DropTarget):
-    """Everything the child needs between fork and exec, computed before the fork."""
-
     stdin_fd: int
     error_fd: int
     pass_fds: tuple[int, ...]  # each above 2 + len(pass_fds), so moving them to 3, 4, ... clobbers none
@@ -225,45 +196,45 @@ def new_session(setup: ChildSetup) -> None:
     os.setsid()
 
 
-def set_gid(target: DropTarget) -> None:
+def set_gid(setup: ChildSetup) -> None:
     """Real, effective and saved gid, before the uid (a non-root process can't change gids)."""
-    os.setresgid(target.gid, target.gid, target.gid)
+    os.setresgid(setup.gid, setup.gid, setup.gid)
 
 
-def set_groups(target: DropTarget) -> None:
+def set_groups(setup: ChildSetup) -> None:
     """Replace root's supplementary groups with the account's list, resolved before the fork.
 
     ``initgroups`` would do an NSS lookup (sssd, LDAP sockets, locks) in the
     forked child; the list was computed by the parent instead.
     """
-    os.setgroups(target.groups)
+    os.setgroups(setup.groups)
 
 
-def drop_bounding_set(target: DropTarget) -> None:
+def drop_bounding_set(setup: ChildSetup) -> None:
     """Empty the capability bounding set while CAP_SETPCAP is still held.
 
     Together with no_new_privs this means no program the endpoint execs can
     gain a capability, file capabilities and setuid-root binaries included.
     """
-    for capability in range(target.cap_last_cap + 1):
+    for capability in range(setup.cap_last_cap + 1):
         _prctl(_PR_CAPBSET_DROP, capability)
 
 
-def set_uid(target: DropTarget) -> None:
+def set_uid(setup: ChildSetup) -> None:
     """Real, effective and saved uid: the point of no return."""
-    os.setresuid(target.uid, target.uid, target.uid)
+    os.setresuid(setup.uid, setup.uid, setup.uid)
 
 
-def verify_drop(target: DropTarget) -> None:
+def verify_drop(setup: ChildSetup) -> None:
     """Re-read what the kernel now says and prove root can't be regained."""
     uids, gids = os.getresuid(), os.getresgid()
-    if uids != (target.uid,) * 3:
-        raise _CheckFailed(f"uids are {uids} after the drop, expected {target.uid}")
-    if gids != (target.gid,) * 3:
-        raise _CheckFailed(f"gids are {gids} after the drop, expected {target.gid}")
+    if uids != (setup.uid,) * 3:
+        raise _CheckFailed(f"uids are {uids} after the drop, expected {setup.uid}")
+    if gids != (setup.gid,) * 3:
+        raise _CheckFailed(f"gids are {gids} after the drop, expected {setup.gid}")
     groups = sorted(set(os.getgroups()))
-    if groups != list(target.groups):
-        raise _CheckFailed(f"groups are {groups} after the drop, expected {list(target.groups)}")
+    if groups != list(setup.groups):
+        raise _CheckFailed(f"groups are {groups} after the drop, expected {list(setup.groups)}")
     # Keep-caps (PR_SET_KEEPCAPS, SECBIT_KEEP_CAPS) would leave a permitted set
     # that setuid(0) failing does not reveal.
     permitted = _permitted_capabilities()
@@ -286,7 +257,7 @@ def set_resource_limits(setup: ChildSetup) -> None:
                           f"setting {name} to soft {soft}, hard {hard} failed: {exc}") from None
 
 
-def set_no_new_privs(target: DropTarget) -> None:
+def set_no_new_privs(setup: ChildSetup) -> None:
     """No exec from here on can gain privileges (setuid bits and file capabilities are ignored).
 
     Nothing the endpoint runs needs a setuid helper unless the admin says a
@@ -324,13 +295,9 @@ def open_log(setup: ChildSetup) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         return
-    directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    directory = _open_directories(setup.log_directories, create=True)
     try:
-        for name, path in setup.log_directories:
-            parent, directory = directory, _open_subdirectory(directory, name, path)
-            os.close(parent)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
-        flags |= os.O_NOCTTY | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         log = os.open(setup.log_name, flags, 0o600, dir_fd=directory)
     finally:
         os.close(directory)
@@ -360,7 +327,7 @@ def exec_endpoint(setup: ChildSetup) -> None:
 
 
 #: The drop itself (single-user mode skips these steps).
-DROP_STEPS: tuple[Callable[[DropTarget], None], ...] = (
+DROP_STEPS: tuple[Callable[[ChildSetup], None], ...] = (
     set_gid,
     set_groups,
     drop_bounding_set,
@@ -383,21 +350,40 @@ CHILD_STEPS: tuple[Callable[[ChildSetup], None], ...] = (
 )
 
 
-def _open_subdirectory(parent: int, name: str, path: str) -> int:
-    """An O_PATH descriptor of directory ``name`` under ``parent``, created 0700 if missing."""
+def _directories(path: str) -> tuple[tuple[str, str], ...]:
+    """Each directory of ``path`` below /, with its own absolute path for messages: ("home", "/home"), ..."""
+    parts = [part for part in os.path.dirname(path).split("/") if part]
+    return tuple((name, "/" + "/".join(parts[: index + 1])) for index, name in enumerate(parts))
+
+
+def _open_directories(directories: tuple[tuple[str, str], ...], *, create: bool) -> int:
+    """An O_PATH descriptor of the last of ``directories``, walked from / refusing every symbolic link.
+
+    With ``create``, a missing directory is made 0700 (by whoever runs this: the account, after the drop).
+    """
+    directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return _open_directory_nofollow(parent, name, path)
+        for name, path in directories:
+            parent, directory = directory, _open_directory_nofollow(directory, name, path, create)
+            os.close(parent)
+    except BaseException:
+        os.close(directory)
+        raise
+    return directory
+
+
+def _open_directory_nofollow(parent: int, name: str, path: str, create: bool) -> int:
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=parent)
     except FileNotFoundError:
-        pass
-    try:
-        os.mkdir(name, 0o700, dir_fd=parent)
-    except FileExistsError:
-        pass  # appeared meanwhile: the open below still refuses anything but a directory
-    return _open_directory_nofollow(parent, name, path)
-
-
-def _open_directory_nofollow(parent: int, name: str, path: str) -> int:
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        if not create:
+            raise
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            pass  # appeared meanwhile: the checks below still refuse anything but a directory
+        fd = os.open(name, flags, dir_fd=parent)
     mode = os.fstat(fd).st_mode
     if stat.S_ISDIR(mode):
         return fd
@@ -414,12 +400,13 @@ def _prctl(option: int, argument: int) -> None:
 
 
 def _permitted_capabilities() -> int:
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(header), ctypes.byref(data)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return data[0].permitted | data[1].permitted << 32
+    """The kernel's CapPrm line, read with os calls only (this runs between fork and exec)."""
+    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        status = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    return int(status.partition(b"\nCapPrm:")[2].split(b"\n", 1)[0], 16)
 
 
 # --- The parent ------------------------------------------------------------------------
@@ -448,16 +435,15 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int, pass_fds: tu
         )
     if len(plan.pass_fds) > _MAX_PASSED_FDS:
         raise SpawnError(f"cannot start {who}: at most {_MAX_PASSED_FDS} descriptors can be passed")
-    log_directory, log_name = os.path.split(log_path)
-    components = [part for part in log_directory.split("/") if part]
     skipped: set[Callable[..., None]] = set() if plan.drop_privileges else set(DROP_STEPS)
     if not plan.no_new_privs:
         skipped |= {drop_bounding_set, set_no_new_privs}
     steps = tuple(step for step in CHILD_STEPS if step not in skipped)
     return ChildSetup(
-        **dataclasses.asdict(DropTarget.of(account)), stdin_fd=stdin_fd, error_fd=error_fd, pass_fds=pass_fds,
-        home=account.home, log_path=log_path, log_name=log_name,
-        log_directories=tuple((name, "/" + "/".join(components[: index + 1])) for index, name in enumerate(components)),
+        uid=account.uid, gid=account.gid, groups=tuple(sorted(set(account.groups))),
+        cap_last_cap=_read_int("/proc/sys/kernel/cap_last_cap"), stdin_fd=stdin_fd, error_fd=error_fd,
+        pass_fds=pass_fds, home=account.home, log_path=log_path, log_name=os.path.basename(log_path),
+        log_directories=_directories(log_path),
         # Every descriptor number is below fs.nr_open, whatever the rlimits were when it was opened.
         fd_ceiling=_read_int("/proc/sys/fs/nr_open"),
         executable=plan.argv[0], argv=tuple(plan.argv), env=_child_environment(plan, who), steps=steps,
@@ -494,20 +480,11 @@ def _child_environment(plan: SpawnPlan, who: str) -> dict[str, str]:
     account = plan.account
     path = ":".join(dict.fromkeys((os.path.dirname(plan.argv[0]), *_SYSTEM_PATH)))
     lang = os.environ.get("LANG", "")
-    env = {
-        "HOME": account.home,
-        "USER": account.name,
-        "LOGNAME": account.name,
-        "SHELL": account.shell,
-        "PATH": path,
-        "LANG": lang if _SANE_LOCALE.fullmatch(lang) else _DEFAULT_LANG,
-    }
-    for key, value in plan.extra_env.items():
-        problem = _environment_problem(key, value)
-        if problem:
-            raise SpawnError(f"cannot start {who}: {problem}")
-        env[key] = value
-    return env
+    extra, refused = allowed_environment(plan.extra_env)
+    if refused:
+        raise SpawnError(f"cannot start {who}: {refused[0]}")
+    return {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, "SHELL": account.shell,
+            "PATH": path, "LANG": lang if _SANE_LOCALE.fullmatch(lang) else _DEFAULT_LANG, **extra}
 
 
 def _environment_problem(key: str, value: str) -> str:
@@ -526,15 +503,9 @@ def _environment_problem(key: str, value: str) -> str:
 
 def allowed_environment(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """Split variables another party exported (PAM modules) into those ``extra_env`` accepts and why not the rest."""
-    kept: dict[str, str] = {}
-    refused = []
-    for key, value in env.items():
-        problem = _environment_problem(key, value)
-        if problem:
-            refused.append(problem)
-        else:
-            kept[key] = value
-    return kept, refused
+    problems = {key: _environment_problem(key, value) for key, value in env.items()}
+    kept = {key: env[key] for key, problem in problems.items() if not problem}
+    return kept, [problem for problem in problems.values() if problem]
 
 
 def spawn(plan: SpawnPlan) -> SpawnedProcess:
@@ -661,27 +632,23 @@ _fork_lock = threading.Lock()  # the collector switch is process-wide: one fork 
 def _fork_child(setup: ChildSetup) -> tuple[int, int]:
     """Fork with signals blocked and the collector off; the child never returns from here."""
     with _fork_lock:
-        return _fork_child_locked(setup)
-
-
-def _fork_child_locked(setup: ChildSetup) -> tuple[int, int]:
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        pid = os.fork()
-        if pid == 0:
-            _run_child(setup)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            return pid, os.pidfd_open(pid)
-        except OSError:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        if gc_was_enabled:
-            gc.enable()
+            pid = os.fork()
+            if pid == 0:
+                _run_child(setup)
+            try:
+                return pid, os.pidfd_open(pid)
+            except OSError:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            if gc_was_enabled:
+                gc.enable()
 
 
 def _run_child(setup: ChildSetup) -> NoReturn:
@@ -738,22 +705,17 @@ def read_log_tail(account: Account, path: str, max_lines: int = 20, max_bytes: i
     other threads meanwhile): the checks stand in for the account's
     permissions, and what the account owns it could read anyway.
     """
-    directory = -1
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        return ""
     try:
-        if not os.path.isabs(path) or os.path.normpath(path) != path:
-            return ""
-        parent, name = os.path.split(path)
-        directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        for component in [part for part in parent.split("/") if part]:
-            directory, above = _open_directory_nofollow(directory, component, path), directory
-            os.close(above)
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-                     dir_fd=directory)
+        directory = _open_directories(_directories(path), create=False)
+        try:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            fd = os.open(os.path.basename(path), flags, dir_fd=directory)
+        finally:
+            os.close(directory)
     except OSError:
         return ""
-    finally:
-        if directory != -1:
-            os.close(directory)
     try:
         size = os.fstat(fd)
         if not stat.S_ISREG(size.st_mode) or size.st_uid != account.uid:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import select
 import sys
 import time
@@ -117,9 +116,4 @@ class RestartBackoff:
         delay = self._delay
         self._delay = min(2 * self._delay, MAX_RESTART_DELAY)
         return delay
-
-
-def single_user_account() -> Account:
-    """The account a single-user manager's router runs as: its own."""
-    return Account.from_passwd(pwd.getpwuid(os.geteuid()))
 

@@ -34,66 +34,42 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pwd
 import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 from setproctitle import setproctitle
 
+from mep.root.config import PamSettings
 from mep.root.errors import SpawnError
-from mep.root.accounts import Account, AccountRefused
-from mep.root.pam import DEFAULT_LIBRARY, DEFAULT_SERVICE, PAM_NEW_AUTHTOK_REQD, PAM_RUSER, PamError, PamHandle
-from mep.root.privdrop import (
-    RESETTABLE_SIGNALS,
-    DropStepError,
-    SpawnPlan,
-    allowed_environment,
-    pipe_above,
-    preload_pipe,
-    read_bounded,
-    spawn,
-)
+from mep.root.accounts import AccountRefused, unprivileged_account
+from mep.root.pam import PAM_NEW_AUTHTOK_REQD, PAM_RUSER, PamError, PamHandle
+from mep.root.privdrop import DropStepError, SpawnPlan, allowed_environment, pipe_above, read_bounded, spawn
 
 log = logging.getLogger("mep.session")
 
 REPORT_FD = 3
+_STDERR_FD = 4  # the spawner's stderr, passed on
 _MAX_REPORT_BYTES = 65536
 _FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: From the spawner: the endpoint is hung, SIGKILL its process group (the holder, its parent, can check it is there).
 KILL_ENDPOINT_SIGNAL = signal.SIGUSR1
+# For the programs PAM modules run (pam_exec, pam_mkhomedir's helper): root's usual PATH.
 _HOLDER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Above stdin and the report fd, so the dup2 file actions can never act on themselves.
-_LOWEST_PARENT_FD = 10
 # What waitpid reports for "exited with status 1": the holder's own failures end like that.
 _FAILED_WAIT_STATUS = 1 << 8
 
 
-@dataclass(frozen=True)
-class PamSettings:
-    """``pam:`` in the manager's config."""
-
-    service: str = DEFAULT_SERVICE
-    library: str = DEFAULT_LIBRARY
-    timeout: float = 30.0  # how long the spawner waits for account and session management
-
-
 class HolderRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """What the spawner hands the holder on stdin (it holds the endpoint's secret: stdin only)."""
+    """What the spawner hands the holder on stdin (the plan holds the endpoint's secret: stdin only)."""
 
-    service: str
-    library: str
+    pam: PamSettings
     requested_by: str  # PAM_RUSER: the account the manager runs as
-    account: dict
-    argv: list[str]
-    stdin_data: bytes
-    log_path: str
-    title: str
-    resource_limits: list[tuple[str, int]] = []
-    no_new_privs: bool = True
+    plan: SpawnPlan
 
 
 class HolderReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -119,46 +95,42 @@ class HeldEndpoint:
 
 
 def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
-    """Exec a holder for ``plan`` and return once its endpoint runs; raises ``AccountRefused`` or ``SpawnError``."""
-    account = plan.account
-    request = HolderRequest(
-        service=pam.service, library=pam.library, requested_by=_own_name(), account=dataclasses.asdict(account),
-        argv=list(plan.argv), stdin_data=plan.stdin_data, log_path=plan.log_path, title=plan.title,
-        resource_limits=list(plan.resource_limits), no_new_privs=plan.no_new_privs,
-    )
-    argv = [sys.executable, "-I", "-m", __name__]
-    stdin_read, stdin_write = pipe_above(_LOWEST_PARENT_FD)
-    report_read, report_write = pipe_above(_LOWEST_PARENT_FD)
+    """Exec a holder for ``plan`` and return once its endpoint runs; raises ``AccountRefused`` or ``SpawnError``.
+
+    The holder starts through ``privdrop.spawn`` without a drop (it stays root) and without no_new_privs
+    (it could not be undone for an endpoint that needs setuid helpers): request on stdin, report pipe at
+    fd 3 (``REPORT_FD``), our stderr at fd 4 for its log lines.
+    """
+    ours = unprivileged_account(None, "the spawner's own account")
+    request = HolderRequest(pam=pam, requested_by=ours.name, plan=plan)
+    report_read, report_write = pipe_above()
     try:
-        preload_pipe(stdin_write, msgspec.json.encode(request), "the session holder")
-        os.close(stdin_write)
-        stdin_write = -1
-        pid = os.posix_spawn(
-            sys.executable, argv, {"PATH": _HOLDER_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")},
-            file_actions=[(os.POSIX_SPAWN_DUP2, stdin_read, 0), (os.POSIX_SPAWN_DUP2, report_write, REPORT_FD)],
-            setsid=True, setsigmask=(), setsigdef=RESETTABLE_SIGNALS,
-        )
-    except (OSError, SpawnError) as error:  # SpawnError: the request does not fit the pipe
-        os.close(report_read)
-        if isinstance(error, SpawnError):
-            raise
-        raise SpawnError(f"cannot start a session holder for {account.name}: {error}") from None
-    finally:
-        for fd in (stdin_read, stdin_write, report_write):
-            if fd != -1:
-                os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    try:
+        try:
+            holder = spawn(SpawnPlan(account=ours, argv=[sys.executable, "-I", "-m", __name__],
+                                     stdin_data=msgspec.json.encode(request), log_path="", drop_privileges=False,
+                                     title=f"the session holder for {plan.account.name}",
+                                     pass_fds=(report_write, *_stderr()), no_new_privs=False))
+        finally:
+            os.close(report_write)
         report = _read_report(report_read, pam.timeout)
     finally:
         os.close(report_read)
     if report is not None and report.outcome == "started":
-        return HeldEndpoint(holder_pid=pid, pidfd=pidfd, endpoint_pid=report.endpoint_pid)
-    if report is None:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # silent or too slow: it must not start anything later
-    _, status = os.waitpid(pid, 0)
-    os.close(pidfd)
-    raise _failure(account, report, status, pam)
+        return HeldEndpoint(holder_pid=holder.pid, pidfd=holder.pidfd, endpoint_pid=report.endpoint_pid)
+    if report is None:  # silent or too slow: it must not start anything later
+        signal.pidfd_send_signal(holder.pidfd, signal.SIGKILL)
+    _, status = os.waitpid(holder.pid, 0)
+    os.close(holder.pidfd)
+    raise _failure(plan.account.name, report, status, pam)
+
+
+def _stderr() -> tuple[int, ...]:
+    """Our stderr, for the holder's log lines, if we have one (a daemon may run with it closed)."""
+    try:
+        os.fstat(2)
+    except OSError:
+        return ()
+    return (2,)
 
 
 def _read_report(fd: int, timeout: float) -> HolderReport | None:
@@ -170,73 +142,48 @@ def _read_report(fd: int, timeout: float) -> HolderReport | None:
         return None
 
 
-def _failure(account: Account, report: HolderReport | None, status: int, pam: PamSettings) -> Exception:
+def _failure(account: str, report: HolderReport | None, status: int, pam: PamSettings) -> Exception:
+    if report is not None and report.outcome == "refused":
+        return AccountRefused(account, "is refused by this system's account checks (PAM)", report.detail)
+    if report is not None and report.outcome == "spawn_failed":
+        return DropStepError(report.detail, step=report.step, errno=report.errno or None)
     if report is None:
-        error = SpawnError(f"could not start a session for {account.name} on this endpoint; ask your admin")
+        error = SpawnError(f"could not start a session for {account} on this endpoint; ask your admin")
         error.admin_detail = (
-            f"the PAM session holder for {account.name} (service {pam.service}) gave no report within"
+            f"the PAM session holder for {account} (service {pam.service}) gave no report within"
             f" {pam.timeout:g} s or exited first (wait status {status}); see its lines in this log"
         )
         return error
-    if report.outcome == "refused":
-        return AccountRefused(
-            account.name, "is refused by this system's account checks (PAM)", report.detail
-        )
-    if report.outcome == "spawn_failed":
-        return DropStepError(report.detail, step=report.step, errno=report.errno or None)
-    error = SpawnError(
-        f"could not open a session for {account.name} on this endpoint ({report.step} failed); ask your admin"
-    )
+    error = SpawnError(f"could not open a session for {account} on this endpoint ({report.step} failed);"
+                       " ask your admin")
     error.admin_detail = report.detail
     return error
-
-
-def _own_name() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 # --- the holder's side ---------------------------------------------------------------------
 
 
-class _Forwarder:
-    """Signals for the endpoint: remembered until it exists, then sent through its pidfd.
+def _forward_signals(pid: int, pidfd: int) -> None:
+    """Send the endpoint the signals the holder gets, through its pidfd; until now they were blocked (pending).
 
     ``KILL_ENDPOINT_SIGNAL`` becomes SIGKILL for the endpoint's whole process
     group (it leads its own session). The pidfd check first proves the
     endpoint is not reaped yet, so its group id can't belong to anyone else:
     only this thread reaps it, and not while this handler runs.
     """
-
-    def __init__(self) -> None:
-        self.pidfd = -1
-        self.pid = 0
-        self.pending: list[int] = []
-        for signum in (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.pidfd == -1:
-            self.pending.append(signum)
-            return
+    def forward(signum: int, _frame: object) -> None:
         try:
             if signum == KILL_ENDPOINT_SIGNAL:
-                signal.pidfd_send_signal(self.pidfd, 0)
-                os.killpg(self.pid, signal.SIGKILL)
+                signal.pidfd_send_signal(pidfd, 0)
+                os.killpg(pid, signal.SIGKILL)
             else:
-                signal.pidfd_send_signal(self.pidfd, signum)
+                signal.pidfd_send_signal(pidfd, signum)
         except ProcessLookupError:
             pass  # already exited; the wait returns
 
-    def attach(self, pid: int, pidfd: int) -> None:
-        self.pid, self.pidfd = pid, pidfd
-        for signum in self.pending:
-            self._handle(signum, None)
-
-    def detach(self) -> None:
-        self.pidfd = -1
+    for signum in (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL):
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL))
 
 
 def _report(report: HolderReport) -> None:
@@ -251,17 +198,13 @@ def _report(report: HolderReport) -> None:
 
 
 def _hold(request: HolderRequest) -> int:
-    account = Account(**{**request.account, "groups": tuple(request.account["groups"])})
-    forwarder = _Forwarder()
-    pam = PamHandle(request.service, account.name, library=request.library)
-    try:
-        return _run_session(pam, request, account, forwarder)
-    finally:
-        pam.end()
+    with PamHandle(request.pam.service, request.plan.account.name, library=request.pam.library) as pam:
+        return _run_session(pam, request)
 
 
-def _run_session(pam: PamHandle, request: HolderRequest, account: Account, forwarder: _Forwarder) -> int:
-    who = f"{account.name} (service {request.service})"
+def _run_session(pam: PamHandle, request: HolderRequest) -> int:
+    account = request.plan.account
+    who = f"{account.name} (service {request.pam.service})"
     try:
         pam.set_item(PAM_RUSER, request.requested_by)
         if pam.account_management() == PAM_NEW_AUTHTOK_REQD:
@@ -269,49 +212,44 @@ def _run_session(pam: PamHandle, request: HolderRequest, account: Account, forwa
     except PamError as error:
         _report(HolderReport(outcome="refused", step=error.step, detail=f"PAM refused {who}: {error.detail}"))
         return _FAILED_WAIT_STATUS
-    credentials = session = False
+    opened: list[Callable[[], None]] = []  # how to undo each step that succeeded, in order
     try:
         os.setgroups(account.groups)  # as su's initgroups: pam_setcred's modules add to the account's groups
         pam.establish_credentials()
-        credentials = True
+        opened.append(pam.delete_credentials)
         pam.open_session()
-        session = True
+        opened.append(pam.close_session)
         groups = tuple(sorted(set(os.getgroups())))
         if 0 in groups:
             raise PamError("pam_setcred", 0, "a module added the root group (gid 0); refusing", pam.messages)
         environment, refused = allowed_environment(pam.environment())
         for problem in refused:
             log.warning("not passing a PAM variable to the endpoint of %s: %s", who, problem)
-        child = spawn(SpawnPlan(
-            account=dataclasses.replace(account, groups=groups), argv=request.argv,
-            stdin_data=request.stdin_data, log_path=request.log_path, extra_env=environment, title=request.title,
-            resource_limits=tuple(map(tuple, request.resource_limits)), no_new_privs=request.no_new_privs,
-        ))
-    except PamError as error:
-        _report(HolderReport(outcome="session_failed", step=error.step, detail=f"PAM for {who}: {error.detail}"))
-        _end_session(pam, who, session=session, credentials=credentials)
-        return _FAILED_WAIT_STATUS
-    except SpawnError as error:
-        step = error.step if isinstance(error, DropStepError) else ""
-        code = error.errno if isinstance(error, DropStepError) and error.errno else 0
-        _report(HolderReport(outcome="spawn_failed", step=step, errno=code, detail=str(error)))
-        _end_session(pam, who, session=session, credentials=credentials)
+        # The holder passes on no descriptor of its own; the environment is PAM's, checked like any extra_env.
+        child = spawn(dataclasses.replace(request.plan, account=dataclasses.replace(account, groups=groups),
+                                          extra_env=environment, pass_fds=()))
+    except (PamError, SpawnError) as error:
+        if isinstance(error, PamError):
+            _report(HolderReport(outcome="session_failed", step=error.step, detail=f"PAM for {who}: {error.detail}"))
+        else:
+            step, code = (error.step, error.errno or 0) if isinstance(error, DropStepError) else ("", 0)
+            _report(HolderReport(outcome="spawn_failed", step=step, errno=code, detail=str(error)))
+        _end_session(who, opened)
         return _FAILED_WAIT_STATUS
     _report(HolderReport(outcome="started", endpoint_pid=child.pid))
-    forwarder.attach(child.pid, child.pidfd)
+    _forward_signals(child.pid, child.pidfd)
     log.info("PAM session for %s open; endpoint pid %d", who, child.pid)
     _, status = os.waitpid(child.pid, 0)
-    forwarder.detach()
+    signal.pthread_sigmask(signal.SIG_BLOCK, (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL))  # nothing to forward to
     os.close(child.pidfd)
-    _end_session(pam, who, session=True, credentials=True)
+    _end_session(who, opened)
     log.info("PAM session for %s closed; endpoint pid %d %s", who, child.pid, _describe(status))
     return status
 
 
-def _end_session(pam: PamHandle, who: str, *, session: bool, credentials: bool) -> None:
+def _end_session(who: str, opened: list[Callable[[], None]]) -> None:
     """Close what was opened, in reverse order; a failure is logged, the rest still runs."""
-    steps = ([pam.close_session] if session else []) + ([pam.delete_credentials] if credentials else [])
-    for step in steps:
+    for step in reversed(opened):
         try:
             step()
         except PamError as error:
@@ -339,6 +277,14 @@ def _exit_like(status: int) -> None:
 
 
 def main() -> None:
+    # Signals for the endpoint wait, pending, until it runs (_forward_signals).
+    signal.pthread_sigmask(signal.SIG_BLOCK, (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL))
+    try:
+        os.dup2(_STDERR_FD, 2)
+        os.close(_STDERR_FD)
+    except OSError:
+        pass  # the spawner has no stderr: stay on /dev/null
+    os.environ["PATH"] = _HOLDER_PATH
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     try:
@@ -350,7 +296,7 @@ def main() -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    setproctitle(f"mep-session {request.account['name']} {request.title}")
+    setproctitle(f"mep-session {request.plan.account.name} {request.plan.title}")
     try:
         status = _hold(request)
     except PamError as error:  # pam_start itself

@@ -40,13 +40,9 @@ class _Spwd(ctypes.Structure):
 
 
 _getspnam_r = _libc.getspnam_r
-_getspnam_r.argtypes = [
-    ctypes.c_char_p,
-    ctypes.POINTER(_Spwd),
-    ctypes.c_char_p,
-    ctypes.c_size_t,
-    ctypes.POINTER(ctypes.POINTER(_Spwd)),
-]
+# getspnam_r(name, result buffer, string buffer, its size, where the result pointer goes)
+_getspnam_r.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Spwd), ctypes.c_char_p, ctypes.c_size_t,
+                        ctypes.POINTER(ctypes.POINTER(_Spwd))]
 _getspnam_r.restype = ctypes.c_int
 
 
@@ -58,14 +54,9 @@ class ShadowEntry:
     password_locked: bool  # the password field starts with "!" or "*"
 
     def expired(self, today: int | None = None) -> bool:
-        """True from the expiry day on, as ``pam_unix`` and ``chage -E`` count days."""
-        if self.expire_day is None:
-            return False
-        return (today if today is not None else days_since_epoch()) >= self.expire_day
-
-
-def days_since_epoch() -> int:
-    return int(time.time()) // 86400
+        """True from the expiry day on (``today``: days since 1970-01-01 UTC), as ``pam_unix`` and ``chage`` count."""
+        today = int(time.time()) // 86400 if today is None else today
+        return self.expire_day is not None and today >= self.expire_day
 
 
 def read_shadow(name: str) -> ShadowEntry | None:
@@ -81,19 +72,9 @@ def read_shadow(name: str) -> ShadowEntry | None:
             continue
         if code != 0 or not result:
             return None  # ENOENT, EACCES (not root), or no entry: leave it to PAM
-        try:
-            password_locked = _starts_with_lock(entry.sp_pwdp)
+        try:  # only the hash's first byte is read, and the buffer that held it is wiped
+            locked = bool(entry.sp_pwdp) and ctypes.string_at(entry.sp_pwdp, 1) in _LOCK_PREFIXES
         finally:
             ctypes.memset(buffer, 0, size)
-        return ShadowEntry(
-            expire_day=None if entry.sp_expire == _NO_VALUE else entry.sp_expire,
-            password_locked=password_locked,
-        )
+        return ShadowEntry(expire_day=None if entry.sp_expire == _NO_VALUE else entry.sp_expire, password_locked=locked)
     return None
-
-
-def _starts_with_lock(password: int | None) -> bool:
-    if not password:
-        return False
-    first = ctypes.string_at(password, 1)
-    return first in _LOCK_PREFIXES

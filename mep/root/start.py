@@ -13,23 +13,20 @@ from __future__ import annotations
 import logging
 import fcntl
 import os
-import pwd
 import stat
 import sys
 from pathlib import Path
 
 from setproctitle import setproctitle
 
-from mep.root.config import RootConfig
+from mep.root.config import PamSettings, RootConfig
 from mep.root.errors import ConfigurationError
 from mep.root.logs import active_format
-from mep.root.accounts import Account, AccountPolicy
-from mep.root.authorize import account_policy
+from mep.root.accounts import Account, AccountPolicy, unprivileged_account
 from mep.root.interpreter import check_interpreter_usable
 from mep.root.pam import DEFAULT_LIBRARY
 from mep.root.policy_files import check_policy_file, read_policy_file
-from mep.root.router_process import RouterLaunch, single_user_account
-from mep.root.session_holder import PamSettings
+from mep.root.router_process import RouterLaunch
 from mep.root.spawner import Spawner, SpawnerSettings
 from mep.root.messages import RouterBoot
 from mep.root.keys import check_public_key, generate_keypair, public_from_secret, read_secret_key, write_secret_key
@@ -37,54 +34,36 @@ from mep.root.keys import check_public_key, generate_keypair, public_from_secret
 log = logging.getLogger("mep.manager")
 
 
-def router_account(name: str) -> Account:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigurationError(
-            f"the router account {name!r} does not exist; create it with "
-            f"'useradd --system --no-create-home --shell /usr/sbin/nologin {name}' or set router_user"
-        ) from None
-    if entry.pw_uid == 0:
-        raise ConfigurationError(f"the router account {name!r} is root; it must be an unprivileged account")
-    return Account.from_passwd(entry)
-
-
-def prepare_socket_dir(base: Path, owner_uid: int, owner_gid: int) -> Path:
-    """``base`` (root-owned, 0755) holding ``router/`` (router-owned, 0755) for the endpoint socket.
+def prepare_socket_dir(base: Path, owner_uid: int, owner_gid: int) -> tuple[Path, int]:
+    """``base`` (root-owned, 0755) holding ``router/`` (router-owned, 0755) for the endpoint socket; the lock's fd.
 
     Nothing on the path is writable by the accounts whose endpoints connect, so
     no user can plant or swap the socket.
     """
-    root = os.geteuid() == 0
-    base.mkdir(mode=0o755 if root else 0o700, parents=True, exist_ok=True)
+    mode = 0o755 if os.geteuid() == 0 else 0o700
+    base.mkdir(mode=mode, parents=True, exist_ok=True)
     info = os.lstat(base)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise ConfigurationError(f"{base} must be a directory owned by uid {os.geteuid()} (not a symlink)")
-    os.chmod(base, 0o755 if root else 0o700)
-    _hold_instance_lock(base)
+    os.chmod(base, mode)
+    lock_fd = _hold_instance_lock(base)
     router_dir = base / "router"
     router_dir.mkdir(mode=0o755, exist_ok=True)
     if not stat.S_ISDIR(os.lstat(router_dir).st_mode):
         raise ConfigurationError(f"{router_dir} must be a directory (not a symlink)")
     os.chown(router_dir, owner_uid, owner_gid)
     os.chmod(router_dir, 0o755)
-    socket_path = router_dir / "endpoints.sock"
-    socket_path.unlink(missing_ok=True)
-    return socket_path
+    (router_dir / "endpoints.sock").unlink(missing_ok=True)
+    return router_dir / "endpoints.sock", lock_fd
 
 
-_instance_lock: int | None = None
-
-
-def _hold_instance_lock(base: Path) -> None:
+def _hold_instance_lock(base: Path) -> int:
     """One manager per endpoint on a host: a second one would take over the first one's socket.
 
     The lock lives as long as this process (and its router child, which is
     handed it) does; the endpoints never inherit it (privdrop closes every
     descriptor it is not told to pass).
     """
-    global _instance_lock
     fd = os.open(base / "manager.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,7 +74,7 @@ def _hold_instance_lock(base: Path) -> None:
                                  f"(pid {holder}, lock {base / 'manager.lock'})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _instance_lock = fd
+    return fd
 
 
 def router_keypair(path: Path) -> tuple[str, str]:
@@ -118,10 +97,14 @@ def account_rules(config: RootConfig, router: Account | None) -> tuple[AccountPo
     root may own policy; otherwise the manager is single-user: only its own
     account may run tasks, and it may own the policy files too.
     """
-    if router is not None:
-        return account_policy(config, manager_uids=frozenset({0, router.uid})), frozenset({0})
     own = os.geteuid()
-    return account_policy(config, manager_uids=frozenset(), only_uid=own), frozenset({0, own})
+    policy = AccountPolicy(
+        min_uid=config.min_uid, manager_uids=frozenset({0, router.uid}) if router else frozenset(),
+        only_uid=None if router else own, allow_users=frozenset(config.allow_users),
+        deny_users=frozenset(config.deny_users), allow_groups=frozenset(config.allow_groups),
+        deny_groups=frozenset(config.deny_groups), disabled_shells=frozenset(config.disabled_shells),
+        refuse_locked=config.refuse_locked)
+    return policy, frozenset({0}) if router else frozenset({0, own})
 
 
 def pam_settings(config: RootConfig, config_path: Path, *, trusted_owner_uids: frozenset[int]) -> PamSettings | None:
@@ -138,7 +121,8 @@ def pam_settings(config: RootConfig, config_path: Path, *, trusted_owner_uids: f
                                  "exist; install packaging/pam.d/mep there (PAM would fall back to 'other')")
     if os.path.isabs(config.pam.library):
         check_policy_file(Path(os.path.realpath(config.pam.library)), trusted_owner_uids=trusted_owner_uids)
-    return PamSettings(service=config.pam.service, library=config.pam.library, timeout=config.pam.timeout)
+    # Built again: the admin's tools pass a ManagerConfig, whose pam section is a pydantic model.
+    return PamSettings(service=config.pam.service, library=config.pam.library, timeout=config.pam.timeout, enable=True)
 
 
 def start_manager(config_path: Path) -> int:
@@ -150,18 +134,15 @@ def start_manager(config_path: Path) -> int:
         raise ConfigurationError(f"{config_path}: service_signing_keys is empty, so no task could be verified; run "
                                  f"'mep manager pin-signing-key --config {config_path} KEY' with the key "
                                  "'mep service signing-key show' prints on the service host")
-    if as_root:
-        check_interpreter_usable(sys.executable)
-    router = router_account(config.router_user) if as_root else None
-    policy, trusted = account_rules(config, router)
+    check_interpreter_usable(sys.executable)  # as root only: a single-user manager's endpoints run as itself
+    router = unprivileged_account(config.router_user if as_root else None, "router_user")
+    policy, trusted = account_rules(config, router if as_root else None)
     pam = pam_settings(config, config_path, trusted_owner_uids=trusted)
-    owner = (router.uid, router.gid) if router else (os.geteuid(), os.getegid())
-    socket_path = prepare_socket_dir(config.socket_dir(), *owner)
+    socket_path, lock_fd = prepare_socket_dir(config.socket_dir(), router.uid, router.gid if as_root else os.getegid())
     router_public, router_secret = router_keypair(config.socket_dir() / "router.key")
     address = f"ipc://{socket_path}"
-    assert _instance_lock is not None
     launch = RouterLaunch(
-        account=router or single_user_account(), drop_privileges=as_root, lock_fd=_instance_lock,
+        account=router, drop_privileges=as_root, lock_fd=lock_fd,
         boot=RouterBoot(config=config.as_json(), manager_secret_key=secret_key,
                         endpoint_address=address, endpoint_secret_key=router_secret,
                         log_level=logging.getLogger().getEffectiveLevel(), log_format=active_format(),
