@@ -169,7 +169,7 @@ class Broker:
         self.address = self.socket.last_endpoint.decode()
         self.managers: dict[str, ManagerLink] = {}
         self.directory = EndpointDirectory(self.store)  # what endpoints accept, and why tasks wait
-        self.client_routes: dict[str, bytes] = {}
+        self.client_routes: dict[str, tuple[bytes, str]] = {}  # task id -> (submitter's connection, identity)
         self.chunk_fetches = ChunkFetches(self.store)
         self._last_expiry = float("-inf")
         self._stop = threading.Event()
@@ -209,18 +209,26 @@ class Broker:
         poller.register(self.socket, zmq.POLLIN)
         more_to_dispatch = False
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.store.sync_failure is None:
                 more_to_dispatch, was_more = False, more_to_dispatch
                 with loop_turn(log, "service"):  # a fault in one turn (a full disk, a bug) must not end the service
-                    if poller.poll(0 if was_more else 200):
-                        self._handle(self._drain())
-                    more_to_dispatch = self._dispatch_once_recorded()
+                    outbox = self._handle(self._drain()) if poller.poll(0 if was_more else 200) else Outbox()
+                    try:  # tasks committed this turn go to their managers while the fsync that makes them durable runs
+                        more_to_dispatch = self._dispatch_once_recorded()
+                    finally:  # and the replies only after it, even if dispatching failed
+                        self._acknowledge(outbox)
                     self._expire_silent_managers()
                     self._expire_old_results()
         finally:
             self.socket.close(linger=0)
             self.context.term()
             self.store.close()
+        if self.store.sync_failure is not None:
+            # Nothing written since may be promised (see Store.sync): stop, so that a restart (systemd's
+            # Restart=) reads back what the disk really holds; senders resend what was not acknowledged.
+            log.critical("the service stops: the disk failed to make its database durable (%s); check the disk",
+                         self.store.sync_failure.admin_detail)
+            raise self.store.sync_failure
 
     def _drain(self) -> list[list[zmq.Frame]]:
         messages = []
@@ -231,18 +239,32 @@ class Broker:
                 break
         return messages
 
-    def _handle(self, messages: list[list[zmq.Frame]]) -> None:
+    def _handle(self, messages: list[list[zmq.Frame]]) -> Outbox:
+        """Handle a batch in one transaction, committed but not yet fsynced; the replies, for ``_acknowledge``."""
         outbox = Outbox()
         managers = dict(self.managers)
         try:
-            with self.store.transaction():
+            with self.store.transaction(sync=False):
                 for frames in messages:
                     self._handle_guarded(frames, outbox)
         except ServiceUnavailableError as exc:  # nothing of the batch was stored: nothing of it is acknowledged
             log.error("the database can't be written (%s): %d message(s) refused, nothing of them stored",
                       exc.admin_detail, len(messages))
             self.managers = managers  # a registration whose requeue was not stored did not happen
-            outbox = self._refuse_unstored(messages, exc)
+            return self._refuse_unstored(messages, exc)
+        return outbox
+
+    def _acknowledge(self, outbox: Outbox) -> None:
+        """Send a batch's replies and push its results, once what they confirm is on disk."""
+        # No reply goes out before everything committed so far is on disk; a turn with nothing to say (STARTED
+        # reports alone: state a restart resets anyway) leaves its commit to the next fsync or checkpoint.
+        if outbox.messages or outbox.completed:
+            try:
+                self.store.sync()
+            except ServiceUnavailableError as exc:  # committed, perhaps not on disk: acknowledge nothing
+                log.error("the database's fsync failed (%s): %d reply(ies) not sent", exc.admin_detail,
+                          len(outbox.messages))
+                return
         for routing_id, frames in outbox.messages:
             self._send(routing_id, frames)
         self._push_results(outbox.completed)
@@ -350,7 +372,7 @@ class Broker:
                     reason = (ErrorCode.BAD_REQUEST, f"task id {task.task_id} is already in use")
             if reason is None:
                 accepted.append(task.task_id)
-                self.client_routes[task.task_id] = routing_id
+                self.client_routes[task.task_id] = (routing_id, identity_id)
                 log.debug("accepted task %s from identity %s for endpoint %s", task.task_id, identity_id,
                           submit.endpoint_id, extra={"task_id": task.task_id, "endpoint_id": submit.endpoint_id,
                                                      "identity_id": identity_id})
@@ -408,7 +430,7 @@ class Broker:
                      outbox: Outbox) -> None:
         ready, pending, unknown = self.store.results_for(identity_id, task_ids)
         for task_id in pending:
-            self.client_routes[task_id] = routing_id
+            self.client_routes[task_id] = (routing_id, identity_id)
         header, payloads = _results_message(ready)
         header.request_id = request_id
         header.unknown = unknown
@@ -420,7 +442,7 @@ class Broker:
         for task_id in task_ids:
             route = self.client_routes.pop(task_id, None)
             if route is not None:
-                by_client[route, self.store.task_owner(task_id)].append(task_id)
+                by_client[route].append(task_id)
         for (route, submitter), ids in by_client.items():
             ready, _, _ = self.store.results_for(submitter, ids)
             header, payloads = _results_message(ready)
@@ -527,7 +549,9 @@ class Broker:
     def _record_dispatched(self, task_ids: list[str]) -> bool:
         self._dispatched_unrecorded += task_ids
         try:
-            with self.store.transaction():
+            # Not fsynced: a "dispatched" lost to a machine crash is harmless, the manager's next registration
+            # sends every dispatched task again anyway.
+            with self.store.transaction(sync=False):
                 self.store.mark_dispatched(self._dispatched_unrecorded)
         except ServiceUnavailableError as exc:
             log.error("%d dispatched task(s) can't be recorded (%s); dispatch waits until they can",
@@ -578,6 +602,7 @@ class Broker:
             tasks: list[TaskRef] = []
             payloads: list[Any] = []
             new_functions: set[str] = set()
+            args = self.store.task_args(_within_credit(candidates, link))
             sent_bytes = link.sent_bytes
             for task in candidates:
                 if sent_bytes >= link.credit_bytes:
@@ -593,7 +618,7 @@ class Broker:
                 groups[key].task_ids.append(task.task_id)
                 ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads),
                               walltime=task.walltime, resources=loads_canonical(task.resources))
-                payloads.append(self.store.task_args(task.task_id))
+                payloads.append(args[task.task_id])
                 sent_bytes += task.args_bytes
                 if task.fn_hash not in link.functions_sent and task.fn_hash not in new_functions:
                     ref.fn_frame = len(payloads)
@@ -655,6 +680,19 @@ class Broker:
                 raise
             log.info("peer has disconnected; its messages wait on disk")
         return False
+
+
+def _within_credit(candidates: list[QueuedTask], link: ManagerLink) -> list[str]:
+    """Ids of the candidates the byte credit may let through, counting their arguments only: a superset of
+    what a dispatch sends (function bodies only add bytes), so their arguments are read in one query."""
+    ids = []
+    sent_bytes = link.sent_bytes
+    for task in candidates:
+        if sent_bytes >= link.credit_bytes:
+            break
+        ids.append(task.task_id)
+        sent_bytes += task.args_bytes
+    return ids
 
 
 def _peer_address(frame: zmq.Frame) -> str:

@@ -1,10 +1,14 @@
 """Durable state of the service: identities, endpoints, functions, tasks and results, in SQLite.
 
-One file in the service's state directory, in WAL mode with
-``synchronous=FULL``: a batch is acknowledged only after its transaction is
-fsynced, so an acknowledged task or result survives a crash of the service
-process and of the machine (NORMAL would survive only the process). Batching
-on the hot path pays the fsync once per batch, not once per task.
+One file in the service's state directory, in WAL mode: a batch is
+acknowledged only after its transaction is fsynced, so an acknowledged task or
+result survives a crash of the service process and of the machine. The commit
+and the fsync are two steps (``transaction(sync=False)``, then ``sync()``:
+SQLite's ``synchronous=NORMAL`` commit, then an ``fdatasync`` of the WAL,
+which together are what ``synchronous=FULL`` does in one), so that the broker
+can forward a committed batch's tasks while the fsync runs and acknowledge them
+after it. Batching on the hot path pays the fsync once per batch, not once per
+task.
 
 The broker loop owns one connection; admin commands (``mep service identity
 add`` ...) open their own, which is why revocation takes effect on the next
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import secrets
 import sqlite3
 import time
@@ -143,6 +148,13 @@ def _storage_errors() -> Iterator[None]:
         raise error from exc
 
 
+def _in_chunks(values: Sequence[str]) -> Iterator[tuple[str, Sequence[str]]]:
+    """``values`` in slices of at most ``SQL_CHUNK``, each with its ``?,?,...`` list: one statement per slice."""
+    for start in range(0, len(values), SQL_CHUNK):
+        chunk = values[start:start + SQL_CHUNK]
+        yield ",".join("?" * len(chunk)), chunk
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -186,10 +198,15 @@ class Store:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: a commit writes the WAL without an fsync (a full disk still fails the COMMIT); sync() adds the
+        # fsync. NORMAL keeps syncing the WAL's header and around checkpoints exactly as FULL does.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
         self._add_missing_columns()
+        self._wal: int | None = None  # a descriptor of the WAL, for sync()
+        self._synced_changes = 0  # the connection's total_changes as of the last sync()
+        self.sync_failure: ServiceUnavailableError | None = None  # the fsync that failed, if one did
 
     def _add_missing_columns(self) -> None:
         """A database an older mep created gains the columns added since, with their defaults (CREATE TABLE IF
@@ -201,11 +218,15 @@ class Store:
             self.db.execute("ALTER TABLE tasks ADD COLUMN resources TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
+        if self._wal is not None:
+            os.close(self._wal)
+            self._wal = None
         self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Commits (durably) on exit, rolls back on error.
+    def transaction(self, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """Commits on exit (durably, unless ``sync`` is False: then ``sync()`` must follow before anything
+        committed is acknowledged), rolls back on error.
 
         A storage failure (disk full, I/O error) raises ``ServiceUnavailableError``
         and leaves nothing of the transaction behind; SQLite may have rolled it
@@ -219,6 +240,50 @@ class Store:
             except BaseException:
                 self._roll_back("ROLLBACK")
                 raise
+        if sync:
+            self.sync()
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether this connection has committed anything since the last ``sync()``."""
+        return self.db.total_changes != self._synced_changes
+
+    def sync(self) -> None:
+        """Make every transaction committed so far durable (survive a machine crash): fdatasync the WAL.
+
+        Raises ``ServiceUnavailableError`` if the disk reports a write error: what was committed may then not
+        be on disk, so nothing of it may be acknowledged. That holds for good: after a failed fsync Linux may
+        have dropped the unwritten pages and a later fsync succeeds without them, so every later ``sync()``
+        raises too (``sync_failure``); only a new process, reading what the disk really holds, may promise again.
+        """
+        if self.sync_failure is not None:
+            error = ServiceUnavailableError(STORAGE_FAILED)
+            error.admin_detail = f"an earlier fsync failed: {self.sync_failure.admin_detail}"
+            raise error
+        if not self.unsynced:
+            return
+        wal = self.path.with_name(self.path.name + "-wal")
+        changes = self.db.total_changes
+        try:
+            if self._wal is None or os.fstat(self._wal).st_ino != os.stat(wal).st_ino:
+                # First use, or the WAL was deleted and created again (only when every connection closed): a
+                # descriptor of the old file would sync nothing that matters.
+                if self._wal is not None:
+                    os.close(self._wal)
+                    self._wal = None
+                self._wal = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+                directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(directory)  # the WAL's directory entry, once per WAL file
+                finally:
+                    os.close(directory)
+            os.fdatasync(self._wal)
+            self._synced_changes = changes
+        except OSError as exc:
+            error = ServiceUnavailableError(STORAGE_FAILED)
+            error.admin_detail = f"fdatasync of {wal}: {exc}"
+            self.sync_failure = error
+            raise error from exc
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -419,8 +484,12 @@ class Store:
                 break
         return found
 
-    def task_args(self, task_id: str) -> bytes:
-        return self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()[0]
+    def task_args(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        """The arguments of these tasks, by id: one query per ``SQL_CHUNK``, not one per task."""
+        found: dict[str, bytes] = {}
+        for marks, chunk in _in_chunks(task_ids):
+            found.update(self.db.execute(f"SELECT id, args FROM tasks WHERE id IN ({marks})", chunk))
+        return found
 
     def return_to_waiting(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
         """Dispatched tasks the manager handed back unheld: they wait again without using an attempt."""
@@ -440,17 +509,15 @@ class Store:
 
     def mark_dispatched(self, task_ids: Sequence[str]) -> None:
         now = time.time()
-        self.db.executemany(
-            "UPDATE tasks SET state='dispatched', dispatched_at=? WHERE id=? AND state='waiting'",
-            [(now, task_id) for task_id in task_ids],
-        )
+        for marks, chunk in _in_chunks(task_ids):
+            self.db.execute(f"UPDATE tasks SET state='dispatched', dispatched_at=? WHERE id IN ({marks})"
+                            " AND state='waiting'", (now, *chunk))
 
     def mark_started(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
         now = time.time()
-        self.db.executemany(
-            "UPDATE tasks SET state='running', started_at=? WHERE id=? AND endpoint_id=? AND state='dispatched'",
-            [(now, task_id, endpoint_id) for task_id in task_ids],
-        )
+        for marks, chunk in _in_chunks(task_ids):
+            self.db.execute(f"UPDATE tasks SET state='running', started_at=? WHERE id IN ({marks}) AND endpoint_id=?"
+                            " AND state='dispatched'", (now, *chunk, endpoint_id))
 
     def requeue_in_flight(self, endpoint_id: str) -> tuple[int, list[str]]:
         """A manager (re)registered: what its predecessor had in flight is sent again (at-least-once),
@@ -551,15 +618,18 @@ class Store:
 
     def results_for(self, submitter_id: str, task_ids: Sequence[str]) -> tuple[list[StoredResult], list[str], list[str]]:
         """(results ready, ids still pending, ids unknown to this submitter)."""
+        rows: dict[str, tuple[Any, ...]] = {}
+        for marks, chunk in _in_chunks(task_ids):
+            for row in self.db.execute(
+                    "SELECT id, state, result_status, result_code, result_message, result_error_type,"
+                    f" result_traceback, result_payload, result_large FROM tasks WHERE id IN ({marks})"
+                    " AND submitter_id=?", (*chunk, submitter_id)):
+                rows[row[0]] = row[1:]
         ready: list[StoredResult] = []
         pending: list[str] = []
         unknown: list[str] = []
         for task_id in task_ids:
-            row = self.db.execute(
-                "SELECT state, result_status, result_code, result_message, result_error_type,"
-                " result_traceback, result_payload, result_large FROM tasks WHERE id=? AND submitter_id=?",
-                (task_id, submitter_id),
-            ).fetchone()
+            row = rows.get(task_id)
             if row is None:
                 unknown.append(task_id)
             elif row[0] == "expired":
@@ -585,11 +655,9 @@ class Store:
     def acknowledge_results(self, submitter_id: str, task_ids: Sequence[str]) -> None:
         """The client has the results: keep the outcome, drop the bytes."""
         now = time.time()
-        self.db.executemany(
-            f"UPDATE tasks SET acked_at=?, result_payload=NULL, result_large=NULL WHERE id=? AND submitter_id=?"
-            f" AND state IN {TERMINAL_SQL}",
-            [(now, task_id, submitter_id) for task_id in task_ids],
-        )
+        for marks, chunk in _in_chunks(task_ids):
+            self.db.execute(f"UPDATE tasks SET acked_at=?, result_payload=NULL, result_large=NULL WHERE id IN ({marks})"
+                            f" AND submitter_id=? AND state IN {TERMINAL_SQL}", (now, *chunk, submitter_id))
 
     def task_infos(self, submitter_id: str, query: TaskQuery) -> list[TaskInfo]:
         """The submitter's tasks, newest first, filtered as the query says."""
