@@ -5,11 +5,13 @@ One ROUTER socket serves both kinds of peer; the CURVE handshake (through the
 ZAP handler) says which kind: a registered manager key becomes
 ``manager:<endpoint id>``, any other key is a client, who must then present a
 token in each request. Each loop turn drains whatever has arrived, handles it
-in one SQLite transaction, and only after the commit sends the
-acknowledgements; then it dispatches waiting tasks to connected managers, as
-many as each has asked for (``CREDIT``), round-robin across submitters.
-Busy turns therefore coalesce many messages into one fsync and one dispatch
-batch; an idle broker answers a lone message at once.
+in one SQLite transaction and commits it; then it dispatches waiting tasks to
+connected managers, as many as each has asked for (``CREDIT``), round-robin
+across submitters. The turn's acknowledgements go out only once an fsync that
+began after its commit has returned, which runs beside the loop
+(``mep.service.group_commit``). Busy turns therefore coalesce many messages
+into one fsync and one dispatch batch; an idle broker answers a lone message
+after one fsync.
 
 Payloads are never decoded here: function bodies are checked against their
 SHA-256 name and stored; argument and result bytes go in and out of SQLite
@@ -85,6 +87,7 @@ from mep.protocol.receive import handling, loop_turn
 from mep.protocol.user_config import MAX_CONFIG_BYTES
 from mep.service.blobs import ChunkFetches
 from mep.service.endpoint_info import EndpointDirectory
+from mep.service.group_commit import GroupCommit
 from mep.service.state import ServiceState
 from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 from mep.service.throttle import FailedAuthentications
@@ -132,15 +135,19 @@ class ManagerLink:
     sent_bytes: int = 0
     full: frozenset[str] = frozenset()  # submitters the manager holds its share of: skip them for now
     last_submitter: str = ""  # where the round-robin across submitters resumes
+    # (Store.waiting_added, full) when a dispatch last took every waiting task it could see: until either
+    # changes there are none to look for
+    nothing_waiting: tuple[int, frozenset[str]] | None = None
 
     def reset_credit(self) -> None:
         self.credit_tasks = self.credit_bytes = self.sent_tasks = self.sent_bytes = 0
         self.full = frozenset()
+        self.nothing_waiting = None
 
 
 @dataclass
 class Outbox:
-    """Replies produced while handling a batch; sent only after the batch commits."""
+    """Replies produced while handling a batch; sent only once the batch's commit is durable."""
 
     messages: list[tuple[bytes, list[Any]]] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
@@ -171,6 +178,7 @@ class Broker:
         self.directory = EndpointDirectory(self.store)  # what endpoints accept, and why tasks wait
         self.client_routes: dict[str, tuple[bytes, str]] = {}  # task id -> (submitter's connection, identity)
         self.chunk_fetches = ChunkFetches(self.store)
+        self.group_commit: GroupCommit[Outbox] = GroupCommit(self.store)  # replies wait for their fsync, not the loop
         self._last_expiry = float("-inf")
         self._stop = threading.Event()
         self.failed_authentications = FailedAuthentications(settings.max_auth_failures, settings.auth_failure_window)
@@ -207,19 +215,27 @@ class Broker:
         log.info("service listening on %s (public key %s)", self.address, self.state.public_key)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.group_commit.wake_fd, zmq.POLLIN)
+        waiting_for_a_sync = zmq.Poller()  # new messages meanwhile join the next turn (see GroupCommit.saturated)
+        waiting_for_a_sync.register(self.group_commit.wake_fd, zmq.POLLIN)
         more_to_dispatch = False
         try:
             while not self._stop.is_set() and self.store.sync_failure is None:
                 more_to_dispatch, was_more = False, more_to_dispatch
                 with loop_turn(log, "service"):  # a fault in one turn (a full disk, a bug) must not end the service
-                    outbox = self._handle(self._drain()) if poller.poll(0 if was_more else 200) else Outbox()
+                    ready = dict((waiting_for_a_sync if self.group_commit.saturated else poller).poll(
+                        0 if was_more else 200))
+                    outbox = self._handle(self._drain()) if self.socket in ready else Outbox()
                     try:  # tasks committed this turn go to their managers while the fsync that makes them durable runs
                         more_to_dispatch = self._dispatch_once_recorded()
-                    finally:  # and the replies only after it, even if dispatching failed
-                        self._acknowledge(outbox)
+                    finally:  # and the replies once it has returned, even if dispatching failed
+                        if outbox.messages or outbox.completed:
+                            self.group_commit.hold(outbox)
+                        self._acknowledge(self.group_commit.released())
                     self._expire_silent_managers()
                     self._expire_old_results()
         finally:
+            self.group_commit.close()
             self.socket.close(linger=0)
             self.context.term()
             self.store.close()
@@ -254,20 +270,12 @@ class Broker:
             return self._refuse_unstored(messages, exc)
         return outbox
 
-    def _acknowledge(self, outbox: Outbox) -> None:
-        """Send a batch's replies and push its results, once what they confirm is on disk."""
-        # No reply goes out before everything committed so far is on disk; a turn with nothing to say (STARTED
-        # reports alone: state a restart resets anyway) leaves its commit to the next fsync or checkpoint.
-        if outbox.messages or outbox.completed:
-            try:
-                self.store.sync()
-            except ServiceUnavailableError as exc:  # committed, perhaps not on disk: acknowledge nothing
-                log.error("the database's fsync failed (%s): %d reply(ies) not sent", exc.admin_detail,
-                          len(outbox.messages))
-                return
-        for routing_id, frames in outbox.messages:
-            self._send(routing_id, frames)
-        self._push_results(outbox.completed)
+    def _acknowledge(self, outboxes: list[Outbox]) -> None:
+        """Send the replies and push the results of turns whose commits are durable (``GroupCommit``)."""
+        for outbox in outboxes:
+            for routing_id, frames in outbox.messages:
+                self._send(routing_id, frames)
+        self._push_results([task_id for outbox in outboxes for task_id in outbox.completed])
 
     def _handle_guarded(self, frames: list[zmq.Frame], outbox: Outbox) -> None:
         """One message, in its own savepoint: whatever it raises undoes its work and answers the sender alone."""
@@ -591,11 +599,13 @@ class Broker:
         more = False
         for endpoint_id, link in list(self.managers.items()):
             room = min(link.credit_tasks - link.sent_tasks, self.settings.dispatch_batch)
-            if room <= 0 or link.sent_bytes >= link.credit_bytes:
+            looking = (self.store.waiting_added, link.full)
+            if room <= 0 or link.sent_bytes >= link.credit_bytes or link.nothing_waiting == looking:
                 continue
-            candidates = self._readable(endpoint_id, self.store.waiting_tasks(
-                endpoint_id, room, after=link.last_submitter, exclude=link.full))
+            found = self.store.waiting_tasks(endpoint_id, room, after=link.last_submitter, exclude=link.full)
+            candidates = self._readable(endpoint_id, found)
             if not candidates:
+                link.nothing_waiting = looking if len(found) < room else None
                 continue
             groups: dict[tuple[str, str, str], TaskGroup] = {}
             identity_sets: dict[str, list] = {}
@@ -638,6 +648,8 @@ class Broker:
             for ref in tasks:
                 log.debug("dispatched task %s to endpoint %s", ref.task_id, endpoint_id,
                           extra={"task_id": ref.task_id, "endpoint_id": endpoint_id})
+            if len(found) < room and len(tasks) == len(candidates):  # it took the last it could see
+                link.nothing_waiting = looking
             if not self._record_dispatched([ref.task_id for ref in tasks]):
                 return False
             more = more or (len(tasks) == self.settings.dispatch_batch and link.sent_tasks < link.credit_tasks)

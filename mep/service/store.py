@@ -3,12 +3,13 @@
 One file in the service's state directory, in WAL mode: a batch is
 acknowledged only after its transaction is fsynced, so an acknowledged task or
 result survives a crash of the service process and of the machine. The commit
-and the fsync are two steps (``transaction(sync=False)``, then ``sync()``:
-SQLite's ``synchronous=NORMAL`` commit, then an ``fdatasync`` of the WAL,
-which together are what ``synchronous=FULL`` does in one), so that the broker
-can forward a committed batch's tasks while the fsync runs and acknowledge them
-after it. Batching on the hot path pays the fsync once per batch, not once per
-task.
+and the fsync are two steps (``transaction(sync=False)``, then ``sync()``, or
+``begin_sync``/``end_sync`` around an fdatasync on another thread: SQLite's
+``synchronous=NORMAL`` commit, then an ``fdatasync`` of the WAL, which together
+are what ``synchronous=FULL`` does in one), so that the broker can forward a
+committed batch's tasks while the fsync runs and acknowledge them after it
+(``mep.service.group_commit``). Batching on the hot path pays the fsync once
+per batch, not once per task.
 
 The broker loop owns one connection; admin commands (``mep service identity
 add`` ...) open their own, which is why revocation takes effect on the next
@@ -155,6 +156,17 @@ def _in_chunks(values: Sequence[str]) -> Iterator[tuple[str, Sequence[str]]]:
         yield ",".join("?" * len(chunk)), chunk
 
 
+def fdatasync_and_close(descriptor: int) -> OSError | None:
+    """The sync ``Store.begin_sync`` hands out (on any thread); its error, for ``Store.end_sync``."""
+    try:
+        os.fdatasync(descriptor)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(descriptor)
+    return None
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -205,8 +217,14 @@ class Store:
         self.db.executescript(SCHEMA)
         self._add_missing_columns()
         self._wal: int | None = None  # a descriptor of the WAL, for sync()
-        self._synced_changes = 0  # the connection's total_changes as of the last sync()
+        # Transactions that changed something, counted as they commit, and how many of them a sync has made
+        # durable: a reply may go out once the count it waits for is durable.
+        self.commits = 0
+        self.durable_commits = 0
         self.sync_failure: ServiceUnavailableError | None = None  # the fsync that failed, if one did
+        # Grows whenever tasks may have become waiting: while it stands still, a look for waiting tasks that
+        # found no more finds none again (the broker skips it; an idle turn then reads nothing).
+        self.waiting_added = 0
 
     def _add_missing_columns(self) -> None:
         """A database an older mep created gains the columns added since, with their defaults (CREATE TABLE IF
@@ -225,7 +243,7 @@ class Store:
 
     @contextmanager
     def transaction(self, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
-        """Commits on exit (durably, unless ``sync`` is False: then ``sync()`` must follow before anything
+        """Commits on exit (durably, unless ``sync`` is False: then a sync must follow before anything
         committed is acknowledged), rolls back on error.
 
         A storage failure (disk full, I/O error) raises ``ServiceUnavailableError``
@@ -234,36 +252,45 @@ class Store:
         """
         with _storage_errors():
             self.db.execute("BEGIN IMMEDIATE")
+            changes = self.db.total_changes
             try:
                 yield self.db
                 self.db.execute("COMMIT")
             except BaseException:
                 self._roll_back("ROLLBACK")
                 raise
+            if self.db.total_changes != changes:
+                self.commits += 1
         if sync:
             self.sync()
 
     @property
     def unsynced(self) -> bool:
-        """Whether this connection has committed anything since the last ``sync()``."""
-        return self.db.total_changes != self._synced_changes
+        """Whether a transaction that changed something committed since the last sync that returned."""
+        return self.commits != self.durable_commits
 
     def sync(self) -> None:
         """Make every transaction committed so far durable (survive a machine crash): fdatasync the WAL.
 
         Raises ``ServiceUnavailableError`` if the disk reports a write error: what was committed may then not
         be on disk, so nothing of it may be acknowledged. That holds for good: after a failed fsync Linux may
-        have dropped the unwritten pages and a later fsync succeeds without them, so every later ``sync()``
-        raises too (``sync_failure``); only a new process, reading what the disk really holds, may promise again.
+        have dropped the unwritten pages and a later fsync succeeds without them, so every later sync fails
+        too (``sync_failure``); only a new process, reading what the disk really holds, may promise again.
         """
-        if self.sync_failure is not None:
-            error = ServiceUnavailableError(STORAGE_FAILED)
-            error.admin_detail = f"an earlier fsync failed: {self.sync_failure.admin_detail}"
-            raise error
-        if not self.unsynced:
+        if self.sync_failure is None and not self.unsynced:
             return
+        covers, descriptor = self.begin_sync()
+        self.end_sync(covers, fdatasync_and_close(descriptor))
+        if self.sync_failure is not None:
+            raise self._sync_failed_error()
+
+    def begin_sync(self) -> tuple[int, int]:
+        """A sync for another thread to run: (the commits it covers, a descriptor of the WAL to fdatasync and
+        close), then ``end_sync``. Raises ``ServiceUnavailableError`` once a sync has failed."""
+        if self.sync_failure is not None:
+            raise self._sync_failed_error()
+        covers = self.commits
         wal = self.path.with_name(self.path.name + "-wal")
-        changes = self.db.total_changes
         try:
             if self._wal is None or os.fstat(self._wal).st_ino != os.stat(wal).st_ino:
                 # First use, or the WAL was deleted and created again (only when every connection closed): a
@@ -277,13 +304,25 @@ class Store:
                     os.fsync(directory)  # the WAL's directory entry, once per WAL file
                 finally:
                     os.close(directory)
-            os.fdatasync(self._wal)
-            self._synced_changes = changes
+            return covers, os.dup(self._wal)  # its own descriptor: the WAL's may be replaced meanwhile
         except OSError as exc:
-            error = ServiceUnavailableError(STORAGE_FAILED)
-            error.admin_detail = f"fdatasync of {wal}: {exc}"
-            self.sync_failure = error
-            raise error from exc
+            self.end_sync(covers, exc)
+            raise self._sync_failed_error() from exc
+
+    def end_sync(self, covers: int, error: BaseException | None) -> None:
+        """A sync from ``begin_sync`` returned: the commits it covers are durable, or, if it failed, nothing
+        this process committed may be promised any more."""
+        if error is None:
+            self.durable_commits = max(self.durable_commits, covers)
+        elif self.sync_failure is None:
+            failure = ServiceUnavailableError(STORAGE_FAILED)
+            failure.admin_detail = f"fdatasync of {self.path.name}-wal in {self.path.parent}: {error}"
+            self.sync_failure = failure
+
+    def _sync_failed_error(self) -> ServiceUnavailableError:
+        error = ServiceUnavailableError(STORAGE_FAILED)
+        error.admin_detail = self.sync_failure.admin_detail if self.sync_failure else ""
+        return error
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -432,6 +471,7 @@ class Store:
             " walltime, resources, state, created_at) VALUES (?,?,?,?,?,?,?,?,?,'waiting',?)",
             (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, walltime, resources, time.time()),
         )
+        self.waiting_added += cursor.rowcount
         return cursor.rowcount == 1
 
     def task_owner(self, task_id: str) -> str | None:
@@ -493,9 +533,10 @@ class Store:
 
     def return_to_waiting(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
         """Dispatched tasks the manager handed back unheld: they wait again without using an attempt."""
-        self.db.executemany(
-            "UPDATE tasks SET state='waiting', dispatched_at=NULL WHERE id=? AND endpoint_id=? AND state='dispatched'",
-            [(task_id, endpoint_id) for task_id in task_ids])
+        for marks, chunk in _in_chunks(task_ids):
+            self.waiting_added += self.db.execute(
+                f"UPDATE tasks SET state='waiting', dispatched_at=NULL WHERE id IN ({marks}) AND +endpoint_id=?"
+                " AND +state='dispatched'", (*chunk, endpoint_id)).rowcount  # +: the primary key (mark_started)
 
     def unfinished_tasks(self, submitter_id: str) -> int:
         """Tasks of this identity not yet finished (waiting, dispatched or running)."""
@@ -516,8 +557,10 @@ class Store:
     def mark_started(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
         now = time.time()
         for marks, chunk in _in_chunks(task_ids):
-            self.db.execute(f"UPDATE tasks SET state='running', started_at=? WHERE id IN ({marks}) AND endpoint_id=?"
-                            " AND state='dispatched'", (now, *chunk, endpoint_id))
+            # The unary + keeps SQLite on the primary key: with an id list it would rather scan the endpoint's
+            # every dispatched task by tasks_by_endpoint_state (thousands under a backlog)
+            self.db.execute(f"UPDATE tasks SET state='running', started_at=? WHERE id IN ({marks}) AND +endpoint_id=?"
+                            " AND +state='dispatched'", (now, *chunk, endpoint_id))
 
     def requeue_in_flight(self, endpoint_id: str) -> tuple[int, list[str]]:
         """A manager (re)registered: what its predecessor had in flight is sent again (at-least-once),
@@ -532,6 +575,7 @@ class Store:
         cursor = self.db.execute(
             f"UPDATE tasks SET state='waiting', dispatched_at=NULL, started_at=NULL WHERE {in_flight}",
             (endpoint_id,))
+        self.waiting_added += cursor.rowcount
         return cursor.rowcount, cancelled
 
     def record_result(self, endpoint_id: str, result: Result, payload: bytes | None) -> bool:
@@ -581,6 +625,7 @@ class Store:
                 self.db.execute(
                     "UPDATE tasks SET attempts=?, state='waiting', dispatched_at=NULL, started_at=NULL WHERE id=?",
                     (attempts, item.task_id))
+                self.waiting_added += 1
         return failed
 
     def request_cancel(self, submitter_id: str, task_ids: Sequence[str]) -> CancelOutcome:
