@@ -5,11 +5,13 @@ One ROUTER socket serves both kinds of peer; the CURVE handshake (through the
 ZAP handler) says which kind: a registered manager key becomes
 ``manager:<endpoint id>``, any other key is a client, who must then present a
 token in each request. Each loop turn drains whatever has arrived, handles it
-in one SQLite transaction, and only after the commit sends the
-acknowledgements; then it dispatches waiting tasks to connected managers, as
-many as each has asked for (``CREDIT``), round-robin across submitters.
-Busy turns therefore coalesce many messages into one fsync and one dispatch
-batch; an idle broker answers a lone message at once.
+in one SQLite transaction and commits it; then it dispatches waiting tasks to
+connected managers, as many as each has asked for (``CREDIT``), round-robin
+across submitters. The turn's acknowledgements go out only once an fsync that
+began after its commit has returned, which runs beside the loop
+(``mep.service.group_commit``). Busy turns therefore coalesce many messages
+into one fsync and one dispatch batch; an idle broker answers a lone message
+after one fsync.
 
 Payloads are never decoded here: function bodies are checked against their
 SHA-256 name and stored; argument and result bytes go in and out of SQLite
@@ -85,6 +87,7 @@ from mep.protocol.receive import handling, loop_turn
 from mep.protocol.user_config import MAX_CONFIG_BYTES
 from mep.service.blobs import ChunkFetches
 from mep.service.endpoint_info import EndpointDirectory
+from mep.service.group_commit import GroupCommit
 from mep.service.state import ServiceState
 from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 from mep.service.throttle import FailedAuthentications
@@ -132,15 +135,19 @@ class ManagerLink:
     sent_bytes: int = 0
     full: frozenset[str] = frozenset()  # submitters the manager holds its share of: skip them for now
     last_submitter: str = ""  # where the round-robin across submitters resumes
+    # (Store.waiting_added, full) when a dispatch last took every waiting task it could see: until either
+    # changes there are none to look for
+    nothing_waiting: tuple[int, frozenset[str]] | None = None
 
     def reset_credit(self) -> None:
         self.credit_tasks = self.credit_bytes = self.sent_tasks = self.sent_bytes = 0
         self.full = frozenset()
+        self.nothing_waiting = None
 
 
 @dataclass
 class Outbox:
-    """Replies produced while handling a batch; sent only after the batch commits."""
+    """Replies produced while handling a batch; sent only once the batch's commit is durable."""
 
     messages: list[tuple[bytes, list[Any]]] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
@@ -169,8 +176,9 @@ class Broker:
         self.address = self.socket.last_endpoint.decode()
         self.managers: dict[str, ManagerLink] = {}
         self.directory = EndpointDirectory(self.store)  # what endpoints accept, and why tasks wait
-        self.client_routes: dict[str, bytes] = {}
+        self.client_routes: dict[str, tuple[bytes, str]] = {}  # task id -> (submitter's connection, identity)
         self.chunk_fetches = ChunkFetches(self.store)
+        self.group_commit: GroupCommit[Outbox] = GroupCommit(self.store)  # replies wait for their fsync, not the loop
         self._last_expiry = float("-inf")
         self._stop = threading.Event()
         self.failed_authentications = FailedAuthentications(settings.max_auth_failures, settings.auth_failure_window)
@@ -207,20 +215,36 @@ class Broker:
         log.info("service listening on %s (public key %s)", self.address, self.state.public_key)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.group_commit.wake_fd, zmq.POLLIN)
+        waiting_for_a_sync = zmq.Poller()  # new messages meanwhile join the next turn (see GroupCommit.saturated)
+        waiting_for_a_sync.register(self.group_commit.wake_fd, zmq.POLLIN)
         more_to_dispatch = False
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.store.sync_failure is None:
                 more_to_dispatch, was_more = False, more_to_dispatch
                 with loop_turn(log, "service"):  # a fault in one turn (a full disk, a bug) must not end the service
-                    if poller.poll(0 if was_more else 200):
-                        self._handle(self._drain())
-                    more_to_dispatch = self._dispatch_once_recorded()
+                    ready = dict((waiting_for_a_sync if self.group_commit.saturated else poller).poll(
+                        0 if was_more else 200))
+                    outbox = self._handle(self._drain()) if self.socket in ready else Outbox()
+                    try:  # tasks committed this turn go to their managers while the fsync that makes them durable runs
+                        more_to_dispatch = self._dispatch_once_recorded()
+                    finally:  # and the replies once it has returned, even if dispatching failed
+                        if outbox.messages or outbox.completed:
+                            self.group_commit.hold(outbox)
+                        self._acknowledge(self.group_commit.released())
                     self._expire_silent_managers()
                     self._expire_old_results()
         finally:
+            self.group_commit.close()
             self.socket.close(linger=0)
             self.context.term()
             self.store.close()
+        if self.store.sync_failure is not None:
+            # Nothing written since may be promised (see Store.sync): stop, so that a restart (systemd's
+            # Restart=) reads back what the disk really holds; senders resend what was not acknowledged.
+            log.critical("the service stops: the disk failed to make its database durable (%s); check the disk",
+                         self.store.sync_failure.admin_detail)
+            raise self.store.sync_failure
 
     def _drain(self) -> list[list[zmq.Frame]]:
         messages = []
@@ -231,21 +255,27 @@ class Broker:
                 break
         return messages
 
-    def _handle(self, messages: list[list[zmq.Frame]]) -> None:
+    def _handle(self, messages: list[list[zmq.Frame]]) -> Outbox:
+        """Handle a batch in one transaction, committed but not yet fsynced; the replies, for ``_acknowledge``."""
         outbox = Outbox()
         managers = dict(self.managers)
         try:
-            with self.store.transaction():
+            with self.store.transaction(sync=False):
                 for frames in messages:
                     self._handle_guarded(frames, outbox)
         except ServiceUnavailableError as exc:  # nothing of the batch was stored: nothing of it is acknowledged
             log.error("the database can't be written (%s): %d message(s) refused, nothing of them stored",
                       exc.admin_detail, len(messages))
             self.managers = managers  # a registration whose requeue was not stored did not happen
-            outbox = self._refuse_unstored(messages, exc)
-        for routing_id, frames in outbox.messages:
-            self._send(routing_id, frames)
-        self._push_results(outbox.completed)
+            return self._refuse_unstored(messages, exc)
+        return outbox
+
+    def _acknowledge(self, outboxes: list[Outbox]) -> None:
+        """Send the replies and push the results of turns whose commits are durable (``GroupCommit``)."""
+        for outbox in outboxes:
+            for routing_id, frames in outbox.messages:
+                self._send(routing_id, frames)
+        self._push_results([task_id for outbox in outboxes for task_id in outbox.completed])
 
     def _handle_guarded(self, frames: list[zmq.Frame], outbox: Outbox) -> None:
         """One message, in its own savepoint: whatever it raises undoes its work and answers the sender alone."""
@@ -350,7 +380,7 @@ class Broker:
                     reason = (ErrorCode.BAD_REQUEST, f"task id {task.task_id} is already in use")
             if reason is None:
                 accepted.append(task.task_id)
-                self.client_routes[task.task_id] = routing_id
+                self.client_routes[task.task_id] = (routing_id, identity_id)
                 log.debug("accepted task %s from identity %s for endpoint %s", task.task_id, identity_id,
                           submit.endpoint_id, extra={"task_id": task.task_id, "endpoint_id": submit.endpoint_id,
                                                      "identity_id": identity_id})
@@ -408,7 +438,7 @@ class Broker:
                      outbox: Outbox) -> None:
         ready, pending, unknown = self.store.results_for(identity_id, task_ids)
         for task_id in pending:
-            self.client_routes[task_id] = routing_id
+            self.client_routes[task_id] = (routing_id, identity_id)
         header, payloads = _results_message(ready)
         header.request_id = request_id
         header.unknown = unknown
@@ -420,7 +450,7 @@ class Broker:
         for task_id in task_ids:
             route = self.client_routes.pop(task_id, None)
             if route is not None:
-                by_client[route, self.store.task_owner(task_id)].append(task_id)
+                by_client[route].append(task_id)
         for (route, submitter), ids in by_client.items():
             ready, _, _ = self.store.results_for(submitter, ids)
             header, payloads = _results_message(ready)
@@ -527,7 +557,9 @@ class Broker:
     def _record_dispatched(self, task_ids: list[str]) -> bool:
         self._dispatched_unrecorded += task_ids
         try:
-            with self.store.transaction():
+            # Not fsynced: a "dispatched" lost to a machine crash is harmless, the manager's next registration
+            # sends every dispatched task again anyway.
+            with self.store.transaction(sync=False):
                 self.store.mark_dispatched(self._dispatched_unrecorded)
         except ServiceUnavailableError as exc:
             log.error("%d dispatched task(s) can't be recorded (%s); dispatch waits until they can",
@@ -567,17 +599,20 @@ class Broker:
         more = False
         for endpoint_id, link in list(self.managers.items()):
             room = min(link.credit_tasks - link.sent_tasks, self.settings.dispatch_batch)
-            if room <= 0 or link.sent_bytes >= link.credit_bytes:
+            looking = (self.store.waiting_added, link.full)
+            if room <= 0 or link.sent_bytes >= link.credit_bytes or link.nothing_waiting == looking:
                 continue
-            candidates = self._readable(endpoint_id, self.store.waiting_tasks(
-                endpoint_id, room, after=link.last_submitter, exclude=link.full))
+            found = self.store.waiting_tasks(endpoint_id, room, after=link.last_submitter, exclude=link.full)
+            candidates = self._readable(endpoint_id, found)
             if not candidates:
+                link.nothing_waiting = looking if len(found) < room else None
                 continue
             groups: dict[tuple[str, str, str], TaskGroup] = {}
             identity_sets: dict[str, list] = {}
             tasks: list[TaskRef] = []
             payloads: list[Any] = []
             new_functions: set[str] = set()
+            args = self.store.task_args(_within_credit(candidates, link))
             sent_bytes = link.sent_bytes
             for task in candidates:
                 if sent_bytes >= link.credit_bytes:
@@ -593,7 +628,7 @@ class Broker:
                 groups[key].task_ids.append(task.task_id)
                 ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads),
                               walltime=task.walltime, resources=loads_canonical(task.resources))
-                payloads.append(self.store.task_args(task.task_id))
+                payloads.append(args[task.task_id])
                 sent_bytes += task.args_bytes
                 if task.fn_hash not in link.functions_sent and task.fn_hash not in new_functions:
                     ref.fn_frame = len(payloads)
@@ -613,6 +648,8 @@ class Broker:
             for ref in tasks:
                 log.debug("dispatched task %s to endpoint %s", ref.task_id, endpoint_id,
                           extra={"task_id": ref.task_id, "endpoint_id": endpoint_id})
+            if len(found) < room and len(tasks) == len(candidates):  # it took the last it could see
+                link.nothing_waiting = looking
             if not self._record_dispatched([ref.task_id for ref in tasks]):
                 return False
             more = more or (len(tasks) == self.settings.dispatch_batch and link.sent_tasks < link.credit_tasks)
@@ -655,6 +692,19 @@ class Broker:
                 raise
             log.info("peer has disconnected; its messages wait on disk")
         return False
+
+
+def _within_credit(candidates: list[QueuedTask], link: ManagerLink) -> list[str]:
+    """Ids of the candidates the byte credit may let through, counting their arguments only: a superset of
+    what a dispatch sends (function bodies only add bytes), so their arguments are read in one query."""
+    ids = []
+    sent_bytes = link.sent_bytes
+    for task in candidates:
+        if sent_bytes >= link.credit_bytes:
+            break
+        ids.append(task.task_id)
+        sent_bytes += task.args_bytes
+    return ids
 
 
 def _peer_address(frame: zmq.Frame) -> str:

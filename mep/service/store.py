@@ -1,10 +1,15 @@
 """Durable state of the service: identities, endpoints, functions, tasks and results, in SQLite.
 
-One file in the service's state directory, in WAL mode with
-``synchronous=FULL``: a batch is acknowledged only after its transaction is
-fsynced, so an acknowledged task or result survives a crash of the service
-process and of the machine (NORMAL would survive only the process). Batching
-on the hot path pays the fsync once per batch, not once per task.
+One file in the service's state directory, in WAL mode: a batch is
+acknowledged only after its transaction is fsynced, so an acknowledged task or
+result survives a crash of the service process and of the machine. The commit
+and the fsync are two steps (``transaction(sync=False)``, then ``sync()``, or
+``begin_sync``/``end_sync`` around an fdatasync on another thread: SQLite's
+``synchronous=NORMAL`` commit, then an ``fdatasync`` of the WAL, which together
+are what ``synchronous=FULL`` does in one), so that the broker can forward a
+committed batch's tasks while the fsync runs and acknowledge them after it
+(``mep.service.group_commit``). Batching on the hot path pays the fsync once
+per batch, not once per task.
 
 The broker loop owns one connection; admin commands (``mep service identity
 add`` ...) open their own, which is why revocation takes effect on the next
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import secrets
 import sqlite3
 import time
@@ -143,6 +149,24 @@ def _storage_errors() -> Iterator[None]:
         raise error from exc
 
 
+def _in_chunks(values: Sequence[str]) -> Iterator[tuple[str, Sequence[str]]]:
+    """``values`` in slices of at most ``SQL_CHUNK``, each with its ``?,?,...`` list: one statement per slice."""
+    for start in range(0, len(values), SQL_CHUNK):
+        chunk = values[start:start + SQL_CHUNK]
+        yield ",".join("?" * len(chunk)), chunk
+
+
+def fdatasync_and_close(descriptor: int) -> OSError | None:
+    """The sync ``Store.begin_sync`` hands out (on any thread); its error, for ``Store.end_sync``."""
+    try:
+        os.fdatasync(descriptor)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(descriptor)
+    return None
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -186,10 +210,21 @@ class Store:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: a commit writes the WAL without an fsync (a full disk still fails the COMMIT); sync() adds the
+        # fsync. NORMAL keeps syncing the WAL's header and around checkpoints exactly as FULL does.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
         self._add_missing_columns()
+        self._wal: int | None = None  # a descriptor of the WAL, for sync()
+        # Transactions that changed something, counted as they commit, and how many of them a sync has made
+        # durable: a reply may go out once the count it waits for is durable.
+        self.commits = 0
+        self.durable_commits = 0
+        self.sync_failure: ServiceUnavailableError | None = None  # the fsync that failed, if one did
+        # Grows whenever tasks may have become waiting: while it stands still, a look for waiting tasks that
+        # found no more finds none again (the broker skips it; an idle turn then reads nothing).
+        self.waiting_added = 0
 
     def _add_missing_columns(self) -> None:
         """A database an older mep created gains the columns added since, with their defaults (CREATE TABLE IF
@@ -201,11 +236,15 @@ class Store:
             self.db.execute("ALTER TABLE tasks ADD COLUMN resources TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
+        if self._wal is not None:
+            os.close(self._wal)
+            self._wal = None
         self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Commits (durably) on exit, rolls back on error.
+    def transaction(self, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """Commits on exit (durably, unless ``sync`` is False: then a sync must follow before anything
+        committed is acknowledged), rolls back on error.
 
         A storage failure (disk full, I/O error) raises ``ServiceUnavailableError``
         and leaves nothing of the transaction behind; SQLite may have rolled it
@@ -213,12 +252,77 @@ class Store:
         """
         with _storage_errors():
             self.db.execute("BEGIN IMMEDIATE")
+            changes = self.db.total_changes
             try:
                 yield self.db
                 self.db.execute("COMMIT")
             except BaseException:
                 self._roll_back("ROLLBACK")
                 raise
+            if self.db.total_changes != changes:
+                self.commits += 1
+        if sync:
+            self.sync()
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether a transaction that changed something committed since the last sync that returned."""
+        return self.commits != self.durable_commits
+
+    def sync(self) -> None:
+        """Make every transaction committed so far durable (survive a machine crash): fdatasync the WAL.
+
+        Raises ``ServiceUnavailableError`` if the disk reports a write error: what was committed may then not
+        be on disk, so nothing of it may be acknowledged. That holds for good: after a failed fsync Linux may
+        have dropped the unwritten pages and a later fsync succeeds without them, so every later sync fails
+        too (``sync_failure``); only a new process, reading what the disk really holds, may promise again.
+        """
+        if self.sync_failure is None and not self.unsynced:
+            return
+        covers, descriptor = self.begin_sync()
+        self.end_sync(covers, fdatasync_and_close(descriptor))
+        if self.sync_failure is not None:
+            raise self._sync_failed_error()
+
+    def begin_sync(self) -> tuple[int, int]:
+        """A sync for another thread to run: (the commits it covers, a descriptor of the WAL to fdatasync and
+        close), then ``end_sync``. Raises ``ServiceUnavailableError`` once a sync has failed."""
+        if self.sync_failure is not None:
+            raise self._sync_failed_error()
+        covers = self.commits
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            if self._wal is None or os.fstat(self._wal).st_ino != os.stat(wal).st_ino:
+                # First use, or the WAL was deleted and created again (only when every connection closed): a
+                # descriptor of the old file would sync nothing that matters.
+                if self._wal is not None:
+                    os.close(self._wal)
+                    self._wal = None
+                self._wal = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+                directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(directory)  # the WAL's directory entry, once per WAL file
+                finally:
+                    os.close(directory)
+            return covers, os.dup(self._wal)  # its own descriptor: the WAL's may be replaced meanwhile
+        except OSError as exc:
+            self.end_sync(covers, exc)
+            raise self._sync_failed_error() from exc
+
+    def end_sync(self, covers: int, error: BaseException | None) -> None:
+        """A sync from ``begin_sync`` returned: the commits it covers are durable, or, if it failed, nothing
+        this process committed may be promised any more."""
+        if error is None:
+            self.durable_commits = max(self.durable_commits, covers)
+        elif self.sync_failure is None:
+            failure = ServiceUnavailableError(STORAGE_FAILED)
+            failure.admin_detail = f"fdatasync of {self.path.name}-wal in {self.path.parent}: {error}"
+            self.sync_failure = failure
+
+    def _sync_failed_error(self) -> ServiceUnavailableError:
+        error = ServiceUnavailableError(STORAGE_FAILED)
+        error.admin_detail = self.sync_failure.admin_detail if self.sync_failure else ""
+        return error
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -367,6 +471,7 @@ class Store:
             " walltime, resources, state, created_at) VALUES (?,?,?,?,?,?,?,?,?,'waiting',?)",
             (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, walltime, resources, time.time()),
         )
+        self.waiting_added += cursor.rowcount
         return cursor.rowcount == 1
 
     def task_owner(self, task_id: str) -> str | None:
@@ -419,14 +524,19 @@ class Store:
                 break
         return found
 
-    def task_args(self, task_id: str) -> bytes:
-        return self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()[0]
+    def task_args(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        """The arguments of these tasks, by id: one query per ``SQL_CHUNK``, not one per task."""
+        found: dict[str, bytes] = {}
+        for marks, chunk in _in_chunks(task_ids):
+            found.update(self.db.execute(f"SELECT id, args FROM tasks WHERE id IN ({marks})", chunk))
+        return found
 
     def return_to_waiting(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
         """Dispatched tasks the manager handed back unheld: they wait again without using an attempt."""
-        self.db.executemany(
-            "UPDATE tasks SET state='waiting', dispatched_at=NULL WHERE id=? AND endpoint_id=? AND state='dispatched'",
-            [(task_id, endpoint_id) for task_id in task_ids])
+        for marks, chunk in _in_chunks(task_ids):
+            self.waiting_added += self.db.execute(
+                f"UPDATE tasks SET state='waiting', dispatched_at=NULL WHERE id IN ({marks}) AND +endpoint_id=?"
+                " AND +state='dispatched'", (*chunk, endpoint_id)).rowcount  # +: the primary key (mark_started)
 
     def unfinished_tasks(self, submitter_id: str) -> int:
         """Tasks of this identity not yet finished (waiting, dispatched or running)."""
@@ -440,17 +550,17 @@ class Store:
 
     def mark_dispatched(self, task_ids: Sequence[str]) -> None:
         now = time.time()
-        self.db.executemany(
-            "UPDATE tasks SET state='dispatched', dispatched_at=? WHERE id=? AND state='waiting'",
-            [(now, task_id) for task_id in task_ids],
-        )
+        for marks, chunk in _in_chunks(task_ids):
+            self.db.execute(f"UPDATE tasks SET state='dispatched', dispatched_at=? WHERE id IN ({marks})"
+                            " AND state='waiting'", (now, *chunk))
 
     def mark_started(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
         now = time.time()
-        self.db.executemany(
-            "UPDATE tasks SET state='running', started_at=? WHERE id=? AND endpoint_id=? AND state='dispatched'",
-            [(now, task_id, endpoint_id) for task_id in task_ids],
-        )
+        for marks, chunk in _in_chunks(task_ids):
+            # The unary + keeps SQLite on the primary key: with an id list it would rather scan the endpoint's
+            # every dispatched task by tasks_by_endpoint_state (thousands under a backlog)
+            self.db.execute(f"UPDATE tasks SET state='running', started_at=? WHERE id IN ({marks}) AND +endpoint_id=?"
+                            " AND +state='dispatched'", (now, *chunk, endpoint_id))
 
     def requeue_in_flight(self, endpoint_id: str) -> tuple[int, list[str]]:
         """A manager (re)registered: what its predecessor had in flight is sent again (at-least-once),
@@ -465,6 +575,7 @@ class Store:
         cursor = self.db.execute(
             f"UPDATE tasks SET state='waiting', dispatched_at=NULL, started_at=NULL WHERE {in_flight}",
             (endpoint_id,))
+        self.waiting_added += cursor.rowcount
         return cursor.rowcount, cancelled
 
     def record_result(self, endpoint_id: str, result: Result, payload: bytes | None) -> bool:
@@ -514,6 +625,7 @@ class Store:
                 self.db.execute(
                     "UPDATE tasks SET attempts=?, state='waiting', dispatched_at=NULL, started_at=NULL WHERE id=?",
                     (attempts, item.task_id))
+                self.waiting_added += 1
         return failed
 
     def request_cancel(self, submitter_id: str, task_ids: Sequence[str]) -> CancelOutcome:
@@ -551,15 +663,18 @@ class Store:
 
     def results_for(self, submitter_id: str, task_ids: Sequence[str]) -> tuple[list[StoredResult], list[str], list[str]]:
         """(results ready, ids still pending, ids unknown to this submitter)."""
+        rows: dict[str, tuple[Any, ...]] = {}
+        for marks, chunk in _in_chunks(task_ids):
+            for row in self.db.execute(
+                    "SELECT id, state, result_status, result_code, result_message, result_error_type,"
+                    f" result_traceback, result_payload, result_large FROM tasks WHERE id IN ({marks})"
+                    " AND submitter_id=?", (*chunk, submitter_id)):
+                rows[row[0]] = row[1:]
         ready: list[StoredResult] = []
         pending: list[str] = []
         unknown: list[str] = []
         for task_id in task_ids:
-            row = self.db.execute(
-                "SELECT state, result_status, result_code, result_message, result_error_type,"
-                " result_traceback, result_payload, result_large FROM tasks WHERE id=? AND submitter_id=?",
-                (task_id, submitter_id),
-            ).fetchone()
+            row = rows.get(task_id)
             if row is None:
                 unknown.append(task_id)
             elif row[0] == "expired":
@@ -585,11 +700,9 @@ class Store:
     def acknowledge_results(self, submitter_id: str, task_ids: Sequence[str]) -> None:
         """The client has the results: keep the outcome, drop the bytes."""
         now = time.time()
-        self.db.executemany(
-            f"UPDATE tasks SET acked_at=?, result_payload=NULL, result_large=NULL WHERE id=? AND submitter_id=?"
-            f" AND state IN {TERMINAL_SQL}",
-            [(now, task_id, submitter_id) for task_id in task_ids],
-        )
+        for marks, chunk in _in_chunks(task_ids):
+            self.db.execute(f"UPDATE tasks SET acked_at=?, result_payload=NULL, result_large=NULL WHERE id IN ({marks})"
+                            f" AND submitter_id=? AND state IN {TERMINAL_SQL}", (now, *chunk, submitter_id))
 
     def task_infos(self, submitter_id: str, query: TaskQuery) -> list[TaskInfo]:
         """The submitter's tasks, newest first, filtered as the query says."""
