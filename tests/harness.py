@@ -49,6 +49,15 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def local_template_boot() -> dict[str, str]:
+    """The EndpointBoot fields that hand a user endpoint the shipped local template and its schema, as root does."""
+    from mep.root.config import shipped_templates_dir
+
+    template, schema = shipped_templates_dir() / "local.yaml.j2", shipped_templates_dir() / "local.schema.json"
+    return {"template": template.read_text(), "schema": schema.read_text(), "template_path": str(template),
+            "schema_path": str(schema)}
+
+
 def children_of(pid: int, *, mapping_helpers: bool = False) -> list[int]:
     """Direct children of ``pid``, from /proc; a spawner's identity-mapping helper only with ``mapping_helpers``.
 

@@ -23,7 +23,8 @@ import mep
 from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, generate_keypair, make_curve_server
 from mep.protocol.messages import EndpointBoot, Ready, Shutdown
-from tests.harness import DOMAIN_STRIP, PYTHON, children_of, deployment, expression_mapping, wait_for
+from tests.harness import (DOMAIN_STRIP, PYTHON, children_of, deployment, expression_mapping, local_template_boot,
+                           wait_for)
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture
 
 pytestmark = pytest.mark.root
@@ -76,8 +77,8 @@ def test_an_endpoint_refused_before_the_router_knows_its_key_connects_again(acco
     os.chmod(address.removeprefix("ipc://"), 0o666)
     endpoint_public, endpoint_secret = generate_keypair()
     boot = EndpointBoot(endpoint_id="e-1", account=account.pw_name, router_address=address,
-                        router_public_key=router_public, secret_key=endpoint_secret, config={},
-                        heartbeat_interval=1.0)
+                        router_public_key=router_public, secret_key=endpoint_secret, heartbeat_interval=1.0,
+                        **local_template_boot())
     log_path = Path(account.pw_dir) / "endpoint.log"
     with open(log_path, "wb") as log:
         endpoint = subprocess.Popen([PYTHON, "-m", "mep.endpoint"], stdin=subprocess.PIPE, stdout=log,

@@ -41,7 +41,6 @@ import zmq
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 
-from mep.config.endpoint import UserEndpointConfig
 from mep.errors import AuthenticationThrottledError
 from mep.protocol import decode, encode
 from mep.protocol.assertions import AssertionSigner, Claims, config_digest, generate_signing_key
@@ -62,7 +61,7 @@ from mep.protocol.messages import (
     Tasks,
 )
 from mep.sdk.serialize import client_runtime, deserialize, function_hash, serialize_args, serialize_function
-from tests.harness import DOMAIN_STRIP, PYTHON, expression_mapping, wait_for
+from tests.harness import DOMAIN_STRIP, PYTHON, expression_mapping, local_template_boot, wait_for
 from tests.peers import RawPeer, deep, endpoint_records, endpoint_secret_key, raw_map, start_spawner, uint64
 
 pytestmark = pytest.mark.root
@@ -255,7 +254,7 @@ MANAGER_ENDPOINT_ID = str(uuid.uuid4())
 def start_endpoint(account: pwd.struct_passwd, router: PlayedRouter, log_path: Path) -> subprocess.Popen:
     boot = EndpointBoot(endpoint_id=str(uuid.uuid4()), account=account.pw_name, router_address=router.address,
                         router_public_key=router.public_key, secret_key=generate_keypair()[1],
-                        config=UserEndpointConfig().model_dump(mode="json"), heartbeat_interval=1.0,
+                        heartbeat_interval=1.0, **local_template_boot(),
                         manager_endpoint_id=MANAGER_ENDPOINT_ID, identity_id=SERVED.id, identities=[SERVED],
                         assertion_keys=[SERVICE_SIGNER.public_key])
     with open(log_path, "ab") as log:
