@@ -34,13 +34,13 @@ if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
     fi
 fi
 
-if [ ! -w "$repo" ]; then  # pip builds in the source tree: use a private copy of a read-only checkout
-    copy=$(mktemp -d)
-    trap 'rm -rf "$copy"' EXIT
-    mkdir "$copy/src"
-    for part in pyproject.toml README.md mep templates identity_maps packaging; do cp -r "$repo/$part" "$copy/src/"; done
-    repo="$copy/src"
-fi
+# pip builds in the source tree, and setuptools reuses its build/ directory: a module deleted from the tree since
+# the last install would stay installed. Build from a private copy every time (a read-only checkout needs one too).
+copy=$(mktemp -d)
+trap 'rm -rf "$copy"' EXIT
+mkdir "$copy/src"
+for part in pyproject.toml README.md mep templates identity_maps packaging; do cp -r "$repo/$part" "$copy/src/"; done
+repo="$copy/src"
 
 # As root, directories created on the way to the venv are searchable by every account (they are ours).
 parent=$(dirname "$venv")
