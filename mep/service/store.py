@@ -75,7 +75,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     endpoint_id TEXT NOT NULL,
     submitter_id TEXT NOT NULL,
     fn_hash TEXT NOT NULL,
-    args BLOB,
     config TEXT NOT NULL,
     runtime TEXT NOT NULL,
     walltime REAL NOT NULL DEFAULT 0,   -- seconds; 0: none
@@ -88,9 +87,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at REAL,
     completed_at REAL,
     result_status TEXT, result_code TEXT, result_message TEXT,
-    result_error_type TEXT, result_traceback TEXT, result_payload BLOB,
+    result_error_type TEXT, result_traceback TEXT,
     acked_at REAL,
-    result_large TEXT  -- JSON of a LargeResult: the payload is in a file on the endpoint's host
+    result_large TEXT,  -- JSON of a LargeResult: the payload is in a file on the endpoint's host
+    -- The blobs come last: SQLite reads a row's columns in order, following a blob's overflow pages to get past
+    -- it, so a column after a megabyte of arguments costs reading the megabyte (a query for a backlog's states
+    -- then reads the whole backlog). Databases an older mep created keep their order (and that cost).
+    result_payload BLOB,
+    args BLOB
 );
 CREATE INDEX IF NOT EXISTS tasks_by_endpoint_state ON tasks(endpoint_id, state, created_at);
 -- Partial indexes: each holds only the rows its question is about, so fair dispatch and the quota checks
