@@ -29,7 +29,7 @@ PACKAGE = Path(mep.__file__).parent
 # spawner, privdrop, identity mapping and the PAM session holder are the large parts). Until it does, this is a
 # ratchet: the root half may shrink, never grow; lower it with every cut, down to GOAL_ROOT_LINES.
 GOAL_ROOT_LINES = 1500
-MAX_ROOT_LINES = 3640
+MAX_ROOT_LINES = 3610
 EXPECTED_ROOT_MODULES = {
     "mep", "mep.root", "mep.root.__main__", "mep.root.accounts", "mep.root.assertions", "mep.root.audit",
     "mep.root.authorize", "mep.root.config", "mep.root.errors", "mep.root.guard",
