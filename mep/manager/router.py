@@ -693,15 +693,20 @@ class Router:
         if self.audit.refusal:  # nothing runs unrecorded
             self._drop(tasks, ErrorCode.INTERNAL, self.audit.refusal)
             return
-        # Their "routed" record goes to the task log now, as one batch: by the time the window has room, it is
-        # on disk (one record per arrival, not per freed slot).
-        self.audit.routed(link.endpoint_id, link.account, tasks)
         link.queued.extend(tasks)
         if link.routing_id is not None:
             self._send_queued(link)
 
     def _send_queued(self, link: EndpointLink) -> None:
         """Send the endpoint as many queued tasks as its window has room for, oldest first, once recorded."""
+        # Tasks queued since the last look (or while it was not yet connected) are a tail of the queue: their
+        # "routed" record goes to the task log now, as one batch, so it is on disk by the time the window has
+        # room (one record per arrival, not per freed slot).
+        new = 0
+        while new < len(link.queued) and not link.queued[-1 - new].recorded:
+            new += 1
+        if new:
+            self.audit.routed(link.endpoint_id, link.account, link.queued[-new:])
         room = max(0, link.window - len(link.in_flight))
         # Records are written in queue order, so the recorded tasks are a head of the queue: only the part that
         # fits the window is looked at (a freed slot must not cost a pass over a queue of thousands).
