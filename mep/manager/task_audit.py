@@ -4,8 +4,8 @@ The router writes it itself (``task_log``, default
 ``/var/log/mep/router-<endpoint id>/tasks.jsonl``, in a directory the root
 half made for the router's account), one record per batch: the tasks of one
 dispatch group and function when they are accepted, the tasks queued
-together for one endpoint when they are routed (with the endpoint, account
-and submitter), and the tasks that ended together with one outcome (a
+for one connected endpoint since its last such record when they are routed
+(with the endpoint, account and submitter), and the tasks that ended together with one outcome (a
 result's status, a refusal, a loss). It is the router's word: the spawner's
 own audit log (root's, out of the router's reach) holds who was allowed to
 run as which account.
