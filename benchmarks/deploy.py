@@ -382,8 +382,8 @@ class Lab:
 
 
 def audit_size(manager: Manager) -> int:
-    """The audit log's length now: read from here on to see only what happens next (it grows by three
-    lines per routed task, so reading it whole gets slow)."""
+    """The audit log's length now: read from here on to see only what happens next (it grows with every
+    decision and endpoint start, so reading it whole gets slow)."""
     return audit_log_of(manager.config_path).stat().st_size
 
 

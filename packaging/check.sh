@@ -66,7 +66,7 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ".
     = "/etc/mep/manager.example.yaml /etc/mep/service.yaml " ] || fail "unexpected conffiles"
 grep -q ':/usr/sbin/nologin$' <<<"$(getent passwd mep)" || fail "no mep account with a nologin shell"
 [ "$(getent passwd mep | cut -d: -f3)" -lt 1000 ] || fail "the mep account is not a system account"
-for dir in "/var/lib/mep root:root 755" "/var/log/mep root:root 750" "/run/mep root:root 755"; do
+for dir in "/var/lib/mep root:root 755" "/var/log/mep root:root 711" "/run/mep root:root 755"; do
     set -- $dir
     [ "$(stat -c '%U:%G %a' "$1")" = "$2 $3" ] || fail "$1 is $(stat -c '%U:%G %a' "$1"), not $2 $3"
 done
@@ -110,10 +110,11 @@ done <<<"$paths")
 [ "$(grep -v '^/etc/mep' <<<"$left" | grep -v '^$' || true)" = "" ] || fail "remove left: $(grep -v '^/etc/mep' <<<"$left")"
 [ -f /etc/mep/service.yaml ] || fail "remove deleted the conffiles in /etc/mep"
 for path in /opt/mep /run/mep /usr/share/mep; do [ ! -e "$path" ] || fail "remove left $path"; done
-# the service's state and the demo's audit log are data mep's daemons wrote: kept until purge
+# the service's state and the demo's audit and task logs are data mep's daemons wrote: kept until purge
 [ -f /var/lib/mep/service/service.key ] || fail "remove deleted the service's state"
 [ -f /etc/mep/ci/config.yaml ] || fail "remove deleted the configured endpoint in /etc/mep/ci"
-left=$(find /var/lib/mep /var/log/mep -mindepth 1 ! -path '/var/lib/mep/service*' ! -name 'audit-*.jsonl' 2>/dev/null)
+left=$(find /var/lib/mep /var/log/mep -mindepth 1 ! -path '/var/lib/mep/service*' ! -name 'audit-*.jsonl' \
+    ! -path '/var/log/mep/router-*' 2>/dev/null)
 [ -z "$left" ] || fail "remove left $left"
 
 step "purge"

@@ -19,7 +19,8 @@ mep_configure() {
         created=yes
     fi
     install -d -o root -g root -m 0755 /var/lib/mep   # state: service/ (0700) below, made by 'mep service init'
-    install -d -o root -g root -m 0750 /var/log/mep   # the managers' audit logs (0600 each)
+    # the managers' audit logs (0600 each); searchable (not listable) so each router reaches its router-<id>/
+    install -d -o root -g root -m 0711 /var/log/mep
     install -d -o root -g root -m 0755 /run/mep       # the managers' run directories; tmpfiles.d recreates it at boot
     if [ -n "$created" ]; then : > "$MEP_ACCOUNT_MARKER"; fi
     mep_systemd_reload
@@ -34,7 +35,7 @@ mep_before_remove() {
 }
 
 # After the files went: nothing of mep outside /etc/mep but the data its daemons wrote
-# (the service's state and the audit logs under /var/lib/mep and /var/log/mep), which purge deletes.
+# (the service's state, the audit and task logs under /var/lib/mep and /var/log/mep), which purge deletes.
 mep_after_remove() {
     rm -rf /run/mep /var/lib/mep/demo /opt/mep
     rmdir /var/lib/mep /var/log/mep 2>/dev/null || true

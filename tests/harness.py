@@ -208,8 +208,8 @@ class Deployment:
 
     def start_manager(self, mapping: Any, *, template: Path | None = None, schema: Path | None = None,
                       min_uid: int = 1000, wait: bool = True, settings: dict[str, Any] | None = None) -> Manager:
-        """``settings``: more manager config keys (``pam``, ``refuse_locked``, ...); the audit log stays in
-        the deployment (``audit_log_of``) unless they name another."""
+        """``settings``: more manager config keys (``pam``, ``refuse_locked``, ...); the audit log and the
+        router's task log stay in the deployment (``audit_log_of``, ``task_log_of``) unless they name others."""
         name = f"ep{len(self.managers)}"
         config_dir = self.root / name
         output = self.admin("endpoint", "add", name, "--config-dir", str(config_dir),
@@ -227,6 +227,9 @@ class Deployment:
         if schema is not None:
             config["schema"] = str(schema)
         config["audit_log"] = str(audit_log_of(config_path))
+        # the router's account must reach it: not under the config directory (0700) unless that is its own
+        config["task_log"] = str(config_dir / "tasks.jsonl" if self.owner else
+                                 self.root / f"{name}-router" / "tasks.jsonl")
         config.update(settings or {})
         config_path.write_text(yaml.safe_dump(config))
         if self.owner:
@@ -261,6 +264,11 @@ class Deployment:
 def audit_log_of(config_path: Path) -> Path:
     """Where ``start_manager`` puts a manager's audit log: beside its config, removed with the deployment."""
     return config_path.parent / "audit.jsonl"
+
+
+def task_log_of(config_path: Path) -> Path:
+    """Where ``start_manager`` put a manager's task log (the router's own), as its config says."""
+    return Path(yaml.safe_load(config_path.read_text())["task_log"])
 
 
 def _chown_tree(path: Path, user: str) -> None:

@@ -242,8 +242,10 @@ def test_diagnose_writes_a_report_without_secrets(scratch: Path) -> None:
                          str(state), "--service-address", "tcp://127.0.0.1:5790", "--template", "slurm")
     assert configured.returncode == 0, configured.stderr
     with open(scratch / "etc" / "diag" / "config.yaml", "a") as config:
-        config.write(f"audit_log: {scratch / 'audit.jsonl'}\nrun_dir: {scratch / 'run'}\n")
+        config.write(f"audit_log: {scratch / 'audit.jsonl'}\ntask_log: {scratch / 'tasks.jsonl'}\n"
+                     f"run_dir: {scratch / 'run'}\n")
     (scratch / "audit.jsonl").write_text("".join(json.dumps({"event": "spawn", "n": n}) + "\n" for n in range(50)))
+    (scratch / "tasks.jsonl").write_text("".join(json.dumps({"event": "task", "n": n}) + "\n" for n in range(30)))
     report = scratch / "report.tar.gz"
     result = run_mep("diagnose", "--output-file", str(report), "--config-root", str(scratch / "etc"),
                      "--log-lines", "10", env={"MEP_STATE_DIR": str(state)})
@@ -263,6 +265,8 @@ def test_diagnose_writes_a_report_without_secrets(scratch: Path) -> None:
     assert [endpoint["name"] for endpoint in service["endpoints"]] == ["diag"]
     audit = files["endpoints/diag/audit.jsonl"].splitlines()
     assert len(audit) == 10 and json.loads(audit[-1])["n"] == 49
+    tasks = files["endpoints/diag/tasks.jsonl"].splitlines()
+    assert len(tasks) == 10 and json.loads(tasks[-1]) == {"event": "task", "n": 29}
     secret = (scratch / "etc" / "diag" / "manager.key").read_text().strip()
     assert not [name for name, text in files.items() if secret in text]
 

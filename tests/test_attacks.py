@@ -32,7 +32,7 @@ from mep.sdk.client import Client
 from tests import test_assertions as assertion_attacks
 from tests import test_render as render_tests
 from tests import test_spine as spine_attacks
-from tests.harness import DOMAIN_STRIP, audit_log_of, expression_mapping, wait_for
+from tests.harness import DOMAIN_STRIP, audit_log_of, expression_mapping, task_log_of, wait_for
 from tests.spawner_peer import SpawnerPeer, identity_of, spawner_peer
 
 pytestmark = pytest.mark.root
@@ -61,9 +61,10 @@ def audit(manager) -> list[dict]:  # noqa: ANN001 - a harness Manager
 
 
 def routed(manager, task_id: str) -> list[dict]:  # noqa: ANN001 - a harness Manager
-    """The audit records of ``task_id`` being sent to an endpoint."""
-    return [record for record in audit(manager) if record["event"] == "task" and record.get("outcome") == "routed"
-            and task_id in record.get("task_ids", [])]
+    """The router's task-log records of ``task_id`` being sent to an endpoint."""
+    lines = task_log_of(manager.config_path).read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["event"] == "task"
+            and record.get("outcome") == "routed" and task_id in record.get("task_ids", [])]
 
 
 @pytest.fixture

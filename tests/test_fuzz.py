@@ -123,7 +123,6 @@ def templates(token: str) -> list[dict[str, Any]]:
         {"type": "TASKS", "tasks": [ref], "runtimes": [msgspec.to_builtins(RUNTIME)]},
         {"type": "SPAWN", "request_id": 6, "submitter_id": identity.id, "identities": [msgspec.to_builtins(identity)],
          "user_endpoint_config": {}, "runtime": msgspec.to_builtins(RUNTIME)},
-        {"type": "AUDIT_TASKS", "records": [{"task_id": task_id, "outcome": "accepted"}]},
         {"type": "RETIRE", "endpoint_id": str(uuid.uuid4())},
         {"type": "SPAWNER_STATUS"},
     ]

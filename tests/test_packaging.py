@@ -98,11 +98,14 @@ def test_maintainer_scripts_create_the_account_and_clean_up(deb_tree: Path) -> N
 
 
 def test_logrotate_reopens_audit_logs_and_truncates_the_daemons_logs(deb_tree: Path) -> None:
-    """Audit logs: a new file and SIGHUP to the spawners. The daemons' stderr logs (no systemd): copytruncate,
-    since nothing reopens stderr; rotating those by moving them would leave the daemons writing to the old file."""
+    """Audit logs: a new file and SIGHUP to the spawners. The routers' task logs: rotated as the router's account in
+    its own directory, no new file (the router opens one when it sees the rename). The daemons' stderr logs (no
+    systemd): copytruncate, since nothing reopens stderr; moving them would leave the daemons writing to the old file."""
     stanzas = dict(re.findall(r"^(\S+) \{\n(.*?)^\}", (deb_tree / "etc/logrotate.d/mep").read_text(), flags=re.M | re.S))
-    assert set(stanzas) == {"/var/log/mep/*.jsonl", "/var/log/mep/*.log"}
+    assert set(stanzas) == {"/var/log/mep/*.jsonl", "/var/log/mep/router-*/tasks.jsonl", "/var/log/mep/*.log"}
     assert "create 0600 root root" in stanzas["/var/log/mep/*.jsonl"] and "--signal=HUP" in stanzas["/var/log/mep/*.jsonl"]
+    tasks = stanzas["/var/log/mep/router-*/tasks.jsonl"]
+    assert "su mep mep" in tasks and "nocreate" in tasks and "postrotate" not in tasks
     assert "copytruncate" in stanzas["/var/log/mep/*.log"] and "create" not in stanzas["/var/log/mep/*.log"]
 
 

@@ -7,6 +7,7 @@ endpoints around a real Router.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -26,8 +27,6 @@ from mep.manager.spawner_link import SpawnerLink, channel_pair
 from mep.protocol import decode, encode
 from mep.protocol.curve import ZapHandler, generate_keypair, make_curve_client, make_curve_server
 from mep.protocol.messages import (
-    AuditStatus,
-    AuditTasks,
     Credit,
     Dispatch,
     DispatchAck,
@@ -63,7 +62,8 @@ class Peers:
         port = self.service.bind_to_random_port("tcp://127.0.0.1")
         config = ManagerConfig(endpoint_id=ENDPOINT, service_address=f"tcp://127.0.0.1:{port}",
                                service_public_key=service_public, manager_secret_key_file=directory / "unused",
-                               identity_mapping=directory / "unused")
+                               identity_mapping=directory / "unused", task_log=directory / "tasks.jsonl")
+        self.task_log = config.task_log
         router_end, spawner_end = channel_pair()
         self.spawner = SpawnerLink(spawner_end)
         self.router_public, router_secret = generate_keypair()
@@ -94,28 +94,42 @@ class Peers:
             if isinstance(message, SpawnRequest):
                 return message
 
-    def confirm_routed(self, count: int) -> list[str]:
-        """Play the spawner's audit log: confirm "routed" records until ``count`` tasks were confirmed."""
-        self.spawner.sock.settimeout(10)
-        confirmed: list[str] = []
-        while len(confirmed) < count:
-            message = self.spawner.receive()
-            if isinstance(message, AuditTasks):
-                routed = [task_id for record in message.records if record.outcome == "routed"
-                          for task_id in record.task_ids]
-                if routed:
-                    self.spawner.send(AuditStatus(ok=True, confirmed=routed))
-                    confirmed += routed
-        return confirmed
+    def task_records(self) -> list[dict[str, Any]]:
+        """The router's task log (complete lines)."""
+        text = self.task_log.read_text() if self.task_log.exists() else ""
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
-    def endpoint(self, endpoint_id: str) -> tuple[zmq.Socket, str]:
+    def routed(self, count: int) -> list[str]:
+        """The ids of the first ``count`` tasks the router's task log records as routed, once it does."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            routed = [task_id for record in self.task_records() if record.get("outcome") == "routed"
+                      for task_id in record["task_ids"]]
+            if len(routed) >= count:
+                return routed
+            time.sleep(0.02)
+        raise AssertionError(f"the router's task log records fewer than {count} routed task(s)")
+
+    def spawned(self, request: SpawnRequest, name: str) -> zmq.Socket:
+        """Answer ``request`` with an endpoint ``name`` (of account ``name``) that connects and says READY.
+
+        It connects once the router knows its key, as a real endpoint does: a handshake the router's ZAP
+        check refuses (the key not yet known) may take the READY queued behind it along.
+        """
         public, secret = generate_keypair()
+        self.spawner.send(Spawned(request_id=request.request_id, endpoint_id=name, pid=1, account=name,
+                                  public_key=public))
+        deadline = time.monotonic() + 10
+        while public not in self.router.endpoint_keys:
+            assert time.monotonic() < deadline, "the router never took the SPAWNED"
+            time.sleep(0.01)
         socket = self.context.socket(zmq.DEALER)
         socket.linger = 0
         make_curve_client(socket, self.router_public, secret)
         socket.connect(self.address)
         self.sockets.append(socket)
-        return socket, public
+        socket.send_multipart(encode(Ready(endpoint_id=name, pid=1)))
+        return socket
 
     def close(self) -> None:
         self.router.stop()
@@ -151,13 +165,8 @@ def test_result_accepted_only_from_the_endpoint_the_task_went_to(peers: Peers, c
     endpoints = {}
     for _ in range(2):
         request = peers.spawn_request()
-        name = request.submitter_id
-        socket, public = peers.endpoint(name)
-        endpoints[name] = socket
-        peers.spawner.send(Spawned(request_id=request.request_id, endpoint_id=name, pid=1, account=name,
-                                   public_key=public))
-        socket.send_multipart(encode(Ready(endpoint_id=name, pid=1)))
-    assert sorted(peers.confirm_routed(2)) == sorted([task_a, task_b])
+        endpoints[request.submitter_id] = peers.spawned(request, request.submitter_id)
+    assert sorted(peers.routed(2)) == sorted([task_a, task_b])
     for name, expected in (("alice", task_a), ("bob", task_b)):
         assert endpoints[name].poll(10_000), f"{name}'s endpoint got no tasks"
         header, _ = decode(endpoints[name].recv_multipart())
@@ -189,12 +198,8 @@ def test_credit_bounds_what_the_service_may_send_and_dropped_bodies_come_again(p
     peers.to_service(Dispatch(tasks=[TaskRef(task_id=first, fn_hash="f", args_frame=0, fn_frame=1)],
                               groups=[_group("alice", first)]), [b"args", b"function"])
     request = peers.spawn_request()
-    endpoint, public = peers.endpoint("alice")
-    peers.spawner.send(Spawned(request_id=request.request_id, endpoint_id="alice", pid=1, account="alice",
-                               public_key=public))
-    endpoint.send_multipart(encode(Ready(endpoint_id="alice", pid=1)))
+    endpoint = peers.spawned(request, "alice")
     endpoint.send_multipart(encode(Credit(tasks=4)))
-    peers.confirm_routed(1)
     assert endpoint.poll(10_000)
     assert [t.task_id for t in decode(endpoint.recv_multipart())[0].tasks] == [first]
     credit, _ = peers.from_service(Credit)  # the task went on: its body is dropped, its room given back

@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from mep.protocol.curve import read_secret_key
-from tests.harness import DOMAIN_STRIP, ROUTER_USER, audit_log_of, children_of, expression_mapping
+from tests.harness import DOMAIN_STRIP, ROUTER_USER, audit_log_of, children_of, expression_mapping, task_log_of
 
 pytestmark = pytest.mark.root
 
@@ -65,6 +65,11 @@ def test_the_router_is_a_fresh_unprivileged_process_holding_only_its_own_descrip
     assert held[4] == str(manager.run_dir / "manager.lock")
     assert held[5].startswith("pipe:"), "its log, relayed by the spawner"
     others = {fd: target for fd, target in held.items() if fd > 5}
+    task_log = str(task_log_of(manager.config_path))
+    assert list(others.values()).count(task_log) == 1, "its own task log, which it writes itself"
+    wake = [target for target in others.values() if target.startswith("pipe:")]
+    assert len(wake) == 2 and len(set(wake)) == 1 and wake[0] != held[5], "its log writer's wake-up pipe, both ends"
+    others = {fd: target for fd, target in others.items() if target != task_log and not target.startswith("pipe:")}
     assert others and all(ZMQ_DESCRIPTOR.fullmatch(target) for target in others.values()), others
     audit_log = str(audit_log_of(manager.config_path))
     assert audit_log not in held.values() and audit_log in descriptors(spawner).values(), "root alone holds it"

@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 import mep
-from tests.harness import DOMAIN_STRIP, PYTHON, audit_log_of, children_of, expression_mapping, wait_for
+from tests.harness import DOMAIN_STRIP, PYTHON, children_of, expression_mapping, task_log_of, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -194,8 +194,8 @@ def test_schema_violation_names_the_property(deploy, account_factory) -> None:
         assert words in str(refused.value)
 
 
-def audit_records(manager) -> list[dict]:
-    return [json.loads(line) for line in audit_log_of(manager.config_path).read_text().splitlines()]
+def task_records(manager) -> list[dict]:
+    return [json.loads(line) for line in task_log_of(manager.config_path).read_text().splitlines()]
 
 
 def test_template_error_names_file_and_line(deploy, account_factory) -> None:
@@ -211,9 +211,9 @@ def test_template_error_names_file_and_line(deploy, account_factory) -> None:
     with pytest.raises(mep.TemplateError) as refused:
         future.result(timeout=60)
     assert "broken.yaml.j2" in str(refused.value) and "line 3" in str(refused.value)
-    # Rendered and refused by the user's own endpoint (never as root); the outcome is in root's audit log.
-    wait_for(lambda: any(record.get("task_id") == future.task_id and record.get("code") == "template_error"
-                         for record in audit_records(manager)), what="the refusal's audit record")
+    # Rendered and refused by the user's own endpoint (never as root); the outcome is in the router's task log.
+    wait_for(lambda: any(future.task_id in record.get("task_ids", ()) and record.get("code") == "template_error"
+                         for record in task_records(manager)), what="the refusal's task record")
     assert "cores" in str(refused.value)
 
 

@@ -3,8 +3,9 @@
 It holds versions, the service's settings, where its state is and its endpoints'
 tasks by state (read-only), every endpoint's config, template,
 schema and mapping (secrets redacted, key files never read), each endpoint's
-status as ``mep endpoint status`` reports it, the tail of the audit logs and of
-the units' journals. Researchers' own files (their endpoint logs) stay out: only
+status as ``mep endpoint status`` reports it, the tail of each manager's audit
+log (the spawner's decisions) and task log (the router's record of its tasks)
+and of the units' journals. Researchers' own files (their endpoint logs) stay out: only
 their paths are listed.
 """
 
@@ -139,6 +140,7 @@ def collect(config_root: Path, log_lines: int) -> Iterator[tuple[str, str]]:
         user_endpoints = user_endpoints_of(configured) if record["state"] == "running" else []
         yield f"endpoints/{name}/status.json", json.dumps({**record, "user_endpoints": user_endpoints}, indent=2)
         yield f"endpoints/{name}/audit.jsonl", _tail(configured.config.audit_log_path(), log_lines)
+        yield f"endpoints/{name}/tasks.jsonl", _tail(configured.config.task_log_path(), log_lines)
 
 
 @click.command("diagnose", epilog="\b\nExamples:\n  mep diagnose\n"

@@ -315,7 +315,7 @@ def manager_record(configured: Configured) -> dict[str, Any]:
             "uptime_seconds": _uptime(pid) if pid else None,
             "systemd": pid is not None and systemd_unit in _cgroup(pid),
             "config": str(configured.config_path), "run_dir": str(configured.config.socket_dir()),
-            "audit_log": str(configured.config.audit_log_path())}
+            "audit_log": str(configured.config.audit_log_path()), "task_log": str(configured.config.task_log_path())}
 
 
 def _cgroup(pid: int) -> str:

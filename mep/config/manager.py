@@ -19,6 +19,7 @@ from mep.root.config import (  # noqa: F401 - one definition, with the root proc
     PATH_KEYS,
     default_audit_log,
     default_run_dir,
+    default_task_log,
     shipped_templates_dir,
 )
 
@@ -99,8 +100,13 @@ class ManagerConfig(BaseModel):
                                        "further spawn requests wait their turn")
     max_endpoints_per_account: int = Field(default=8, ge=1, description="User endpoints running at once for one "
                                            "account; a spawn beyond it is refused (quota_exceeded)")
-    audit_log: Path | None = Field(default=None, description="JSON-lines audit log; default "
-                                   "/var/log/mep/audit-<endpoint id>.jsonl as root, ~/.mep/log/... otherwise")
+    audit_log: Path | None = Field(default=None, description="The spawner's JSON-lines audit log (its decisions); "
+                                   "default /var/log/mep/audit-<endpoint id>.jsonl as root, ~/.mep/log/... "
+                                   "otherwise")
+    task_log: Path | None = Field(default=None, description="The router's JSON-lines task log (what it accepted, "
+                                  "routed and saw end), written as the router's account; default "
+                                  "/var/log/mep/router-<endpoint id>/tasks.jsonl as root, "
+                                  "~/.mep/log/tasks-<endpoint id>.jsonl otherwise")
     service_signing_keys: list[Annotated[str, Field(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]] = Field(
         default_factory=list, max_length=4,
         description="The service's Ed25519 public keys (ed25519:...) its identity assertions must be signed with; "
@@ -133,6 +139,9 @@ class ManagerConfig(BaseModel):
 
     def audit_log_path(self) -> Path:
         return default_audit_log(self.endpoint_id) if self.audit_log is None else self.audit_log
+
+    def task_log_path(self) -> Path:
+        return default_task_log(self.endpoint_id) if self.task_log is None else self.task_log
 
     def socket_dir(self) -> Path:
         return default_run_dir(self.endpoint_id) if self.run_dir is None else self.run_dir

@@ -37,6 +37,7 @@ class QueuedTask:
     runtime: Runtime
     submitter_id: str
     assertion: str = ""  # the group's signed identity assertion, which the endpoint checks
+    recorded: int = 0  # the task log hand-over its "routed" record went out with (0: not yet routed)
 
 
 class HeldWork:

@@ -37,7 +37,6 @@ from mep.protocol.framing import MAX_HEADER_BYTES
 from mep.protocol.guard import forbid_unpickling, process_status
 from mep.protocol.liveness import PauseDetector
 from mep.protocol.messages import (
-    AuditStatus,
     CANCELLED,
     Cancel,
     Chunk,
@@ -151,7 +150,7 @@ class Router:
         self.endpoints_socket.maxmsgsize = self.service.maxmsgsize = 4 * MAX_HEADER_BYTES
         make_curve_server(self.endpoints_socket, endpoint_secret_key, ZAP_DOMAIN)
         self.spawner = SpawnerLink(spawner)
-        self.audit = TaskAuditTrail(self.spawner)  # every task's records go to the spawner's audit log
+        self.audit = TaskAuditTrail(config.task_log_path(), config.endpoint_id)  # the router's own task log
         self.endpoints: dict[str, EndpointLink] = {}
         self.by_group: dict[GroupKey, str] = {}
         self.spawn_waits: dict[GroupKey, SpawnWait] = {}
@@ -199,13 +198,14 @@ class Router:
         poller.register(self.service, zmq.POLLIN)
         poller.register(self.endpoints_socket, zmq.POLLIN)
         poller.register(self.spawner.fileno(), zmq.POLLIN)
+        poller.register(self.audit.wake_fd, zmq.POLLIN)
         stop_deadline = 0.0
         spawner_gone = False
         while not spawner_gone:
             with loop_turn(log, "router"):  # a fault in one turn must not take the manager down for every user
                 spawner_gone, stop_deadline = self._turn(poller, stop_deadline)
         self._flush_to_service()
-        self.audit.flush()
+        self.audit.close()
         if self._stopping:  # a graceful stop hands back what it holds; a crash leaves it to the lease
             self.service.send_multipart(encode(Unregister()))
         self.service.close(linger=1000)
@@ -222,6 +222,8 @@ class Router:
         if ready.get(self.spawner.fileno(), 0) & zmq.POLLIN and not self._from_spawner():
             log.error("the root spawner has gone; the router stops")
             return True, stop_deadline
+        if self.audit.wake_fd in ready:
+            self.audit.run_posted()  # task records now on disk: their tasks may go
         self._drain(self.endpoints_socket, self._from_endpoint)
         self._drain(self.service, self._from_service)
         self._retry_queued()
@@ -266,6 +268,7 @@ class Router:
             self._register()
         elif now - self.last_heartbeat > interval:
             self.spawner.send(SpawnerStatusRequest())
+            self.audit.check()
             processes = [process_status("router")] + ([self.spawner_status] if self.spawner_status else [])
             self.service.send_multipart(encode(Heartbeat(processes=processes)))
             self._send_credit(again=True)
@@ -347,6 +350,9 @@ class Router:
             if not tasks:
                 continue
             self.held.hold(tasks)
+            if self.audit.refusal:  # nothing is taken that could not be recorded
+                self._drop(tasks, ErrorCode.INTERNAL, self.audit.refusal)
+                continue
             self.audit.accepted(group, refs)
             endpoint_id = self.by_group.get(key)
             if endpoint_id is not None:
@@ -422,9 +428,9 @@ class Router:
         self._fail([task.ref.task_id for task in tasks], code, message, status)
 
     def _fail(self, task_ids: list[str], code: str, message: str, status: str = FAILED) -> None:
+        self.audit.finished(task_ids, status, code=code)
         for task_id in task_ids:
             self.task_endpoint.pop(task_id, None)
-            self.audit.finished(task_id, status, code=code)
             self.results_out.append((Result(task_id=task_id, status=status, code=code, message=message), None))
 
     def _flush_to_service(self) -> None:
@@ -489,8 +495,6 @@ class Router:
             case RemapGroups():
                 log.info("mapping each submitter afresh: %s", message.reason)
                 self.by_group.clear()
-            case AuditStatus():
-                self.audit.on_status(message)
         return True
 
     def _spawned(self, message: Spawned) -> None:
@@ -542,6 +546,7 @@ class Router:
                 detail += f"; the last lines of its log:\n{message.log_tail}"
             self._fail(lost, ErrorCode.SPAWN_FAILED, detail)
             return
+        self.audit.finished(lost, "lost", endpoint_id=link.endpoint_id, account=link.account)
         for task_id in lost:  # the service retries them, or fails them once they used up their attempts
             self.task_endpoint.pop(task_id, None)
             # Anything the endpoint had counts as an attempt, started or not: a task that kills its endpoint
@@ -550,7 +555,6 @@ class Router:
             doing = "running" if task_id in link.started else "holding"
             reason = f"the user endpoint {link.stopped_because or message.how} while {doing} this task"
             self.lost_out.append(LostTask(task_id=task_id, attempted=attempted, reason=reason))
-            self.audit.finished(task_id, "lost", endpoint_id=link.endpoint_id, account=link.account)
 
     # --- user endpoints -------------------------------------------------------------
 
@@ -600,6 +604,7 @@ class Router:
                 log.warning("endpoint %s sent an unexpected %s", endpoint_id, type(header).__name__)
 
     def _endpoint_results(self, link: EndpointLink, header: Results, payloads: list[Any]) -> None:
+        outcomes: dict[tuple[str, str], list[str]] = defaultdict(list)  # one task log record per outcome
         for result in header.results:
             # task_endpoint holds a task from when it is sent to an endpoint until the service has the
             # result, so an endpoint's resend (say, after a service restart) is forwarded again.
@@ -609,13 +614,14 @@ class Router:
             link.in_flight.discard(result.task_id)
             link.started.discard(result.task_id)
             link.unclaimed.pop(result.task_id, None)
-            self.audit.finished(result.task_id, result.status, code=result.code, endpoint_id=link.endpoint_id,
-                                account=link.account)
+            outcomes[result.status, result.code].append(result.task_id)
             payload = payloads[result.payload_frame] if result.payload_frame != -1 else None
             self.results_out.append((result, payload))
             link.done += 1
             log.debug("result of task %s (%s) from endpoint %s", result.task_id, result.status, link.endpoint_id,
                       extra={"task_id": result.task_id, "endpoint_id": link.endpoint_id, "account": link.account})
+        for (status, code), task_ids in outcomes.items():
+            self.audit.finished(task_ids, status, code=code, endpoint_id=link.endpoint_id, account=link.account)
 
     def _refuse_result(self, link: EndpointLink, task_id: str) -> None:
         """A result for a task this router did not send to ``link``.
@@ -675,31 +681,42 @@ class Router:
                 self._send_endpoint(link, Heartbeat())
 
     def _retry_queued(self) -> None:
-        """Tasks an endpoint could not take earlier (its high-water mark was reached) go now."""
+        """Tasks an endpoint could not take earlier (its window was full, their records not yet on disk) go now."""
         for link in self.endpoints.values():
-            if link.queued and link.routing_id is not None and not link.retired:
+            if link.queued and self.audit.refusal:  # their records may never have been written: none goes
+                self._drop(link.queued, ErrorCode.INTERNAL, self.audit.refusal)
+                link.queued.clear()
+            elif link.queued and link.routing_id is not None and not link.retired:
                 self._send_queued(link)
 
     def _queue_on_endpoint(self, link: EndpointLink, tasks: list[QueuedTask]) -> None:
+        if self.audit.refusal:  # nothing runs unrecorded
+            self._drop(tasks, ErrorCode.INTERNAL, self.audit.refusal)
+            return
         link.queued.extend(tasks)
         if link.routing_id is not None:
             self._send_queued(link)
 
     def _send_queued(self, link: EndpointLink) -> None:
-        """Send the endpoint as many queued tasks as its window has room for, oldest first."""
-        if not link.queued:
-            return
-        if self.audit.refusal:  # nothing runs unaudited
-            self._drop(link.queued, ErrorCode.INTERNAL, self.audit.refusal)
-            link.queued.clear()
-            return
-        # Records for everything queued here go ahead in one batch (the router's own limits bound the queue), so
-        # they are written by the time results free the slots: one record per arrival, not one per freed slot.
-        cleared = self.audit.cleared(link.endpoint_id, link.account, [task.ref for task in link.queued])
+        """Send the endpoint as many queued tasks as its window has room for, oldest first, once recorded."""
+        # Tasks queued since the last look (or while it was not yet connected) are a tail of the queue: their
+        # "routed" record goes to the task log now, as one batch, so it is on disk by the time the window has
+        # room (one record per arrival, not per freed slot).
+        new = 0
+        while new < len(link.queued) and not link.queued[-1 - new].recorded:
+            new += 1
+        if new:
+            self.audit.routed(link.endpoint_id, link.account, link.queued[-new:])
         room = max(0, link.window - len(link.in_flight))
-        batch = [task for task in link.queued[:room] if task.ref.task_id in cleared]
+        # Records are written in queue order, so the recorded tasks are a head of the queue: only the part that
+        # fits the window is looked at (a freed slot must not cost a pass over a queue of thousands).
+        batch = []
+        for task in link.queued[:room]:
+            if not self.audit.is_recorded(task):
+                break
+            batch.append(task)
         if not batch:
-            return  # sent once a result frees a slot, or once the spawner has written their "routed" records
+            return  # sent once a result frees a slot, or once their "routed" records are on disk
         refs: list[TaskRef] = []
         payloads: list[Any] = []
         runtimes: dict[tuple, int] = {}
@@ -720,12 +737,10 @@ class Router:
             for ref in refs:
                 link.in_flight.add(ref.task_id)
                 self.task_endpoint[ref.task_id] = link.endpoint_id
-            self.audit.sent(refs)
             for ref in refs:
                 log.debug("task %s sent to endpoint %s", ref.task_id, link.endpoint_id,
                           extra={"task_id": ref.task_id, "endpoint_id": link.endpoint_id, "account": link.account})
-            sent = {ref.task_id for ref in refs}
-            link.queued = [task for task in link.queued if task.ref.task_id not in sent]
+            del link.queued[:len(batch)]
             self.held.release(batch)
         else:
             link.functions_sent.difference_update(ref.fn_hash for ref in refs)

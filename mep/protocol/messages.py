@@ -21,8 +21,6 @@ import msgspec
 from mep.protocol.user_config import JsonConfig
 from mep.root.messages import (  # noqa: F401 - the spawner's own message set, defined with the root process
     PROTOCOL_VERSION,
-    AuditStatus,
-    AuditTasks,
     EndpointBoot,
     EndpointExited,
     Envelope,
@@ -38,7 +36,6 @@ from mep.root.messages import (  # noqa: F401 - the spawner's own message set, d
     SpawnRefused,
     SpawnerMessage,
     SpawnRequest,
-    TaskAudit,
 )
 
 SIGNATURE = b"MEP1"

@@ -1,8 +1,9 @@
-"""The audit log: one JSON object per line for every decision and every routed task, written by the spawner.
+"""The audit log: one JSON object per line for every decision the spawner takes, written by the spawner.
 
 Only the spawner writes it (root on a multi-user manager, the manager's own
-account in single-user mode); the router's task records reach it over the
-private channel (``AuditTasks``). Records are built from named fields only,
+account in single-user mode). The router keeps its own task log with the same
+two classes, as its own account (``mep.manager.task_audit``): what it routed
+is its word, and root's log stays out of its reach. Records are built from named fields only,
 never from whole requests, so no token, key or identity assertion can slip
 in; ``json.dumps`` with ``ensure_ascii`` escapes every control character and
 every non-ASCII character, so a crafted username can't start a line of its own.
@@ -12,8 +13,7 @@ down must be owned by root (or the single-user account) and not writable by
 others, the file is opened without following a link, must be a regular file
 of the writing account, and is created 0600. SIGHUP reopens it (for log
 rotation). When a write fails the log is *broken*: the spawner refuses to
-spawn and tells the router to stop routing until a reopen succeeds (SIGHUP,
-or the next status round).
+spawn until a reopen succeeds (SIGHUP, or the next status round).
 
 One thread writes it (``AuditWriter``), so the spawner's loop never waits
 for a disk: records are written in the order they were handed over, and
@@ -24,8 +24,7 @@ must not act before its record is written waits for it instead.
 
 Record kinds (``event``): ``manager_started``, ``decision`` (identity,
 mapping rule, account, allowed or refused and why), ``endpoint_started``,
-``endpoint_exited``, ``task`` (accepted / routed / a result's outcome),
-``mapping_reload``, ``audit_restored``.
+``endpoint_exited``, ``mapping_reload``, ``audit_restored``.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +69,6 @@ class AuditLog:
         self._trusted_owner_uids = trusted_owner_uids
         self.failure = ""  # why the log is broken; "" while it works
         self._fd = _open_log(path, trusted_owner_uids)
-
-    def write(self, event: str, **fields: Any) -> None:
-        self.write_records([{"event": event, **fields}])
 
     def write_records(self, records: Iterable[Mapping[str, Any]], *, sync: bool = False) -> None:
         """Append the records as one write (``sync``: also wait until they are on disk)."""
@@ -142,6 +138,32 @@ def _open_log(path: Path, trusted_owner_uids: frozenset[int]) -> int:
     return fd
 
 
+class Inbox:
+    """Callables other threads hand to one loop, and a pipe that wakes the loop (``wake_read``) when one comes."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def post(self, callback: Callable[[], None]) -> None:
+        """From any thread: run ``callback`` on the loop."""
+        self._queue.put(callback)
+        try:
+            os.write(self.wake_write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop wakes anyway
+
+    def take(self) -> Iterator[Callable[[], None]]:
+        """On the loop, once ``wake_read`` is readable: what was posted, in order."""
+        try:
+            while os.read(self.wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while not self._queue.empty():  # one loop takes: what it saw stays there
+            yield self._queue.get_nowait()
+
+
 @dataclass
 class _Write:
     records: list[Mapping[str, Any]]
@@ -166,7 +188,7 @@ class AuditWriter:
 
     log: AuditLog
     post: Callable[[Callable[[], None]], None]
-    on_broken: Callable[[], None]
+    on_broken: Callable[[], None] = lambda: None
     _queue: queue.SimpleQueue[_Write | _Reopen | None] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
     _closed: bool = False
@@ -242,8 +264,8 @@ class AuditWriter:
                                        sync=any(item.sync for item in group))
                 ok = True
             except OSError:
-                log.error("the audit log can't be written (%s); no task runs until it can (fix it, then SIGHUP)",
-                          self.log.failure)
+                log.error("%s can't be written (%s); it is tried again each heartbeat and on SIGHUP",
+                          self.log.path, self.log.failure)
                 self.post(self.on_broken)
             except Exception as exc:  # a bug (a record json can't encode): the thread must live on
                 log.exception("an audit record could not be written")

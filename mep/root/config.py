@@ -21,7 +21,7 @@ from mep.root.errors import ConfigurationError
 from mep.root.pam import DEFAULT_LIBRARY
 
 _NAME = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$")]
-PATH_KEYS = ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log")
+PATH_KEYS = ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log", "task_log")
 
 
 def shipped_templates_dir() -> Path:
@@ -81,6 +81,7 @@ class RootConfig(_Section):
     max_concurrent_spawns: Annotated[int, msgspec.Meta(ge=1)] = 4
     max_endpoints_per_account: Annotated[int, msgspec.Meta(ge=1)] = 8
     audit_log: Path | None = None
+    task_log: Path | None = None
     service_signing_keys: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]],
                                     msgspec.Meta(max_length=4)] = []
     share_endpoints_across_identities: bool = False
@@ -120,6 +121,9 @@ class RootConfig(_Section):
     def audit_log_path(self) -> Path:
         return default_audit_log(self.endpoint_id) if self.audit_log is None else self.audit_log
 
+    def task_log_path(self) -> Path:
+        return default_task_log(self.endpoint_id) if self.task_log is None else self.task_log
+
     def socket_dir(self) -> Path:
         return default_run_dir(self.endpoint_id) if self.run_dir is None else self.run_dir
 
@@ -128,6 +132,13 @@ def default_audit_log(endpoint_id: str) -> Path:
     if os.geteuid() == 0:
         return Path("/var/log/mep") / f"audit-{endpoint_id}.jsonl"
     return Path.home() / ".mep" / "log" / f"audit-{endpoint_id}.jsonl"
+
+
+def default_task_log(endpoint_id: str) -> Path:
+    """The router's task log; as root in a directory of its own, which the root half makes for its account."""
+    if os.geteuid() == 0:
+        return Path("/var/log/mep") / f"router-{endpoint_id}" / "tasks.jsonl"
+    return Path.home() / ".mep" / "log" / f"tasks-{endpoint_id}.jsonl"
 
 
 def default_run_dir(endpoint_id: str) -> Path:

@@ -1,7 +1,8 @@
 """The root spawner's own message set, its decoder, and the channel it talks to the router on.
 
 Only envelopes travel between router and spawner (``SpawnRequest`` and its
-answers, task audit records), never a task frame: one msgpack envelope per
+answers, endpoint news), never a task frame (nor a task record: the router
+keeps its own task log, ``mep.manager.task_audit``): one msgpack envelope per
 SOCK_SEQPACKET datagram of a ``socketpair`` made before the manager splits, so
 no other process can reach it. The spawner decodes them with a decoder of this
 set alone: anything else the router sends is a ``ProtocolError``. The other
@@ -124,39 +125,6 @@ class SpawnerStatus(Envelope, tag="SPAWNER_STATUS_REPLY"):
     process: ProcessStatus | None = None
 
 
-class TaskAudit(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One audit record of a task: ``outcome`` is accepted, routed, or the result's status.
-
-    A "routed" record covers a batch: ``task_ids`` (not ``task_id``) sent together to one endpoint.
-    """
-
-    task_id: str = ""
-    outcome: str = ""
-    task_ids: list[str] = []
-    fn_hash: str = ""
-    endpoint_id: str = ""
-    account: str = ""
-    submitter_id: str = ""
-    code: str = ""
-
-
-class AuditTasks(Envelope, tag="AUDIT_TASKS"):
-    """Router -> spawner: task records for the audit log, which only the spawner writes."""
-
-    records: list[TaskAudit] = []
-
-
-class AuditStatus(Envelope, tag="AUDIT_STATUS"):
-    """Spawner -> router: whether the audit log can be written; while it can't, nothing is routed.
-
-    ``confirmed``: tasks whose "routed" record is on disk; only these may be sent to their endpoint.
-    """
-
-    ok: bool = True
-    message: str = ""  # for the submitters whose tasks are refused meanwhile
-    confirmed: list[str] = []
-
-
 class EndpointBoot(msgspec.Struct, forbid_unknown_fields=True):
     """Everything a freshly exec'd user endpoint needs; secrets travel only here, never in argv/env."""
 
@@ -210,8 +178,6 @@ SpawnerMessage = (
     | RemapGroups
     | SpawnerStatusRequest
     | SpawnerStatus
-    | AuditTasks
-    | AuditStatus
 )
 _decoder = msgspec.msgpack.Decoder(SpawnerMessage)
 

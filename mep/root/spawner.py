@@ -24,11 +24,11 @@ account's run one at a time (a second request for it waits, then usually
 reuses the endpoint the first one started). Any error in a request, an
 ``OSError`` included, refuses that request alone.
 
-Every decision, endpoint start and exit, mapping reload and the router's task
-records go to the audit log before anything acts on them; one writer thread
-writes it in order with group commit (``audit.AuditWriter``). While it can't be
-written nothing is spawned and the router is told to stop routing
-(``AuditStatus``). SIGHUP reloads the mapping file and reopens the audit log.
+Every decision, endpoint start and exit and mapping reload goes to the audit
+log before anything acts on it; one writer thread writes it in order with
+group commit (``audit.AuditWriter``). While it can't be written nothing is
+spawned. (Tasks are the router's to record, in its own task log.) SIGHUP
+reloads the mapping file and reopens the audit log.
 
 The spawner supervises the router (``router_process``): if it dies, a fresh
 one is started after a backoff and told of every running endpoint, as after a
@@ -41,7 +41,6 @@ import hashlib
 import logging
 import os
 import pwd
-import queue
 import select
 import signal
 import sys
@@ -59,7 +58,7 @@ from mep.root.config import RootConfig
 from mep.root.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
 from mep.root import registry
 from mep.root.accounts import Account, AccountPolicy, AccountRefused, resolve_account
-from mep.root.audit import AuditLog, AuditUnavailableError, AuditWriter
+from mep.root.audit import AuditLog, AuditUnavailableError, AuditWriter, Inbox
 from mep.root.authorize import Authorization, authorize
 from mep.root.identity import IdentityMapper, MappingContext
 from mep.root.mapping_file import MappingFile, ReloadOutcome
@@ -74,8 +73,6 @@ from mep.root.keys import generate_keypair
 from mep.root.logs import active_format
 from mep.root.sdnotify import notify_ready
 from mep.root.messages import (
-    AuditStatus,
-    AuditTasks,
     EndpointBoot,
     EndpointExited,
     IdentityResource,
@@ -185,8 +182,7 @@ class Spawner:
         self._policy_check_due: bool | None = None  # a change came meanwhile: check again (True: remapping too)
         self._starting: dict[int, list[PendingSpawn]] = {}  # uid -> requests waiting for its start in progress
         self._workers = ThreadPoolExecutor(max_workers=SPAWN_WORKERS, thread_name_prefix="spawn")
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._inbox = Inbox()  # outcomes of worker threads and audit writes, run on the loop
 
     def run(self) -> int:
         forbid_unpickling()
@@ -194,7 +190,7 @@ class Spawner:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hangup_signal)
-        signal.set_wakeup_fd(self._wake_write)  # a signal wakes the select below
+        signal.set_wakeup_fd(self._inbox.wake_write)  # a signal wakes the select below
         self._start_router()
         try:
             audit_log = AuditLog(self.settings.audit_log, trusted_owner_uids=self.settings.trusted_owner_uids,
@@ -202,7 +198,7 @@ class Spawner:
         except BaseException:
             self._kill_router()
             raise
-        self.audit = AuditWriter(audit_log, post=self._post, on_broken=self._audit_broke)
+        self.audit = AuditWriter(audit_log, post=self._inbox.post)  # a spawn checks .failure first
         notify_ready()  # systemd (Type=notify): the checks passed, the router runs, the audit log is open
         config = self.settings.config
         self.audit.write([{"event": "manager_started", "mapping_file": str(config.identity_mapping),
@@ -225,7 +221,7 @@ class Spawner:
     def _turn(self) -> bool:
         """Wait for the router, a signal or an endpoint's exit, and handle it; True once the spawner is done."""
         router, watched = self.router, dict(self.children)
-        readable = [self._wake_read, *watched]
+        readable = [self._inbox.wake_read, *watched]
         writable = []
         if router is not None:
             readable += [router.channel.fileno(), router.pidfd]
@@ -236,7 +232,7 @@ class Spawner:
         ready = set(readable)
         if writable and router is self.router:
             router.channel.flush()
-        if self._wake_read in ready:
+        if self._inbox.wake_read in ready:
             self._drain_wakeups()  # outcomes of spawns and audit writes: may register endpoints
         if router is not None and router is self.router:
             if router.log_read in ready:
@@ -244,7 +240,7 @@ class Spawner:
             if router.channel.fileno() in ready and not self._serve_router():
                 self._router_gone()
             elif router.pidfd in ready:
-                # What it sent last (its stop notice, its last task records) is still worth reading.
+                # What it sent last (its stop notice) is still worth reading.
                 while select.select([router.channel.fileno()], [], [], 0)[0] and self._serve_router():
                     pass
                 self._router_gone()
@@ -276,8 +272,6 @@ class Spawner:
             log.error("could not start the router (%s); trying again in %.1f s", exc, delay)
             self._restart_at = time.monotonic() + delay
             return
-        if self.audit is not None and self.audit.failure:
-            self._send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
         for process in self.children.values():  # what runs is adopted, as after a manager restart
             if not process.retired:
                 self._send(Spawned(endpoint_id=process.endpoint_id, pid=process.endpoint_pid,
@@ -325,25 +319,8 @@ class Spawner:
     def _on_hangup_signal(self, _signum: int, _frame: object) -> None:
         self._hangup = True
 
-    def _post(self, callback: Callable[[], None]) -> None:
-        """From any thread: run ``callback`` on the loop."""
-        self._inbox.put(callback)
-        try:
-            os.write(self._wake_write, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop wakes anyway
-
     def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_read, 512):
-                pass
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                callback = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for callback in self._inbox.take():
             try:
                 callback()
             except Exception:  # a bug in one outcome's handling must not end the spawner for everyone
@@ -382,8 +359,6 @@ class Spawner:
         match message:
             case SpawnRequest():
                 self._spawn_request(message)
-            case AuditTasks():
-                self._record_tasks(message)
             case RouterStopping():
                 self._router_stopping = True
             case RetireEndpoint():
@@ -403,38 +378,18 @@ class Spawner:
 
     # --- the audit log ----------------------------------------------------------------
 
-    def _audit_broke(self) -> None:
-        self._send(AuditStatus(ok=False, message=str(AuditUnavailableError())))
-
-    def _record_tasks(self, message: AuditTasks) -> None:
-        """The router's task records; "routed" ones are confirmed once on disk, since their tasks wait for it."""
-        records = [{"event": "task", **msgspec.to_builtins(record)} for record in message.records]
-        routed = [task_id for record in message.records if record.outcome == "routed" for task_id in record.task_ids]
-        router_life = self.router_life
-
-        def confirm(written: bool) -> None:
-            # not written: the router was told when the log broke, and fails the tasks waiting for this
-            if written and routed and router_life == self.router_life:
-                self._send(AuditStatus(ok=True, confirmed=routed))
-
-        self.audit.write(records, sync=bool(routed), then=confirm)
-
     def _reopen_audit_log(self) -> None:
         was_broken = bool(self.audit.failure)
 
         def reopened(error: str) -> None:
             if error:
-                log.error("%s; no task runs until the audit log can be written", error)
-                if not was_broken:
-                    self._audit_broke()
-                return
-            if was_broken:
+                log.error("%s; no endpoint is started until the audit log can be written", error)
+            elif was_broken:
                 self.audit.write([{"event": "audit_restored"}], sync=True, then=restored)
 
         def restored(written: bool) -> None:
             if written:
-                log.info("the audit log %s can be written again; routing resumes", self.audit.log.path)
-                self._send(AuditStatus(ok=True))
+                log.info("the audit log %s can be written again; spawns resume", self.audit.log.path)
 
         self.audit.reopen(then=reopened)
 
@@ -587,7 +542,7 @@ class Spawner:
 
     def _in_worker(self, job: Callable[[], Any], then: Callable[[Future], None]) -> None:
         """Run ``job`` in a worker thread, then ``then(its future)`` on the loop."""
-        self._workers.submit(job).add_done_callback(lambda done: self._post(lambda: then(done)))
+        self._workers.submit(job).add_done_callback(lambda done: self._inbox.post(lambda: then(done)))
 
     # --- spawning: in worker threads (they touch no table of the loop's) -----------------
 

@@ -17,6 +17,7 @@ import stat
 import sys
 from pathlib import Path
 
+import msgspec
 from setproctitle import setproctitle
 
 from mep.root.config import PamSettings, RootConfig
@@ -55,6 +56,22 @@ def prepare_socket_dir(base: Path, owner_uid: int, owner_gid: int) -> tuple[Path
     os.chmod(router_dir, 0o755)
     (router_dir / "endpoints.sock").unlink(missing_ok=True)
     return router_dir / "endpoints.sock", lock_fd
+
+
+def prepare_task_log_dir(task_log: Path, owner: Account) -> None:
+    """The router writes its task log itself: its directory is the router account's (made so here if missing).
+
+    An existing directory is never handed over (it might hold root's own log):
+    it must already be the router's.
+    """
+    directory = task_log.parent
+    if not directory.exists():
+        directory.mkdir(mode=0o750, parents=True)
+        os.chown(directory, owner.uid, owner.gid)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner.uid:
+        raise ConfigurationError(f"the task log's directory {directory} must be a directory (not a symlink) of the "
+                                 f"router's account: 'install -d -o {owner.name} -m 0750 {directory}', or set task_log")
 
 
 def _hold_instance_lock(base: Path) -> int:
@@ -140,6 +157,8 @@ def start_manager(config_path: Path) -> int:
     pam = pam_settings(config, config_path, trusted_owner_uids=trusted)
     socket_path, lock_fd = prepare_socket_dir(config.socket_dir(), router.uid, router.gid if as_root else os.getegid())
     router_public, router_secret = router_keypair(config.socket_dir() / "router.key")
+    config = msgspec.structs.replace(config, task_log=config.task_log_path())  # the router is not root: say where
+    prepare_task_log_dir(config.task_log, router)
     address = f"ipc://{socket_path}"
     launch = RouterLaunch(
         account=router, drop_privileges=as_root, lock_fd=lock_fd,
