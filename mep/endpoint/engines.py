@@ -24,7 +24,7 @@ from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
 
 if TYPE_CHECKING:
-    from mep.config.endpoint import UserEndpointConfig
+    from mep.endpoint.settings import EndpointConfig
 
 
 class Engine(Protocol):
@@ -35,7 +35,7 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Completion) -> Engine:
+def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion) -> Engine:
     engine = config.engine
     if engine.worker_python is not None:
         try:
