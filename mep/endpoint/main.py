@@ -27,6 +27,7 @@ from mep.cli.logs import use_format
 from mep.config.task_resources import ResourceLimitError
 from mep.endpoint.config_cache import ConfigCache, cache_key, default_directory
 from mep.endpoint.engines import UnusableEngine, make_engine
+from mep.endpoint.forker import discard_early
 from mep.endpoint.large_results import LargeResultFiles
 from mep.endpoint.settings import EndpointConfig, ProcessEndpointSettings, read_settings
 from mep.endpoint.versions import refuse_mismatch
@@ -425,7 +426,9 @@ def main() -> int:
     use_format(boot.log_format, ENDPOINT_TEXT_FORMAT)
     setproctitle(f"mep-endpoint {boot.account} {boot.endpoint_id}")
     config, refusal = rendered_config(boot)
-    return UserEndpoint(boot, config, refusal).run()
+    endpoint = UserEndpoint(boot, config, refusal)
+    discard_early()  # the forker started by __main__, when this config's engine did not take it
+    return endpoint.run()
 
 
 REFUSING_IDLE_TIMEOUT = 60.0  # seconds an endpoint whose config did not render keeps answering tasks with why
