@@ -44,7 +44,7 @@ def settings(options: argparse.Namespace) -> dict[str, Any]:
         chosen = {"tasks": 10_000, "trials": 5, "workers": [2, 4, 8], "calls": 1000, "cold_trials": 20,
                   "users": 100, "payload_trials": 3, "slurm_tasks": 2000, "slurm_trials": 3,
                   "profile_tasks": 10_000}
-    for name in ("tasks", "trials", "users"):
+    for name in ("tasks", "trials", "users", "cold_trials"):
         if getattr(options, name) is not None:
             chosen[name] = getattr(options, name)
     if options.workers:
@@ -120,6 +120,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also run the py-spy profile section")
     parser.add_argument("--tasks", type=int, help="no-op tasks per throughput trial (default 10,000)")
     parser.add_argument("--trials", type=int, help="throughput trials per system (default 5)")
+    parser.add_argument("--cold-trials", type=int, help="cold start trials of each kind (default 20)")
     parser.add_argument("--users", type=int, help="accounts in the users section (default 100)")
     parser.add_argument("--workers", help="comma-separated worker counts for throughput (default 2,4,8)")
     parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/<date>.json)")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import dill
 import pytest
 
+from mep.endpoint import forker as forker_module
 from mep.endpoint.engine import ProcessEngine
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
@@ -110,3 +111,25 @@ def _state(pid: int) -> str:
             return handle.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_the_forker_started_before_the_endpoints_imports_is_the_one_its_engine_uses() -> None:
+    forker_module.start_early()  # as python -m mep.endpoint does
+    early = children_of(os.getpid())
+    results = Results()
+    engine = ProcessEngine(1, lambda task_id: None, results.done)
+    try:
+        assert children_of(os.getpid()) == early  # taken, not a second one
+        submit(engine, "a", parentage)
+        assert [dill.loads(results.wait("a").payload)[1]] == early
+    finally:
+        engine.shutdown()
+    assert forker_module._early is None
+
+
+def test_a_forker_started_early_that_no_engine_takes_is_ended() -> None:
+    forker_module.start_early()
+    (early,) = children_of(os.getpid())
+    forker_module.discard_early()
+    assert not os.path.exists(f"/proc/{early}")  # exited and reaped
+    forker_module.discard_early()  # nothing left to end: a no-op

@@ -18,10 +18,10 @@ importing Parsl into the process that validates.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
+from mep.config.paths import clean_path, results_directory
 from mep.config.task_resources import check_resources
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -33,16 +33,9 @@ class _StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _clean_path(path: str) -> str:
-    """An absolute, normalised path: no ``..`` can walk a composed path out of the directory a template meant."""
-    if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path:
-        raise ValueError(f"must be a normalised absolute path (no '..', '.' or '//'), not {path!r}")
-    return path
-
-
 WorkerPython = Annotated[
     str | None,
-    AfterValidator(lambda path: path if path is None else _clean_path(path)),
+    AfterValidator(lambda path: path if path is None else clean_path(path)),
     Field(description="Interpreter tasks run in (a researcher's conda or virtual environment); it needs only "
           "dill. Default: the endpoint's own interpreter."),
 ]
@@ -58,9 +51,9 @@ class Container(_StrictModel):
     type: Literal["podman", "apptainer", "singularity"]
     image: str = Field(pattern=r"^[A-Za-z0-9/][A-Za-z0-9._/:@+-]{0,254}$",
                        description="Image name (podman) or image file / URI (apptainer, singularity)")
-    python: Annotated[str, AfterValidator(_clean_path)] = Field(
+    python: Annotated[str, AfterValidator(clean_path)] = Field(
         default="/usr/bin/python3", description="The interpreter inside the image; it needs only dill")
-    runtime: Annotated[str, AfterValidator(_clean_path)] | None = Field(
+    runtime: Annotated[str, AfterValidator(clean_path)] | None = Field(
         default=None, description="podman only: the OCI runtime's path (e.g. /usr/sbin/runc where crun can't "
         "run, as on hosts with hybrid cgroups); default: podman's own choice")
 
@@ -223,14 +216,6 @@ Engine = Annotated[
 ]
 
 
-def _results_directory(path: str) -> str:
-    """``~/...`` (the account's home, expanded by the endpoint as the user) or a clean absolute path."""
-    if path.startswith("~/"):
-        _clean_path(path[1:])  # the part under the home, checked as if the home were /
-        return path
-    return _clean_path(path)
-
-
 class LargeResults(_StrictModel):
     """Results above a size are kept in a file on the endpoint's host, not sent through the service.
 
@@ -240,7 +225,7 @@ class LargeResults(_StrictModel):
 
     threshold_bytes: int = Field(
         default=1024 * 1024, ge=0, description="Serialised results larger than this go to a file (0: every one)")
-    directory: Annotated[str, AfterValidator(_results_directory)] = Field(
+    directory: Annotated[str, AfterValidator(results_directory)] = Field(
         default="~/.mep/results", description="Where the endpoint writes them, as the account (mode 0700); "
         "~/ is the account's home; a shared scratch directory lets the SDK read them in place on the cluster")
     retention: float = Field(

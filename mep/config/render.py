@@ -14,6 +14,9 @@ Schema; a researcher owns only the option values. ``TemplateRenderer.render``:
    ``UserEndpointConfig``, which forbids unknown keys; for an ``htex`` engine,
    the Parsl provider's and launcher's arguments are then checked against the
    classes' signatures (``mep.config.parsl_check``, without loading Parsl here).
+   ``render_document`` stops after the parse, for the user endpoint, which
+   checks the common shape with msgspec (``mep.endpoint.settings``) and leaves
+   the rest to ``validate``: pydantic is imported only there.
 
 A refused rendered config names the field, the template file and the template
 line that produced it (found by aligning the template's literal YAML keys with
@@ -38,14 +41,12 @@ import shlex
 import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-from pydantic import ValidationError
 
-from mep.config.endpoint import ENGINE_TYPES, HtexEngine, UserEndpointConfig
 from mep.config.options import (
     _USER_CONFIG,
     RESERVED_NAMESPACE,
@@ -54,8 +55,10 @@ from mep.config.options import (
     _shorten,
     _yaml_string,
 )
-from mep.config.parsl_check import check_engine
 from mep.errors import ConfigInvalidError, ConfigurationError, TemplateError
+
+if TYPE_CHECKING:
+    from mep.config.endpoint import UserEndpointConfig
 
 
 class _UnplaceableValue(Exception):
@@ -130,6 +133,8 @@ def _line_key(line: str) -> tuple[int, str] | None:
 
 def _document_path(document: Any, loc: Iterable[str | int]) -> tuple[str | int, ...]:
     """``loc`` without the parts that are not keys or indexes of ``document`` (pydantic's union tags)."""
+    from mep.config.endpoint import ENGINE_TYPES  # a refusal's path only: pydantic is imported by then
+
     path: list[str | int] = []
     node = document
     for part in loc:
@@ -249,8 +254,34 @@ class TemplateRenderer:
         Raises ConfigInvalidError when the options or the rendered config are
         refused, TemplateError when the template fails to render valid YAML.
         """
+        text, document = self.render_document(user_config, mapped_user=mapped_user, user_runtime=user_runtime,
+                                              endpoint=endpoint)
+        return self.validate(text, document)
+
+    def render_document(
+        self,
+        user_config: Mapping[str, Any],
+        *,
+        mapped_user: Mapping[str, Any],
+        user_runtime: Mapping[str, Any],
+        endpoint: Mapping[str, Any],
+    ) -> tuple[str, dict[str, Any]]:
+        """``render`` up to the parsed YAML, not yet validated: (rendered text, document) for ``validate``.
+
+        For a caller with a faster check of the common shape (the user endpoint's msgspec structs) that
+        leaves every other document, and every refusal's message, to ``validate``.
+        """
         text = self.render_text(user_config, mapped_user=mapped_user, user_runtime=user_runtime, endpoint=endpoint)
-        document = self._parse(text)
+        return text, self._parse(text)
+
+    def validate(self, text: str, document: dict[str, Any]) -> UserEndpointConfig:
+        """``render_document``'s output validated into ``UserEndpointConfig``; ConfigInvalidError if refused."""
+        # pydantic, and Parsl's signatures for htex: only here, off the path of a config checked another way
+        from pydantic import ValidationError
+
+        from mep.config.endpoint import HtexEngine, UserEndpointConfig
+        from mep.config.parsl_check import check_engine
+
         try:
             config = UserEndpointConfig.model_validate(document)
         except ValidationError as exc:

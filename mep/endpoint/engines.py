@@ -24,7 +24,7 @@ from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
 
 if TYPE_CHECKING:
-    from mep.config.endpoint import UserEndpointConfig
+    from mep.endpoint.settings import EndpointConfig
 
 
 class Engine(Protocol):
@@ -35,7 +35,7 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_engine(config: UserEndpointConfig, on_started: Started, on_done: Completion,
+def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion,
                 result_file: ResultFileFor | None = None) -> Engine:
     """``result_file``: given to the workers on this host outside a container, which write large results themselves
     (an htex worker may be on another node, a container may not see the results directory: the endpoint writes

@@ -166,11 +166,33 @@ class _ForkerProcess:
             self._control = None
 
 
+_early: _ForkerProcess | None = None
+
+
+def start_early() -> None:
+    """Start the forker now, at the top of ``python -m mep.endpoint``: its interpreter and dill import then
+    overlap the endpoint's own imports and config step instead of following them (the first task waits
+    for a worker). It is a fresh image, so starting it before the boot document is read holds no secret.
+    The next ``Forker`` takes it; ``discard_early`` ends it if the config needs no forker."""
+    global _early
+    _early = _ForkerProcess()
+
+
+def discard_early() -> None:
+    """End an early forker no engine took (another engine, or a refused config)."""
+    global _early
+    if _early is not None:
+        Forker(_early).shutdown()
+        _early = None
+
+
 class Forker:
     """The endpoint's side: starts the forker process (again, if it died) and asks it for workers."""
 
-    def __init__(self) -> None:
-        self._current = _ForkerProcess()
+    def __init__(self, current: _ForkerProcess | None = None) -> None:
+        global _early
+        self._current = current or _early or _ForkerProcess()
+        _early = None
 
     def start_worker(self) -> tuple[ForkedWorker, Channel]:
         """A new worker and its channel; raises OSError if the forker can't make one."""

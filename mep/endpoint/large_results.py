@@ -32,6 +32,7 @@ from mep.protocol.messages import FAILED, Chunk, ChunkRead, LargeResult
 
 if TYPE_CHECKING:
     from mep.config.endpoint import LargeResults
+    from mep.endpoint.settings import LargeResultSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ READ_KEEPS_ALIVE = 60.0  # seconds after a chunk read during which the endpoint 
 
 
 class LargeResultFiles:
-    def __init__(self, settings: LargeResults, endpoint_id: str, account: str) -> None:
+    def __init__(self, settings: LargeResults | LargeResultSettings, endpoint_id: str, account: str) -> None:
         self.settings = settings
         self.endpoint_id = endpoint_id
         self.account = account

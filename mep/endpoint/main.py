@@ -24,10 +24,12 @@ import zmq
 from setproctitle import setproctitle
 
 from mep.cli.logs import use_format
-from mep.config.endpoint import UserEndpointConfig
 from mep.config.task_resources import ResourceLimitError
+from mep.endpoint.config_cache import ConfigCache, cache_key, default_directory
 from mep.endpoint.engines import UnusableEngine, make_engine
+from mep.endpoint.forker import discard_early
 from mep.endpoint.large_results import LargeResultFiles
+from mep.endpoint.settings import EndpointConfig, ProcessEndpointSettings, read_settings
 from mep.endpoint.versions import refuse_mismatch
 from mep.endpoint.worker import Outcome
 from mep.errors import (
@@ -91,7 +93,7 @@ class UserEndpoint:
     the engine.
     """
 
-    def __init__(self, boot: EndpointBoot, config: UserEndpointConfig, refusal: MepError | None = None) -> None:
+    def __init__(self, boot: EndpointBoot, config: EndpointConfig, refusal: MepError | None = None) -> None:
         self.boot = boot
         self.config = config
         self.assertions = AssertionVerifier(boot.assertion_keys, boot.manager_endpoint_id)
@@ -369,7 +371,7 @@ class UserEndpoint:
         self.socket.send_multipart(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
 
 
-def task_window(config: UserEndpointConfig) -> int:
+def task_window(config: EndpointConfig) -> int:
     """How many tasks to let the router send at once: what the engine can run, plus a small prefetch, so a
     worker that finishes finds its next task here rather than a round trip away (docs/protocol.md, CREDIT)."""
     engine = config.engine
@@ -426,25 +428,45 @@ def main() -> int:
     use_format(boot.log_format, ENDPOINT_TEXT_FORMAT)
     setproctitle(f"mep-endpoint {boot.account} {boot.endpoint_id}")
     config, refusal = rendered_config(boot)
-    return UserEndpoint(boot, config, refusal).run()
+    endpoint = UserEndpoint(boot, config, refusal)
+    discard_early()  # the forker started by __main__, when this config's engine did not take it
+    return endpoint.run()
 
 
 REFUSING_IDLE_TIMEOUT = 60.0  # seconds an endpoint whose config did not render keeps answering tasks with why
 
 
-def rendered_config(boot: EndpointBoot) -> tuple[UserEndpointConfig, MepError | None]:
+def rendered_config(boot: EndpointBoot) -> tuple[EndpointConfig, MepError | None]:
     """The admin's template rendered with the researcher's options, here, as the user (never as root).
 
-    A refused config or template gives a stand-in config and the error every task is then failed with.
+    A plain ``process`` config is checked with msgspec structs and kept in the account's cache, so the
+    next start with the same inputs reads it from there instead of rendering; anything else is the
+    model's. A refused config or template gives a stand-in config and the error every task is then
+    failed with.
     """
+    started = time.perf_counter()
+    cache, key = ConfigCache(default_directory()), cache_key(boot)
+    config: EndpointConfig | None = cache.load(key)
+    if config is not None:
+        # The cold start's own cost, logged for the admin and benchmarks/coldstart.py (which splits it by this line)
+        log.info("config read from the cache in %.1f ms", (time.perf_counter() - started) * 1e3)
+        return config, None
     from mep.config.render import TemplateRenderer  # jinja2 and jsonschema: only where a config is rendered
 
     try:
         renderer = TemplateRenderer(Path(boot.template_path), Path(boot.schema_path), template_text=boot.template,
                                     schema_text=boot.schema)
-        return renderer.render(boot.user_config, mapped_user=boot.mapped_user, user_runtime=boot.user_runtime,
-                               endpoint={"id": boot.manager_endpoint_id}), None
+        text, document = renderer.render_document(boot.user_config, mapped_user=boot.mapped_user,
+                                                  user_runtime=boot.user_runtime,
+                                                  endpoint={"id": boot.manager_endpoint_id})
+        config = read_settings(document)
+        if config is None:  # not the plain shape, or refused: the model decides, with its message
+            config = renderer.validate(text, document)
+        else:
+            cache.store(key, config)
     except (ConfigInvalidError, TemplateError, ConfigurationError) as exc:
         log.error("refusing every task: the user endpoint config did not render: %s", exc)
         refusal = exc if isinstance(exc, (ConfigInvalidError, TemplateError)) else TemplateError(str(exc))
-        return UserEndpointConfig(idle_timeout=REFUSING_IDLE_TIMEOUT), refusal
+        return ProcessEndpointSettings(idle_timeout=REFUSING_IDLE_TIMEOUT), refusal
+    log.info("config rendered in %.1f ms", (time.perf_counter() - started) * 1e3)
+    return config, None

@@ -19,10 +19,10 @@ from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED, Runtime, TaskRef
 
 if TYPE_CHECKING:
-    from mep.config.endpoint import UserEndpointConfig
+    from mep.endpoint.settings import EndpointConfig
 
 
-def refuse_mismatch(runtimes: Sequence[Runtime], task: TaskRef, config: UserEndpointConfig,
+def refuse_mismatch(runtimes: Sequence[Runtime], task: TaskRef, config: EndpointConfig,
                     on_done: Callable[[str, Outcome], None]) -> bool:
     """Fail ``task`` through ``on_done`` if its client can't exchange payloads with the workers; True if it did."""
     if not 0 <= task.runtime < len(runtimes):
