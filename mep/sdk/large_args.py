@@ -5,8 +5,9 @@ The serialised arguments are sent ``CHUNK_BYTES`` at a time with at most
 holds in memory); the service acknowledges a chunk once it is on its disk and
 says how much of the upload it holds, so an upload interrupted by a service
 restart (or begun again by another submission of the same bytes) goes on from
-there instead of from the start: the first chunk goes alone, and its answer says where to go on. The upload is named by its SHA-256, which the
-service checks; the task's SUBMIT then carries only that name and size
+there instead of from the start: the first chunk goes alone, and its answer
+says where to go on. The upload is named by its SHA-256, which the service
+checks; the task's SUBMIT then carries only that name and size
 (``TaskRef.large_args``), and the endpoint fetches the bytes before the task
 runs. docs/user.md, "Large arguments".
 """
