@@ -6,9 +6,9 @@ time, at most ``WINDOW`` requests outstanding, and writes each chunk where it
 belongs in a file of the account (mode 0600 in the large-results directory,
 0700), so its memory holds a few chunks while they arrive; a chunk not
 answered in time is asked for again from its offset (what arrived stays).
-Once complete, the file is read back whole (the engine takes the arguments
-as bytes), checked against the SHA-256 the service recorded, removed, and
-the task goes to the engine. At most ``CONCURRENT`` tasks fetch at once;
+Once complete, the file is removed (its open descriptor is read back whole
+on a thread of its own: the engine takes the arguments as bytes), checked
+against the SHA-256 the service recorded, and the task goes to the engine. At most ``CONCURRENT`` tasks fetch at once;
 others wait their turn, holding nothing. docs/user.md, "Large arguments".
 """
 
@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -137,16 +138,25 @@ class ArgumentFetches:
             self._fill_window(fetch)
 
     def _finish(self, fetch: _Fetch) -> None:
-        with os.fdopen(os.dup(fetch.fd), "rb") as handle:
-            handle.seek(0)
-            arguments = handle.read()
-        if hashlib.sha256(arguments).hexdigest() != fetch.large.sha256:
-            self._fail(fetch, ErrorCode.LARGE_ARGS_UNAVAILABLE, "the task's arguments fetched from the service do "
-                       "not match the SHA-256 they were uploaded under; submit the task again")
-            return
+        """Read, check and hand over the arguments on a thread of their own: for GiBs that takes seconds, during
+        which the endpoint's loop must keep heartbeating (``then`` and ``failed`` may be called from any thread)."""
+        handle = os.fdopen(os.dup(fetch.fd), "rb")
         self._end(fetch)
-        log.info("fetched the %d bytes of uploaded arguments of task %s", fetch.large.size, fetch.task_id)
-        fetch.then(arguments)
+
+        def load() -> None:
+            with handle:
+                handle.seek(0)
+                arguments = handle.read()
+            if hashlib.sha256(arguments).hexdigest() != fetch.large.sha256:
+                message = ("the task's arguments fetched from the service do not match the SHA-256 they were "
+                           "uploaded under; submit the task again")
+                log.warning("task %s fails: %s", fetch.task_id, message)
+                self._failed(fetch.task_id, Outcome(FAILED, code=ErrorCode.LARGE_ARGS_UNAVAILABLE, message=message))
+                return
+            log.info("fetched the %d bytes of uploaded arguments of task %s", fetch.large.size, fetch.task_id)
+            fetch.then(arguments)
+
+        threading.Thread(target=load, name=f"mep-args-{fetch.task_id[:8]}", daemon=True).start()
 
     def _fail(self, fetch: _Fetch, code: str, message: str) -> None:
         self._end(fetch)
