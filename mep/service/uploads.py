@@ -22,6 +22,7 @@ at here: they are hashed, stored and read back.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -38,7 +39,7 @@ from mep.errors import (
     UploadNotStoredError,
 )
 from mep.protocol.messages import MAX_CHUNK_BYTES, Chunk, ChunkRequest, LargeArgs, TaskRef, Upload, UploadAck
-from mep.service.store import TERMINAL_SQL, Store
+from mep.service.store import DISK_FULL, TERMINAL_SQL, Store
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,11 @@ class Uploads:
 
     def _append(self, partial: Path, chunk: memoryview, at: int) -> None:
         """Write the chunk at the end of the file and fsync it; on failure the file is cut back to ``at``."""
-        partial.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            partial.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise _not_stored(partial, exc) from None
         try:
             written = 0
             while written < len(chunk):
@@ -146,9 +150,7 @@ class Uploads:
         except OSError as exc:
             self._hashes.pop(partial, None)
             os.ftruncate(fd, at)
-            log.error("could not store an upload chunk in %s: %s", partial, exc)
-            raise UploadNotStoredError(f"the service could not store the chunk ({exc.strerror or exc}); nothing of "
-                                       "it was kept: send it again later") from None
+            raise _not_stored(partial, exc) from None
         finally:
             os.close(fd)
 
@@ -253,6 +255,14 @@ class Uploads:
         if removed:
             log.info("removed %d upload(s) no unfinished task needs, unused for %.0f s", removed, self.retention)
         return removed
+
+
+def _not_stored(partial: Path, exc: OSError) -> UploadNotStoredError:
+    log.error("could not store an upload chunk in %s: %s", partial, exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UploadNotStoredError(DISK_FULL)
+    return UploadNotStoredError(f"the service could not store the chunk ({exc.strerror or exc}); nothing of it was "
+                                "kept: send it again later")
 
 
 def _entries(directory: Path) -> list[os.DirEntry]:
