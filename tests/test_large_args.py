@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import zmq
 
-from mep.errors import QuotaExceededError
+from mep.errors import QuotaExceededError, ServiceUnavailableError
 from mep.protocol import decode, encode
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
 from mep.protocol.messages import (
@@ -36,7 +36,7 @@ from mep.sdk.large_results import CHUNK_BYTES
 from mep.sdk.serialize import client_runtime, serialize_args, serialize_function
 from mep.service.store import Store
 from mep.service.uploads import Uploads
-from tests.harness import DOMAIN_STRIP, Deployment, expression_mapping
+from tests.harness import DOMAIN_STRIP, Deployment, expression_mapping, fill, service_on_small_tmpfs
 from tests.test_large_results import memory_kib
 
 pytestmark = pytest.mark.root
@@ -194,6 +194,21 @@ def test_malformed_upload_chunks_are_refused_each_with_its_reason(deploy, accoun
     assert isinstance(answer, Error) and "sha256" in answer.message, answer
     # The service still serves: a whole upload goes through afterwards.
     assert upload(settings, data, 3.0, 60.0)[0].sha256 == right
+
+
+def test_an_upload_to_a_full_disk_is_refused_with_why_and_keeps_nothing(router_account, account_factory) -> None:
+    account = account_factory("mepdiskup")
+    with service_on_small_tmpfs("16m") as deploy:
+        identity = deploy.identity(f"{account.pw_name}@example.org")
+        settings = settings_of(deploy, identity)
+        filler = fill(deploy.state_dir)
+        data = data_of_size(3 * CHUNK_BYTES)
+        with pytest.raises(ServiceUnavailableError, match="the service's disk is full"):
+            upload(settings, data, 3.0, 60.0)
+        partial = uploads_of(deploy, identity) / (hashlib.sha256(data).hexdigest() + ".partial")
+        assert not partial.exists() or partial.stat().st_size == 0, "nothing of a refused chunk is kept"
+        filler.unlink()
+        assert upload(settings, data, 3.0, 60.0)[1] == len(data), "once there is room, the upload goes through"
 
 
 def test_only_the_tasks_endpoint_reads_its_upload_while_it_is_unfinished(tmp_path: Path) -> None:
