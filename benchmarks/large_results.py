@@ -1,7 +1,7 @@
 """Large results end to end: 1 KiB, 1 MiB, 100 MiB and 1 GiB (full run only), read in place and fetched
 through the service, with the peak memory of service, router, user endpoint, worker and SDK.
 
-    cd <repository> && /opt/mep/venv/bin/python -m benchmarks.large_results [--quick | --smoke] [--output FILE]
+    cd <repository> && /opt/mep/venv/bin/python -m benchmarks.large_results [--quick | --smoke] [--arguments] [--output FILE]
 
 Run as root with the venv mep is installed in (as ``benchmarks.suite``). Each size gets a fresh service and
 manager. The shipped local template's large-result threshold (1 MiB) applies: 1 KiB travels inline, the rest
@@ -16,6 +16,12 @@ process. The task returns ``bytes(size)``, so a process that holds the result on
 ``--quick`` leaves out 1 GiB (which needs about 3 GiB of memory and 1 GiB of disk); ``--smoke`` runs 1 KiB
 and 2 MiB only (the CI smoke run: it proves the code runs). Nothing is asserted. The default heartbeat
 interval (10 s) on both service and manager.
+
+With ``--arguments`` each size is one task taking an argument of that size (``swallow``): the Executor's
+default upload threshold (1 MiB) applies, so 1 KiB travels inline and the rest is uploaded in 1 MiB chunks,
+fsynced on the service, then fetched by the endpoint into a file of the account before the task runs. The
+endpoint and its worker each hold the argument whole once (the engine hands it over as bytes); the peaks of
+service and router show what relaying it costs them.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from tests.accounts import unix_account
 from tests.harness import DOMAIN_STRIP, _pid_with_title, deployment, expression_mapping, processes_of_uid
 
 from benchmarks.deploy import ensure_router_account
-from benchmarks.tasks import produce
+from benchmarks.tasks import produce, swallow
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 SIZES = [("1 KiB", KIB), ("1 MiB", MIB), ("100 MiB", 100 * MIB), ("1 GiB", GIB)]
@@ -131,11 +137,38 @@ def one_size(size: int) -> dict[str, Any]:
         return row
 
 
+def one_argument_size(size: int) -> dict[str, Any]:
+    with unix_account("mepbig") as account, deployment(None, "--heartbeat-interval", "10") as deploy:
+        manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), settings={"heartbeat_interval": 10.0})
+        identity = deploy.identity(f"{account.pw_name}@example.org")
+        with Executor(manager.endpoint_id, service=deploy.address, token=identity.token,
+                      service_key=deploy.service_key) as executor:
+            executor.submit(produce, 1).result(timeout=300)  # the endpoint is up: its start is not measured
+            endpoint = _pid_with_title(f"mep-endpoint {account.pw_name} ")
+            data = bytes(size)
+            baseline = {name: status_kib(pid, "VmHWM") for name, pid in
+                        (("service", deploy.service.popen.pid), ("router", manager.router_pid), ("endpoint", endpoint))}
+            started = time.perf_counter()
+            assert executor.submit(swallow, data).result(timeout=3600) == size
+            seconds = time.perf_counter() - started
+            del data
+        uploaded = list((deploy.state_dir / "uploads").glob("*/*"))
+        return {"seconds": round(seconds, 3), "mb_per_s": round(size / seconds / 1e6, 1),
+                "peak_mib": {name: round(status_kib(pid, "VmHWM") / 1024, 1) for name, pid in
+                             (("service", deploy.service.popen.pid), ("router", manager.router_pid),
+                              ("endpoint", endpoint))},
+                "peak_growth_mib": {name: round((status_kib(pid, "VmHWM") - baseline[name]) / 1024, 1)
+                                    for name, pid in (("service", deploy.service.popen.pid),
+                                                      ("router", manager.router_pid), ("endpoint", endpoint))},
+                "uploaded": bool(uploaded)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--quick", action="store_true", help="leave out 1 GiB")
     sizes.add_argument("--smoke", action="store_true", help="1 KiB and 2 MiB only: proves the code runs")
+    parser.add_argument("--arguments", action="store_true", help="large arguments instead of large results")
     parser.add_argument("--output", type=Path, help="write the JSON here too")
     args = parser.parse_args(argv)
     ensure_router_account()
@@ -143,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "load_average": [round(load, 2) for load in os.getloadavg()], "sizes": {}}
     for label, size in chosen:
+        if args.arguments:
+            row = report["sizes"][label] = one_argument_size(size)
+            print(f"{label:>8}: {row['seconds']:.2f} s ({row['mb_per_s']} MB/s); peak MiB {row['peak_mib']}, grew "
+                  f"{row['peak_growth_mib']}; uploaded: {row['uploaded']}", flush=True)
+            continue
         row = report["sizes"][label] = one_size(size)
         for mode in ("in_place", "through_service"):
             print(f"{label:>8} {mode:>15}: {row[mode]['seconds']:.2f} s ({row[mode]['mb_per_s']} MB/s); peak RSS "

@@ -142,6 +142,19 @@ class LargeResultNoReaderError(LargeResultUnavailableError):
     code = ErrorCode.LARGE_RESULT_NO_READER
 
 
+class LargeArgsUnavailableError(MepError):
+    """A task's uploaded arguments can't be had: the upload is incomplete, expired, not the caller's, or its
+    bytes did not match their SHA-256; the message says which."""
+
+    code = ErrorCode.LARGE_ARGS_UNAVAILABLE
+
+
+class UploadNotStoredError(MepError):
+    """The service could not store an upload's chunk on its disk (full, failing); nothing of it was kept."""
+
+    code = ErrorCode.SERVICE_UNAVAILABLE
+
+
 class ServiceUnreachableError(MepError):
     """The service did not answer in time; what became of the tasks concerned is in the message."""
 
@@ -195,6 +208,7 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         TaskCancelledError,
         LargeResultUnavailableError,
         LargeResultNoReaderError,
+        LargeArgsUnavailableError,
     )
 }
 

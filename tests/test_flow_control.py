@@ -91,8 +91,9 @@ def test_router_memory_stays_bounded_whatever_the_backlog(deploy, account_factor
     payload = b"x" * MIB
     try:
         # Small SUBMITs, resent late: on a loaded machine a 50 MiB SUBMIT resent every 3 s would bury the service.
+        # Inline arguments (an uploaded one would not pass through the router: docs/protocol.md, §12b).
         with deploy.executor(identity, manager, user_endpoint_config={"workers": WORKERS}, batch_size=10,
-                             resend_after=60.0) as executor:
+                             resend_after=60.0, upload_args_above=2 * MIB) as executor:
             futures = [executor.submit(gated, str(gate), payload) for _ in range(BACKLOG_TASKS)]
         # Everything is accepted; with the gate shut, only what the credit allows has left the service.
         wait_for(lambda: _count(client, "running") == WORKERS, timeout=300, what="the first tasks to start")

@@ -256,7 +256,9 @@ def test_a_full_disk_refuses_submissions_with_a_specific_error_and_recovers(rout
             assert executor.submit(add, 1, 1).result(timeout=60) == 2
             accepted = executor.submit(slow_add, 20, 22)  # acknowledged before the disk fills
         filler = fill(deploy.state_dir)
-        executor = deploy.executor(identity, manager)  # no ``with``: leaving it would wait for acknowledgements
+        # no ``with``: leaving it would wait for acknowledgements; the 1 MiB arguments inline, in the SUBMIT
+        # (uploaded ones are refused the same way: tests/test_large_args.py)
+        executor = deploy.executor(identity, manager, upload_args_above=2 << 20)
         refused = [executor.submit(add, n, b"x" * (1 << 20)) for n in range(3)]
         for future in refused:
             with pytest.raises(mep.ServiceUnavailableError, match="the service's disk is full"):

@@ -60,6 +60,10 @@ class ServiceConfig(BaseModel):
                                    "auth_failure_window before it is refused (auth_throttled); 0: no limit")
     auth_failure_window: float = Field(default=60.0, ge=1, description="Seconds over which failed token checks "
                                        "are counted, and how long an address over the limit is refused")
+    max_upload_bytes: int = Field(default=100 * 1024**3, ge=0, description="Bytes of uploaded arguments one "
+                                  "identity may hold on the service's disk (docs/user.md, \"Large arguments\")")
+    upload_retention: float = Field(default=24 * 3600.0, ge=1, description="Seconds an upload no unfinished task "
+                                    "needs is kept after it was last used")
     metrics_listen: str | None = Field(default=None, description="HOST:PORT or :PORT (loopback) for Prometheus "
                                        "metrics (mep.metrics); off when unset")
 

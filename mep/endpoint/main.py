@@ -9,6 +9,7 @@ them, and sent again if the acknowledgement does not come.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import queue
@@ -28,6 +29,7 @@ from mep.config.task_resources import ResourceLimitError
 from mep.endpoint.config_cache import ConfigCache, cache_key, default_directory
 from mep.endpoint.engines import UnusableEngine, make_engine
 from mep.endpoint.forker import discard_early
+from mep.endpoint.large_args import ArgumentFetches
 from mep.endpoint.large_results import LargeResultFiles
 from mep.endpoint.settings import EndpointConfig, ProcessEndpointSettings, read_settings
 from mep.endpoint.versions import refuse_mismatch
@@ -50,6 +52,7 @@ from mep.protocol.messages import (
     FAILED,
     SUCCESS,
     Cancel,
+    Chunk,
     ChunkRead,
     Credit,
     EndpointBoot,
@@ -101,6 +104,8 @@ class UserEndpoint:
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
+        self.large_args = ArgumentFetches(self.large_results.directory,
+                                          lambda request: self.socket.send_multipart(encode(request)), self._task_done)
         # The engine first: the processes it starts must not inherit the ZeroMQ context's descriptors.
         # A config that did not render: every task fails with why (the researcher's typed error), none runs.
         self.engine = make_engine(config, self._task_started, self._task_done,
@@ -167,6 +172,7 @@ class UserEndpoint:
                 if pause.paused(now):
                     last_heard = now  # this endpoint did not run (stopped): the manager's silence was ours
                 self._enforce_walltimes(now)
+                self.large_args.ask_again_if_late(now)
                 self.large_results.sweep_if_due(now)
                 if self.active or self.unacknowledged or self.large_results.keeps_alive(now):
                     last_activity = now
@@ -264,18 +270,27 @@ class UserEndpoint:
                     except ResourceLimitError as exc:
                         self._task_done(task.task_id, Outcome(FAILED, code=ErrorCode.CONFIG_INVALID, message=str(exc)))
                         continue
-                    self.engine.submit(task.task_id, task.fn_hash, self.functions[task.fn_hash],
-                                       payloads[task.args_frame].bytes, resources)
+                    run = functools.partial(self.engine.submit, task.task_id, task.fn_hash,
+                                            self.functions[task.fn_hash], resources=resources)
+                    if task.large_args is None:
+                        run(payloads[task.args_frame].bytes)
+                    else:  # uploaded to the service: fetched first, then run
+                        self.large_args.fetch(task.task_id, task.large_args, run)
             case Cancel():
                 for task_id in header.task_ids:
                     if task_id in self.active:
-                        self.engine.cancel(task_id, Outcome(CANCELLED, code=ErrorCode.CANCELLED,
-                                                            message="cancelled by the submitter"))
+                        cancelled = Outcome(CANCELLED, code=ErrorCode.CANCELLED, message="cancelled by the submitter")
+                        if self.large_args.cancel(task_id):  # still fetching its arguments: never ran
+                            self._task_done(task_id, cancelled)
+                        else:
+                            self.engine.cancel(task_id, cancelled)
             case ResultsAck():
                 for task_id in header.task_ids:
                     self.unacknowledged.pop(task_id, None)
             case ChunkRead():
                 self.socket.send_multipart(encode(*self.large_results.read(header)), copy=False)
+            case Chunk():
+                self.large_args.received(header, payloads)
             case Heartbeat():
                 pass
             case Shutdown():

@@ -41,6 +41,7 @@ from mep.protocol.messages import (
     Cancel,
     Chunk,
     ChunkRead,
+    ChunkRequest,
     Credit,
     Describe,
     EndpointOptions,
@@ -78,6 +79,7 @@ from mep.protocol.messages import (
 )
 from mep.manager.describe import StartingReport, endpoint_options
 from mep.manager.flow import HeldWork, QueuedTask
+from mep.manager.large_args import ArgumentRelay
 from mep.manager.large_results import ChunkRelay
 from mep.protocol.receive import handling, loop_turn
 from mep.manager.spawner_link import SpawnerLink
@@ -161,6 +163,8 @@ class Router:
         self.results_out: list[tuple[Result, Any]] = []
         self.chunks = ChunkRelay(self._send_endpoint,
                                  lambda chunk, payloads: self.service.send_multipart(encode(chunk, payloads), copy=False))
+        self.argument_chunks = ArgumentRelay(self._send_endpoint, lambda request: self.service.send_multipart(
+            encode(request)))
         self.started_out: list[str] = []
         self.lost_out: list[LostTask] = []
         self.spawner_status: ProcessStatus | None = None
@@ -309,6 +313,8 @@ class Router:
                 self._cancel(header.task_ids)
             case ChunkRead():
                 self.chunks.forward(header, self.endpoints)
+            case Chunk():
+                self.argument_chunks.answered(header, payloads, self.endpoints)
             case Error(code=ErrorCode.NOT_REGISTERED):
                 # Every message sent before the service restarted draws this answer: register once per interval.
                 if time.monotonic() - self.registering_since > self.config.heartbeat_interval:
@@ -597,6 +603,8 @@ class Router:
             case Chunk():
                 if not self.chunks.answered(endpoint_id, header, payloads):
                     log.warning("endpoint %s sent a chunk of a read it was not asked for; dropped", endpoint_id)
+            case ChunkRequest():
+                self.argument_chunks.forward(link, header, self.task_endpoint)
             case IdleExit():
                 if not link.in_flight and not link.queued:
                     self._retire(link, "idle")
@@ -725,6 +733,7 @@ class Router:
             runtime = runtimes.setdefault(msgspec.structs.astuple(task.runtime), len(runtimes))
             ref = TaskRef(task_id=task.ref.task_id, fn_hash=task.ref.fn_hash, args_frame=len(payloads),
                           runtime=runtime, walltime=task.ref.walltime, resources=task.ref.resources,
+                          large_args=task.ref.large_args,
                           assertion=assertions.setdefault(task.assertion, len(assertions)))
             payloads.append(task.args)
             if ref.fn_hash not in link.functions_sent:

@@ -52,6 +52,7 @@ MAX_IDS_PER_REQUEST = 100_000  # task ids in a Fetch, Cancel, ResultsAck or Task
 MAX_ID_CHARS = 256  # a task id, function hash, endpoint id or token
 MAX_QUERY_STATES = 16
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one ChunkRequest may ask for (the SDK asks for 1 MiB)
+MAX_UPLOAD_BYTES = 1 << 40  # the largest arguments one upload may declare (the service's quota is smaller)
 MAX_SCHEMA_CHARS = 64 * 1024  # the admin's options schema, as JSON text (docs/protocol.md, "Limits")
 MAX_DESCRIPTION_CHARS = 4096  # a template's description, or why an endpoint has no schema to show
 MAX_STARTING_GROUPS = 10_000  # groups a router reports starting at once (one per user endpoint it starts)
@@ -96,6 +97,15 @@ class LargeResult(msgspec.Struct, forbid_unknown_fields=True):
     account: Id
 
 
+class LargeArgs(msgspec.Struct, forbid_unknown_fields=True):
+    """A task's serialised arguments, uploaded to the service ahead of its SUBMIT (``Upload``) and fetched by
+    the endpoint the task is sent to (``ChunkRequest``) instead of travelling inline. docs/protocol.md, "Large
+    arguments"."""
+
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_UPLOAD_BYTES)]
+
+
 class Result(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One task's outcome. ``payload_frame`` indexes the message's payload frames (-1: none).
 
@@ -128,6 +138,7 @@ class TaskRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     assertion: int = 0
     walltime: float = 0.0  # seconds the task may run once started; 0: no limit
     resources: ResourceSpecification = {}  # the task's resource_specification; the endpoint checks its limits
+    large_args: LargeArgs | None = None  # the arguments were uploaded (``args_frame`` then names an empty frame)
 
 
 # --- SDK <-> service ---------------------------------------------------------
@@ -198,7 +209,11 @@ class CancelAck(Envelope, tag="CANCEL_ACK"):
 
 
 class ChunkRequest(Envelope, tag="CHUNK_REQUEST"):
-    """Bytes ``[offset, offset + length)`` of the large result of one of the caller's tasks."""
+    """Bytes ``[offset, offset + length)`` of the large result of one of the caller's tasks.
+
+    From a user endpoint (relayed by its router, which checks the task is in flight there): bytes of the
+    task's uploaded arguments (``TaskRef.large_args``), answered by ``Chunk`` the same way.
+    """
 
     token: Id = ""
     request_id: int = 0
@@ -219,6 +234,31 @@ class Chunk(Envelope, tag="CHUNK"):
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     code: str = ""
     message: str = ""
+
+
+class Upload(Envelope, tag="UPLOAD"):
+    """Client -> service: the bytes of an upload (its one payload frame) from ``offset`` on.
+
+    An upload is a task's serialised arguments, named by their SHA-256 and total ``size``; the service
+    appends a chunk that starts where what it holds ends, and answers every chunk with ``UploadAck``.
+    """
+
+    token: Id = ""
+    request_id: int = 0
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")] = "0" * 64
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_UPLOAD_BYTES)] = 1
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class UploadAck(Envelope, tag="UPLOAD_ACK"):
+    """``received``: how many bytes of the upload are on the service's disk (fsynced); ``size`` when complete.
+
+    Less than the chunk's ``offset``: a chunk before it was lost; send again from ``received``.
+    """
+
+    request_id: int = 0
+    offset: int = 0
+    received: int = 0
 
 
 class TaskQuery(Envelope, tag="TASK_QUERY"):
@@ -457,6 +497,8 @@ Header = (
     | TaskList
     | ChunkRequest
     | Chunk
+    | Upload
+    | UploadAck
     | ChunkRead
     | Started
     | TasksLost

@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     SERVICE_UNAVAILABLE = "service_unavailable"
     LARGE_RESULT_UNAVAILABLE = "large_result_unavailable"  # its file is gone or unreadable, its manager offline
     LARGE_RESULT_NO_READER = "large_result_no_reader"  # no endpoint of the account runs to read its file
+    LARGE_ARGS_UNAVAILABLE = "large_args_unavailable"  # a task's uploaded arguments are gone, incomplete or not its
     INTERNAL = "internal"
 
 

@@ -53,6 +53,7 @@ from mep.protocol.messages import (
     CancelAck,
     Error,
     Fetch,
+    LargeArgs,
     Result,
     Results,
     ResultsAck,
@@ -67,6 +68,7 @@ from mep.protocol.user_config import check_config, check_config_size
 from mep.sdk.connection import ServiceSettings
 from mep.sdk.display import html_table
 from mep.sdk.endpoint_info import OptionsCheck
+from mep.sdk.large_args import UPLOAD_ABOVE, BackgroundUploads
 from mep.sdk.large_results import BackgroundLoader, acknowledge, nothing
 from mep.sdk.resources import task_resources
 from mep.sdk.results import outcome
@@ -80,6 +82,7 @@ WAIT_SLICE = 0.1  # seconds: every wait is cut into these, so a signal's handler
 QUEUED_HERE = "queued in this process, not yet sent to the service"
 SENT = "sent, waiting for the service to acknowledge it"
 ACCEPTED = "accepted by the service, waiting for its result"
+UPLOADING = "uploading its arguments to the service"
 SILENCE_GRACE = 2.0  # seconds of silence beyond a poll interval before a future's repr mentions it
 
 _functions = FunctionCache()  # shared by every Executor of the process: a function is pickled once
@@ -167,6 +170,7 @@ class _Pending:
     walltime: float = 0.0
     resources: dict[str, int] = field(default_factory=dict)  # resource_specification as taken at submit()
     config: bytes = b"\x80"  # user_endpoint_config as taken at submit(), in the wire's msgpack (b"\x80": {})
+    large_args: LargeArgs | None = None  # the arguments, uploaded ahead (``args`` is then empty)
 
 
 @dataclass
@@ -217,6 +221,12 @@ class Executor(concurrent.futures.Executor):
     threshold is read from its file when this process can read it (same host,
     shared file system); with False it is always fetched in chunks through the
     service (docs/user.md, "Large results").
+
+    ``upload_args_above``: serialised arguments larger than this many bytes
+    are uploaded to the service in chunks before their task is submitted
+    (resumed if the service restarts meanwhile), and the endpoint fetches them
+    before the task runs; ``max_payload_bytes`` then does not apply to them
+    (docs/user.md, "Large arguments").
     """
 
     def __init__(
@@ -236,6 +246,7 @@ class Executor(concurrent.futures.Executor):
         answer_timeout: float = 60.0,
         keep_retrying: bool = False,
         read_results_locally: bool = True,
+        upload_args_above: int = UPLOAD_ABOVE,
     ) -> None:
         self.endpoint_id = endpoint_id
         self._settings = ServiceSettings.resolve(service, service_key, token)
@@ -254,6 +265,8 @@ class Executor(concurrent.futures.Executor):
         self._link = _Link(self._settings.address)
         self._large_results = BackgroundLoader(self._settings, read_results_locally, answer_timeout,
                                                lambda: self.submit(nothing).result())
+        self._upload_args_above = upload_args_above
+        self._uploads = BackgroundUploads(self._settings, resend_after, answer_timeout)
         self._runtime = client_runtime()
         self._options = OptionsCheck(self._settings, endpoint_id)  # the endpoint's schema, fetched once
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -266,6 +279,7 @@ class Executor(concurrent.futures.Executor):
         self._closing = threading.Event()
         self._all_acknowledged = threading.Condition()
         self._unacknowledged = 0
+        self._uploading = 0  # uploads in progress (their tasks are then queued: the I/O thread waits for them)
         self._failure: MepError | None = None
         self._state = _State()  # the I/O thread's; other threads only read its sizes (for repr)
         self._thread = threading.Thread(target=self._run, name=f"mep-executor-{endpoint_id[:8]}", daemon=True)
@@ -315,7 +329,8 @@ class Executor(concurrent.futures.Executor):
         pending = _Pending(task_id=task_id, future=self._future(task_id), fn_hash=fn_hash, fn_body=body,
                            args=serialize_args(args, kwargs), walltime=self._checked_walltime(),
                            resources=task_resources(self.resource_specification, fn), config=config)
-        for what, size in (("function", len(body)), ("arguments", len(pending.args))):
+        upload = len(pending.args) > self._upload_args_above
+        for what, size in (("function", len(body)), ("arguments", 0 if upload else len(pending.args))):
             if size > self._max_payload_bytes:
                 pending.future.set_exception(PayloadTooLargeError(
                     f"the serialised {what} are {size} bytes; the limit is {self._max_payload_bytes}. Pass large "
@@ -326,8 +341,35 @@ class Executor(concurrent.futures.Executor):
                 pending.future.set_exception(self._failure)
                 return pending.future
             self._unacknowledged += 1
-        self._command("submit", pending)
+        if upload:
+            self._upload(pending)
+        else:
+            self._command("submit", pending)
         return pending.future
+
+    def _upload(self, pending: _Pending) -> None:
+        """Upload the arguments off this thread; the task is queued to be submitted once they are stored."""
+        pending.future._waiting_for = UPLOADING
+        with self._all_acknowledged:
+            self._uploading += 1
+
+        def uploaded(large: LargeArgs) -> None:
+            pending.args, pending.large_args = b"", large
+            if pending.future.cancelled():
+                self._count_acknowledged(1)
+            else:
+                pending.future._waiting_for = QUEUED_HERE
+                self._command("submit", pending)  # queued before the count drops: the I/O thread sees one or other
+            with self._all_acknowledged:
+                self._uploading -= 1
+
+        def failed(error: BaseException) -> None:
+            _set_exception(pending.future, error)
+            with self._all_acknowledged:
+                self._uploading -= 1
+            self._count_acknowledged(1)
+
+        self._uploads.start(pending.args, uploaded, failed)
 
     def attach(self, task_ids: Iterable[str]) -> list[TaskFuture]:
         """Futures for tasks submitted earlier, perhaps by another process: they resolve as results arrive."""
@@ -397,7 +439,7 @@ class Executor(concurrent.futures.Executor):
         last_heard = last_polled = last_reasons = time.monotonic()
         try:
             while not (self._closing.is_set() and self._commands.empty() and not state.queued
-                       and not state.in_flight and not state.awaiting_result):
+                       and not state.in_flight and not state.awaiting_result and not self._uploading):
                 self._wake_for_submit = not state.in_flight
                 # set before this check: a submit queued after it sees the flag and wakes us
                 ready = dict(poller.poll(200 if self._commands.empty() else 0))
@@ -518,7 +560,7 @@ class Executor(concurrent.futures.Executor):
         included: set[str] = set()
         for pending in batch:
             ref = TaskRef(task_id=pending.task_id, fn_hash=pending.fn_hash, args_frame=len(payloads),
-                          walltime=pending.walltime, resources=pending.resources)
+                          walltime=pending.walltime, resources=pending.resources, large_args=pending.large_args)
             payloads.append(pending.args)
             if pending.fn_hash not in included and (include_all_functions or pending.fn_hash not in state.functions_stored):
                 ref.fn_frame = len(payloads)

@@ -82,6 +82,7 @@ from mep.protocol.messages import (
     TaskRef,
     TasksLost,
     Unregister,
+    Upload,
 )
 from mep.protocol.receive import handling, loop_turn
 from mep.protocol.user_config import MAX_CONFIG_BYTES
@@ -91,6 +92,8 @@ from mep.service.group_commit import GroupCommit
 from mep.service.state import ServiceState
 from mep.service.store import QueuedTask, Store, StoredResult, dumps_canonical, loads_canonical
 from mep.service.throttle import FailedAuthentications
+from mep.service.uploads import DIRECTORY_NAME as UPLOADS_DIRECTORY
+from mep.service.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class BrokerSettings:
     max_result_bytes: int = 10 * 1024**3  # stored, uncollected result bytes per identity before SUBMIT is refused
     max_auth_failures: int = 100  # failed token checks per source address within auth_failure_window (0: no limit)
     auth_failure_window: float = 60.0  # seconds; also how long a source over the limit is refused
+    max_upload_bytes: int = 100 * 1024**3  # uploaded arguments one identity may hold on the service's disk
+    upload_retention: float = 24 * 3600.0  # seconds an upload no unfinished task needs is kept after its last use
 
 
 @dataclass
@@ -179,6 +184,8 @@ class Broker:
         self.client_routes: dict[str, tuple[bytes, str]] = {}  # task id -> (submitter's connection, identity)
         self.chunk_fetches = ChunkFetches(self.store)
         self.group_commit: GroupCommit[Outbox] = GroupCommit(self.store)  # replies wait for their fsync, not the loop
+        self.uploads = Uploads(self.store, self.store.path.parent / UPLOADS_DIRECTORY, settings.max_upload_bytes,
+                               settings.upload_retention)
         self._last_expiry = float("-inf")
         self._stop = threading.Event()
         self.failed_authentications = FailedAuthentications(settings.max_auth_failures, settings.auth_failure_window)
@@ -234,6 +241,7 @@ class Broker:
                         self._acknowledge(self.group_commit.released())
                     self._expire_silent_managers()
                     self._expire_old_results()
+                    self.uploads.sweep_if_due(time.monotonic())
         finally:
             self.group_commit.close()
             self.socket.close(linger=0)
@@ -326,6 +334,8 @@ class Broker:
                 self.store.acknowledge_results(identity_id, header.task_ids)
             case Cancel():
                 self._cancel(routing_id, header, outbox)
+            case Upload():
+                outbox.reply(routing_id, self.uploads.put(self._authenticate(header.token), header, payloads))
             case ChunkRequest():
                 self.chunk_fetches.request(self._authenticate(header.token), routing_id, header, self.managers,
                                            outbox)
@@ -370,12 +380,14 @@ class Broker:
         rejected: list[Rejection] = []
         quota = _Quota(self.settings, self.store, identity_id)
         for task in submit.tasks:
-            reason = self._task_problem(task, payloads, offered, known, limit) or quota.problem(task.task_id)
+            reason = (self._task_problem(task, payloads, offered, known, limit) or quota.problem(task.task_id)
+                      or self.uploads.problem(identity_id, task))
             if reason is None:
                 if self.store.add_task(task.task_id, submit.endpoint_id, identity_id, task.fn_hash,
                                        payloads[task.args_frame].buffer, config, runtime, task.walltime,
                                        dumps_canonical(task.resources)):
                     quota.unfinished += 1
+                    self.uploads.record(task.task_id, identity_id, task.large_args)
                 elif self.store.task_owner(task.task_id) != identity_id:
                     reason = (ErrorCode.BAD_REQUEST, f"task id {task.task_id} is already in use")
             if reason is None:
@@ -476,6 +488,8 @@ class Broker:
                 self.store.mark_started(endpoint_id, header.task_ids)
             case Chunk():
                 self.chunk_fetches.answered(endpoint_id, header, payloads, outbox)
+            case ChunkRequest():  # the endpoint a task went to reads its uploaded arguments
+                outbox.reply(routing_id, *self.uploads.read(endpoint_id, header))
             case Describe():
                 self.directory.describe(endpoint_id, header.options)
             case Starting():
@@ -629,6 +643,8 @@ class Broker:
                 ref = TaskRef(task_id=task.task_id, fn_hash=task.fn_hash, args_frame=len(payloads),
                               walltime=task.walltime, resources=loads_canonical(task.resources))
                 payloads.append(args[task.task_id])
+                if not task.args_bytes:  # inline arguments are never empty: these were uploaded
+                    ref.large_args = self.uploads.reference(task.task_id)
                 sent_bytes += task.args_bytes
                 if task.fn_hash not in link.functions_sent and task.fn_hash not in new_functions:
                     ref.fn_frame = len(payloads)
