@@ -206,12 +206,17 @@ def test_fetched_through_the_service_in_bounded_memory(deploy, account_factory) 
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
+    reset_peak(os.getpid())
+    sdk_before = memory_kib(os.getpid(), "VmHWM")
     sampler.start()
     try:
         value = client(deploy, identity, read_results_locally=False).get_result(task_id)
     finally:
         fetching.set()
         sampler.join()
+    sdk_grew = memory_kib(os.getpid(), "VmHWM") - sdk_before
+    # the value once: the chunks went to a temporary file, unpickled as it is read
+    assert sdk_grew < 1.25 * size // 1024, f"fetching a {size // 1024} KiB result grew this process by {sdk_grew} KiB"
     assert value == payload_of_size(size)
     bound_kib = 16 * 1024  # a few chunks in flight, far below the 48 MiB result
     for pid, name in ((service, "service"), (router, "router")):

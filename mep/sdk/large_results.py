@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import io
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -40,8 +41,7 @@ def payload_of(result: Result, payload: bytes | None, settings: ServiceSettings,
     """The result's payload: bytes from the message, or a file object over the result file (in place or fetched).
 
     A file object, so that ``mep.sdk.serialize.deserialize`` unpickles as it reads and the serialised bytes
-    are never held beside the value: in place not at all, fetched once (the fetched buffer, read without a
-    copy).
+    are never held beside the value: read in place, or from the temporary file a fetch writes.
     """
     large = result.large
     if large is None:
@@ -50,7 +50,7 @@ def payload_of(result: Result, payload: bytes | None, settings: ServiceSettings,
         handle = _open_in_place(large)
         if handle is not None:
             return handle
-    return io.BufferedReader(_BufferReader(fetch(settings, result.task_id, large, timeout)))
+    return fetch(settings, result.task_id, large, timeout)
 
 
 def _open_in_place(large: LargeResult) -> BinaryIO | None:
@@ -81,53 +81,51 @@ def _open_in_place(large: LargeResult) -> BinaryIO | None:
     return handle
 
 
-class _BufferReader(io.RawIOBase):
-    """A fetched result's buffer as a file, read without copying it (``io.BytesIO`` would copy it whole)."""
+def fetch(settings: ServiceSettings, task_id: str, large: LargeResult, timeout: float) -> BinaryIO:
+    """Every chunk of the file, through the service, into an unnamed temporary file (``TMPDIR``), checked against
+    the reference's size and SHA-256, and returned at its start.
 
-    def __init__(self, data: memoryview) -> None:
-        self._data = data
-        self._offset = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:
-        count = min(len(target), len(self._data) - self._offset)
-        target[:count] = self._data[self._offset:self._offset + count]
-        self._offset += count
-        return count
-
-    def close(self) -> None:
-        self._data = memoryview(b"")  # the fetched bytes go as soon as the value is loaded
-        super().close()
-
-
-def fetch(settings: ServiceSettings, task_id: str, large: LargeResult, timeout: float) -> memoryview:
-    """Every chunk of the file, through the service, checked against the reference's size and SHA-256."""
-    socket, watch = settings.connect(zmq.Context.instance())
+    A file rather than a buffer: the unpickler then reads it while it builds the value, so this process holds
+    the value alone, never the serialised bytes beside it. The file has no name (it goes when it is closed).
+    """
+    spool = tempfile.TemporaryFile(prefix=f"mep-result-{task_id}-")
     try:
-        data = _ChunkedFetch(socket, watch, settings, task_id, large, timeout).run()
-    finally:
-        watch.close(socket)
-        socket.close(linger=0)
-    if hashlib.sha256(data).hexdigest() != large.sha256:
+        socket, watch = settings.connect(zmq.Context.instance())
+        try:
+            _ChunkedFetch(socket, watch, settings, task_id, large, timeout, spool).run()
+        finally:
+            watch.close(socket)
+            socket.close(linger=0)
+        spool.seek(0)
+        digest = hashlib.file_digest(spool, "sha256").hexdigest()
+        spool.seek(0)
+    except OSError as exc:
+        spool.close()
+        raise LargeResultUnavailableError(
+            f"the result of task {task_id} ({large.size} bytes) could not be kept in a temporary file while it was "
+            f"fetched: {exc}; free space in {tempfile.gettempdir()} or point TMPDIR at a directory with room") from exc
+    except BaseException:
+        spool.close()
+        raise
+    if digest != large.sha256:
+        spool.close()
         raise LargeResultUnavailableError(
             f"the result of task {task_id} fetched from {large.path} does not match the checksum the endpoint "
             "recorded (the file changed after it was written); run the task again")
-    return memoryview(data)  # not bytes(data): that would hold the result twice
+    return spool
 
 
 class _ChunkedFetch:
     def __init__(self, socket: zmq.Socket, watch: Any, settings: ServiceSettings, task_id: str, large: LargeResult,
-                 timeout: float) -> None:
+                 timeout: float, spool: BinaryIO) -> None:
         self.socket, self.watch, self.settings = socket, watch, settings
         self.task_id, self.large, self.timeout = task_id, large, timeout
-        self.data = bytearray(large.size)
+        self.spool = spool  # each chunk is written at its offset: chunks may arrive in any order
         self.next_offset = 0
         self.outstanding: dict[int, tuple[int, float, int]] = {}  # request id -> (offset, asked at, times asked)
         self.request_ids = 0
 
-    def run(self) -> bytearray:
+    def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.watch.monitor, zmq.POLLIN)
@@ -139,7 +137,6 @@ class _ChunkedFetch:
                 self._receive(*decode(self.socket.recv_multipart(copy=False)))
             self._ask_again_if_late()
             self._fill_window()
-        return self.data
 
     def _ask(self, offset: int, times: int) -> None:
         self.request_ids += 1
@@ -182,7 +179,10 @@ class _ChunkedFetch:
             raise LargeResultUnavailableError(
                 f"the result file {self.large.path} of task {self.task_id} is shorter than the {self.large.size} "
                 "bytes the endpoint recorded (it was truncated after it was written); run the task again")
-        self.data[offset:offset + expected] = chunk
+        view = memoryview(chunk)
+        while view:  # a short write (a filling disk) goes on from where it stopped; a full one raises OSError
+            written = os.pwrite(self.spool.fileno(), view, offset)
+            view, offset = view[written:], offset + written
 
 
 class BackgroundLoader:
