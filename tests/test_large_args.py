@@ -36,8 +36,8 @@ from mep.sdk.large_results import CHUNK_BYTES
 from mep.sdk.serialize import client_runtime, serialize_args, serialize_function
 from mep.service.store import Store
 from mep.service.uploads import Uploads
-from tests.harness import DOMAIN_STRIP, Deployment, expression_mapping, fill, service_on_small_tmpfs
-from tests.test_large_results import memory_kib
+from tests.harness import DOMAIN_STRIP, Deployment, _pid_with_title, expression_mapping, fill, service_on_small_tmpfs
+from tests.test_large_results import memory_kib, reset_peak
 
 pytestmark = pytest.mark.root
 
@@ -114,6 +114,23 @@ def test_arguments_above_the_threshold_are_uploaded_and_fetched_in_bounded_memor
     assert named in kept and stat.S_IMODE(kept[named].st_mode) == 0o600, kept
     assert stat.S_IMODE(uploads_of(deploy, identity).stat().st_mode) == 0o700
     # The endpoint's copy (a file of the account while it was fetched) is gone once the task has it.
+    assert not list((Path(alice.pw_dir) / "mep-results").glob("*.args"))
+
+
+def test_the_worker_loads_a_large_argument_from_its_file_and_the_endpoint_never_holds_it(
+        deploy, account_factory) -> None:
+    """The forked worker unpickles the fetched file itself: the endpoint's peak stays a few chunks, no file is left."""
+    alice, manager, identity, _ = start(deploy, account_factory)
+    size = 64 * 1024 * 1024
+    data = data_of_size(size)  # written, non-zero: every page of it is real
+    with deploy.executor(identity, manager, upload_args_above=THRESHOLD) as executor:
+        assert executor.submit(digest, b"up").result(timeout=120)[0] == 2  # the endpoint is up
+        endpoint = _pid_with_title(f"mep-endpoint {alice.pw_name} ")
+        reset_peak(endpoint)
+        before = memory_kib(endpoint, "VmHWM")
+        assert executor.submit(digest, data).result(timeout=300) == (size, hashlib.sha256(data).hexdigest(), {})
+        grew = memory_kib(endpoint, "VmHWM") - before
+    assert grew < 16 * 1024, f"the endpoint's peak grew by {grew} KiB for a {size // 1024} KiB argument"
     assert not list((Path(alice.pw_dir) / "mep-results").glob("*.args"))
 
 
