@@ -17,6 +17,7 @@ import msgspec
 import pytest
 import zmq
 
+import mep
 from mep.errors import QuotaExceededError, ServiceUnavailableError
 from mep.protocol import decode, encode
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES
@@ -36,8 +37,17 @@ from mep.sdk.large_results import CHUNK_BYTES
 from mep.sdk.serialize import client_runtime, serialize_args, serialize_function
 from mep.service.store import Store
 from mep.service.uploads import Uploads
-from tests.harness import DOMAIN_STRIP, Deployment, expression_mapping, fill, service_on_small_tmpfs
-from tests.test_large_results import memory_kib
+from tests.harness import (
+    DOMAIN_STRIP,
+    Deployment,
+    _pid_with_title,
+    expression_mapping,
+    fill,
+    service_on_small_tmpfs,
+    wait_for,
+)
+from tests.test_large_results import memory_kib, reset_peak
+from tests.test_reliability import state_of
 
 pytestmark = pytest.mark.root
 
@@ -57,6 +67,13 @@ def digest(*args: Any, **kwargs: Any) -> tuple[int, str, dict]:
     import hashlib
 
     return len(args[0]), hashlib.sha256(args[0]).hexdigest(), kwargs
+
+
+def nap_holding(data: bytes, seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return len(data)
 
 
 def data_of_size(size: int) -> bytes:
@@ -115,6 +132,32 @@ def test_arguments_above_the_threshold_are_uploaded_and_fetched_in_bounded_memor
     assert stat.S_IMODE(uploads_of(deploy, identity).stat().st_mode) == 0o700
     # The endpoint's copy (a file of the account while it was fetched) is gone once the task has it.
     assert not list((Path(alice.pw_dir) / "mep-results").glob("*.args"))
+
+
+def test_the_worker_loads_a_large_argument_from_its_file_and_the_endpoint_never_holds_it(
+        deploy, account_factory) -> None:
+    """The forked worker unpickles the fetched file itself: the endpoint's peak stays a few chunks, and no file is
+    left after a task that ran or one cancelled while it ran."""
+    alice, manager, identity, _ = start(deploy, account_factory)
+    size = 64 * 1024 * 1024
+    data = data_of_size(size)  # written, non-zero: every page of it is real
+    with deploy.executor(identity, manager, upload_args_above=THRESHOLD) as executor:
+        assert executor.submit(digest, b"up").result(timeout=120)[0] == 2  # the endpoint is up
+        endpoint = _pid_with_title(f"mep-endpoint {alice.pw_name} ")
+        reset_peak(endpoint)
+        before = memory_kib(endpoint, "VmHWM")
+        assert executor.submit(digest, data).result(timeout=300) == (size, hashlib.sha256(data).hexdigest(), {})
+        grew = memory_kib(endpoint, "VmHWM") - before
+        assert not list((Path(alice.pw_dir) / "mep-results").glob("*.args"))
+        running = executor.submit(nap_holding, data_of_size(3 * THRESHOLD), 600)
+        client = mep.Client(service=deploy.address, service_key=deploy.service_key, token=identity.token)
+        wait_for(lambda: state_of(client, running.task_id) == "running", what="the task to start")
+        assert list((Path(alice.pw_dir) / "mep-results").glob("*.args")), "the running task's file is there"
+        assert running.cancel()
+        wait_for(lambda: state_of(client, running.task_id) == "cancelled", what="the cancel to land")
+    assert grew < 16 * 1024, f"the endpoint's peak grew by {grew} KiB for a {size // 1024} KiB argument"
+    wait_for(lambda: not list((Path(alice.pw_dir) / "mep-results").glob("*.args")),
+             what="the cancelled task's arguments file to be removed")
 
 
 def test_an_upload_is_its_submitters_alone(deploy, account_factory) -> None:

@@ -18,7 +18,11 @@ threshold)`` or None: a result whose serialisation exceeds ``threshold`` bytes
 is pickled straight into the file at ``path`` (``ResultFile``) and only
 ``large = (path, size, sha256)`` travels back, so neither this worker nor the
 endpoint ever holds its serialised bytes whole (docs/user.md, "Large
-results"); the worker's floor is the returned object itself.
+results"); the worker's floor is the returned object itself. ``args`` is
+the arguments' serialisation, or ``(path, size, sha256)`` of a file the
+endpoint fetched and checked (large arguments, workers on its disk): the
+worker unpickles straight from the file, so the endpoint never holds them,
+and the endpoint removes the file when the task ends.
 
 A task's own output (its stdout and stderr, its child processes' too) is
 captured through a pipe while it runs: the first ``KEPT_OUTPUT`` bytes go to
@@ -60,7 +64,7 @@ PR_SET_CHILD_SUBREAPER = 36
 _functions: dict = {}
 
 
-def run_task(fn_hash: str, fn_body: bytes | None, args: bytes, result_file: tuple | None = None) -> tuple:
+def run_task(fn_hash: str, fn_body: bytes | None, args: bytes | tuple, result_file: tuple | None = None) -> tuple:
     """Run one task; ``fn_body`` is None when this worker already loaded ``fn_hash``.
 
     ``result_file``: ``(path, threshold)`` where a result above ``threshold`` bytes goes (see the module's doc).
@@ -75,7 +79,7 @@ def run_task(fn_hash: str, fn_body: bytes | None, args: bytes, result_file: tupl
         fn = _functions.get(fn_hash)
         if fn is None:
             fn = _functions[fn_hash] = _load("the function", fn_body, dill)
-        call_args, call_kwargs = _load("the arguments", args, dill)
+        call_args, call_kwargs = _load_arguments(args, dill)
         value = fn(*call_args, **call_kwargs)
     except BaseException as exc:  # the task's failure is data to send back, whatever it is
         return _failure(exc, dill)
@@ -181,10 +185,24 @@ class ResultFile:
             pass
 
 
-def _load(what: str, payload: bytes, dill: types.ModuleType) -> object:
-    """``dill.loads``, with a missing module explained: the usual reason a task can't even start."""
+def _load_arguments(args: bytes | tuple, dill: types.ModuleType) -> object:
+    """The arguments from their bytes, or from their file (see the module's doc) without reading it whole first."""
+    if isinstance(args, bytes):
+        return _load("the arguments", args, dill)
+    path, size, sha256 = args
+    with open(path, "rb") as handle:
+        found = os.fstat(handle.fileno()).st_size
+        if found != size:
+            raise OSError(f"the task's arguments file {path} is {found} bytes, not the {size} the endpoint "
+                          f"checked (SHA-256 {sha256}); submit the task again")
+        return _load("the arguments", handle, dill)
+
+
+def _load(what: str, payload, dill: types.ModuleType) -> object:  # bytes, or a binary file
+    """``dill.loads`` (``dill.load`` from a file), with a missing module explained: the usual reason a task
+    can't even start."""
     try:
-        return dill.loads(payload)
+        return dill.loads(payload) if isinstance(payload, bytes) else dill.load(payload)
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(
             f"{what} could not be loaded on the endpoint: {exc}, in the workers' Python ({sys.executable}). Install "
@@ -311,7 +329,7 @@ def end_leftover_processes() -> int:
     return len(ended)
 
 
-def _run_contained(task_id: str, fn_hash: str, fn_body: bytes | None, args: bytes,
+def _run_contained(task_id: str, fn_hash: str, fn_body: bytes | None, args: bytes | tuple,
                    result_file: tuple | None) -> tuple:
     """``run_task``, its output captured and capped, and whatever it left running ended."""
     output = _CapturedOutput()

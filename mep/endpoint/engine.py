@@ -1,7 +1,8 @@
 """Engines execute tasks for the user endpoint; ``process`` is a pool of worker processes on this host.
 
 An engine takes ``submit(task id, function hash, function body, args, resources)``
-(``resources``: the task's checked resource_specification) and
+(``resources``: the task's checked resource_specification; ``args`` bytes, or
+the ``ArgumentFile`` of fetched arguments if the engine ``reads_argument_files``) and
 ``cancel(task id, outcome)``, and reports through two callbacks that may run on
 any thread: ``on_started(task id)`` when a worker takes the task, and
 ``on_done(task id, Outcome)`` exactly once per task. The seam is deliberately
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mep.endpoint.forker import Forker
+from mep.endpoint.large_args import ArgumentFile, remove_argument_file
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
@@ -54,7 +56,12 @@ class _Task:
     task_id: str
     fn_hash: str
     fn_body: bytes
-    args: bytes
+    args: bytes | ArgumentFile
+
+    def release(self) -> None:
+        """The task ended (or will never run): its arguments file, if it has one, is not needed any more."""
+        if isinstance(self.args, tuple):
+            remove_argument_file(self.args[0])
 
 
 @dataclass
@@ -81,6 +88,8 @@ class ProcessEngine:
                  start_worker: WorkerStarter | None = None, result_file: ResultFileFor | None = None) -> None:
         """``result_file``: where a worker writes a task's large result itself (workers that share our disk)."""
         self._result_file = result_file
+        # Workers that share our disk also load a task's fetched arguments from their file themselves.
+        self.reads_argument_files = result_file is not None
         self._forker = None if start_worker else Forker()
         self._start = start_worker or self._forker.start_worker
         self._worker_count = workers
@@ -97,7 +106,7 @@ class ProcessEngine:
 
     # --- called from the endpoint's thread ----------------------------------------
 
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes | ArgumentFile,
                resources: Mapping[str, int] = EMPTY) -> None:
         """``resources`` is always empty here: the config admits no task_resources for this engine."""
         with self._lock:
@@ -120,6 +129,10 @@ class ProcessEngine:
             _kill_tree(worker.process)
             worker.process.join()
             worker.connection.close()
+            if worker.task is not None:
+                worker.task.release()
+        for task in self._pending:
+            task.release()
         if self._forker is not None:
             self._forker.shutdown()
         os.close(self._wake_read)
@@ -165,6 +178,7 @@ class ProcessEngine:
             queued = next((task for task in self._pending if task.task_id == task_id), None)
             if queued is not None:
                 self._pending.remove(queued)
+                queued.release()
                 self._on_done(task_id, outcome)
                 continue
             for worker in self._workers:
@@ -196,6 +210,7 @@ class ProcessEngine:
         except (EOFError, OSError):
             return  # died mid-reply: its sentinel is ready too
         outcome = Outcome(*fields)
+        worker.task.release()
         worker.task = None
         if worker.cancel_outcome is None:
             self._on_done(task_id, outcome)
@@ -206,6 +221,7 @@ class ProcessEngine:
         worker.process.join()
         worker.connection.close()
         if worker.task is not None:
+            worker.task.release()
             outcome = worker.cancel_outcome or Outcome(
                 FAILED, code=ErrorCode.WORKER_LOST,
                 message=f"the worker process running this task {_describe(worker.process.exitcode)}")

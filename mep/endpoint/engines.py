@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mep.endpoint.engine import EMPTY, Completion, ProcessEngine, ResultFileFor, Started
 from mep.endpoint.interpreters import WorkerEnvironmentError, start_worker, worker_runtime
+from mep.endpoint.large_args import ArgumentFile
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
 from mep.protocol.messages import FAILED
@@ -28,8 +29,10 @@ if TYPE_CHECKING:
 
 
 class Engine(Protocol):
+    reads_argument_files: bool  # submit may be given an ArgumentFile (its workers share this disk)
+
     # resources: the task's resource_specification, already checked against the config's task_resources
-    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes,
+    def submit(self, task_id: str, fn_hash: str, fn_body: bytes, args: bytes | ArgumentFile,
                resources: Mapping[str, int] = EMPTY) -> None: ...
     def cancel(self, task_id: str, outcome: Outcome) -> None: ...
     def shutdown(self) -> None: ...
@@ -68,6 +71,8 @@ def make_engine(config: EndpointConfig, on_started: Started, on_done: Completion
 
 class UnusableEngine:
     """Fails every task at once with why the configured workers can't run."""
+
+    reads_argument_files = False
 
     def __init__(self, reason: str, on_done: Completion, code: str = ErrorCode.CONFIG_INVALID) -> None:
         self._reason = reason

@@ -6,10 +6,16 @@ time, at most ``WINDOW`` requests outstanding, and writes each chunk where it
 belongs in a file of the account (mode 0600 in the large-results directory,
 0700), so its memory holds a few chunks while they arrive; a chunk not
 answered in time is asked for again from its offset (what arrived stays).
-Once complete, the file is removed (its open descriptor is read back whole
-on a thread of its own: the engine takes the arguments as bytes), checked
-against the SHA-256 the service recorded, and the task goes to the engine. At most ``CONCURRENT`` tasks fetch at once;
-others wait their turn, holding nothing. docs/user.md, "Large arguments".
+Chunks are hashed in order as they arrive (one that comes early waits in
+memory for those before it, so at most ``WINDOW`` chunks are ahead), and the
+whole is checked against the SHA-256 the service recorded. Then the task
+goes to the engine: to one whose workers share this disk
+(``reads_argument_files``) as ``(path, size, sha256)``, the worker loading
+the file itself and the engine removing it when the task ends, so the
+endpoint never holds the arguments; to any other as bytes, the file
+removed and its open descriptor read back whole on a thread of its own.
+At most ``CONCURRENT`` tasks fetch at once; others wait their turn, holding
+nothing. docs/user.md, "Large arguments".
 """
 
 from __future__ import annotations
@@ -39,15 +45,21 @@ ASK_TIMEOUT = 30.0  # seconds a chunk request may go unanswered before it is ask
 ASKS_PER_CHUNK = 3
 SUFFIX = ".args"
 
+ArgumentFile = tuple[str, int, str]  # a fetched and checked arguments file: (path, size, sha256)
+
 
 @dataclass
 class _Fetch:
     task_id: str
     large: LargeArgs
-    then: Callable[[bytes], None]
+    then: Callable[[bytes | ArgumentFile], None]
+    as_file: bool
     fd: int = -1
     next_offset: int = 0
     received: int = 0
+    hashed_to: int = 0
+    hash: Any = field(default_factory=hashlib.sha256)
+    early: dict[int, Any] = field(default_factory=dict)  # offset -> a chunk that came before those in front of it
     outstanding: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # request id -> offset, at, times
 
 
@@ -63,9 +75,13 @@ class ArgumentFetches:
         self._requests: dict[int, str] = {}  # request id -> task id
         self._ids = itertools.count(1)
 
-    def fetch(self, task_id: str, large: LargeArgs, then: Callable[[bytes], None]) -> None:
-        """Fetch the arguments, then call ``then(arguments)`` (or fail the task with why)."""
-        self._waiting.append(_Fetch(task_id, large, then))
+    def fetch(self, task_id: str, large: LargeArgs, then: Callable[[bytes | ArgumentFile], None],
+              as_file: bool = False) -> None:
+        """Fetch the arguments, then call ``then(arguments)`` (or fail the task with why).
+
+        ``as_file``: ``then`` gets ``(path, size, sha256)`` of the checked file, which is then its to remove.
+        """
+        self._waiting.append(_Fetch(task_id, large, then, as_file))
         self._start_waiting()
 
     def cancel(self, task_id: str) -> bool:
@@ -102,7 +118,8 @@ class ArgumentFetches:
                                 length=min(CHUNK_BYTES, fetch.large.size - offset)))
 
     def _fill_window(self, fetch: _Fetch) -> None:
-        while len(fetch.outstanding) < WINDOW and fetch.next_offset < fetch.large.size:
+        while (len(fetch.outstanding) < WINDOW and fetch.next_offset < fetch.large.size
+               and fetch.next_offset - fetch.hashed_to < WINDOW * CHUNK_BYTES):
             self._ask(fetch, fetch.next_offset, 1)
             fetch.next_offset += CHUNK_BYTES
 
@@ -132,29 +149,35 @@ class ArgumentFetches:
                        f"host ({exc.strerror or exc}); it needs {fetch.large.size} bytes free there")
             return
         fetch.received += len(data)
+        fetch.early[offset] = data
+        while fetch.hashed_to in fetch.early:
+            in_order = fetch.early.pop(fetch.hashed_to)
+            fetch.hash.update(in_order)
+            fetch.hashed_to += len(in_order)
         if fetch.received == fetch.large.size:
             self._finish(fetch)
         else:
             self._fill_window(fetch)
 
     def _finish(self, fetch: _Fetch) -> None:
-        """Read, check and hand over the arguments on a thread of their own: for GiBs that takes seconds, during
-        which the endpoint's loop must keep heartbeating (``then`` and ``failed`` may be called from any thread)."""
+        if fetch.hash.hexdigest() != fetch.large.sha256:
+            self._fail(fetch, ErrorCode.LARGE_ARGS_UNAVAILABLE, "the task's arguments fetched from the service do "
+                       "not match the SHA-256 they were uploaded under; submit the task again")
+            return
+        log.info("fetched the %d bytes of uploaded arguments of task %s", fetch.large.size, fetch.task_id)
+        if fetch.as_file:
+            self._end(fetch, keep_file=True)
+            fetch.then((str(self.directory / f"{fetch.task_id}{SUFFIX}"), fetch.large.size, fetch.large.sha256))
+            return
+        # Read back on a thread of its own: for GiBs that takes seconds, during which the endpoint's loop must
+        # keep heartbeating (``then`` may be called from any thread).
         handle = os.fdopen(os.dup(fetch.fd), "rb")
         self._end(fetch)
 
         def load() -> None:
             with handle:
                 handle.seek(0)
-                arguments = handle.read()
-            if hashlib.sha256(arguments).hexdigest() != fetch.large.sha256:
-                message = ("the task's arguments fetched from the service do not match the SHA-256 they were "
-                           "uploaded under; submit the task again")
-                log.warning("task %s fails: %s", fetch.task_id, message)
-                self._failed(fetch.task_id, Outcome(FAILED, code=ErrorCode.LARGE_ARGS_UNAVAILABLE, message=message))
-                return
-            log.info("fetched the %d bytes of uploaded arguments of task %s", fetch.large.size, fetch.task_id)
-            fetch.then(arguments)
+                fetch.then(handle.read())
 
         threading.Thread(target=load, name=f"mep-args-{fetch.task_id[:8]}", daemon=True).start()
 
@@ -163,16 +186,15 @@ class ArgumentFetches:
         log.warning("task %s fails: its uploaded arguments can't be had: %s", fetch.task_id, message)
         self._failed(fetch.task_id, Outcome(FAILED, code=code, message=message))
 
-    def _end(self, fetch: _Fetch) -> None:
-        """Forget the fetch and remove its file; the next waiting one starts."""
+    def _end(self, fetch: _Fetch, keep_file: bool = False) -> None:
+        """Forget the fetch and (unless the engine takes it) remove its file; the next waiting one starts."""
         del self._active[fetch.task_id]
         for request_id in fetch.outstanding:
             self._requests.pop(request_id, None)
+        fetch.early.clear()
         os.close(fetch.fd)
-        try:
-            os.unlink(self.directory / f"{fetch.task_id}{SUFFIX}")
-        except OSError as exc:
-            log.warning("could not remove the arguments file of task %s: %s", fetch.task_id, exc)
+        if not keep_file:
+            remove_argument_file(self.directory / f"{fetch.task_id}{SUFFIX}")
         self._start_waiting()
 
     def ask_again_if_late(self, now: float) -> None:
@@ -188,3 +210,13 @@ class ArgumentFetches:
                 del fetch.outstanding[request_id]
                 self._requests.pop(request_id, None)
                 self._ask(fetch, offset, times + 1)
+
+
+def remove_argument_file(path: str | Path) -> None:
+    """A task's fetched arguments are not needed any more (it ended, or it never got them)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove the arguments file %s: %s", path, exc)

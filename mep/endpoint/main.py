@@ -275,7 +275,8 @@ class UserEndpoint:
                     if task.large_args is None:
                         run(payloads[task.args_frame].bytes)
                     else:  # uploaded to the service: fetched first, then run
-                        self.large_args.fetch(task.task_id, task.large_args, run)
+                        self.large_args.fetch(task.task_id, task.large_args, run,
+                                              as_file=self.engine.reads_argument_files)
             case Cancel():
                 for task_id in header.task_ids:
                     if task_id in self.active:

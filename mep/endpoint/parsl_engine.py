@@ -101,6 +101,8 @@ class _Executor(HighThroughputExecutor):
 class ParslHtexEngine:
     """The engine interface (``submit``, ``cancel``, ``shutdown``; ``on_started``/``on_done``) over HTEX."""
 
+    reads_argument_files = False  # a worker may be on a node without the endpoint's files: arguments go as bytes
+
     def __init__(self, config: HtexConfig, idle_timeout: float, on_started: Callable[[str], None],
                  on_done: Callable[[str, Outcome], None]) -> None:
         self._config = config
