@@ -113,23 +113,30 @@ def _state(pid: int) -> str:
         return "gone"
 
 
+def new_children(before: set[int]) -> set[int]:
+    """This process's children not in ``before`` (an earlier test's leftovers may be our children too)."""
+    return set(children_of(os.getpid())) - before
+
+
 def test_the_forker_started_before_the_endpoints_imports_is_the_one_its_engine_uses() -> None:
+    before = set(children_of(os.getpid()))
     forker_module.start_early()  # as python -m mep.endpoint does
-    early = children_of(os.getpid())
+    (early,) = new_children(before)
     results = Results()
     engine = ProcessEngine(1, lambda task_id: None, results.done)
     try:
-        assert children_of(os.getpid()) == early  # taken, not a second one
+        assert new_children(before) == {early}  # taken, not a second one
         submit(engine, "a", parentage)
-        assert [dill.loads(results.wait("a").payload)[1]] == early
+        assert dill.loads(results.wait("a").payload)[1] == early
     finally:
         engine.shutdown()
     assert forker_module._early is None
 
 
 def test_a_forker_started_early_that_no_engine_takes_is_ended() -> None:
+    before = set(children_of(os.getpid()))
     forker_module.start_early()
-    (early,) = children_of(os.getpid())
+    (early,) = new_children(before)
     forker_module.discard_early()
     assert not os.path.exists(f"/proc/{early}")  # exited and reaped
     forker_module.discard_early()  # nothing left to end: a no-op

@@ -167,6 +167,7 @@ def test_a_poison_row_already_in_the_database_fails_its_task_and_dispatch_goes_o
                    " created_at) VALUES (?,?,?,?,?,?,?,'waiting',?)",
                    (poison_id, manager.endpoint_id, identity.id, fn_hash, args, '{"idle_timeout":Infinity}',
                     dumps_canonical(RUNTIME), time.time()))
+    deploy.restart_service()  # the row is there when the service starts (nothing but the service adds rows)
     with deploy.executor(identity, manager) as executor:
         (poisoned,) = executor.attach([poison_id])
         with pytest.raises(mep.ConfigInvalidError, match="can't be read back"):
