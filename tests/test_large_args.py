@@ -46,20 +46,12 @@ from tests.harness import (
     service_on_small_tmpfs,
     wait_for,
 )
-from tests.test_large_results import memory_kib, reset_peak
+from tests.test_large_results import large_data_template, memory_kib, reset_peak
 from tests.test_reliability import state_of
 
 pytestmark = pytest.mark.root
 
 THRESHOLD = 64 * 1024
-TEMPLATE = """\
-engine:
-  type: process
-  workers: 1
-idle_timeout: 600
-large_results:
-  directory: {{ mep.mapped_user.home ~ "/mep-results" }}
-"""
 
 
 def digest(*args: Any, **kwargs: Any) -> tuple[int, str, dict]:
@@ -83,7 +75,7 @@ def data_of_size(size: int) -> bytes:
 def start(deploy: Deployment, account_factory) -> tuple:  # noqa: ANN001
     alice, bob = account_factory("mepalice"), account_factory("mepbob")
     template = deploy.root / "args.yaml.j2"
-    template.write_text(TEMPLATE)
+    template.write_text(large_data_template(threshold=None))
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=template)
     return (alice, manager, deploy.identity(f"{alice.pw_name}@example.org"),
             deploy.identity(f"{bob.pw_name}@example.org"))

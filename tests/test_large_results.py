@@ -33,15 +33,20 @@ from tests.harness import (
 pytestmark = pytest.mark.root
 
 THRESHOLD = 256 * 1024
-TEMPLATE = """\
-engine:
-  type: process
-  workers: 1
-idle_timeout: {idle_timeout}
-large_results:
-  threshold_bytes: {threshold}
-  directory: {{{{ mep.mapped_user.home ~ "/mep-results" }}}}
-"""
+
+PROCESS_ENGINE = "engine:\n  type: process\n  workers: 1\n"
+HTEX_ENGINE = "engine:\n  type: htex\n  provider:\n    type: LocalProvider\n  workers_per_node: 1\n  max_blocks: 1\n"
+
+
+def large_data_template(idle_timeout: float = 600, threshold: int | None = THRESHOLD,
+                        engine: str = PROCESS_ENGINE) -> str:
+    """One worker and large results in ``~/mep-results``; ``threshold`` None keeps the default."""
+    threshold_line = "" if threshold is None else f"  threshold_bytes: {threshold}\n"
+    return (engine +
+            f"idle_timeout: {idle_timeout}\n"
+            "large_results:\n"
+            f"{threshold_line}"
+            '  directory: {{ mep.mapped_user.home ~ "/mep-results" }}\n')
 
 
 def payload_of_size(size: int) -> bytes:
@@ -51,7 +56,7 @@ def payload_of_size(size: int) -> bytes:
 def start(deploy: Deployment, account_factory, idle_timeout: float = 600) -> tuple:  # noqa: ANN001
     alice, bob = account_factory("mepalice"), account_factory("mepbob")
     template = deploy.root / "large.yaml.j2"
-    template.write_text(TEMPLATE.format(threshold=THRESHOLD, idle_timeout=idle_timeout))
+    template.write_text(large_data_template(idle_timeout))
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=template)
     return (alice, bob, manager, deploy.identity(f"{alice.pw_name}@example.org"),
             deploy.identity(f"{bob.pw_name}@example.org"))
@@ -150,9 +155,7 @@ def test_on_htex_the_endpoint_writes_the_file(deploy, account_factory) -> None:
     """A Parsl worker may be on a node without the results directory: its result arrives whole, as before."""
     account = account_factory("mephtexbig")
     template = deploy.root / "large-htex.yaml.j2"
-    template.write_text(TEMPLATE.replace("  type: process\n  workers: 1\n", "  type: htex\n  provider:\n    type: "
-                                         "LocalProvider\n  workers_per_node: 1\n  max_blocks: 1\n").format(
-        threshold=THRESHOLD, idle_timeout=60))
+    template.write_text(large_data_template(60, engine=HTEX_ENGINE))
     manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP), template=template)
     identity = deploy.identity(f"{account.pw_name}@example.org")
     with deploy.executor(identity, manager) as executor:
