@@ -1,10 +1,10 @@
 """Account policy: whether the spawner may run tasks as the local account a mapping produced.
 
 ``resolve_account`` checks the name's syntax before any NSS lookup, looks the
-account up by name only, then runs the checks in order (``check_account``);
-the first that objects raises ``AccountRefused`` with its own reason for the
-researcher and detail for the admin. The checks, each a commented step of
-``_first_refusal``: canonical name, primary group, never root / system / ``nobody`` / the
+account up by name only, then runs the checks of ``account_refusal`` in order:
+one table, a row per check with its own reason (for the researcher) and detail
+(for the admin's log); the first row that refuses raises ``AccountRefused``.
+The checks: canonical name, primary group, never root / system / ``nobody`` / the
 manager's own accounts, the admin's deny and allow lists (users and groups,
 by name, as sshd's ``DenyUsers``/``AllowUsers``/``DenyGroups``/``AllowGroups``:
 a deny always wins, and each allow list that is set must be satisfied),
@@ -15,6 +15,7 @@ comes after these, in the session holder (``session_holder``).
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -124,8 +125,10 @@ def account_refusal(name: str, account: Account, policy: AccountPolicy) -> tuple
     the researcher and its detail for the admin's log; None when every check passes."""
     uid, gid, shell = account.uid, account.gid, account.shell
     who = f"{name!r} (uid {uid})"
-    # Groups by name (a gid without a group has no name to match), the primary group included.
-    groups = {group.gr_gid: group.gr_name for group in map(_group, account.groups) if group is not None}
+    groups: dict[int, str] = {}  # names by gid, the primary group included; a gid without a group has no name
+    for group_id in account.groups:
+        with contextlib.suppress(KeyError):
+            groups[group_id] = grp.getgrgid(group_id).gr_name
     denied = sorted(set(groups.values()) & policy.deny_groups)
     allowed = set(groups.values()) & policy.allow_groups
     # The shadow entry, where NSS has one and it can be read; otherwise PAM decides.
@@ -174,10 +177,3 @@ def account_refusal(name: str, account: Account, policy: AccountPolicy) -> tuple
          f"{name!r} has a password field starting with '!' or '*' and refuse_locked is true"),
     )
     return next(((reason, detail) for refuses, reason, detail in checks if refuses), None)
-
-
-def _group(gid: int) -> grp.struct_group | None:
-    try:
-        return grp.getgrgid(gid)
-    except KeyError:
-        return None

@@ -45,9 +45,6 @@ from mep.root.privdrop import SpawnedProcess, SpawnPlan, end_process_group, spaw
 log = logging.getLogger("mep.spawner.mapping")
 
 EXTERNAL_DATA_TYPE = "external_identity_mapping#1.0.0"
-#: What ``globus-idm-validator`` passes as the gateway id; mep's dry run uses it when no endpoint is named.
-REFERENCE_TESTING_ENDPOINT_ID = "11111111-1111-1111-1111-111111111111"
-DEFAULT_EXTERNAL_TIMEOUT = 5.0  # per program run, as the reference
 HELPER_STARTUP_SECONDS = 20.0  # an interpreter's start and imports, on a loaded machine
 HELPER_REQUEST_SECONDS = 10.0  # one decision by the running helper, besides its external programs' timeouts
 HELPER_RESTART_PAUSE = 1.0  # at least this long between two starts, so a crashing helper can't spin
@@ -63,8 +60,10 @@ _LOAD_REFUSALS: dict[str, type[MepError]] = {"configuration": ConfigurationError
 class MappingContext:
     """What evaluating a file needs beyond the file: who may own programs, which endpoint asks, who evaluates."""
 
-    endpoint_id: str = REFERENCE_TESTING_ENDPOINT_ID  # passed to external programs as "-s"
-    external_timeout: float = DEFAULT_EXTERNAL_TIMEOUT
+    # Passed to external programs as "-s"; by default what ``globus-idm-validator`` passes as the gateway id,
+    # which mep's dry run uses when no endpoint is named.
+    endpoint_id: str = "11111111-1111-1111-1111-111111111111"
+    external_timeout: float = 5.0  # per program run, as the reference
     trusted_owner_uids: frozenset[int] = frozenset({0})
     run_as: str | None = None  # the account the helper runs as (identity_mapping_user); None: ours, no drop
 
@@ -83,9 +82,8 @@ class MappingDecision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def rule(self) -> str:
         """Where the decision came from, e.g. "document 0, mapping 2" or "document 1, program /x"."""
-        if self.program:
-            return f"document {self.document_index}, program {self.program}"
-        return f"document {self.document_index}, mapping {self.mapping_index}"
+        deciding = f"program {self.program}" if self.program else f"mapping {self.mapping_index}"
+        return f"document {self.document_index}, {deciding}"
 
 
 class HelperReply(msgspec.Struct, forbid_unknown_fields=True):
@@ -136,8 +134,7 @@ class IdentityMapper:
             if self._closed:  # a request that picked this mapping just before a reload replaced it
                 raise self._failure(MappingError, "was ended: the mapping was reloaded meanwhile; retry")
             if self._helper is not None and select.select([self._helper[0].pidfd], [], [], 0)[0]:
-                log.warning("%s: the identity-mapping helper ended since its last answer; starting another",
-                            self._source)
+                log.warning("%s: the identity-mapping helper had ended; starting another", self._source)
                 self._end_helper()
             try:
                 if self._helper is None:
@@ -166,19 +163,18 @@ class IdentityMapper:
         self._started_at = time.monotonic()
         # What the helper reads on its stdin: mep.mapping.__main__.HelperLoad.
         load = msgspec.json.encode({"content": self._content, "source": self._source, "context": self._context})
+        # No supplementary groups: the helper needs none, and a group could give it files to read.
+        account = dataclasses.replace(unprivileged_account(self._context.run_as, "identity_mapping_user"), groups=())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            # No supplementary groups: the helper needs none, and a group could give it files to read.
-            account = unprivileged_account(self._context.run_as, "identity_mapping_user", SpawnError)
-            plan = SpawnPlan(account=dataclasses.replace(account, groups=()), stdin_data=load, log_path="",
-                             argv=[sys.executable, "-I", "-m", "mep.mapping"], pass_fds=(theirs.fileno(),),
-                             drop_privileges=self._context.run_as is not None, title="the identity-mapping helper")
-            self._helper = (spawn(plan), ours)
-        except SpawnError as error:
-            ours.close()
-            raise self._failure(ConfigurationError, f"failed: {error}") from None
-        finally:
-            theirs.close()
+        plan = SpawnPlan(account=account, argv=[sys.executable, "-I", "-m", "mep.mapping"], stdin_data=load,
+                         log_path="", pass_fds=(theirs.fileno(),), drop_privileges=self._context.run_as is not None,
+                         title="the identity-mapping helper")
+        with theirs:  # the helper has its copy once started
+            try:
+                self._helper = (spawn(plan), ours)
+            except SpawnError as error:
+                ours.close()
+                raise self._failure(ConfigurationError, f"failed: {error}") from None
         self._ask(None)
 
     def _ask(self, request: bytes | None) -> HelperReply:

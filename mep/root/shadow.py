@@ -22,25 +22,20 @@ from dataclasses import dataclass
 # "!" is how passwd -l / usermod -L lock, and what useradd writes for "no password yet";
 # "*" is the conventional "no password may ever match".
 _LOCK_PREFIXES = (b"!", b"*")
-_NO_VALUE = -1  # shadow fields left empty read as -1
 
 
 class _Spwd(ctypes.Structure):
     """glibc's struct spwd, as far as sp_expire (only read, never allocated here)."""
 
-    _fields_ = [
-        ("sp_namp", ctypes.c_char_p),
-        ("sp_pwdp", ctypes.c_void_p),  # not c_char_p: the hash must not become a Python string
-        ("sp_lstchg_min_max_warn_inact", ctypes.c_long * 5),
-        ("sp_expire", ctypes.c_long),
-    ]
+    # sp_pwdp is not c_char_p: the hash must not become a Python string. Then sp_lstchg, sp_min, sp_max,
+    # sp_warn, sp_inact, and sp_expire (-1 when the field is empty).
+    _fields_ = [("sp_namp", ctypes.c_char_p), ("sp_pwdp", ctypes.c_void_p), ("sp_lstchg_etc", ctypes.c_long * 5),
+                ("sp_expire", ctypes.c_long)]
 
 
 _libc = ctypes.CDLL(None)
 _libc.getspnam.argtypes = [ctypes.c_char_p]
 _libc.getspnam.restype = ctypes.POINTER(_Spwd)
-_libc.strlen.argtypes = [ctypes.c_void_p]
-_libc.strlen.restype = ctypes.c_size_t
 _lock = threading.Lock()
 
 
@@ -64,8 +59,8 @@ def read_shadow(name: str) -> ShadowEntry | None:
         if not found:
             return None
         entry = found.contents
-        hash_at = entry.sp_pwdp
-        locked = bool(hash_at) and ctypes.string_at(hash_at, 1) in _LOCK_PREFIXES
-        if hash_at:
-            ctypes.memset(hash_at, 0, _libc.strlen(hash_at))
-        return ShadowEntry(expire_day=None if entry.sp_expire == _NO_VALUE else entry.sp_expire, password_locked=locked)
+        locked = False
+        if entry.sp_pwdp:  # only the hash's first byte is read, then the hash is wiped from that buffer
+            locked = ctypes.string_at(entry.sp_pwdp, 1) in _LOCK_PREFIXES
+            ctypes.memset(entry.sp_pwdp, 0, _libc.strlen(ctypes.c_void_p(entry.sp_pwdp)))
+        return ShadowEntry(expire_day=None if entry.sp_expire == -1 else entry.sp_expire, password_locked=locked)
