@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from mep.root.errors import AccountRefusedError, ConfigurationError, MepError
+from mep.root.errors import AccountRefusedError, ConfigurationError
 from mep.root.shadow import ShadowEntry, read_shadow
 
 # Conservative on purpose: no "/", whitespace, control characters or a leading
@@ -69,18 +69,18 @@ class AccountPolicy:
     refuse_locked: bool = False  # accounts without a usable password are normal (SSH keys, single sign-on)
 
 
-def unprivileged_account(name: str | None, setting: str, error: type[MepError] = ConfigurationError) -> Account:
+def unprivileged_account(name: str | None, setting: str) -> Account:
     """The account the admin's ``setting`` names for one of mep's own processes (None: this process's own).
 
-    Never root nor a member of group 0 by its primary group; ``error`` is raised, naming the setting, otherwise.
+    Never root nor a member of group 0 by its primary group; a ``ConfigurationError`` naming the setting otherwise.
     """
     try:
         entry = pwd.getpwuid(os.geteuid()) if name is None else pwd.getpwnam(name)
     except KeyError:
-        raise error(f"{setting} {name!r} does not exist; create it (useradd --system --no-create-home --shell"
-                    f" /usr/sbin/nologin {name}) or name another unprivileged account") from None
+        raise ConfigurationError(f"{setting} {name!r} does not exist; create it (useradd --system --no-create-home"
+                                 f" --shell /usr/sbin/nologin {name}) or name another unprivileged account") from None
     if name is not None and 0 in (entry.pw_uid, entry.pw_gid):
-        raise error(f"{setting} {name!r} is root or in group 0; name an unprivileged account")
+        raise ConfigurationError(f"{setting} {name!r} is root or in group 0; name an unprivileged account")
     return Account.from_passwd(entry)
 
 
