@@ -195,11 +195,10 @@ class IdentityMapper:
             if not answer:
                 raise ConnectionError("ended without answering (it crashed or was killed)")
             reply = msgspec.json.decode(answer, type=HelperReply)
-        except TimeoutError:
-            self._end_helper()
-            raise self._failure(failed, f"did not answer within {timeout:g} s; it was killed") from None
         except (OSError, msgspec.MsgspecError) as error:
             self._end_helper()
+            if isinstance(error, TimeoutError):
+                raise self._failure(failed, f"did not answer within {timeout:g} s; it was killed") from None
             raise self._failure(failed, f"failed: {error}") from None
         for level, line in reply.log:
             log.log(level or logging.INFO, "%s", line)
@@ -213,11 +212,10 @@ class IdentityMapper:
         raise _error(kind, reply.message, reply.admin_detail)
 
     def _end_helper(self) -> None:
-        if self._helper is not None:
-            process, channel = self._helper
-            self._helper = None
-            channel.close()
-            end_process_group(process)
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            helper[1].close()  # the channel
+            end_process_group(helper[0])
 
     def _failure(self, kind: type[MepError], what: str) -> MepError:
         detail = f"{self._source}: the identity-mapping helper (python -I -m mep.mapping) {what}"
