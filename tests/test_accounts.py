@@ -15,12 +15,11 @@ import pytest
 from mep.config.manager import ManagerConfig
 from mep.errors import AccountRefusedError
 from mep.root.accounts import (
-    ACCOUNT_CHECKS,
     DEFAULT_DISABLED_SHELLS,
     Account,
     AccountPolicy,
     AccountRefused,
-    refuse_non_canonical_name,
+    account_refusal,
     resolve_account,
 )
 from mep.root.start import account_rules
@@ -172,15 +171,13 @@ def test_missing_primary_group_is_refused(account_factory: MakeAccount) -> None:
 
 
 def test_non_canonical_answer_is_refused(account_factory: MakeAccount) -> None:
-    """NSS modules such as SSSD answer for aliases; files can't, so feed the check a real entry renamed."""
+    """NSS modules such as SSSD answer for aliases; files can't, so feed the checks a real entry asked for by alias."""
     entry = account_factory()
     alias = entry.pw_name.upper()
-    with pytest.raises(AccountRefused) as raised:
-        refuse_non_canonical_name(alias, entry, DEFAULT)
-    assert raised.value.reason == (
-        f"is not the account's canonical name (the system calls it {entry.pw_name!r})"
-    )
-    assert refuse_non_canonical_name in ACCOUNT_CHECKS
+    reason, detail = account_refusal(alias, Account.from_passwd(entry), DEFAULT)
+    assert reason == f"is not the account's canonical name (the system calls it {entry.pw_name!r})"
+    assert detail == f"getpwnam({alias!r}) returned pw_name {entry.pw_name!r} (uid {entry.pw_uid})"
+    assert account_refusal(entry.pw_name, Account.from_passwd(entry), DEFAULT) is None
 
 
 def test_message_for_identity(account_factory: MakeAccount) -> None:

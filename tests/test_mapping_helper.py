@@ -107,13 +107,13 @@ def test_a_missing_or_privileged_identity_mapping_user_is_refused() -> None:
 
 def stand_in_helper(directory: Path, after_loading: str) -> str:
     """A program standing in for the interpreter: it answers the load as a real helper would, then runs
-    ``after_loading`` (Python, with ``channel`` the socket at fd 3 and ``frame(data)`` to frame an answer)."""
+    ``after_loading`` (Python, with ``channel`` the socket at fd 3 and ``frame(data)`` to send one answer)."""
     fake = directory / "python"
     fake.write_text(f"#!{shutil.which('python3', path='/usr/bin')}\n" + textwrap.dedent("""\
         import socket, sys, time
         sys.stdin.read()
         channel = socket.socket(fileno=3)
-        def frame(data): channel.sendall(len(data).to_bytes(4, "big") + data)
+        def frame(data): channel.send(data)
         frame(b"{}")
         """) + textwrap.dedent(after_loading))
     fake.chmod(0o755)

@@ -1,11 +1,13 @@
-"""The identity-mapping helper: a ``HelperLoad`` on stdin, then ``HelperRequest`` frames answered on fd 3.
+"""The identity-mapping helper: a ``HelperLoad`` on stdin, then requests answered on fd 3.
 
 Started by root (``mep.root.identity``) as ``identity_mapping_user`` when a
 mapping file is loaded; it loads the content root read and checked, answers
-once whether it loaded, then maps one identity set per frame on the channel
-(a socket at fd 3: 4-byte big-endian length, msgspec JSON) until root closes
-it. Every error becomes a refusal in the reply, so root never has to guess;
-what the engine logs (a program's stderr) travels in the reply for root's log.
+once whether it loaded, then maps one identity set per request on the channel
+(a ``SOCK_SEQPACKET`` socket at fd 3: one message per request, a JSON list of
+identities, and one per answer, a ``HelperReply`` that fits ``MAX_REPLY_BYTES``)
+until root closes it. Every error becomes a refusal in the reply, so root never
+has to guess; what the engine logs (a program's stderr) travels in the reply for
+root's log.
 """
 
 from __future__ import annotations
@@ -16,30 +18,29 @@ import ctypes
 if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0
     raise SystemExit(f"mep.mapping: PR_SET_DUMPABLE failed (errno {ctypes.get_errno()})")
 
-import dataclasses  # noqa: E402 - after the prctl
-import logging  # noqa: E402
+import logging  # noqa: E402 - after the prctl
 import socket  # noqa: E402
 import sys  # noqa: E402
+from typing import Any  # noqa: E402
 
 import msgspec  # noqa: E402
 
 from mep.mapping.engine import MappingRules  # noqa: E402
 from mep.root.errors import ConfigurationError, MappingError, UnmappedIdentityError  # noqa: E402
-from mep.root.identity import (  # noqa: E402
-    FRAME_HEADER_BYTES,
-    MAX_LOG_LINES,
-    HelperDecision,
-    HelperLoad,
-    HelperRefusal,
-    HelperReply,
-    HelperRequest,
-    MappingContext,
-    encode_frame,
-)
+from mep.root.identity import MAX_LOG_LINES, MAX_REPLY_BYTES, HelperReply, MappingContext  # noqa: E402
 
-CHANNEL_FD = 3  # a socket, root's other end: requests in, answers out
+CHANNEL_FD = 3  # a SOCK_SEQPACKET socket, root's other end: requests in, answers out
 MAX_REQUEST_BYTES = 1 << 20
+MAX_MESSAGE_CHARACTERS = 4000  # a refusal's message and detail, when its answer would not fit otherwise
 _KINDS = ((UnmappedIdentityError, "unmapped"), (MappingError, "mapping"), (ConfigurationError, "configuration"))
+
+
+class HelperLoad(msgspec.Struct, forbid_unknown_fields=True):
+    """Root to helper, once, on its stdin: the file's content and what evaluating it needs."""
+
+    content: bytes
+    source: str
+    context: MappingContext
 
 
 class _Collector(logging.Handler):
@@ -55,21 +56,21 @@ class _Collector(logging.Handler):
 def _refused(error: Exception) -> HelperReply:
     for cls, kind in _KINDS:
         if isinstance(error, cls):
-            return HelperReply(refusal=HelperRefusal(kind, error.message[:60000], error.admin_detail[:60000]))
+            return HelperReply(refusal=kind, message=error.message, admin_detail=error.admin_detail)
     # A bug or a bad request: root fails closed on "internal"
-    return HelperReply(refusal=HelperRefusal("internal", type(error).__name__, str(error)[:8000]))
+    return HelperReply(refusal="internal", message=type(error).__name__, admin_detail=str(error))
 
 
-def _receive_frame(channel: socket.socket) -> bytes | None:
-    """The next request frame; None when root closed the channel."""
-    header = channel.recv(FRAME_HEADER_BYTES, socket.MSG_WAITALL)
-    if len(header) < FRAME_HEADER_BYTES:
-        return None
-    size = int.from_bytes(header, "big")
-    if size > MAX_REQUEST_BYTES:
-        raise SystemExit(f"mep.mapping: a request of {size} bytes, more than {MAX_REQUEST_BYTES}")
-    body = channel.recv(size, socket.MSG_WAITALL)
-    return body if len(body) == size else None
+def _fitted(reply: HelperReply) -> bytes:
+    """The reply as one message of at most ``MAX_REPLY_BYTES``: log lines left out and messages cut if need be."""
+    data = msgspec.json.encode(reply)
+    if len(data) > MAX_REPLY_BYTES:
+        reply.log = [(logging.WARNING, f"{len(reply.log)} log lines left out: the answer must fit {MAX_REPLY_BYTES}"
+                                       " bytes")]
+        reply.message = reply.message[:MAX_MESSAGE_CHARACTERS]
+        reply.admin_detail = reply.admin_detail[:MAX_MESSAGE_CHARACTERS]
+        data = msgspec.json.encode(reply)
+    return data
 
 
 def main() -> None:
@@ -80,20 +81,18 @@ def main() -> None:
 
     def send(reply: HelperReply) -> None:
         reply.log, collector.lines = collector.lines, []
-        channel.sendall(encode_frame(msgspec.json.encode(reply)))
+        channel.send(_fitted(reply))
 
     try:
         load = msgspec.json.decode(sys.stdin.buffer.read(), type=HelperLoad)
-        context = MappingContext(load.endpoint_id, load.external_timeout, frozenset(load.trusted_owner_uids))
-        rules = MappingRules.from_content(load.content, source=load.source, context=context)
+        rules = MappingRules.from_content(load.content, source=load.source, context=load.context)
     except Exception as error:  # noqa: BLE001 - every failure is the load's answer
         send(_refused(error))
         return
     send(HelperReply())
-    while (frame := _receive_frame(channel)) is not None:
+    while request := channel.recv(MAX_REQUEST_BYTES):  # b"": root closed the channel
         try:
-            decision = rules.map(msgspec.json.decode(frame, type=HelperRequest).identities)
-            send(HelperReply(decision=HelperDecision(**dataclasses.asdict(decision))))
+            send(HelperReply(decision=rules.map(msgspec.json.decode(request, type=list[dict[str, Any]]))))
         except Exception as error:  # noqa: BLE001 - one request's failure is its answer
             send(_refused(error))
 

@@ -11,14 +11,13 @@ again or SIGHUP asks for it. Endpoints already running are not touched.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from mep.root.errors import ConfigurationError
 from mep.root.identity import IdentityMapper, MappingContext
-
-_Signature = tuple[int, int, int, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -36,16 +35,14 @@ class MappingFile:
 
     def __init__(self, path: Path, *, trusted_owner_uids: frozenset[int], context: MappingContext) -> None:
         self.path = path
-        self._trusted_owner_uids = trusted_owner_uids
-        self._context = context
+        self._load = functools.partial(IdentityMapper.from_file, path, trusted_owner_uids=trusted_owner_uids,
+                                       context=context)
         self._attempted = _signature(path)  # the version last loaded or tried
         self.mapper = self._load()
 
     def refresh(self) -> ReloadOutcome | None:
         """Reload if the file changed since the last attempt; None when there was nothing to do."""
-        if _signature(self.path) == self._attempted:
-            return None
-        return self.reload("the file changed")
+        return None if _signature(self.path) == self._attempted else self.reload("the file changed")
 
     def reload(self, trigger: str) -> ReloadOutcome:
         """Load the file now; on failure keep the current mapper and say why."""
@@ -57,13 +54,8 @@ class MappingFile:
         previous.close()  # its helper ends once the new one has loaded
         return ReloadOutcome(str(self.path), trigger, loaded=True)
 
-    def _load(self) -> IdentityMapper:
-        return IdentityMapper.from_file(
-            self.path, trusted_owner_uids=self._trusted_owner_uids, context=self._context
-        )
 
-
-def _signature(path: Path) -> _Signature:
+def _signature(path: Path) -> tuple[int, ...] | None:
     try:
         status = os.lstat(path)
     except OSError:

@@ -1,9 +1,11 @@
 """An account's shadow entry, as NSS gives it to root: expiry date and whether its password is locked.
 
 Python's ``spwd`` module is gone from 3.13, so this binds glibc's
-``getspnam_r``: the lookup goes through NSS (``shadow:`` in nsswitch.conf),
-as ``pam_unix`` and ``chage`` see it. Only two facts leave this module; the
-password hash itself is never copied into a Python object.
+``getspnam``: the lookup goes through NSS (``shadow:`` in nsswitch.conf), as
+``pam_unix`` and ``chage`` see it. ``getspnam`` answers in one static buffer,
+so a lock keeps the spawner's workers from reading it at once. Only two facts
+leave this module: the password hash is never copied into a Python object
+(only its first byte is compared), and it is wiped from that buffer.
 
 Where NSS has no shadow entry for an account (LDAP or SSSD accounts usually
 have none) or the caller may not read it (not root), ``read_shadow`` returns
@@ -13,37 +15,28 @@ None and the decision is left to PAM account management.
 from __future__ import annotations
 
 import ctypes
-import errno
+import threading
 import time
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_NO_VALUE = -1  # shadow fields left empty read as -1
-_MAX_BUFFER = 1 << 20
 # "!" is how passwd -l / usermod -L lock, and what useradd writes for "no password yet";
 # "*" is the conventional "no password may ever match".
 _LOCK_PREFIXES = (b"!", b"*")
 
 
 class _Spwd(ctypes.Structure):
-    _fields_ = [
-        ("sp_namp", ctypes.c_char_p),
-        ("sp_pwdp", ctypes.c_void_p),  # not c_char_p: the hash must not become a Python string
-        ("sp_lstchg", ctypes.c_long),
-        ("sp_min", ctypes.c_long),
-        ("sp_max", ctypes.c_long),
-        ("sp_warn", ctypes.c_long),
-        ("sp_inact", ctypes.c_long),
-        ("sp_expire", ctypes.c_long),
-        ("sp_flag", ctypes.c_ulong),
-    ]
+    """glibc's struct spwd, as far as sp_expire (only read, never allocated here)."""
+
+    # sp_pwdp is not c_char_p: the hash must not become a Python string. Then sp_lstchg, sp_min, sp_max,
+    # sp_warn, sp_inact, and sp_expire (-1 when the field is empty).
+    _fields_ = [("sp_namp", ctypes.c_char_p), ("sp_pwdp", ctypes.c_void_p), ("sp_lstchg_etc", ctypes.c_long * 5),
+                ("sp_expire", ctypes.c_long)]
 
 
-_getspnam_r = _libc.getspnam_r
-# getspnam_r(name, result buffer, string buffer, its size, where the result pointer goes)
-_getspnam_r.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Spwd), ctypes.c_char_p, ctypes.c_size_t,
-                        ctypes.POINTER(ctypes.POINTER(_Spwd))]
-_getspnam_r.restype = ctypes.c_int
+_libc = ctypes.CDLL(None)
+_libc.getspnam.argtypes = [ctypes.c_char_p]
+_libc.getspnam.restype = ctypes.POINTER(_Spwd)
+_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -60,21 +53,14 @@ class ShadowEntry:
 
 
 def read_shadow(name: str) -> ShadowEntry | None:
-    """The shadow entry of ``name`` via NSS, or None when there is none or it can't be read."""
-    size = 4096
-    while size <= _MAX_BUFFER:
-        entry = _Spwd()
-        result = ctypes.POINTER(_Spwd)()
-        buffer = ctypes.create_string_buffer(size)
-        code = _getspnam_r(name.encode(), ctypes.byref(entry), buffer, size, ctypes.byref(result))
-        if code == errno.ERANGE:
-            size *= 2
-            continue
-        if code != 0 or not result:
-            return None  # ENOENT, EACCES (not root), or no entry: leave it to PAM
-        try:  # only the hash's first byte is read, and the buffer that held it is wiped
-            locked = bool(entry.sp_pwdp) and ctypes.string_at(entry.sp_pwdp, 1) in _LOCK_PREFIXES
-        finally:
-            ctypes.memset(buffer, 0, size)
-        return ShadowEntry(expire_day=None if entry.sp_expire == _NO_VALUE else entry.sp_expire, password_locked=locked)
-    return None
+    """The shadow entry of ``name`` via NSS, or None when there is none or it can't be read (ENOENT, EACCES)."""
+    with _lock:
+        found = _libc.getspnam(name.encode())
+        if not found:
+            return None
+        entry = found.contents
+        locked = False
+        if entry.sp_pwdp:  # only the hash's first byte is read, then the hash is wiped from that buffer
+            locked = ctypes.string_at(entry.sp_pwdp, 1) in _LOCK_PREFIXES
+            ctypes.memset(entry.sp_pwdp, 0, _libc.strlen(ctypes.c_void_p(entry.sp_pwdp)))
+        return ShadowEntry(expire_day=None if entry.sp_expire == -1 else entry.sp_expire, password_locked=locked)
