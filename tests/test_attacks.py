@@ -258,7 +258,7 @@ def test_keyless_local_connection(deploy, account_factory, record_property) -> N
 
 
 @pytest.mark.attack("symlink under the researcher's ~/.mep (endpoint log path)",
-                    "the log is opened by the account, without following links")
+                    "the log is opened by the account after the drop: a link reaches only what it may write")
 def test_symlink_under_the_users_mep_directory(deploy, account_factory, record_property) -> None:
     account = account_factory("mepatksymlink")
     os.symlink("/root", os.path.join(account.pw_dir, ".mep"))  # planted by the researcher before submitting
