@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import errno as errno_codes
 import fcntl
 import gc
 import os
@@ -41,36 +40,30 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
-from typing import TYPE_CHECKING, NoReturn
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from typing import NoReturn
 
-from mep.root.errors import SpawnError
 from mep.root.accounts import Account
-
-if TYPE_CHECKING:
-    from mep.root.config import EndpointLimits
+from mep.root.config import EndpointLimits
+from mep.root.errors import SpawnError
 
 # Keys the spawner sets itself; extra_env may not redefine who the process is.
 _RESERVED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG"})
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Locale names such as C, POSIX, C.UTF-8, en_US.UTF-8, de_DE@euro: anything
 # else in the manager's LANG is replaced rather than handed to every endpoint.
 _SANE_LOCALE = re.compile(r"(C|POSIX|[a-z]{2,3}_[A-Z]{2})(\.[A-Za-z0-9-]{1,20})?(@[a-z]{1,20})?")
-_SYSTEM_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 
-# The child's one report is at most PIPE_BUF bytes, so it reaches the parent whole, in one read.
-_MAX_REPORT_BYTES = select.PIPE_BUF
 _MAX_STDIN_BYTES = 1 << 20  # a pipe is grown to this for a large stdin (a mapping file), never further
-RESETTABLE_SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
-_LOG_TAIL_TIMEOUT_SECONDS = 30
 
+_CAP_LAST_CAP = int(Path("/proc/sys/kernel/cap_last_cap").read_text())  # the highest capability this kernel knows
+_NR_OPEN = int(Path("/proc/sys/fs/nr_open").read_text())  # every descriptor number is below it, whatever the rlimits
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 
 # prctl is the one call the os module lacks.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.prctl.restype = ctypes.c_int
 
 
 class DropStepError(SpawnError):
@@ -114,7 +107,7 @@ class SpawnPlan:
     log_path: str
     extra_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     drop_privileges: bool = True
-    title: str = ""
+    title: str = "the endpoint"
     pass_fds: tuple[int, ...] = ()
     resource_limits: tuple[tuple[str, int], ...] = ()
     no_new_privs: bool = True
@@ -133,11 +126,9 @@ class ChildSetup:
     """Everything the child needs between fork and exec, computed before the fork (no NSS lookup mid-drop)."""
 
     plan: SpawnPlan
-    cap_last_cap: int  # the highest capability number this kernel knows
     stdin_fd: int
     error_fd: int
     pass_fds: tuple[int, ...]  # copies of plan.pass_fds above 2 + len(pass_fds): moving them to 3, 4, ... clobbers none
-    fd_ceiling: int  # fs.nr_open: every descriptor number is below it, whatever the rlimits were when it was opened
     env: Mapping[str, str]
     steps: tuple[Callable[[ChildSetup], None], ...]
 
@@ -152,7 +143,7 @@ def attach_stdin(setup: ChildSetup) -> None:
 
 def reset_signals(setup: ChildSetup) -> None:
     """Restore default dispositions and an empty mask: ignored signals and the mask survive exec."""
-    for signum in RESETTABLE_SIGNALS:
+    for signum in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
@@ -182,7 +173,7 @@ def drop_bounding_set(setup: ChildSetup) -> None:
     Together with no_new_privs this means no program the endpoint execs can
     gain a capability, file capabilities and setuid-root binaries included.
     """
-    for capability in range(setup.cap_last_cap + 1):
+    for capability in range(_CAP_LAST_CAP + 1):
         _prctl(_PR_CAPBSET_DROP, capability)
 
 
@@ -192,20 +183,17 @@ def set_uid(setup: ChildSetup) -> None:
 
 
 def verify_drop(setup: ChildSetup) -> None:
-    """Re-read what the kernel now says and prove root can't be regained.
+    """Re-read what the kernel now says (uids, gids, groups) and prove root can't be regained.
 
     Keep-caps (PR_SET_KEEPCAPS, SECBIT_KEEP_CAPS) would leave a permitted set
     that setuid(0) failing does not reveal: the kernel's CapPrm line is read
     (with os calls only) and must be zero.
     """
     account = setup.plan.account
-    uids, gids, groups = os.getresuid(), os.getresgid(), sorted(set(os.getgroups()))
-    if uids != (account.uid,) * 3:
-        raise _CheckFailed(f"uids are {uids} after the drop, expected {account.uid}")
-    if gids != (account.gid,) * 3:
-        raise _CheckFailed(f"gids are {gids} after the drop, expected {account.gid}")
-    if groups != sorted(set(account.groups)):
-        raise _CheckFailed(f"groups are {groups} after the drop, expected {sorted(set(account.groups))}")
+    found = {"uids": os.getresuid(), "gids": os.getresgid(), "groups": sorted(set(os.getgroups()))}
+    expected = {"uids": (account.uid,) * 3, "gids": (account.gid,) * 3, "groups": sorted(set(account.groups))}
+    if found != expected:
+        raise _CheckFailed(f"after the drop the ids are {found}, expected {expected}")
     status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)  # on an error, the child exits
     permitted = int(os.read(status, 1 << 16).partition(b"\nCapPrm:")[2].split(b"\n", 1)[0], 16)
     os.close(status)
@@ -224,19 +212,17 @@ def set_resource_limits(setup: ChildSetup) -> None:
     A limit only ever lowers: raising a hard limit needs CAP_SYS_RESOURCE,
     which a container's root may lack, so one above the current hard limit
     (the manager's, or what pam_limits set) stays at it, which is still a
-    limit. NOFILE never exceeds fs.nr_open: the kernel refuses more, even to root.
+    limit. So NOFILE never exceeds fs.nr_open either: the kernel keeps every
+    NOFILE hard limit at or below it.
     """
     for name, wanted in setup.plan.resource_limits:
         number = getattr(resource, name)
         hard = resource.getrlimit(number)[1]
         value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        if number == resource.RLIMIT_NOFILE:
-            value = min(value, setup.fd_ceiling)
         try:
             resource.setrlimit(number, (value, value))
         except (OSError, ValueError) as exc:
-            raise OSError(getattr(exc, "errno", None) or errno_codes.EINVAL,
-                          f"setting {name} to soft {value}, hard {value} failed: {exc}") from None
+            raise _CheckFailed(f"setting {name} to soft {value}, hard {value} failed: {exc}") from None
 
 
 def set_no_new_privs(setup: ChildSetup) -> None:
@@ -271,13 +257,12 @@ def open_log(setup: ChildSetup) -> None:
     user planted anywhere on the path reaches only what the account could
     write anyway, so links are followed like any program of the user's would.
     The umask (077) makes new directories 0700. ``O_NONBLOCK`` turns a planted
-    FIFO into an error instead of a hang, ``O_NOCTTY`` keeps a terminal from
-    becoming ours.
+    FIFO without a reader into an error instead of a hang (a regular file
+    ignores it), ``O_NOCTTY`` keeps a terminal from becoming ours.
     """
     path = setup.plan.log_path or os.devnull
-    os.makedirs(os.path.dirname(path), exist_ok=True)  # (/dev exists)
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # for /dev/null: /dev, which exists
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
-    os.set_blocking(log, True)
     # With the manager's stdio closed the log itself may be 1 or 2, and dup2
     # onto itself would leave it close-on-exec.
     os.set_inheritable(log, True)
@@ -290,7 +275,7 @@ def close_descriptors(setup: ChildSetup) -> None:
     for number, fd in enumerate(setup.pass_fds, start=3):
         os.dup2(fd, number)  # inheritable
     os.closerange(3 + len(setup.pass_fds), setup.error_fd)
-    os.closerange(setup.error_fd + 1, setup.fd_ceiling)
+    os.closerange(setup.error_fd + 1, _NR_OPEN)
 
 
 def exec_endpoint(setup: ChildSetup) -> None:
@@ -305,18 +290,19 @@ DROP_STEPS = (set_gid, set_groups, drop_bounding_set, set_uid, verify_drop)
 #: who only sees "exited with status 206" can tell where it stopped. Single-user mode skips ``DROP_STEPS``;
 #: ``no_new_privs=False`` (the admin's ``allow_setuid_helpers``) skips ``drop_bounding_set`` and ``set_no_new_privs``.
 CHILD_STEPS: dict[Callable[[ChildSetup], None], int] = {
+    # Before the drop, still as root:
     attach_stdin: 200, reset_signals: 201, new_session: 202,
-    set_gid: 203, set_groups: 204, drop_bounding_set: 205, set_uid: 206, verify_drop: 207,  # DROP_STEPS
-    set_resource_limits: 214,  # added later: hence its number
-    set_no_new_privs: 208, set_umask: 209, enter_home: 210, open_log: 211, close_descriptors: 212,
-    exec_endpoint: 213,
+    # The drop (DROP_STEPS):
+    set_gid: 203, set_groups: 204, drop_bounding_set: 205, set_uid: 206, verify_drop: 207,
+    # After it, as the account (set_resource_limits was added later: hence its number):
+    set_resource_limits: 214, set_no_new_privs: 208, set_umask: 209, enter_home: 210, open_log: 211,
+    close_descriptors: 212, exec_endpoint: 213,
 }
 
 
 def _prctl(option: int, argument: int) -> None:
     if _libc.prctl(option, argument, 0, 0, 0) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
 # --- The parent ------------------------------------------------------------------------
@@ -328,28 +314,26 @@ def prepare_child(plan: SpawnPlan, *, stdin_fd: int, error_fd: int, pass_fds: tu
     ``pass_fds`` are copies of ``plan.pass_fds`` above ``2 + len(plan.pass_fds)``, as is ``error_fd``.
     """
     account = plan.account
-    who = plan.title or "the endpoint"
     if not plan.argv or not os.path.isabs(plan.argv[0]):
-        raise SpawnError(f"cannot start {who}: argv must start with an absolute program path")
+        raise SpawnError(f"cannot start {plan.title}: argv must start with an absolute program path")
     if plan.log_path and not os.path.isabs(plan.log_path):
-        raise SpawnError(f"cannot start {who}: log path {plan.log_path!r} is not an absolute path")
+        raise SpawnError(f"cannot start {plan.title}: log path {plan.log_path!r} is not an absolute path")
     if not plan.drop_privileges and account.uid != os.geteuid():
-        raise SpawnError(f"cannot start {who} as {account.name} (uid {account.uid}) in single-user mode: without a"
-                         f" drop a child can only run as this process's own uid {os.geteuid()}")
+        raise SpawnError(f"cannot start {plan.title} as {account.name} (uid {account.uid}) in single-user mode: "
+                         f"without a drop a child can only run as this process's own uid {os.geteuid()}")
     if not plan.drop_privileges and plan.log_path and account.uid == 0:
-        raise SpawnError(f"cannot start {who}: a child that stays root opens no log (it might follow a link)")
+        raise SpawnError(f"cannot start {plan.title}: a child that stays root opens no log (it might follow a link)")
     extra_env, refused = allowed_environment(plan.extra_env)
     if refused:
-        raise SpawnError(f"cannot start {who}: {refused[0]}")
+        raise SpawnError(f"cannot start {plan.title}: {refused[0]}")
     lang = os.environ.get("LANG", "")
     env = {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, "SHELL": account.shell,
-           "PATH": ":".join(dict.fromkeys((os.path.dirname(plan.argv[0]), *_SYSTEM_PATH))),
+           "PATH": ":".join(dict.fromkeys((os.path.dirname(plan.argv[0]), "/usr/local/bin", "/usr/bin", "/bin"))),
            "LANG": lang if _SANE_LOCALE.fullmatch(lang) else "C.UTF-8", **extra_env}
     skipped: set[Callable[[ChildSetup], None]] = set() if plan.drop_privileges else set(DROP_STEPS)
     if not plan.no_new_privs:
         skipped |= {drop_bounding_set, set_no_new_privs}
-    return ChildSetup(plan=plan, cap_last_cap=_read_int("/proc/sys/kernel/cap_last_cap"), stdin_fd=stdin_fd,
-                      error_fd=error_fd, pass_fds=pass_fds, fd_ceiling=_read_int("/proc/sys/fs/nr_open"), env=env,
+    return ChildSetup(plan=plan, stdin_fd=stdin_fd, error_fd=error_fd, pass_fds=pass_fds, env=env,
                       steps=tuple(step for step in CHILD_STEPS if step not in skipped))
 
 
@@ -365,7 +349,7 @@ def allowed_environment(env: Mapping[str, str]) -> tuple[dict[str, str], list[st
     kept: dict[str, str] = {}
     refused: list[str] = []
     for key, value in env.items():
-        if not _ENV_KEY.fullmatch(key):
+        if not (key.isascii() and key.isidentifier()):  # [A-Za-z_][A-Za-z0-9_]*
             refused.append(f"{key!r} is not a valid environment variable name")
         elif key.upper().startswith(("LD_", "PYTHON")):
             refused.append(f"environment variable {key} is not allowed "
@@ -385,7 +369,6 @@ def spawn(plan: SpawnPlan) -> SpawnedProcess:
     An invalid plan raises ``SpawnError`` before anything is forked, as does a
     lack of resources (descriptors, processes) in the parent.
     """
-    who = plan.title or "the endpoint"
     lowest = 3 + len(plan.pass_fds)  # passed fds land on 3, 4, ...: every pipe and copy for the child sits above
     try:
         with ExitStack() as until_reported:
@@ -401,18 +384,19 @@ def spawn(plan: SpawnPlan) -> SpawnedProcess:
                     passed.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest))
                     parent_copies.callback(os.close, passed[-1])
                 setup = prepare_child(plan, stdin_fd=stdin_read, error_fd=error_write, pass_fds=tuple(passed))
-                preload_pipe(stdin_write, plan.stdin_data, who)
+                preload_pipe(stdin_write, plan.stdin_data, plan.title)
                 pid, pidfd = _fork_child(setup)
             # Our copy of the write end is closed: end-of-file now means the child exec'd or died.
-            report = os.read(error_read, _MAX_REPORT_BYTES)
+            # The child's one report is at most PIPE_BUF bytes, so it arrives whole, in one read.
+            report = os.read(error_read, select.PIPE_BUF)
     except OSError as exc:
-        raise SpawnError(f"cannot start {who} as {plan.account.name}: {exc}") from exc
+        raise SpawnError(f"cannot start {plan.title} as {plan.account.name}: {exc}") from exc
     if not report:
         return SpawnedProcess(pid=pid, pidfd=pidfd)
     os.waitpid(pid, 0)
     os.close(pidfd)
     step, code, message = report.decode("utf-8", "replace").split("\0", 2)
-    raise DropStepError(f"starting {who} as {plan.account.name} failed at step {step!r}: {message}",
+    raise DropStepError(f"starting {plan.title} as {plan.account.name} failed at step {step!r}: {message}",
                         step=step, errno=int(code) if code else None)
 
 
@@ -432,12 +416,11 @@ def pipe_above(lowest: int = 3) -> tuple[int, int]:
 
 
 def preload_pipe(fd: int, data: bytes, who: str) -> None:
-    """Write all of stdin before the fork: fitting the pipe buffer (grown if need be), it can never block or hit EPIPE."""
+    """Write all of stdin before the fork: in a pipe sized to hold it, it never blocks or hits EPIPE."""
     if len(data) > _MAX_STDIN_BYTES:
-        raise SpawnError(f"cannot start {who}: {len(data)} bytes for its stdin exceed the pipe's {_MAX_STDIN_BYTES}"
-                         " bytes")
-    if len(data) > fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, len(data))
+        raise SpawnError(f"cannot start {who}: {len(data)} bytes for its stdin exceed the pipe's "
+                         f"{_MAX_STDIN_BYTES} bytes")
+    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, len(data))  # at least that (and a page), so the write below never blocks
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -464,21 +447,18 @@ def run_for_answer(plan: SpawnPlan, *, timeout: float, limit: int) -> tuple[int,
     finally:
         os.close(answer_read)
     if answer is None or not exited:
-        raise SpawnError(f"{plan.title or 'the process'} as {plan.account.name} did not answer and exit within"
+        raise SpawnError(f"{plan.title} as {plan.account.name} did not answer and exit within"
                          f" {timeout:g} s, or wrote more than {limit} bytes; it was killed")
     return os.waitstatus_to_exitcode(status), answer
 
 
 def end_process_group(child: SpawnedProcess) -> int:
     """Kill ``child``'s process group (it leads its own session; an exited leader's leftovers too), reap it."""
-    try:
+    with suppress(ProcessLookupError):  # the whole group is gone already
         signal.pidfd_send_signal(child.pidfd, 0)  # not reaped yet: its group id is still its own
         os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    finally:
-        _, status = os.waitpid(child.pid, 0)
-        os.close(child.pidfd)
+    _, status = os.waitpid(child.pid, 0)
+    os.close(child.pidfd)
     return status
 
 
@@ -486,8 +466,7 @@ def read_bounded(fd: int, deadline: float, limit: int) -> bytes | None:
     """What ``fd`` yields until end-of-file, or None past ``deadline`` (monotonic) or ``limit`` bytes."""
     data = b""
     while len(data) <= limit:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
             return None
         chunk = os.read(fd, 65536)
         if not chunk:
@@ -502,8 +481,7 @@ _fork_lock = threading.Lock()  # the collector switch is process-wide: one fork 
 def _fork_child(setup: ChildSetup) -> tuple[int, int]:
     """Fork with signals blocked and the collector off; the child never returns from here."""
     with _fork_lock:
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
+        gc.disable()  # nothing else in root switches the collector off
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             pid = os.fork()
@@ -517,8 +495,7 @@ def _fork_child(setup: ChildSetup) -> tuple[int, int]:
                 raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            if gc_was_enabled:
-                gc.enable()
+            gc.enable()
 
 
 def _run_child(setup: ChildSetup) -> NoReturn:
@@ -531,14 +508,9 @@ def _run_child(setup: ChildSetup) -> NoReturn:
     except BaseException as exc:  # noqa: B036 - everything is reported, nothing escapes the child
         code = exc.errno if isinstance(exc, OSError) and exc.errno else ""
         report = f"{step.__name__}\0{code}\0{str(exc) or type(exc).__name__}"
-        os.write(setup.error_fd, report.encode("utf-8", "replace")[:_MAX_REPORT_BYTES])
+        os.write(setup.error_fd, report.encode("utf-8", "replace")[: select.PIPE_BUF])  # one atomic write
     finally:
         os._exit(CHILD_STEPS[step])
-
-
-def _read_int(path: str) -> int:
-    with open(path, encoding="ascii") as file:
-        return int(file.read())
 
 
 # --- Reading what the account wrote -----------------------------------------------------
@@ -558,7 +530,7 @@ def read_log_tail(account: Account, path: str, max_lines: int = 20, max_bytes: i
                      drop_privileges=account.uid != os.geteuid())
     try:
         # Each byte that is no UTF-8 comes back as a replacement character, 3 bytes.
-        _, tail = run_for_answer(plan, timeout=_LOG_TAIL_TIMEOUT_SECONDS, limit=3 * max_bytes)
+        _, tail = run_for_answer(plan, timeout=30, limit=3 * max_bytes)
     except SpawnError:
         return ""
     return tail.decode("utf-8", "replace")
