@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import select
 import shutil
 import signal
@@ -50,6 +51,7 @@ from mep.root.privdrop import (
     set_gid,
     set_groups,
     set_no_new_privs,
+    set_resource_limits,
     set_uid,
     set_umask,
     spawn,
@@ -523,6 +525,20 @@ def test_set_no_new_privs_and_umask_alone(user):
         return [_proc_status()["NoNewPrivs"], os.umask(0)]
 
     assert _in_child(harden)["value"] == ["1", 0o077]
+
+
+def test_set_resource_limits_alone_only_lowers(user):
+    # One above the hard limit stays at it (raising needs CAP_SYS_RESOURCE, which a container's root may lack).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    plan = SpawnPlan(account=user, argv=[PYTHON], stdin_data=b"", log_path="",
+                     resource_limits=(("RLIMIT_NOFILE", hard + 1000), ("RLIMIT_CORE", 0)))
+    target = prepare_child(plan, stdin_fd=-1, error_fd=-1)
+
+    def limit() -> list:
+        set_resource_limits(target)
+        return [resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_CORE)]
+
+    assert _in_child(limit)["value"] == [[hard, hard], [0, 0]]
 
 
 @pytest.mark.parametrize("home_exists", [True, False])
