@@ -27,7 +27,7 @@ from mep.errors import ErrorCode
 from mep.mapping import external
 from mep.mapping.engine import MappingRules
 from mep.root.identity import IdentityMapper, MappingContext
-from mep.protocol.messages import SpawnRefused
+from mep.protocol.messages import EndpointExited, Spawned, SpawnRefused
 from mep.sdk.client import Client
 from tests import test_assertions as assertion_attacks
 from tests import test_render as render_tests
@@ -258,7 +258,7 @@ def test_keyless_local_connection(deploy, account_factory, record_property) -> N
 
 
 @pytest.mark.attack("symlink under the researcher's ~/.mep (endpoint log path)",
-                    "the log is opened by the account, without following links")
+                    "the log is opened by the account after the drop: a link reaches only what it may write")
 def test_symlink_under_the_users_mep_directory(deploy, account_factory, record_property) -> None:
     account = account_factory("mepatksymlink")
     os.symlink("/root", os.path.join(account.pw_dir, ".mep"))  # planted by the researcher before submitting
@@ -271,6 +271,48 @@ def test_symlink_under_the_users_mep_directory(deploy, account_factory, record_p
     assert "open_log" in str(refused.value)
     assert not os.path.exists("/root/endpoints"), "nothing was created through the link"
     record_property("observed", f"{type(refused.value).__name__} at the step open_log; /root untouched")
+
+
+def _killed_endpoints_log_tail(peer: SpawnerPeer, account: pwd.struct_passwd, swap_log_for: str = "") -> str:
+    """Start an endpoint for ``account``, let it log, kill it and return the log tail the spawner reports.
+
+    With ``swap_log_for``, the account first replaces its log by a link to that path, as a researcher can.
+    """
+    submitter = identity_of(f"{account.pw_name}@example.org")
+    spawned = peer.request(submitter, peer.signer.sign(peer.claims(submitter)))
+    assert isinstance(spawned, Spawned), spawned
+    log = Path(account.pw_dir, ".mep", "endpoints", spawned.endpoint_id, "endpoint.log")
+    wait_for(lambda: log.exists() and log.stat().st_size > 0, what="the endpoint's first log line")
+    if swap_log_for:
+        log.unlink()
+        log.symlink_to(swap_log_for)
+        os.lchown(log, account.pw_uid, account.pw_gid)
+    os.kill(spawned.pid, signal.SIGKILL)  # not a clean exit: the spawner reads the tail of its log
+    while True:
+        message = peer.link.receive()
+        assert message is not None, peer.log()
+        if isinstance(message, EndpointExited) and message.endpoint_id == spawned.endpoint_id:
+            return message.log_tail
+
+
+@pytest.mark.attack("the endpoint's log swapped for a link to a root-only file before the endpoint dies",
+                    "the spawner reads log tails in a child dropped to the account")
+def test_log_swapped_for_a_link_to_a_root_file(peer: SpawnerPeer, account_factory, record_property) -> None:
+    fd, secret = tempfile.mkstemp(prefix="mep-attack-secret-", dir="/root")
+    try:
+        os.write(fd, b"TOPSECRET root's own line\n")
+        os.close(fd)
+        tail = _killed_endpoints_log_tail(peer, account_factory("mepatktail"), swap_log_for=secret)
+    finally:
+        os.unlink(secret)
+    assert "TOPSECRET" not in tail
+    assert tail == ""
+    # The same path without the swap: the tail is there, read as the account.
+    honest = account_factory("mepatktailok")
+    tail = _killed_endpoints_log_tail(peer, honest)
+    logs = list(Path(honest.pw_dir, ".mep", "endpoints").glob("*/endpoint.log"))
+    assert tail and tail.splitlines()[-1] == logs[0].read_text().splitlines()[-1]
+    record_property("observed", "no byte of the root-only file in the reported tail; an honest log's tail arrives")
 
 
 @pytest.mark.attack("YAML injection through a user_endpoint_config value", "values render as quoted scalars")

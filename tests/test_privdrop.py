@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import select
 import shutil
 import signal
@@ -35,7 +36,6 @@ from mep.root.accounts import Account
 from mep.root.interpreter import check_interpreter_usable
 from mep.root.privdrop import (
     CHILD_STEPS,
-    STEP_EXIT_CODES,
     ChildSetup,
     DropStepError,
     SpawnedProcess,
@@ -51,6 +51,7 @@ from mep.root.privdrop import (
     set_gid,
     set_groups,
     set_no_new_privs,
+    set_resource_limits,
     set_uid,
     set_umask,
     spawn,
@@ -177,7 +178,7 @@ def _in_child(action: Callable[[], object]) -> dict:
 
 
 def _setup(account: Account, **changes: object) -> ChildSetup:
-    """A ChildSetup for running single steps; fds that a test needs are put in with ``changes``."""
+    """A ChildSetup for running single steps as ``account``; fds that a test needs are put in with ``changes``."""
     plan = SpawnPlan(account=account, argv=[PYTHON], stdin_data=b"", log_path="/var/tmp/unused.log")
     return dataclasses.replace(prepare_child(plan, stdin_fd=-1, error_fd=-1), **changes)
 
@@ -190,8 +191,9 @@ def _status_ids(value: str) -> set[int]:
 
 
 def test_step_table_names_every_child_step_once():
-    assert [step.__name__ for step in CHILD_STEPS] == list(STEP_EXIT_CODES)
-    codes = list(STEP_EXIT_CODES.values())
+    names = [step.__name__ for step in CHILD_STEPS]
+    assert len(set(names)) == len(names) == 15
+    codes = list(CHILD_STEPS.values())
     assert len(set(codes)) == len(codes)
     assert all(128 < code < 256 for code in codes)  # not a shell's 126/127 nor a signal's 128+n
 
@@ -277,15 +279,14 @@ def test_spawn_works_from_a_thread_other_than_the_main_one(user):
     assert outcome["resuid"] == [user.uid] * 3
 
 
-@pytest.mark.parametrize("relative_log", ["endpoint.log", ".mep/endpoints/test/endpoint.log"])
-def test_spawn_works_with_the_managers_stdio_closed(user, relative_log):
+@pytest.mark.parametrize("closed", [(0, 1, 2), (2,)])
+def test_spawn_works_with_the_managers_stdio_closed(user, closed):
     # Daemons may run with 0-2 closed: the pipes and the log then get low numbers.
-    # Opening the directories alternates between fds 1 and 2, so at these two
-    # depths the log itself lands on 2 and on 1.
-    log_path = os.path.join(user.home, relative_log)
+    # The child's stdin takes 0, so the log itself lands on 1, and on 2 when only 2 is closed.
+    log_path = _log_path(user)
 
     def spawn_without_stdio() -> int:
-        for fd in (0, 1, 2):
+        for fd in closed:
             os.close(fd)
         child = spawn(SpawnPlan(account=user, argv=[PYTHON, "-c", REPORT_SCRIPT], stdin_data=b"in",
                                 log_path=log_path))
@@ -331,58 +332,75 @@ def test_failed_exec_names_the_step(user):
     assert isinstance(failure.value, SpawnError)
 
 
-def _plant_directory_link_to_root(user: Account, root_secret: tuple[str, str]) -> str:
+def _plant_directory_link_to_root(user: Account, shared_dir: str) -> tuple[str, str]:
     link = os.path.join(user.home, ".mep")
     os.symlink("/root", link)
     _chown_to(user, link)
-    return "/root/endpoints"  # where a followed link would have created the log's directory
+    return "/root/endpoints", ""  # where root, following the link, would have created the log's directory
 
 
-def _plant_directory_link_to_own_directory(user: Account, root_secret: tuple[str, str]) -> str:
-    elsewhere = os.path.join(user.home, "elsewhere")
-    os.mkdir(elsewhere, 0o700)
-    link = os.path.join(user.home, ".mep")
-    os.symlink(elsewhere, link)
-    _chown_to(user, elsewhere, link)
-    return os.path.join(elsewhere, "endpoints")  # reachable by the user: only no-follow refuses it
-
-
-def _plant_log_link_to_root_file(user: Account, root_secret: tuple[str, str]) -> str:
+def _plant_log_link_to_root_file(user: Account, shared_dir: str) -> tuple[str, str]:
     directory = os.path.dirname(_log_path(user))
     os.makedirs(directory, mode=0o700)
-    os.symlink(root_secret[0], _log_path(user))
-    _chown_to(user, os.path.join(user.home, ".mep"), os.path.dirname(directory), directory, _log_path(user))
-    return ""
+    _chown_to(user, os.path.join(user.home, ".mep"), os.path.dirname(directory), directory)
+    # Only root, or group root (which the manager holds here and the drop must not keep), may write it.
+    target = os.path.join(shared_dir, "root-group.log")
+    Path(target).write_text("root's own log\n")
+    os.chmod(target, 0o660)
+    os.symlink(target, _log_path(user))
+    _chown_to(user, _log_path(user))
+    return "", target
 
 
-def _plant_log_fifo(user: Account, root_secret: tuple[str, str]) -> str:
+def _plant_log_fifo(user: Account, shared_dir: str) -> tuple[str, str]:
     directory = os.path.dirname(_log_path(user))
     os.makedirs(directory, mode=0o700)
     os.mkfifo(_log_path(user), 0o600)
     _chown_to(user, os.path.join(user.home, ".mep"), os.path.dirname(directory), directory, _log_path(user))
-    return ""
+    return "", ""
 
 
 @pytest.mark.parametrize(
     ("plant", "expected_errno"),
     [
-        (_plant_directory_link_to_root, errno.ELOOP),
-        (_plant_directory_link_to_own_directory, errno.ELOOP),
-        (_plant_log_link_to_root_file, errno.ELOOP),
+        (_plant_directory_link_to_root, errno.EACCES),
+        (_plant_log_link_to_root_file, errno.EACCES),
         (_plant_log_fifo, errno.ENXIO),  # an error, not a child blocked forever opening it
     ],
 )
-def test_log_path_planted_by_the_user_is_refused(user, root_secret, plant, expected_errno):
-    must_not_exist = plant(user, root_secret)
-    with pytest.raises(DropStepError) as failure:
-        spawn(SpawnPlan(account=user, argv=[PYTHON, "-c", "print('escaped')"], stdin_data=b"",
-                        log_path=_log_path(user)))
+def test_log_path_planted_by_the_user_reaches_only_what_the_account_may_write(user, root_secret, shared_dir,
+                                                                              plant, expected_errno):
+    must_not_exist, must_stay = plant(user, shared_dir)
+    before = Path(must_stay).read_text() if must_stay else ""
+    saved_groups = os.getgroups()
+    os.setgroups([0])  # as a manager started from a root login shell has them
+    try:
+        with pytest.raises(DropStepError) as failure:
+            spawn(SpawnPlan(account=user, argv=[PYTHON, "-c", "print('escaped')"], stdin_data=b"",
+                            log_path=_log_path(user)))
+    finally:
+        os.setgroups(saved_groups)
     assert failure.value.step == "open_log"
     assert failure.value.errno == expected_errno
     if must_not_exist:
         assert not os.path.lexists(must_not_exist)
+    if must_stay:
+        assert Path(must_stay).read_text() == before
     secret_path, content = root_secret
     assert Path(secret_path).read_text() == content
+
+
+def test_log_path_through_a_link_to_the_accounts_own_directory_is_written_as_the_account(user):
+    # Followed, like any program of the user's would: the link reaches only what the account may write.
+    elsewhere = os.path.join(user.home, "elsewhere")
+    os.mkdir(elsewhere, 0o700)
+    os.symlink(elsewhere, os.path.join(user.home, ".mep"))
+    _chown_to(user, elsewhere, os.path.join(user.home, ".mep"))
+    report = _run_report(user, _log_path(user))
+    assert report["resuid"] == [user.uid] * 3
+    log = os.stat(os.path.join(elsewhere, "endpoints", "test", "endpoint.log"))
+    assert (log.st_uid, log.st_gid, stat.S_IMODE(log.st_mode)) == (user.uid, user.gid, 0o600)
+    assert report["fds"]["1"] == os.path.join(elsewhere, "endpoints", "test", "endpoint.log")
 
 
 @pytest.mark.parametrize(
@@ -395,9 +413,10 @@ def test_log_path_planted_by_the_user_is_refused(user, root_secret, plant, expec
         ({"extra_env": {"MEP_X": "a\0b"}}, "MEP_X contains a NUL byte"),
         ({"extra_env": {"A=B": "c"}}, "'A=B' is not a valid environment variable name"),
         ({"argv": ["python3", "-c", "pass"]}, "absolute program path"),
-        ({"log_path": "/var/tmp/../root/endpoint.log"}, "not a normalised absolute path"),
+        ({"log_path": "endpoint.log"}, "'endpoint.log' is not an absolute path"),
         ({"stdin_data": b"x" * ((1 << 20) + 1)}, "exceed the pipe's"),
         ({"drop_privileges": False}, "single-user mode"),
+        ({"account": _account(pwd.getpwuid(0)), "drop_privileges": False}, "a child that stays root opens no log"),
     ],
 )
 def test_invalid_plan_is_refused_before_fork(user, changes, refusal):
@@ -442,7 +461,8 @@ def test_verify_drop_refuses_kept_root_groups(user):
 
     outcome = _in_child(drop_without_groups)
     assert outcome["raised"] == "_CheckFailed"
-    assert outcome["message"].startswith("groups are [0] after the drop")
+    assert outcome["message"].startswith("after the drop the ids are ")
+    assert "'groups': [0]}, expected" in outcome["message"]
 
 
 def test_verify_drop_refuses_capabilities_kept_across_setuid(user):
@@ -462,7 +482,7 @@ def test_verify_drop_refuses_capabilities_kept_across_setuid(user):
 def test_verify_drop_aborts_when_setuid_0_still_works():
     # A "drop" to uid 0 with every capability cleared passes all other checks;
     # only the setuid(0) attempt shows that root is still there.
-    target = dataclasses.replace(_setup(_account(pwd.getpwuid(0))), groups=(0,))
+    target = _setup(dataclasses.replace(_account(pwd.getpwuid(0)), groups=(0,)))
 
     def drop_to_root_without_capabilities() -> None:
         for step in (set_gid, set_groups, set_uid):
@@ -507,12 +527,26 @@ def test_set_no_new_privs_and_umask_alone(user):
     assert _in_child(harden)["value"] == ["1", 0o077]
 
 
+def test_set_resource_limits_alone_only_lowers(user):
+    # One above the hard limit stays at it (raising needs CAP_SYS_RESOURCE, which a container's root may lack).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    plan = SpawnPlan(account=user, argv=[PYTHON], stdin_data=b"", log_path="",
+                     resource_limits=(("RLIMIT_NOFILE", hard + 1000), ("RLIMIT_CORE", 0)))
+    target = prepare_child(plan, stdin_fd=-1, error_fd=-1)
+
+    def limit() -> list:
+        set_resource_limits(target)
+        return [resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_CORE)]
+
+    assert _in_child(limit)["value"] == [[hard, hard], [0, 0]]
+
+
 @pytest.mark.parametrize("home_exists", [True, False])
 def test_enter_home_alone(user, home_exists):
     home = user.home if home_exists else "/nonexistent/mep-home"
 
     def enter() -> str:
-        enter_home(_setup(user, home=home))
+        enter_home(_setup(dataclasses.replace(user, home=home)))
         return os.getcwd()
 
     assert _in_child(enter)["value"] == (user.home if home_exists else "/")
@@ -545,7 +579,7 @@ SINGLE_USER_SCRIPT = r"""
 import errno, json, os, pwd, select, sys
 from mep.root.accounts import Account
 from mep.root.interpreter import check_interpreter_usable
-from mep.root.privdrop import DropStepError, SpawnPlan, spawn
+from mep.root.privdrop import DropStepError, SpawnPlan, read_log_tail, spawn
 
 log_path, report_script = sys.argv[1:]
 entry = pwd.getpwuid(os.getuid())
@@ -562,7 +596,7 @@ try:
     refused = None
 except DropStepError as exc:
     refused = [exc.step, exc.errno]
-print(json.dumps({"status": status, "refused": refused,
+print(json.dumps({"status": status, "refused": refused, "tail": read_log_tail(account, log_path),
                   "interpreter_check": check_interpreter_usable("/nonexistent/python")}))
 """
 
@@ -580,6 +614,7 @@ def test_single_user_mode_as_an_ordinary_account(user):
     # Without root the drop itself fails at its first privileged call, and says so.
     assert outcome["refused"] == ["set_groups", errno.EPERM]
     assert outcome["interpreter_check"] is None  # nothing to prove without root
+    assert outcome["tail"] == Path(log_path).read_text().strip()  # read without a drop, as this same account
 
     report = json.loads(Path(log_path).read_text())
     assert report["resuid"] == [user.uid] * 3
@@ -594,7 +629,7 @@ def test_single_user_mode_as_an_ordinary_account(user):
     assert stat.S_IMODE(os.stat(log_path).st_mode) == 0o600
 
 
-# --- Reading the account's log as root ----------------------------------------------------
+# --- Reading the account's log, as the account ------------------------------------------
 
 
 def _write_user_file(user: Account, path: str, text: str) -> None:
@@ -619,19 +654,26 @@ def test_read_log_tail_returns_the_last_whole_lines(user):
     assert _ids() == before
 
 
-def test_read_log_tail_refuses_a_link_to_a_root_file(user, root_secret, shared_dir):
-    secret_path, _ = root_secret
-    # Also a link to a file the account may read: refused because it is a link.
+def test_read_log_tail_through_a_planted_link_reads_only_what_the_account_may(user, root_secret, shared_dir):
+    # A link to root's secret yields nothing of it; a link to a file every account may read is followed, as the
+    # account's own programs would; a FIFO yields "" at once rather than a reader blocked on it.
+    secret_path, content = root_secret
     readable = os.path.join(shared_dir, "readable.log")
     Path(readable).write_text("root's readable text\n")
     os.chmod(readable, 0o644)
+    fifo = os.path.join(user.home, "fifo.log")
+    os.mkfifo(fifo, 0o600)
+    _chown_to(user, fifo)
     before = _ids()
     for name, target in (("endpoint.log", secret_path), ("other.log", readable)):
-        link = os.path.join(user.home, name)
-        os.symlink(target, link)
-        _chown_to(user, link)
-        assert read_log_tail(user, link) == "", target
+        os.symlink(target, os.path.join(user.home, name))
+        _chown_to(user, os.path.join(user.home, name))
+    assert content not in read_log_tail(user, os.path.join(user.home, "endpoint.log"))
+    assert read_log_tail(user, os.path.join(user.home, "endpoint.log")) == ""
+    assert read_log_tail(user, os.path.join(user.home, "other.log")) == "root's readable text"
+    assert read_log_tail(user, fifo) == ""
     assert _ids() == before
+    assert Path(secret_path).read_text() == content
 
 
 def test_read_log_tail_reads_with_the_accounts_permissions(user, root_secret):
