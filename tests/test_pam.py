@@ -89,29 +89,39 @@ def test_a_conversing_session_module_does_not_crash_the_interpreter(pam_service:
     pam_service.write("account required pam_permit.so\nsession optional pam_motd.so\n"
                       "session required pam_echo.so session for %u\nsession required pam_permit.so\n")
     with PamHandle(pam_service.name, user.pw_name) as pam:
-        pam.account_management()
-        pam.establish_credentials()
-        pam.open_session()
-        pam.close_session()
-        pam.delete_credentials()
+        pam.call("pam_acct_mgmt", 0)
+        pam.call("pam_setcred", pam_binding.PAM_ESTABLISH_CRED)
+        pam.call("pam_open_session", 0)
+        pam.call("pam_close_session", 0)
+        pam.call("pam_setcred", pam_binding.PAM_DELETE_CRED)
         assert f"info: session for {user.pw_name}" in pam.messages
 
 
-def test_prompts_are_refused_and_information_is_recorded() -> None:
-    """Nobody can answer a prompt: the conversation fails it instead of inventing an answer."""
-    conversation = pam_binding._Conversation()
-    response = ctypes.POINTER(pam_binding._Response)()
+def test_prompts_are_refused_and_information_is_recorded(pam_service: PamService,
+                                                         account_factory: MakeAccount) -> None:
+    """Nobody can answer a prompt: the conversation fails it instead of inventing an answer.
 
-    def converse(*messages: tuple[int, bytes]) -> int:
+    No module shipped for the account or session phase prompts, so the test calls the handle's own C
+    callback (the one PAM calls) the way libpam does.
+    """
+    user = account_factory("meppamconv")
+    response = ctypes.c_void_p()
+
+    def converse(pam: PamHandle, *messages: tuple[int, bytes]) -> int:
         array = (ctypes.POINTER(pam_binding._Message) * len(messages))(
             *(ctypes.pointer(pam_binding._Message(style, text)) for style, text in messages))
-        return conversation.callback(len(messages), array, ctypes.byref(response), None)
+        return pam._conv.conv(len(messages), array, ctypes.byref(response), None)
 
-    assert converse((4, b"welcome"), (3, b"disk almost full")) == pam_binding.PAM_SUCCESS
-    pam_binding._libc.free(ctypes.cast(response, ctypes.c_void_p))
-    assert converse((4, b"about to ask"), (1, b"Password: ")) == pam_binding.PAM_CONV_ERR
-    assert conversation.messages == ["info: welcome", "error: disk almost full", "info: about to ask",
-                                     "prompt: Password: "]
+    with PamHandle(pam_service.name, user.pw_name) as pam:
+        assert converse(pam, (4, b"welcome"), (3, b"disk almost full")) == pam_binding.PAM_SUCCESS
+        assert response.value, "an (empty) answer for each message, which PAM frees"
+        ctypes.CDLL(None).free(response)
+        assert converse(pam, (4, b"about to ask"), (1, b"Password: ")) == pam_binding.PAM_CONV_ERR
+        assert pam.messages == ["info: welcome", "error: disk almost full", "info: about to ask",
+                                "prompt: Password: "]
+        pam_service.deny(user.pw_name)
+        with pytest.raises(PamError, match="pam_acct_mgmt failed.*the modules said: info: welcome"):
+            pam.call("pam_acct_mgmt", 0)
 
 
 def test_the_library_is_configurable(pam_service: PamService, account_factory: MakeAccount) -> None:
