@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from functools import cache
+from contextlib import AbstractContextManager
 
 from mep.root.errors import ConfigurationError
 from mep.root.accounts import AccountRefused
@@ -41,8 +41,7 @@ PAM_CONV_ERR = 19
 PAM_ESTABLISH_CRED = 0x0002
 PAM_DELETE_CRED = 0x0004
 PAM_RUSER = 8
-_PROMPT_STYLES = (1, 2)  # PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON
-_MESSAGE_KINDS = {3: "error", 4: "info"}  # PAM_ERROR_MSG, PAM_TEXT_INFO
+_MESSAGE_KINDS = {3: "error", 4: "info"}  # PAM_ERROR_MSG, PAM_TEXT_INFO; every other style asks for an answer
 _MAX_KEPT_MESSAGES = 20
 _MAX_MESSAGE_CHARS = 500
 
@@ -73,35 +72,26 @@ class _Conv(ctypes.Structure):  # struct pam_conv
     _fields_ = [("conv", _CONVERSATION), ("appdata_ptr", ctypes.c_void_p)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
-_libc.calloc.restype = ctypes.c_void_p
+_calloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)(("calloc", ctypes.CDLL(None)))
 
 
-@cache
-def _load(library: str) -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL(library, use_errno=True)
-    except OSError as error:
-        raise ConfigurationError(f"cannot load the PAM library {library!r} (pam.library): {error}") from None
-    # Every other function used takes the handle (a c_void_p), ints and bytes, and returns an int: ctypes' defaults.
-    lib.pam_strerror.restype = ctypes.c_char_p
-    lib.pam_getenvlist.restype = ctypes.POINTER(ctypes.c_char_p)
-    return lib
-
-
-class PamHandle:
+class PamHandle(AbstractContextManager):
     """One PAM transaction for ``user`` under ``service``, from ``pam_start`` to ``pam_end`` (use it in ``with``).
 
     ``messages`` holds what the modules said, as "info: ..." / "error: ..." (and "prompt: ..." for a refused prompt).
     """
 
     def __init__(self, service: str, user: str, *, library: str = DEFAULT_LIBRARY) -> None:
-        self._lib = _load(library)
+        try:  # loaded once per process by the dynamic linker; this is a handle on it
+            self._lib = ctypes.CDLL(library)
+        except OSError as error:
+            raise ConfigurationError(f"cannot load the PAM library {library!r} (pam.library): {error}") from None
+        # Every other function used takes the handle (a c_void_p), ints and bytes, and returns an int: ctypes' defaults.
+        self._lib.pam_strerror.restype = ctypes.c_char_p
+        self._lib.pam_getenvlist.restype = ctypes.POINTER(ctypes.c_char_p)
         self.messages: list[str] = []
-        # Kept as an attribute: PAM may call it at any step, so the C thunk lives exactly as long as the handle.
-        self._callback = _CONVERSATION(self._converse)
-        self._conv = _Conv(self._callback, None)
+        # The struct keeps the C thunk (in its _objects) as long as the handle lives: PAM may call it at any step.
+        self._conv = _Conv(_CONVERSATION(self._converse), None)
         self._handle = ctypes.c_void_p()
         self._last_status = PAM_SUCCESS
         code = self._lib.pam_start(service.encode(), user.encode(), ctypes.byref(self._conv),
@@ -122,30 +112,25 @@ class PamHandle:
 
         The array is not freed: a session holder asks once, for a few hundred bytes.
         """
-        array, found = self._lib.pam_getenvlist(self._handle), {}
-        index = 0
-        while array and array[index]:
-            name, _, value = array[index].decode("utf-8", "replace").partition("=")
-            found[name] = value
-            index += 1
-        return found
+        array = self._lib.pam_getenvlist(self._handle)
+        count = 0
+        while array and array[count]:
+            count += 1
+        return dict(array[index].decode("utf-8", "replace").split("=", 1) for index in range(count))
 
-    def __enter__(self) -> PamHandle:
-        return self
-
-    def __exit__(self, *_exception: object) -> None:
+    def __exit__(self, *_exception: object) -> None:  # AbstractContextManager's __enter__ returns the handle
         self._lib.pam_end(self._handle, self._last_status)
 
     def _converse(self, count: int, messages, responses, _appdata) -> int:  # noqa: ANN001 - ctypes pointers
         """The callback PAM calls: records what modules say and refuses every prompt."""
         try:
-            said = [(messages[i].contents.msg_style, messages[i].contents.msg or b"") for i in range(count)]
-            for style, text in said[:_MAX_KEPT_MESSAGES - len(self.messages)]:
-                kind = _MESSAGE_KINDS.get(style, "prompt")
-                self.messages.append(f"{kind}: {text.decode('utf-8', 'replace')[:_MAX_MESSAGE_CHARS]}")
-            if any(style in _PROMPT_STYLES for style, _ in said):
+            said = [messages[index].contents for index in range(count)]
+            for message in said[:_MAX_KEPT_MESSAGES - len(self.messages)]:
+                text = (message.msg or b"").decode("utf-8", "replace")[:_MAX_MESSAGE_CHARS]
+                self.messages.append(f"{_MESSAGE_KINDS.get(message.msg_style, 'prompt')}: {text}")
+            if any(message.msg_style not in _MESSAGE_KINDS for message in said):
                 return PAM_CONV_ERR  # nobody can answer: mep never asks for a password
-            responses[0] = _libc.calloc(max(count, 1), ctypes.sizeof(_Response))  # empty answers; PAM frees them
+            responses[0] = _calloc(max(count, 1), ctypes.sizeof(_Response))  # empty answers; PAM frees them
             return PAM_SUCCESS if responses[0] else PAM_CONV_ERR
         except Exception:  # noqa: BLE001 - an exception must never unwind into C
             log.exception("the PAM conversation failed")

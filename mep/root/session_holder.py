@@ -39,8 +39,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import msgspec
 from setproctitle import setproctitle
@@ -51,21 +50,18 @@ from mep.root.accounts import AccountRefused, unprivileged_account
 from mep.root.logs import setup_logging
 from mep.root.pam import (PAM_DELETE_CRED, PAM_ESTABLISH_CRED, PAM_NEW_AUTHTOK_REQD, PAM_RUSER, REFUSED_BY_PAM,
                           PamError, PamHandle)
-from mep.root.privdrop import DropStepError, SpawnPlan, allowed_environment, pipe_above, read_bounded, spawn
+from mep.root.privdrop import DropStepError, SpawnPlan, allowed_environment, end_process_group, read_bounded, spawn
 
 log = logging.getLogger("mep.session")
 
 REPORT_FD = 3
 _STDERR_FD = 4  # the spawner's stderr, passed on
-_MAX_REPORT_BYTES = 65536
 #: From the spawner: the endpoint is hung, SIGKILL its process group (the holder, its parent, can check it is there).
 KILL_ENDPOINT_SIGNAL = signal.SIGUSR1
 # Blocked from the start, so they wait (pending) until there is an endpoint to pass them to (SIGCHLD too).
 _HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, KILL_ENDPOINT_SIGNAL, signal.SIGCHLD)
 # For the programs PAM modules run (pam_exec, pam_mkhomedir's helper): root's usual PATH.
 _HOLDER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# What waitpid reports for "exited with status 1": the holder's own failures end like that.
-_FAILED_WAIT_STATUS = 1 << 8
 
 
 class HolderRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -77,17 +73,16 @@ class HolderRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class HolderReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """The holder's one message on fd 3. ``outcome``: started, refused, session_failed or spawn_failed."""
+    """The holder's one message on fd 3: its endpoint's pid, or why it started nothing."""
 
-    outcome: str
     endpoint_pid: int = 0
+    refused: bool = False  # by pam_acct_mgmt: the account is refused (``AccountRefused`` words the message)
+    message: str = ""  # for the submitter
     detail: str = ""  # for the admin's log
-    step: str = ""
-    errno: int = 0
+    drop_step: str = ""  # the step of the privilege drop that failed (``DropStepError``)
 
 
-@dataclass(frozen=True)
-class HeldEndpoint:
+class HeldEndpoint(NamedTuple):
     """An endpoint running under a session holder; wait on ``pidfd`` (the holder's) and close it."""
 
     holder_pid: int
@@ -105,56 +100,38 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
     (it could not be undone for an endpoint that needs setuid helpers): request on stdin, report pipe at
     fd 3 (``REPORT_FD``), our stderr at fd 4 for its log lines.
     """
+    account = plan.account.name
     ours = unprivileged_account(None, "the spawner's own account")
     request = HolderRequest(pam=pam, requested_by=ours.name, plan=plan)
-    report_read, report_write = pipe_above()
-    try:
-        try:
+    stderr = () if sys.stderr is None else (2,)  # None: this daemon started with fd 2 closed
+    report_read, report_write = os.pipe()  # not inherited (PEP 446): spawn passes the holder a copy at fd 3
+    with open(report_read, "rb", buffering=0) as reader:
+        with open(report_write, "wb", buffering=0):  # ours is closed once the holder has its copy
             holder = spawn(SpawnPlan(account=ours, argv=[sys.executable, "-I", "-m", __name__],
                                      stdin_data=msgspec.json.encode(request), log_path="", drop_privileges=False,
-                                     title=f"the session holder for {plan.account.name}",
-                                     pass_fds=(report_write, *_stderr()), no_new_privs=False))
-        finally:
-            os.close(report_write)
-        data = read_bounded(report_read, time.monotonic() + pam.timeout, _MAX_REPORT_BYTES)
-    finally:
-        os.close(report_read)
+                                     title=f"the session holder for {account}",
+                                     pass_fds=(report_write, *stderr), no_new_privs=False))
+        data = read_bounded(reader.fileno(), time.monotonic() + pam.timeout, 65536)  # a report is a few KiB at most
     try:
-        report = msgspec.json.decode(data, type=HolderReport) if data else None
-    except msgspec.MsgspecError:
+        report = msgspec.json.decode(data or b"", type=HolderReport)
+    except msgspec.MsgspecError:  # nothing before end-of-file or the deadline, or not a report
         report = None
-    if report is not None and report.outcome == "started":
+    if report is not None and report.endpoint_pid:
         return HeldEndpoint(holder_pid=holder.pid, pidfd=holder.pidfd, endpoint_pid=report.endpoint_pid)
-    if report is None:  # silent, unreadable or too slow: it must not start anything later
-        signal.pidfd_send_signal(holder.pidfd, signal.SIGKILL)
-    _, status = os.waitpid(holder.pid, 0)
-    os.close(holder.pidfd)
-    raise _failure(plan.account.name, report, status, pam)
-
-
-def _stderr() -> tuple[int, ...]:
-    """Our stderr, for the holder's log lines, if we have one (a daemon may run with it closed)."""
-    try:
-        os.fstat(2)
-    except OSError:
-        return ()
-    return (2,)
-
-
-def _failure(account: str, report: HolderReport | None, status: int, pam: PamSettings) -> Exception:
-    if report is not None and report.outcome == "refused":
-        return AccountRefused(account, REFUSED_BY_PAM, report.detail)
-    if report is not None and report.outcome == "spawn_failed":
-        return DropStepError(report.detail, step=report.step, errno=report.errno or None)
+    # It failed (and undid its steps before it said so), or was silent or too slow: it must not start anything later.
+    status = end_process_group(holder)
     if report is None:
-        error = SpawnError(f"could not start a session for {account} on this endpoint; ask your admin")
-        error.admin_detail = (f"the PAM session holder for {account} (service {pam.service}) gave no report within"
-                              f" {pam.timeout:g} s or exited first (wait status {status}); see its lines in this log")
-        return error
-    error = SpawnError(f"could not open a session for {account} on this endpoint ({report.step} failed);"
-                       " ask your admin")
+        report = HolderReport(message=f"could not start a session for {account} on this endpoint; ask your admin",
+                              detail=f"the PAM session holder for {account} (service {pam.service}) gave no"
+                              f" report within {pam.timeout:g} s or exited first (wait status {status});"
+                              " see its lines in this log")
+    if report.refused:
+        raise AccountRefused(account, REFUSED_BY_PAM, report.detail)
+    if report.drop_step:
+        raise DropStepError(report.message, step=report.drop_step, errno=None)
+    error = SpawnError(report.message)
     error.admin_detail = report.detail
-    return error
+    raise error
 
 
 # --- the holder's side ---------------------------------------------------------------------
@@ -167,26 +144,29 @@ def main() -> None:
         os.close(_STDERR_FD)
     os.environ["PATH"] = _HOLDER_PATH
     setup_logging(verbose=False)
-    status = _FAILED_WAIT_STATUS
+    code = 1  # the holder's own failures end like an endpoint that exited with status 1
     try:
         # Read to its end (the spawner wrote it all and closed its end): the modules' programs find only EOF.
         request = msgspec.json.decode(sys.stdin.buffer.read(), type=HolderRequest)
         who = f"{request.plan.account.name} (service {request.pam.service})"
         setproctitle(f"mep-session {request.plan.account.name} {request.plan.title}")
-        status = _hold(request, who)
+        code = _hold(request, who)
     except PamError as error:  # the session (whatever of it was open) is closed by now
-        outcome = "refused" if error.step == "pam_acct_mgmt" else "session_failed"
-        _report(HolderReport(outcome=outcome, step=error.step, detail=f"PAM for {who}: {error.detail}"))
-    except SpawnError as error:  # DropStepError names the failed step of the drop
-        _report(HolderReport(outcome="spawn_failed", step=getattr(error, "step", ""),
-                             errno=getattr(error, "errno", None) or 0, detail=str(error)))
-    except Exception:  # a bug: the spawner sees no report and points the admin at these lines
-        log.exception("the session holder failed")
-    _exit_like(status)
+        _report(HolderReport(refused=error.step == "pam_acct_mgmt", detail=f"PAM for {who}: {error.detail}",
+                             message=f"could not open a session for {request.plan.account.name} on this endpoint"
+                             f" ({error.step} failed); ask your admin"))
+    except SpawnError as error:  # the endpoint could not start: a DropStepError names the step that failed
+        _report(HolderReport(message=str(error), drop_step=getattr(error, "step", "")))
+    # Any other exception is a bug: Python prints its traceback here (the spawner's log) and exits with status 1,
+    # and the spawner, without a report, points the admin at these lines.
+    _exit_like(code)
 
 
 def _hold(request: HolderRequest, who: str) -> int:
-    """The PAM steps around the endpoint, in order; returns its wait status. ``PamError`` or ``SpawnError``."""
+    """The PAM steps around the endpoint, in order; returns its exit code (-N: signal N killed it).
+
+    Raises ``PamError`` or ``SpawnError``, once the steps that succeeded are undone.
+    """
     account = request.plan.account
     # On the way out, however it goes: the steps that succeeded are undone in reverse order, then pam_end.
     with PamHandle(request.pam.service, account.name, library=request.pam.library) as pam, ExitStack() as opened:
@@ -207,13 +187,11 @@ def _hold(request: HolderRequest, who: str) -> int:
         child = spawn(dataclasses.replace(request.plan, account=dataclasses.replace(account, groups=groups),
                                           extra_env=environment, pass_fds=()))
         os.close(child.pidfd)  # only _wait_forwarding_signals reaps it, so its pid stays its own until then
-        _report(HolderReport(outcome="started", endpoint_pid=child.pid))
-        log.info("PAM session for %s open; endpoint pid %d", who, child.pid)
-        status = _wait_forwarding_signals(child.pid)
-    code = os.waitstatus_to_exitcode(status)
+        _report(HolderReport(endpoint_pid=child.pid))  # the spawner logs that it started
+        code = os.waitstatus_to_exitcode(_wait_forwarding_signals(child.pid))
     log.info("PAM session for %s closed; endpoint pid %d %s", who, child.pid,
              f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}")
-    return status
+    return code
 
 
 def _wait_forwarding_signals(pid: int) -> int:
@@ -251,18 +229,15 @@ def _report(report: HolderReport) -> None:
         log.warning("could not report to the spawner (%s); it may have exited", error)
 
 
-def _exit_like(status: int) -> NoReturn:
-    """Exit as the endpoint did, so the spawner's view of the holder is its view of the endpoint."""
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 0:
-        os._exit(code)
-    signum = -code  # killed by it: die of it too, without a core dump of this root process
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if signum != signal.SIGKILL:  # it has no disposition to reset
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-    os.kill(os.getpid(), signum)
-    os._exit(128 + signum)  # not reached
+def _exit_like(code: int) -> NoReturn:
+    """Exit as the endpoint did (``code`` from ``_hold``), so the spawner sees the endpoint's end in the holder's."""
+    if code < 0:  # killed by signal -code: die of it too, without a core dump of this root process
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        with suppress(OSError):  # SIGKILL, the one signal with no disposition to reset
+            signal.signal(-code, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+        os.kill(os.getpid(), -code)
+    os._exit(code if code >= 0 else 128 - code)  # 128 + the signal only if it did not end this process
 
 
 if __name__ == "__main__":
