@@ -317,6 +317,8 @@ def test_endpoint_and_session_survive_a_manager_crash_and_restart(deploy, pam_se
         wait_for(lambda: pam_service.events(user.pw_name) == ["open_session"], what="the session to open")
         (holder,) = [pid for pid in children_of(manager.spawner_pid) if pid != manager.router_pid]
         (endpoint,) = wait_for(lambda: children_of(holder), what="the endpoint (forked after the hook ran)")
+        # Only an endpoint in the spawner's registry can be adopted: crash once it is recorded (it logs that after).
+        wait_for(lambda: f"in a PAM session (holder pid {holder})" in manager.log(), what="the spawner to record it")
         os.killpg(manager.process.popen.pid, signal.SIGKILL)  # spawner and router die together: a crash
         manager.process.popen.wait()
         assert os.path.exists(f"/proc/{holder}") and os.path.exists(f"/proc/{endpoint}")

@@ -23,13 +23,10 @@ The library name is configurable (``pam.library``), so tests can point it at
 from __future__ import annotations
 
 import ctypes
-import logging
 from contextlib import AbstractContextManager
 
 from mep.root.errors import ConfigurationError
 from mep.root.accounts import AccountRefused
-
-log = logging.getLogger("mep.spawner.pam")
 
 DEFAULT_LIBRARY = "libpam.so.0"
 #: The reason an ``AccountRefused`` gives when ``pam_acct_mgmt`` says no (the spawner's check and the holder's).
@@ -132,8 +129,9 @@ class PamHandle(AbstractContextManager):
                 return PAM_CONV_ERR  # nobody can answer: mep never asks for a password
             responses[0] = _calloc(max(count, 1), ctypes.sizeof(_Response))  # empty answers; PAM frees them
             return PAM_SUCCESS if responses[0] else PAM_CONV_ERR
-        except Exception:  # noqa: BLE001 - an exception must never unwind into C
-            log.exception("the PAM conversation failed")
+        except Exception as error:  # noqa: BLE001 - an exception must never unwind into C
+            # A bug: it reaches the admin with the step's PamError, as something a module said.
+            self.messages.append(f"error: mep's PAM conversation function failed: {error!r}")
             return PAM_CONV_ERR
 
 

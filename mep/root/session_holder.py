@@ -55,13 +55,10 @@ from mep.root.privdrop import DropStepError, SpawnPlan, allowed_environment, end
 log = logging.getLogger("mep.session")
 
 REPORT_FD = 3
-_STDERR_FD = 4  # the spawner's stderr, passed on
 #: From the spawner: the endpoint is hung, SIGKILL its process group (the holder, its parent, can check it is there).
 KILL_ENDPOINT_SIGNAL = signal.SIGUSR1
 # Blocked from the start, so they wait (pending) until there is an endpoint to pass them to (SIGCHLD too).
 _HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, KILL_ENDPOINT_SIGNAL, signal.SIGCHLD)
-# For the programs PAM modules run (pam_exec, pam_mkhomedir's helper): root's usual PATH.
-_HOLDER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class HolderRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -100,7 +97,6 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
     (it could not be undone for an endpoint that needs setuid helpers): request on stdin, report pipe at
     fd 3 (``REPORT_FD``), our stderr at fd 4 for its log lines.
     """
-    account = plan.account.name
     ours = unprivileged_account(None, "the spawner's own account")
     request = HolderRequest(pam=pam, requested_by=ours.name, plan=plan)
     stderr = () if sys.stderr is None else (2,)  # None: this daemon started with fd 2 closed
@@ -109,24 +105,22 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
         with open(report_write, "wb", buffering=0):  # ours is closed once the holder has its copy
             holder = spawn(SpawnPlan(account=ours, argv=[sys.executable, "-I", "-m", __name__],
                                      stdin_data=msgspec.json.encode(request), log_path="", drop_privileges=False,
-                                     title=f"the session holder for {account}",
+                                     title=f"the session holder for {plan.account.name}",
                                      pass_fds=(report_write, *stderr), no_new_privs=False))
         data = read_bounded(reader.fileno(), time.monotonic() + pam.timeout, 65536)  # a report is a few KiB at most
     try:
         report = msgspec.json.decode(data or b"", type=HolderReport)
     except msgspec.MsgspecError:  # nothing before end-of-file or the deadline, or not a report
-        report = None
-    if report is not None and report.endpoint_pid:
+        report = HolderReport(
+            message=f"could not start a session for {plan.account.name} on this endpoint; ask your admin",
+            detail=f"the PAM session holder for {plan.account.name} (service {pam.service}) gave no report within"
+            f" {pam.timeout:g} s or exited first; see its lines in this log")
+    if report.endpoint_pid:
         return HeldEndpoint(holder_pid=holder.pid, pidfd=holder.pidfd, endpoint_pid=report.endpoint_pid)
     # It failed (and undid its steps before it said so), or was silent or too slow: it must not start anything later.
-    status = end_process_group(holder)
-    if report is None:
-        report = HolderReport(message=f"could not start a session for {account} on this endpoint; ask your admin",
-                              detail=f"the PAM session holder for {account} (service {pam.service}) gave no"
-                              f" report within {pam.timeout:g} s or exited first (wait status {status});"
-                              " see its lines in this log")
+    end_process_group(holder)
     if report.refused:
-        raise AccountRefused(account, REFUSED_BY_PAM, report.detail)
+        raise AccountRefused(plan.account.name, REFUSED_BY_PAM, report.detail)
     if report.drop_step:
         raise DropStepError(report.message, step=report.drop_step, errno=None)
     error = SpawnError(report.message)
@@ -139,10 +133,10 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
 
 def main() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)  # until _wait_forwarding_signals takes them
-    with suppress(OSError):  # without it (the spawner has no stderr) the holder's lines go to /dev/null
-        os.dup2(_STDERR_FD, 2)
-        os.close(_STDERR_FD)
-    os.environ["PATH"] = _HOLDER_PATH
+    # fd 4, the spawner's stderr, becomes ours (left open: it is the same file); without it, /dev/null stays.
+    with suppress(OSError):
+        os.dup2(4, 2)
+    os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # for the programs PAM runs
     setup_logging(verbose=False)
     code = 1  # the holder's own failures end like an endpoint that exited with status 1
     try:
@@ -222,11 +216,9 @@ def _undo(pam: PamHandle, who: str, function: str, flags: int) -> None:
 
 
 def _report(report: HolderReport) -> None:
-    try:
-        with open(REPORT_FD, "wb") as pipe:
-            pipe.write(msgspec.json.encode(report))
-    except OSError as error:
-        log.warning("could not report to the spawner (%s); it may have exited", error)
+    """The one report to the spawner; should it have exited meanwhile (EPIPE), the holder goes on all the same."""
+    with suppress(BrokenPipeError), open(REPORT_FD, "wb") as pipe:
+        pipe.write(msgspec.json.encode(report))
 
 
 def _exit_like(code: int) -> NoReturn:
