@@ -220,6 +220,23 @@ def test_a_failing_session_module_is_a_spawn_error(pam_service: PamService, acco
     assert not (Path(user.pw_dir) / "ran").exists()
 
 
+def test_a_module_granting_the_root_group_is_refused(pam_service: PamService, account_factory: MakeAccount) -> None:
+    """pam_group, run by pam_setcred, may add groups: never root's (gid 0), whatever /etc/security/group.conf says."""
+    user = account_factory("mepholdgid")
+    pam_service.write("auth required pam_group.so\naccount required pam_permit.so\nsession required pam_permit.so\n")
+    group_conf = Path("/etc/security/group.conf")
+    original = group_conf.read_bytes()
+    group_conf.write_bytes(original + f"{pam_service.name};*;{user.pw_name};Al0000-2400;root\n".encode())
+    try:
+        with pytest.raises(SpawnError) as raised:
+            start_session_holder(shell_plan(user, "touch ran"), PamSettings(pam_service.name))
+    finally:
+        group_conf.write_bytes(original)
+    assert "(pam_setcred failed)" in str(raised.value)
+    assert "a module added the root group (gid 0)" in raised.value.admin_detail
+    assert not (Path(user.pw_dir) / "ran").exists()
+
+
 def test_a_failed_drop_is_reported_with_its_step(pam_service: PamService, account_factory: MakeAccount) -> None:
     user = account_factory("mepholdnohome", create_home=False)
     with pytest.raises(SpawnError) as raised:

@@ -12,6 +12,10 @@ with the variables PAM exported, filtered by the same rules as any extra
 environment) → report the endpoint's pid on fd 3 → wait for it, forwarding
 SIGTERM/SIGINT/SIGHUP/SIGQUIT → ``pam_close_session`` → ``pam_setcred(DELETE)``
 → ``pam_end`` → exit with the endpoint's status (dying of the same signal).
+A step that fails undoes the ones before it, in reverse order, and only then
+is reported on fd 3 (``HolderReport``); the spawner raises what it says. No
+signal handler runs in the holder: the signals it passes on stay blocked and
+are taken one at a time with ``sigwait`` in its wait loop.
 
 There is no ``pam_authenticate``: the identity comes from the mapping.
 
@@ -171,7 +175,7 @@ def _hold(request: HolderRequest, who: str) -> int:
         opened.callback(_undo, pam, who, "pam_setcred", PAM_DELETE_CRED)
         pam.call("pam_open_session", 0)
         opened.callback(_undo, pam, who, "pam_close_session", 0)
-        groups = tuple(sorted(set(os.getgroups())))
+        groups = tuple(os.getgroups())  # the account's, and what pam_group added
         if 0 in groups:
             raise PamError("pam_setcred", 0, "a module added the root group (gid 0); refusing", pam.messages)
         environment, refused = allowed_environment(pam.environment())
