@@ -47,7 +47,8 @@ class PamError(Exception):
     """A PAM step failed: ``step`` is the PAM function, ``code`` its return value; ``detail`` adds what modules said."""
 
     def __init__(self, step: str, code: int, text: str, messages: list[str]) -> None:
-        said = "; the modules said: " + " | ".join(messages) if messages else ""
+        # At most _MAX_KEPT_MESSAGES from the modules, then the first failure of the conversation itself, if any.
+        said = "; the modules said: " + " | ".join(messages[:_MAX_KEPT_MESSAGES + 1]) if messages else ""
         self.step, self.code, self.detail = step, code, f"{step} failed: {text} (PAM code {code}){said}"
         super().__init__(self.detail)
 
