@@ -89,29 +89,39 @@ def test_a_conversing_session_module_does_not_crash_the_interpreter(pam_service:
     pam_service.write("account required pam_permit.so\nsession optional pam_motd.so\n"
                       "session required pam_echo.so session for %u\nsession required pam_permit.so\n")
     with PamHandle(pam_service.name, user.pw_name) as pam:
-        pam.account_management()
-        pam.establish_credentials()
-        pam.open_session()
-        pam.close_session()
-        pam.delete_credentials()
+        pam.call("pam_acct_mgmt", 0)
+        pam.call("pam_setcred", pam_binding.PAM_ESTABLISH_CRED)
+        pam.call("pam_open_session", 0)
+        pam.call("pam_close_session", 0)
+        pam.call("pam_setcred", pam_binding.PAM_DELETE_CRED)
         assert f"info: session for {user.pw_name}" in pam.messages
 
 
-def test_prompts_are_refused_and_information_is_recorded() -> None:
-    """Nobody can answer a prompt: the conversation fails it instead of inventing an answer."""
-    conversation = pam_binding._Conversation()
-    response = ctypes.POINTER(pam_binding._Response)()
+def test_prompts_are_refused_and_information_is_recorded(pam_service: PamService,
+                                                         account_factory: MakeAccount) -> None:
+    """Nobody can answer a prompt: the conversation fails it instead of inventing an answer.
 
-    def converse(*messages: tuple[int, bytes]) -> int:
+    No module shipped for the account or session phase prompts, so the test calls the handle's own C
+    callback (the one PAM calls) the way libpam does.
+    """
+    user = account_factory("meppamconv")
+    response = ctypes.c_void_p()
+
+    def converse(pam: PamHandle, *messages: tuple[int, bytes]) -> int:
         array = (ctypes.POINTER(pam_binding._Message) * len(messages))(
             *(ctypes.pointer(pam_binding._Message(style, text)) for style, text in messages))
-        return conversation.callback(len(messages), array, ctypes.byref(response), None)
+        return pam._conv.conv(len(messages), array, ctypes.byref(response), None)
 
-    assert converse((4, b"welcome"), (3, b"disk almost full")) == pam_binding.PAM_SUCCESS
-    pam_binding._libc.free(ctypes.cast(response, ctypes.c_void_p))
-    assert converse((4, b"about to ask"), (1, b"Password: ")) == pam_binding.PAM_CONV_ERR
-    assert conversation.messages == ["info: welcome", "error: disk almost full", "info: about to ask",
-                                     "prompt: Password: "]
+    with PamHandle(pam_service.name, user.pw_name) as pam:
+        assert converse(pam, (4, b"welcome"), (3, b"disk almost full")) == pam_binding.PAM_SUCCESS
+        assert response.value, "an (empty) answer for each message, which PAM frees"
+        ctypes.CDLL(None).free(response)
+        assert converse(pam, (4, b"about to ask"), (1, b"Password: ")) == pam_binding.PAM_CONV_ERR
+        assert pam.messages == ["info: welcome", "error: disk almost full", "info: about to ask",
+                                "prompt: Password: "]
+        pam_service.deny(user.pw_name)
+        with pytest.raises(PamError, match="pam_acct_mgmt failed.*the modules said: info: welcome"):
+            pam.call("pam_acct_mgmt", 0)
 
 
 def test_the_library_is_configurable(pam_service: PamService, account_factory: MakeAccount) -> None:
@@ -207,6 +217,23 @@ def test_a_failing_session_module_is_a_spawn_error(pam_service: PamService, acco
     with pytest.raises(SpawnError) as raised:
         start_session_holder(shell_plan(user, "touch ran"), PamSettings(pam_service.name))
     assert "could not open a session" in str(raised.value) and "pam_open_session" in raised.value.admin_detail
+    assert not (Path(user.pw_dir) / "ran").exists()
+
+
+def test_a_module_granting_the_root_group_is_refused(pam_service: PamService, account_factory: MakeAccount) -> None:
+    """pam_group, run by pam_setcred, may add groups: never root's (gid 0), whatever /etc/security/group.conf says."""
+    user = account_factory("mepholdgid")
+    pam_service.write("auth required pam_group.so\naccount required pam_permit.so\nsession required pam_permit.so\n")
+    group_conf = Path("/etc/security/group.conf")
+    original = group_conf.read_bytes()
+    group_conf.write_bytes(original + f"{pam_service.name};*;{user.pw_name};Al0000-2400;root\n".encode())
+    try:
+        with pytest.raises(SpawnError) as raised:
+            start_session_holder(shell_plan(user, "touch ran"), PamSettings(pam_service.name))
+    finally:
+        group_conf.write_bytes(original)
+    assert "(pam_setcred failed)" in str(raised.value)
+    assert "a module added the root group (gid 0)" in raised.value.admin_detail
     assert not (Path(user.pw_dir) / "ran").exists()
 
 
@@ -307,6 +334,8 @@ def test_endpoint_and_session_survive_a_manager_crash_and_restart(deploy, pam_se
         wait_for(lambda: pam_service.events(user.pw_name) == ["open_session"], what="the session to open")
         (holder,) = [pid for pid in children_of(manager.spawner_pid) if pid != manager.router_pid]
         (endpoint,) = wait_for(lambda: children_of(holder), what="the endpoint (forked after the hook ran)")
+        # Only an endpoint in the spawner's registry can be adopted: crash once it is recorded (it logs that after).
+        wait_for(lambda: f"in a PAM session (holder pid {holder})" in manager.log(), what="the spawner to record it")
         os.killpg(manager.process.popen.pid, signal.SIGKILL)  # spawner and router die together: a crash
         manager.process.popen.wait()
         assert os.path.exists(f"/proc/{holder}") and os.path.exists(f"/proc/{endpoint}")

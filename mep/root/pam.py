@@ -12,6 +12,10 @@ from a password. The conversation records informational and error messages
 they refuse) and fails any prompt, so a stack that wants a password in the
 account or session phase fails instead of hanging.
 
+``PamHandle.call`` calls a PAM function by its C name with the handle first
+(``pam.call("pam_setcred", PAM_ESTABLISH_CRED)``), so the steps read as in
+Linux-PAM's documentation; any result but ``PAM_SUCCESS`` is a ``PamError``.
+
 The library name is configurable (``pam.library``), so tests can point it at
 ``libpam_wrapper.so``.
 """
@@ -19,25 +23,22 @@ The library name is configurable (``pam.library``), so tests can point it at
 from __future__ import annotations
 
 import ctypes
-import logging
-from dataclasses import dataclass, field
-from functools import cache
+from contextlib import AbstractContextManager
 
 from mep.root.errors import ConfigurationError
 from mep.root.accounts import AccountRefused
 
-log = logging.getLogger("mep.spawner.pam")
-
 DEFAULT_LIBRARY = "libpam.so.0"
+#: The reason an ``AccountRefused`` gives when ``pam_acct_mgmt`` says no (the spawner's check and the holder's).
+REFUSED_BY_PAM = "is refused by this system's account checks (PAM)"
 
 PAM_SUCCESS = 0
 PAM_NEW_AUTHTOK_REQD = 12
 PAM_CONV_ERR = 19
 PAM_ESTABLISH_CRED = 0x0002
 PAM_DELETE_CRED = 0x0004
-PAM_TTY = 3
 PAM_RUSER = 8
-_PROMPT_ECHO_OFF, _PROMPT_ECHO_ON, _ERROR_MSG, _TEXT_INFO = 1, 2, 3, 4
+_MESSAGE_KINDS = {3: "error", 4: "info"}  # PAM_ERROR_MSG, PAM_TEXT_INFO; every other style asks for an answer
 _MAX_KEPT_MESSAGES = 20
 _MAX_MESSAGE_CHARS = 500
 
@@ -46,98 +47,49 @@ class PamError(Exception):
     """A PAM step failed: ``step`` is the PAM function, ``code`` its return value; ``detail`` adds what modules said."""
 
     def __init__(self, step: str, code: int, text: str, messages: list[str]) -> None:
-        said = "; the modules said: " + " | ".join(messages) if messages else ""
+        # At most _MAX_KEPT_MESSAGES from the modules, then the first failure of the conversation itself, if any.
+        said = "; the modules said: " + " | ".join(messages[:_MAX_KEPT_MESSAGES + 1]) if messages else ""
         self.step, self.code, self.detail = step, code, f"{step} failed: {text} (PAM code {code}){said}"
         super().__init__(self.detail)
 
 
-class _Message(ctypes.Structure):
+class _Message(ctypes.Structure):  # struct pam_message
     _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
 
 
-class _Response(ctypes.Structure):
+class _Response(ctypes.Structure):  # struct pam_response
     _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
 
 
-_CONVERSATION = ctypes.CFUNCTYPE(
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.POINTER(ctypes.POINTER(_Message)),
-    ctypes.POINTER(ctypes.POINTER(_Response)),
-    ctypes.c_void_p,
-)
+# int (*conv)(int num_msg, const struct pam_message **msg, struct pam_response **resp, void *appdata_ptr)
+_CONVERSATION = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.POINTER(_Message)),
+                                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
 
 
-class _Conv(ctypes.Structure):
+class _Conv(ctypes.Structure):  # struct pam_conv
     _fields_ = [("conv", _CONVERSATION), ("appdata_ptr", ctypes.c_void_p)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
-_libc.calloc.restype = ctypes.c_void_p
-_libc.free.argtypes = [ctypes.c_void_p]
-_libc.free.restype = None
+_calloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)(("calloc", ctypes.CDLL(None)))
 
 
-@cache
-def _load(library: str) -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL(library, use_errno=True)
-    except OSError as error:
-        raise ConfigurationError(f"cannot load the PAM library {library!r} (pam.library): {error}") from None
-    handle, flags = ctypes.c_void_p, ctypes.c_int
-    signatures = {  # name: (argument types, return type)
-        "pam_start": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(handle)], ctypes.c_int),
-        "pam_set_item": ([handle, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
-        "pam_strerror": ([handle, ctypes.c_int], ctypes.c_char_p),
-        "pam_getenvlist": ([handle], ctypes.POINTER(ctypes.c_void_p)),
-        **{name: ([handle, flags], ctypes.c_int)
-           for name in ("pam_end", "pam_acct_mgmt", "pam_setcred", "pam_open_session", "pam_close_session")},
-    }
-    for name, (argtypes, restype) in signatures.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
-    return lib
+class PamHandle(AbstractContextManager):
+    """One PAM transaction for ``user`` under ``service``, from ``pam_start`` to ``pam_end`` (use it in ``with``).
 
-
-@dataclass
-class _Conversation:
-    """The callback PAM calls; records what modules say and refuses every prompt."""
-
-    messages: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        # Kept as an attribute: the C thunk lives exactly as long as this object.
-        self.callback = _CONVERSATION(self._converse)
-
-    def _converse(self, count: int, messages, responses, _appdata) -> int:  # noqa: ANN001 - ctypes pointers
-        try:
-            styles = [(messages[i].contents.msg_style, messages[i].contents.msg or b"") for i in range(count)]
-            for style, text in styles:
-                self._record(style, text.decode("utf-8", "replace"))
-            if any(style in (_PROMPT_ECHO_OFF, _PROMPT_ECHO_ON) for style, _ in styles):
-                return PAM_CONV_ERR  # nobody can answer: mep never asks for a password
-            array = _libc.calloc(max(count, 1), ctypes.sizeof(_Response))
-            if not array:
-                return PAM_CONV_ERR
-            responses[0] = ctypes.cast(array, ctypes.POINTER(_Response))  # PAM frees it
-            return PAM_SUCCESS
-        except Exception:  # noqa: BLE001 - an exception must never unwind into C
-            log.exception("the PAM conversation failed")
-            return PAM_CONV_ERR
-
-    def _record(self, style: int, text: str) -> None:
-        kind = {_ERROR_MSG: "error", _TEXT_INFO: "info"}.get(style, "prompt")
-        if len(self.messages) < _MAX_KEPT_MESSAGES:
-            self.messages.append(f"{kind}: {text[:_MAX_MESSAGE_CHARS]}")
-
-
-class PamHandle:
-    """One PAM transaction for ``user`` under ``service``, from ``pam_start`` to ``pam_end``."""
+    ``messages`` holds what the modules said, as "info: ..." / "error: ..." (and "prompt: ..." for a refused prompt).
+    """
 
     def __init__(self, service: str, user: str, *, library: str = DEFAULT_LIBRARY) -> None:
-        self._lib = _load(library)
-        self._conversation = _Conversation()
-        self._conv = _Conv(self._conversation.callback, None)
+        try:  # loaded once per process by the dynamic linker; this is a handle on it
+            self._lib = ctypes.CDLL(library)
+        except OSError as error:
+            raise ConfigurationError(f"cannot load the PAM library {library!r} (pam.library): {error}") from None
+        # Every other function used takes the handle (a c_void_p), ints and bytes, and returns an int: ctypes' defaults.
+        self._lib.pam_strerror.restype = ctypes.c_char_p
+        self._lib.pam_getenvlist.restype = ctypes.POINTER(ctypes.c_char_p)
+        self.messages: list[str] = []
+        # The struct keeps the C thunk (in its _objects) as long as the handle lives: PAM may call it at any step.
+        self._conv = _Conv(_CONVERSATION(self._converse), None)
         self._handle = ctypes.c_void_p()
         self._last_status = PAM_SUCCESS
         code = self._lib.pam_start(service.encode(), user.encode(), ctypes.byref(self._conv),
@@ -145,73 +97,52 @@ class PamHandle:
         if code != PAM_SUCCESS:
             raise PamError("pam_start", code, f"could not start PAM for service {service!r}", [])
 
-    @property
-    def messages(self) -> list[str]:
-        return list(self._conversation.messages)
-
-    def set_item(self, item: int, value: str) -> None:
-        self._check("pam_set_item", self._lib.pam_set_item(self._handle, item, value.encode()))
-
-    def account_management(self) -> int:
-        """``pam_acct_mgmt``; returns ``PAM_NEW_AUTHTOK_REQD`` when only the password has aged (not used here)."""
-        code = self._lib.pam_acct_mgmt(self._handle, 0)
-        if code == PAM_NEW_AUTHTOK_REQD:
-            return code
-        self._check("pam_acct_mgmt", code)
+    def call(self, function: str, *arguments: int | bytes, accept: int = PAM_SUCCESS) -> int:
+        """``function(handle, *arguments)``; returns its code, ``PamError`` unless it is PAM_SUCCESS or ``accept``."""
+        code = self._last_status = getattr(self._lib, function)(self._handle, *arguments)
+        if code not in (PAM_SUCCESS, accept):
+            text = (self._lib.pam_strerror(self._handle, code) or b"unknown error").decode("utf-8", "replace")
+            raise PamError(function, code, text, self.messages)
         return code
 
-    def establish_credentials(self) -> None:
-        self._check("pam_setcred", self._lib.pam_setcred(self._handle, PAM_ESTABLISH_CRED))
-
-    def delete_credentials(self) -> None:
-        self._check("pam_setcred", self._lib.pam_setcred(self._handle, PAM_DELETE_CRED))
-
-    def open_session(self) -> None:
-        self._check("pam_open_session", self._lib.pam_open_session(self._handle, 0))
-
-    def close_session(self) -> None:
-        self._check("pam_close_session", self._lib.pam_close_session(self._handle, 0))
-
     def environment(self) -> dict[str, str]:
-        """The variables the modules exported (``pam_getenvlist``)."""
+        """The variables the modules exported (``pam_getenvlist``, a NULL-terminated array of "NAME=value").
+
+        The array is not freed: a session holder asks once, for a few hundred bytes.
+        """
         array = self._lib.pam_getenvlist(self._handle)
-        if not array:
-            return {}
-        found: dict[str, str] = {}
-        index = 0
+        count = 0
+        while array and array[count]:
+            count += 1
+        return dict(array[index].decode("utf-8", "replace").split("=", 1) for index in range(count))
+
+    def __exit__(self, *_exception: object) -> None:  # AbstractContextManager's __enter__ returns the handle
+        self._lib.pam_end(self._handle, self._last_status)
+
+    def _converse(self, count: int, messages, responses, _appdata) -> int:  # noqa: ANN001 - ctypes pointers
+        """The callback PAM calls: records what modules say and refuses every prompt."""
         try:
-            while array[index]:  # NULL-terminated; PAM leaves each string and the array for us to free
-                name, separator, value = ctypes.string_at(array[index]).decode("utf-8", "replace").partition("=")
-                _libc.free(array[index])
-                if separator:
-                    found[name] = value
-                index += 1
-        finally:
-            _libc.free(array)
-        return found
-
-    def __enter__(self) -> PamHandle:
-        return self
-
-    def __exit__(self, *_exception: object) -> None:
-        self.end()
-
-    def end(self) -> None:
-        if self._handle:
-            self._lib.pam_end(self._handle, self._last_status)
-            self._handle = ctypes.c_void_p()
-
-    def _check(self, step: str, code: int) -> None:
-        self._last_status = code
-        if code != PAM_SUCCESS:
-            text = (self._lib.pam_strerror(self._handle, code) or b"unknown error").decode("utf-8", "replace")
-            raise PamError(step, code, text, self._conversation.messages)
+            said = [messages[index].contents for index in range(count)]
+            for message in said[:_MAX_KEPT_MESSAGES - len(self.messages)]:
+                text = (message.msg or b"").decode("utf-8", "replace")[:_MAX_MESSAGE_CHARS]
+                self.messages.append(f"{_MESSAGE_KINDS.get(message.msg_style, 'prompt')}: {text}")
+            if any(message.msg_style not in _MESSAGE_KINDS for message in said):
+                return PAM_CONV_ERR  # nobody can answer: mep never asks for a password
+            responses[0] = _calloc(max(count, 1), ctypes.sizeof(_Response))  # empty answers; PAM frees them
+            return PAM_SUCCESS if responses[0] else PAM_CONV_ERR
+        except Exception as error:  # noqa: BLE001 - an exception must never unwind into C
+            # A bug: it reaches the admin with the step's PamError, as something a module said.
+            self.messages.append(f"error: mep's PAM conversation function failed: {error!r}")
+            return PAM_CONV_ERR
 
 
 def check_account(service: str, user: str, *, library: str = DEFAULT_LIBRARY) -> list[str]:
-    """Run PAM account management for ``user`` (no session); returns what the modules said, or raises ``PamError``."""
+    """Run PAM account management for ``user`` (no session); returns what the modules said, or raises ``PamError``.
+
+    A password that has only aged (``PAM_NEW_AUTHTOK_REQD``) passes: mep uses no password.
+    """
     with PamHandle(service, user, library=library) as pam:
-        pam.account_management()
+        pam.call("pam_acct_mgmt", 0, accept=PAM_NEW_AUTHTOK_REQD)
         return pam.messages
 
 
@@ -220,5 +151,4 @@ def require_account(service: str, user: str, *, library: str = DEFAULT_LIBRARY) 
     try:
         return check_account(service, user, library=library)
     except PamError as error:
-        raise AccountRefused(user, "is refused by this system's account checks (PAM)",
-                             f"service {service}: {error.detail}") from None
+        raise AccountRefused(user, REFUSED_BY_PAM, f"service {service}: {error.detail}") from None

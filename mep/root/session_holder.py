@@ -12,6 +12,10 @@ with the variables PAM exported, filtered by the same rules as any extra
 environment) → report the endpoint's pid on fd 3 → wait for it, forwarding
 SIGTERM/SIGINT/SIGHUP/SIGQUIT → ``pam_close_session`` → ``pam_setcred(DELETE)``
 → ``pam_end`` → exit with the endpoint's status (dying of the same signal).
+A step that fails undoes the ones before it, in reverse order, and only then
+is reported on fd 3 (``HolderReport``); the spawner raises what it says. No
+signal handler runs in the holder: the signals it passes on stay blocked and
+are taken one at a time with ``sigwait`` in its wait loop.
 
 There is no ``pam_authenticate``: the identity comes from the mapping.
 
@@ -38,8 +42,8 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack, suppress
+from typing import NamedTuple, NoReturn
 
 import msgspec
 from setproctitle import setproctitle
@@ -47,21 +51,18 @@ from setproctitle import setproctitle
 from mep.root.config import PamSettings
 from mep.root.errors import SpawnError
 from mep.root.accounts import AccountRefused, unprivileged_account
-from mep.root.pam import PAM_NEW_AUTHTOK_REQD, PAM_RUSER, PamError, PamHandle
-from mep.root.privdrop import DropStepError, SpawnPlan, allowed_environment, pipe_above, read_bounded, spawn
+from mep.root.logs import setup_logging
+from mep.root.pam import (PAM_DELETE_CRED, PAM_ESTABLISH_CRED, PAM_NEW_AUTHTOK_REQD, PAM_RUSER, REFUSED_BY_PAM,
+                          PamError, PamHandle)
+from mep.root.privdrop import DropStepError, SpawnPlan, allowed_environment, end_process_group, read_bounded, spawn
 
 log = logging.getLogger("mep.session")
 
 REPORT_FD = 3
-_STDERR_FD = 4  # the spawner's stderr, passed on
-_MAX_REPORT_BYTES = 65536
-_FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: From the spawner: the endpoint is hung, SIGKILL its process group (the holder, its parent, can check it is there).
 KILL_ENDPOINT_SIGNAL = signal.SIGUSR1
-# For the programs PAM modules run (pam_exec, pam_mkhomedir's helper): root's usual PATH.
-_HOLDER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# What waitpid reports for "exited with status 1": the holder's own failures end like that.
-_FAILED_WAIT_STATUS = 1 << 8
+# Blocked from the start, so they wait (pending) until there is an endpoint to pass them to (SIGCHLD too).
+_HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, KILL_ENDPOINT_SIGNAL, signal.SIGCHLD)
 
 
 class HolderRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -73,17 +74,16 @@ class HolderRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class HolderReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """The holder's one message on fd 3. ``outcome``: started, refused, session_failed or spawn_failed."""
+    """The holder's one message on fd 3: its endpoint's pid, or why it started nothing."""
 
-    outcome: str
     endpoint_pid: int = 0
+    refused: bool = False  # by pam_acct_mgmt: the account is refused (``AccountRefused`` words the message)
+    message: str = ""  # for the submitter
     detail: str = ""  # for the admin's log
-    step: str = ""
-    errno: int = 0
+    drop_step: str = ""  # the step of the privilege drop that failed (``DropStepError``)
 
 
-@dataclass(frozen=True)
-class HeldEndpoint:
+class HeldEndpoint(NamedTuple):
     """An endpoint running under a session holder; wait on ``pidfd`` (the holder's) and close it."""
 
     holder_pid: int
@@ -103,123 +103,79 @@ def start_session_holder(plan: SpawnPlan, pam: PamSettings) -> HeldEndpoint:
     """
     ours = unprivileged_account(None, "the spawner's own account")
     request = HolderRequest(pam=pam, requested_by=ours.name, plan=plan)
-    report_read, report_write = pipe_above()
-    try:
-        try:
+    stderr = () if sys.stderr is None else (2,)  # None: this daemon started with fd 2 closed
+    report_read, report_write = os.pipe()  # not inherited (PEP 446): spawn passes the holder a copy at fd 3
+    with open(report_read, "rb", buffering=0) as reader:
+        with open(report_write, "wb", buffering=0):  # ours is closed once the holder has its copy
             holder = spawn(SpawnPlan(account=ours, argv=[sys.executable, "-I", "-m", __name__],
                                      stdin_data=msgspec.json.encode(request), log_path="", drop_privileges=False,
                                      title=f"the session holder for {plan.account.name}",
-                                     pass_fds=(report_write, *_stderr()), no_new_privs=False))
-        finally:
-            os.close(report_write)
-        report = _read_report(report_read, pam.timeout)
-    finally:
-        os.close(report_read)
-    if report is not None and report.outcome == "started":
+                                     pass_fds=(report_write, *stderr), no_new_privs=False))
+        data = read_bounded(reader.fileno(), time.monotonic() + pam.timeout, 65536)  # a report is a few KiB at most
+    try:
+        report = msgspec.json.decode(data or b"", type=HolderReport)
+    except msgspec.MsgspecError:  # nothing before end-of-file or the deadline, or not a report
+        report = HolderReport(
+            message=f"could not start a session for {plan.account.name} on this endpoint; ask your admin",
+            detail=f"the PAM session holder for {plan.account.name} (service {pam.service}) gave no report within"
+            f" {pam.timeout:g} s or exited first; see its lines in this log")
+    if report.endpoint_pid:
         return HeldEndpoint(holder_pid=holder.pid, pidfd=holder.pidfd, endpoint_pid=report.endpoint_pid)
-    if report is None:  # silent or too slow: it must not start anything later
-        signal.pidfd_send_signal(holder.pidfd, signal.SIGKILL)
-    _, status = os.waitpid(holder.pid, 0)
-    os.close(holder.pidfd)
-    raise _failure(plan.account.name, report, status, pam)
-
-
-def _stderr() -> tuple[int, ...]:
-    """Our stderr, for the holder's log lines, if we have one (a daemon may run with it closed)."""
-    try:
-        os.fstat(2)
-    except OSError:
-        return ()
-    return (2,)
-
-
-def _read_report(fd: int, timeout: float) -> HolderReport | None:
-    """The holder's report, or None if it said nothing valid before EOF or the deadline."""
-    data = read_bounded(fd, time.monotonic() + timeout, _MAX_REPORT_BYTES)
-    try:
-        return msgspec.json.decode(data, type=HolderReport) if data else None
-    except msgspec.MsgspecError:
-        return None
-
-
-def _failure(account: str, report: HolderReport | None, status: int, pam: PamSettings) -> Exception:
-    if report is not None and report.outcome == "refused":
-        return AccountRefused(account, "is refused by this system's account checks (PAM)", report.detail)
-    if report is not None and report.outcome == "spawn_failed":
-        return DropStepError(report.detail, step=report.step, errno=report.errno or None)
-    if report is None:
-        error = SpawnError(f"could not start a session for {account} on this endpoint; ask your admin")
-        error.admin_detail = (
-            f"the PAM session holder for {account} (service {pam.service}) gave no report within"
-            f" {pam.timeout:g} s or exited first (wait status {status}); see its lines in this log"
-        )
-        return error
-    error = SpawnError(f"could not open a session for {account} on this endpoint ({report.step} failed);"
-                       " ask your admin")
+    # It failed (and undid its steps before it said so), or was silent or too slow: it must not start anything later.
+    end_process_group(holder)
+    if report.refused:
+        raise AccountRefused(plan.account.name, REFUSED_BY_PAM, report.detail)
+    if report.drop_step:
+        raise DropStepError(report.message, step=report.drop_step, errno=None)
+    error = SpawnError(report.message)
     error.admin_detail = report.detail
-    return error
+    raise error
 
 
 # --- the holder's side ---------------------------------------------------------------------
 
 
-def _forward_signals(pid: int, pidfd: int) -> None:
-    """Send the endpoint the signals the holder gets, through its pidfd; until now they were blocked (pending).
+def main() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)  # until _wait_forwarding_signals takes them
+    # fd 4, the spawner's stderr, becomes ours (left open: it is the same file); without it, /dev/null stays.
+    with suppress(OSError):
+        os.dup2(4, 2)
+    os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # for the programs PAM runs
+    setup_logging(verbose=False)
+    code = 1  # the holder's own failures end like an endpoint that exited with status 1
+    try:
+        # Read to its end (the spawner wrote it all and closed its end): the modules' programs find only EOF.
+        request = msgspec.json.decode(sys.stdin.buffer.read(), type=HolderRequest)
+        who = f"{request.plan.account.name} (service {request.pam.service})"
+        setproctitle(f"mep-session {request.plan.account.name} {request.plan.title}")
+        code = _hold(request, who)
+    except PamError as error:  # the session (whatever of it was open) is closed by now
+        _report(HolderReport(refused=error.step == "pam_acct_mgmt", detail=f"PAM for {who}: {error.detail}",
+                             message=f"could not open a session for {request.plan.account.name} on this endpoint"
+                             f" ({error.step} failed); ask your admin"))
+    except SpawnError as error:  # the endpoint could not start: a DropStepError names the step that failed
+        _report(HolderReport(message=str(error), drop_step=getattr(error, "step", "")))
+    # Any other exception is a bug: Python prints its traceback here (the spawner's log) and exits with status 1,
+    # and the spawner, without a report, points the admin at these lines.
+    _exit_like(code)
 
-    ``KILL_ENDPOINT_SIGNAL`` becomes SIGKILL for the endpoint's whole process
-    group (it leads its own session). The pidfd check first proves the
-    endpoint is not reaped yet, so its group id can't belong to anyone else:
-    only this thread reaps it, and not while this handler runs.
+
+def _hold(request: HolderRequest, who: str) -> int:
+    """The PAM steps around the endpoint, in order; returns its exit code (-N: signal N killed it).
+
+    Raises ``PamError`` or ``SpawnError``, once the steps that succeeded are undone.
     """
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            if signum == KILL_ENDPOINT_SIGNAL:
-                signal.pidfd_send_signal(pidfd, 0)
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                signal.pidfd_send_signal(pidfd, signum)
-        except ProcessLookupError:
-            pass  # already exited; the wait returns
-
-    for signum in (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL):
-        signal.signal(signum, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL))
-
-
-def _report(report: HolderReport) -> None:
-    data = msgspec.json.encode(report)
-    try:
-        while data:
-            data = data[os.write(REPORT_FD, data):]
-    except OSError as error:
-        log.warning("could not report to the spawner (%s); it may have exited", os.strerror(error.errno))
-    finally:
-        os.close(REPORT_FD)
-
-
-def _hold(request: HolderRequest) -> int:
-    with PamHandle(request.pam.service, request.plan.account.name, library=request.pam.library) as pam:
-        return _run_session(pam, request)
-
-
-def _run_session(pam: PamHandle, request: HolderRequest) -> int:
     account = request.plan.account
-    who = f"{account.name} (service {request.pam.service})"
-    try:
-        pam.set_item(PAM_RUSER, request.requested_by)
-        if pam.account_management() == PAM_NEW_AUTHTOK_REQD:
-            log.info("PAM says the password of %s has aged; mep uses no password, so the session proceeds", who)
-    except PamError as error:
-        _report(HolderReport(outcome="refused", step=error.step, detail=f"PAM refused {who}: {error.detail}"))
-        return _FAILED_WAIT_STATUS
-    opened: list[Callable[[], None]] = []  # how to undo each step that succeeded, in order
-    try:
+    # On the way out, however it goes: the steps that succeeded are undone in reverse order, then pam_end.
+    with PamHandle(request.pam.service, account.name, library=request.pam.library) as pam, ExitStack() as opened:
+        pam.call("pam_set_item", PAM_RUSER, request.requested_by.encode())
+        pam.call("pam_acct_mgmt", 0, accept=PAM_NEW_AUTHTOK_REQD)  # a password that has only aged: mep uses none
         os.setgroups(account.groups)  # as su's initgroups: pam_setcred's modules add to the account's groups
-        pam.establish_credentials()
-        opened.append(pam.delete_credentials)
-        pam.open_session()
-        opened.append(pam.close_session)
-        groups = tuple(sorted(set(os.getgroups())))
+        pam.call("pam_setcred", PAM_ESTABLISH_CRED)
+        opened.callback(_undo, pam, who, "pam_setcred", PAM_DELETE_CRED)
+        pam.call("pam_open_session", 0)
+        opened.callback(_undo, pam, who, "pam_close_session", 0)
+        groups = tuple(os.getgroups())  # the account's, and what pam_group added
         if 0 in groups:
             raise PamError("pam_setcred", 0, "a module added the root group (gid 0); refusing", pam.messages)
         environment, refused = allowed_environment(pam.environment())
@@ -228,84 +184,56 @@ def _run_session(pam: PamHandle, request: HolderRequest) -> int:
         # The holder passes on no descriptor of its own; the environment is PAM's, checked like any extra_env.
         child = spawn(dataclasses.replace(request.plan, account=dataclasses.replace(account, groups=groups),
                                           extra_env=environment, pass_fds=()))
-    except (PamError, SpawnError) as error:
-        if isinstance(error, PamError):
-            _report(HolderReport(outcome="session_failed", step=error.step, detail=f"PAM for {who}: {error.detail}"))
-        else:
-            step, code = (error.step, error.errno or 0) if isinstance(error, DropStepError) else ("", 0)
-            _report(HolderReport(outcome="spawn_failed", step=step, errno=code, detail=str(error)))
-        _end_session(who, opened)
-        return _FAILED_WAIT_STATUS
-    _report(HolderReport(outcome="started", endpoint_pid=child.pid))
-    _forward_signals(child.pid, child.pidfd)
-    log.info("PAM session for %s open; endpoint pid %d", who, child.pid)
-    _, status = os.waitpid(child.pid, 0)
-    signal.pthread_sigmask(signal.SIG_BLOCK, (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL))  # nothing to forward to
-    os.close(child.pidfd)
-    _end_session(who, opened)
-    log.info("PAM session for %s closed; endpoint pid %d %s", who, child.pid, _describe(status))
-    return status
+        os.close(child.pidfd)  # only _wait_forwarding_signals reaps it, so its pid stays its own until then
+        _report(HolderReport(endpoint_pid=child.pid))  # the spawner logs that it started
+        code = os.waitstatus_to_exitcode(_wait_forwarding_signals(child.pid))
+    log.info("PAM session for %s closed; endpoint pid %d %s", who, child.pid,
+             f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}")
+    return code
 
 
-def _end_session(who: str, opened: list[Callable[[], None]]) -> None:
-    """Close what was opened, in reverse order; a failure is logged, the rest still runs."""
-    for step in reversed(opened):
-        try:
-            step()
-        except PamError as error:
-            log.warning("ending the PAM session of %s: %s", who, error.detail)
+def _wait_forwarding_signals(pid: int) -> int:
+    """Wait for the endpoint, passing on the signals the holder gets; returns its wait status.
+
+    ``KILL_ENDPOINT_SIGNAL`` becomes SIGKILL for the endpoint's whole process
+    group (it leads its own session). No handler runs: the signals stay blocked
+    and are taken here, one at a time, so the endpoint is not reaped while one
+    is sent and its pid and group id can't belong to anyone else.
+    """
+    while True:
+        signum = signal.sigwait(_HELD_SIGNALS)
+        if signum == KILL_ENDPOINT_SIGNAL:
+            os.killpg(pid, signal.SIGKILL)
+        elif signum != signal.SIGCHLD:
+            os.kill(pid, signum)
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped:
+            return status
 
 
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"was killed by signal {os.WTERMSIG(status)}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
-
-
-def _exit_like(status: int) -> None:
-    """Exit as the endpoint did, so the spawner's view of the holder is its view of the endpoint."""
-    logging.shutdown()
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-        if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no disposition to reset
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-        os.kill(os.getpid(), signum)
-        os._exit(128 + signum)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
-
-
-def main() -> None:
-    # Signals for the endpoint wait, pending, until it runs (_forward_signals).
-    signal.pthread_sigmask(signal.SIG_BLOCK, (*_FORWARDED_SIGNALS, KILL_ENDPOINT_SIGNAL))
+def _undo(pam: PamHandle, who: str, function: str, flags: int) -> None:
+    """One step of ending the session; a failure is logged and the steps before it still run."""
     try:
-        os.dup2(_STDERR_FD, 2)
-        os.close(_STDERR_FD)
-    except OSError:
-        pass  # the spawner has no stderr: stay on /dev/null
-    os.environ["PATH"] = _HOLDER_PATH
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    try:
-        request = msgspec.json.decode(sys.stdin.buffer.read(), type=HolderRequest)
-    except msgspec.MsgspecError as error:
-        log.error("unreadable request from the spawner: %s", error)
-        os._exit(1)
-    # The request held the endpoint's secret; stdin is done with.
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    setproctitle(f"mep-session {request.plan.account.name} {request.plan.title}")
-    try:
-        status = _hold(request)
-    except PamError as error:  # pam_start itself
-        _report(HolderReport(outcome="session_failed", step=error.step, detail=error.detail))
-        status = _FAILED_WAIT_STATUS
-    except Exception:  # a bug: the spawner sees no report and points the admin at these lines
-        log.exception("the session holder failed")
-        status = _FAILED_WAIT_STATUS
-    _exit_like(status)
+        pam.call(function, flags)
+    except PamError as error:
+        log.warning("ending the PAM session of %s: %s", who, error.detail)
+
+
+def _report(report: HolderReport) -> None:
+    """The one report to the spawner; should it have exited meanwhile (EPIPE), the holder goes on all the same."""
+    with suppress(BrokenPipeError), open(REPORT_FD, "wb") as pipe:
+        pipe.write(msgspec.json.encode(report))
+
+
+def _exit_like(code: int) -> NoReturn:
+    """Exit as the endpoint did (``code`` from ``_hold``), so the spawner sees the endpoint's end in the holder's."""
+    if code < 0:  # killed by signal -code: die of it too, without a core dump of this root process
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        with suppress(OSError):  # SIGKILL, the one signal with no disposition to reset
+            signal.signal(-code, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+        os.kill(os.getpid(), -code)
+    os._exit(code if code >= 0 else 128 - code)  # 128 + the signal only if it did not end this process
 
 
 if __name__ == "__main__":
