@@ -25,9 +25,7 @@ _NAME = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$")]
 def shipped_templates_dir() -> Path:
     """Where the templates that ship with mep were installed (``<prefix>/share/mep/templates``)."""
     installed = Path(sys.prefix) / "share" / "mep" / "templates"
-    if installed.is_dir():
-        return installed
-    return Path(__file__).resolve().parents[2] / "templates"  # running from a source checkout
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "templates"  # or a checkout's
 
 
 class PamSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

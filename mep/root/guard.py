@@ -9,6 +9,7 @@ reports it, and whether dill was ever imported, for ``mep status``.
 
 import functools
 import os
+import pickle
 import sys
 
 from mep.root.messages import ProcessStatus
@@ -32,11 +33,8 @@ def forbid_unpickling() -> None:
 
 def unpickling_refused() -> bool:
     """Prove the hook works by trying a harmless load that needs ``find_class``."""
-    import pickle
-
-    probe = pickle.dumps(os.path.join)  # by reference: loading it calls find_class
     try:
-        pickle.loads(probe)
+        pickle.loads(pickle.dumps(os.path.join))  # pickled by reference: loading it calls find_class
     except UnpicklingForbidden:
         return True
     return False
