@@ -9,15 +9,12 @@ step, which errno) goes to the admin's log, never into these messages.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from mep.root.errors import (  # noqa: F401 -- re-exported: the root half's errors, one hierarchy with the rest
     AccountRefusedError,
-    AssertionExpiredError,
-    AssertionMismatchError,
-    AssertionMissingError,
     AssertionRefusedError,
-    AssertionReplayedError,
     ConfigurationError,
-    ErrorCode,
     MappingError,
     MepError,
     ProtocolError,
@@ -26,6 +23,48 @@ from mep.root.errors import (  # noqa: F401 -- re-exported: the root half's erro
     TaskRefusedError,
     UnmappedIdentityError,
 )
+
+
+class ErrorCode(StrEnum):
+    """Stable wire codes for every failure a task can end with.
+
+    The root half's codes (``mep.root.errors.ErrorCode``, the ones the root
+    process can report) are among these with the same values; a test keeps
+    them so.
+    """
+
+    UNAUTHENTICATED = "unauthenticated"
+    NOT_REGISTERED = "not_registered"
+    BAD_REQUEST = "bad_request"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_ENDPOINT = "unknown_endpoint"
+    UNKNOWN_FUNCTION = "unknown_function"
+    UNMAPPED = "unmapped"
+    MAPPING_ERROR = "mapping_error"
+    ACCOUNT_REFUSED = "account_refused"
+    CONFIG_INVALID = "config_invalid"
+    TEMPLATE_ERROR = "template_error"
+    SPAWN_FAILED = "spawn_failed"
+    ENDPOINT_LOST = "endpoint_lost"
+    TASK_ERROR = "task_error"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    WALLTIME_EXCEEDED = "walltime_exceeded"
+    WORKER_LOST = "worker_lost"
+    ENDPOINT_BUSY = "endpoint_busy"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    AUTH_THROTTLED = "auth_throttled"
+    # The service's signed identity assertion failed a check where the tasks were to run (docs/identity.md).
+    ASSERTION_MISSING = "assertion_missing"
+    ASSERTION_INVALID = "assertion_invalid"
+    ASSERTION_EXPIRED = "assertion_expired"
+    ASSERTION_REPLAYED = "assertion_replayed"
+    ASSERTION_MISMATCH = "assertion_mismatch"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    LARGE_RESULT_UNAVAILABLE = "large_result_unavailable"  # its file is gone or unreadable, its manager offline
+    LARGE_RESULT_NO_READER = "large_result_no_reader"  # no endpoint of the account runs to read its file
+    LARGE_ARGS_UNAVAILABLE = "large_args_unavailable"  # a task's uploaded arguments are gone, incomplete or not its
+    INTERNAL = "internal"
 
 
 class ConfigInvalidError(TaskRefusedError):
@@ -196,10 +235,6 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         TemplateError,
         SpawnError,
         AssertionRefusedError,
-        AssertionMissingError,
-        AssertionExpiredError,
-        AssertionReplayedError,
-        AssertionMismatchError,
         EndpointLostError,
         WalltimeExceededError,
         WorkerLostError,
@@ -211,6 +246,10 @@ _BY_CODE: dict[ErrorCode, type[MepError]] = {
         LargeArgsUnavailableError,
     )
 }
+# One class for every way an identity assertion is refused; the code says which (mep.root.errors).
+_ASSERTION_CODES = (ErrorCode.ASSERTION_MISSING, ErrorCode.ASSERTION_EXPIRED, ErrorCode.ASSERTION_REPLAYED,
+                    ErrorCode.ASSERTION_MISMATCH)
+_BY_CODE.update(dict.fromkeys(_ASSERTION_CODES, AssertionRefusedError))
 
 
 def error_for_code(code: str, message: str) -> MepError:
@@ -218,5 +257,7 @@ def error_for_code(code: str, message: str) -> MepError:
     try:
         cls = _BY_CODE[ErrorCode(code)]
     except (ValueError, KeyError):
-        cls = MepError
+        return MepError(message)
+    if cls is AssertionRefusedError:
+        return AssertionRefusedError(message, ErrorCode(code))
     return cls(message)

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from mep.errors import AssertionRefusedError, ErrorCode, error_for_code
-from mep.protocol.assertions import AssertionSigner, AssertionVerifier, Claims, SignedAssertion, generate_signing_key
+from mep.protocol.assertions import AssertionSigner, CachingVerifier, Claims, SignedAssertion, generate_signing_key
 from mep.protocol.messages import FAILED, SUCCESS, Spawned, SpawnRefused, TaskRef, Tasks
 from mep.sdk.serialize import client_runtime, deserialize, function_hash, serialize_args, serialize_function
 from tests.harness import DOMAIN_STRIP, expression_mapping, wait_for
@@ -143,7 +143,7 @@ def test_the_endpoint_refuses_a_task_of_another_identity(router_account: str, ac
 
 def test_verification_is_done_once_per_assertion() -> None:
     signer = AssertionSigner(generate_signing_key())
-    verifier = AssertionVerifier([signer.public_key], "endpoint")
+    verifier = CachingVerifier([signer.public_key], "endpoint")
     identity = identity_of("alice@example.org")
     assertion = signer.sign(Claims(submitter_id=identity.id, identities=[identity], endpoint_id="endpoint",
                                    config_digest="", task_ids=["t"], issued_at=0.0, expires_at=4e9, nonce="n"))

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mep.config.settings_file import read_mapping, validated
 from mep.root.config import (  # noqa: F401 - one definition, with the root process's reading of this file
     DEFAULT_DISABLED_SHELLS,
-    PATH_KEYS,
     default_audit_log,
     default_run_dir,
     default_task_log,
@@ -24,6 +23,8 @@ from mep.root.config import (  # noqa: F401 - one definition, with the root proc
 )
 
 
+# The options that name files: a relative path in the config file is relative to its directory.
+PATH_KEYS = ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log", "task_log")
 _ACCOUNT_OR_GROUP_NAME = r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$"
 
 

@@ -43,7 +43,7 @@ from mep.errors import (
     TemplateError,
 )
 from mep.protocol import decode, encode
-from mep.protocol.assertions import AssertionVerifier, Verified, check_task_claims
+from mep.protocol.assertions import CachingVerifier, Verified, check_task_claims
 from mep.protocol.curve import make_curve_client
 from mep.protocol.framing import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES
 from mep.protocol.liveness import PauseDetector
@@ -99,7 +99,7 @@ class UserEndpoint:
     def __init__(self, boot: EndpointBoot, config: EndpointConfig, refusal: MepError | None = None) -> None:
         self.boot = boot
         self.config = config
-        self.assertions = AssertionVerifier(boot.assertion_keys, boot.manager_endpoint_id)
+        self.assertions = CachingVerifier(boot.assertion_keys, boot.manager_endpoint_id)
         self.heartbeat_interval = boot.heartbeat_interval
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()

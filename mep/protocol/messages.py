@@ -29,7 +29,6 @@ from mep.root.messages import (  # noqa: F401 - the spawner's own message set, d
     RemapGroups,
     RetireEndpoint,
     RouterStopping,
-    Runtime,
     Spawned,
     SpawnerStatus,
     SpawnerStatusRequest,
@@ -39,6 +38,16 @@ from mep.root.messages import (  # noqa: F401 - the spawner's own message set, d
 )
 
 SIGNATURE = b"MEP1"
+
+
+class Runtime(msgspec.Struct, forbid_unknown_fields=True):
+    """The submitting client's interpreter, so the endpoint can detect mismatches."""
+
+    python: str
+    dill: str
+    mep: str
+    platform: str
+
 
 # Result statuses.
 SUCCESS = "success"  # payload: dill of the return value

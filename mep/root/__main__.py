@@ -25,8 +25,6 @@ a checked privilege drop; writes every decision to the audit log. SIGHUP
 reloads the identity mapping and reopens the audit log; SIGTERM stops.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import sys

@@ -7,36 +7,28 @@ agreeing on every option's name and default. The root process itself reads
 the file with this one. Relative paths are relative to the config file.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+import msgspec.yaml
 
 from mep.root.accounts import DEFAULT_DISABLED_SHELLS
 from mep.root.errors import ConfigurationError
 from mep.root.pam import DEFAULT_LIBRARY
 
 _NAME = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$")]
-PATH_KEYS = ("manager_secret_key_file", "identity_mapping", "template", "schema", "run_dir", "audit_log", "task_log")
 
 
 def shipped_templates_dir() -> Path:
     """Where the templates that ship with mep were installed (``<prefix>/share/mep/templates``)."""
     installed = Path(sys.prefix) / "share" / "mep" / "templates"
-    if installed.is_dir():
-        return installed
-    return Path(__file__).resolve().parents[2] / "templates"  # running from a source checkout
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "templates"  # or a checkout's
 
 
-class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    pass
-
-
-class PamSettings(_Section):
+class PamSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """``pam:``; the session holder gets it as it is."""
 
     service: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]+$")] = "mep"
@@ -45,7 +37,7 @@ class PamSettings(_Section):
     enable: bool = False
 
 
-class EndpointLimits(_Section):
+class EndpointLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     nproc: Annotated[int, msgspec.Meta(ge=1)] | None = None
     address_space: Annotated[int, msgspec.Meta(ge=1 << 26)] | None = None
     cpu: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -53,7 +45,7 @@ class EndpointLimits(_Section):
     core: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
-class RootConfig(_Section):
+class RootConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     endpoint_id: str
     service_address: str
     service_public_key: str
@@ -95,24 +87,21 @@ class RootConfig(_Section):
             raise ValueError(f"identity_mapping_user must not be the router's account ({self.router_user!r})")
 
     @classmethod
-    def load(cls, path: Path) -> RootConfig:
-        import yaml  # here: the session holder and the policy modules need this module's structs, not YAML
+    def load(cls, path: Path) -> "RootConfig":
+        """Read and check ``path``; the paths in it are relative to its directory (an absolute one stays so)."""
+        def relative_to_the_file(kind: type, value: Any) -> Path:
+            if kind is Path and isinstance(value, str):
+                return path.parent / value
+            raise TypeError(f"expected a path, got {type(value).__name__}")
 
-        try:
-            data = yaml.safe_load(path.read_text())
+        try:  # msgspec.yaml imports PyYAML only here: the session holder needs this module's structs, not YAML
+            return msgspec.yaml.decode(path.read_bytes(), type=cls, dec_hook=relative_to_the_file)
         except OSError as exc:
             raise ConfigurationError(f"cannot read manager config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigurationError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"{path} must be a YAML mapping of settings")
-        for key in PATH_KEYS:
-            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
-                data[key] = str(path.parent / data[key])
-        try:
-            return msgspec.convert(data, cls, dec_hook=_path)
-        except (msgspec.ValidationError, ValueError) as exc:
+        except msgspec.ValidationError as exc:
             raise ConfigurationError(f"{path}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigurationError(f"{path} is not valid YAML: {exc}") from None
 
     def as_json(self) -> dict[str, Any]:
         """The config as JSON data, for the router (which reads it with ``ManagerConfig``)."""
@@ -129,25 +118,19 @@ class RootConfig(_Section):
 
 
 def default_audit_log(endpoint_id: str) -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/log/mep") / f"audit-{endpoint_id}.jsonl"
-    return Path.home() / ".mep" / "log" / f"audit-{endpoint_id}.jsonl"
+    return _as_root_or_single_user(f"/var/log/mep/audit-{endpoint_id}.jsonl", f"~/.mep/log/audit-{endpoint_id}.jsonl")
 
 
 def default_task_log(endpoint_id: str) -> Path:
     """The router's task log; as root in a directory of its own, which the root half makes for its account."""
-    if os.geteuid() == 0:
-        return Path("/var/log/mep") / f"router-{endpoint_id}" / "tasks.jsonl"
-    return Path.home() / ".mep" / "log" / f"tasks-{endpoint_id}.jsonl"
+    return _as_root_or_single_user(f"/var/log/mep/router-{endpoint_id}/tasks.jsonl",
+                                   f"~/.mep/log/tasks-{endpoint_id}.jsonl")
 
 
 def default_run_dir(endpoint_id: str) -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/mep") / endpoint_id
-    return Path("/tmp") / f"mep-{os.geteuid()}" / endpoint_id[:8]
+    return _as_root_or_single_user(f"/run/mep/{endpoint_id}", f"/tmp/mep-{os.geteuid()}/{endpoint_id[:8]}")
 
 
-def _path(kind: type, value: Any) -> Any:
-    if kind is Path and isinstance(value, str):
-        return Path(value)
-    raise NotImplementedError(f"{kind} from {type(value).__name__}")
+def _as_root_or_single_user(as_root: str, single_user: str) -> Path:
+    """Root's default, or a single-user manager's (under the home of the account it runs as)."""
+    return Path(as_root if os.geteuid() == 0 else single_user).expanduser()

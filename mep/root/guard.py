@@ -7,14 +7,12 @@ attacker can't make those processes execute a payload. ``process_status``
 reports it, and whether dill was ever imported, for ``mep status``.
 """
 
-from __future__ import annotations
-
+import functools
 import os
+import pickle
 import sys
 
 from mep.root.messages import ProcessStatus
-
-_installed = False
 
 
 class UnpicklingForbidden(RuntimeError):
@@ -23,36 +21,25 @@ class UnpicklingForbidden(RuntimeError):
 
 def _refuse_unpickling(event: str, args: tuple) -> None:
     if event == "pickle.find_class":
-        raise UnpicklingForbidden(
-            f"unpickling is forbidden in this mep process (attempted to load {args[0]}.{args[1]})"
-        )
+        raise UnpicklingForbidden(f"unpickling is forbidden in this mep process (attempted to load "
+                                  f"{args[0]}.{args[1]})")
 
 
+@functools.cache  # once per process: a second hook would only slow every audited event
 def forbid_unpickling() -> None:
-    """Install the hook once; audit hooks can't be removed, which is the point."""
-    global _installed
-    if not _installed:
-        sys.addaudithook(_refuse_unpickling)
-        _installed = True
+    """Install the hook; audit hooks can't be removed, which is the point."""
+    sys.addaudithook(_refuse_unpickling)
 
 
 def unpickling_refused() -> bool:
     """Prove the hook works by trying a harmless load that needs ``find_class``."""
-    import pickle
-
-    probe = pickle.dumps(os.path.join)  # by reference: loading it calls find_class
     try:
-        pickle.loads(probe)
+        pickle.loads(pickle.dumps(os.path.join))  # pickled by reference: loading it calls find_class
     except UnpicklingForbidden:
         return True
     return False
 
 
 def process_status(role: str) -> ProcessStatus:
-    return ProcessStatus(
-        role=role,
-        pid=os.getpid(),
-        uid=os.getuid(),
-        dill_loaded="dill" in sys.modules,
-        unpickling_refused=unpickling_refused(),
-    )
+    return ProcessStatus(role=role, pid=os.getpid(), uid=os.getuid(), dill_loaded="dill" in sys.modules,
+                         unpickling_refused=unpickling_refused())

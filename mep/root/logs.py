@@ -10,11 +10,8 @@ mep.manager=DEBUG`` (repeatable, or ``MEP_LOG_LEVEL=mep.service=WARNING,...``)
 sets one component's level.
 """
 
-from __future__ import annotations
-
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterable
 
@@ -24,9 +21,9 @@ JOINABLE_FIELDS = ("endpoint_id", "task_id", "identity_id", "account")
 
 class JsonLinesFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                 + f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
-                 "pid": record.process, "message": record.getMessage()}
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        entry = {"time": when, "level": record.levelname, "logger": record.name, "pid": record.process,
+                 "message": record.getMessage()}
         entry.update({name: getattr(record, name) for name in JOINABLE_FIELDS if hasattr(record, name)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -36,13 +33,12 @@ class JsonLinesFormatter(logging.Formatter):
 def parse_levels(values: Iterable[str]) -> dict[str, int]:
     """``component=LEVEL`` pairs (also comma-separated in one value) as logger name -> level."""
     levels = {}
-    for value in values:
-        for pair in filter(None, (part.strip() for part in value.split(","))):
-            component, _, level = pair.partition("=")
-            number = logging.getLevelName(level.strip().upper())
-            if not component or not isinstance(number, int):
-                raise ValueError(f"{pair!r}: expected COMPONENT=LEVEL, e.g. mep.manager=DEBUG")
-            levels[component.strip()] = number
+    for pair in filter(None, (part.strip() for part in ",".join(values).split(","))):
+        component, _, level = pair.partition("=")
+        number = logging.getLevelName(level.strip().upper())
+        if not component or not isinstance(number, int):
+            raise ValueError(f"{pair!r}: expected COMPONENT=LEVEL, e.g. mep.manager=DEBUG")
+        levels[component.strip()] = number
     return levels
 
 
@@ -57,7 +53,7 @@ def active_format() -> str:
 
 
 def setup_logging(verbose: bool, log_format: str = "text", levels: dict[str, int] | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler()  # to stderr
     handler.setFormatter(make_formatter(log_format))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for component, level in (levels or {}).items():

@@ -14,8 +14,6 @@ the other's buffer was full of its own writes, both would wait forever. A
 loop calls ``flush`` when the socket is writable (``wants_write``).
 """
 
-from __future__ import annotations
-
 import collections
 import socket
 from typing import Any, Literal
@@ -31,16 +29,6 @@ class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of all headers; the version lets a peer refuse what it can't read."""
 
     v: int = PROTOCOL_VERSION
-
-
-
-class Runtime(msgspec.Struct, forbid_unknown_fields=True):
-    """The submitting client's interpreter, so the endpoint can detect mismatches."""
-
-    python: str
-    dill: str
-    mep: str
-    platform: str
 
 
 class ProcessStatus(msgspec.Struct, forbid_unknown_fields=True):
@@ -70,7 +58,9 @@ class SpawnRequest(Envelope, tag="SPAWN"):
     submitter_id: str = ""
     identities: list[IdentityResource] = []
     user_endpoint_config: dict[str, Any] = {}
-    runtime: Runtime | None = None
+    # The client's interpreter (mep.protocol.messages.Runtime): root only hands it to the endpoint, which renders
+    # its config with it, so it is not looked into here.
+    runtime: dict[str, str] | None = None
     identity_assertion: str = ""
 
 
@@ -118,7 +108,7 @@ class RemapGroups(Envelope, tag="REMAP_GROUPS"):
 
 
 class SpawnerStatusRequest(Envelope, tag="SPAWNER_STATUS"):
-    pass
+    """The router asks for ``process_status`` of the spawner, for ``mep status``."""
 
 
 class SpawnerStatus(Envelope, tag="SPAWNER_STATUS_REPLY"):
@@ -168,17 +158,8 @@ class RouterBoot(msgspec.Struct, forbid_unknown_fields=True):
     template_text: str = ""
 
 
-SpawnerMessage = (
-    SpawnRequest
-    | Spawned
-    | SpawnRefused
-    | EndpointExited
-    | RetireEndpoint
-    | RouterStopping
-    | RemapGroups
-    | SpawnerStatusRequest
-    | SpawnerStatus
-)
+SpawnerMessage = (SpawnRequest | Spawned | SpawnRefused | EndpointExited | RetireEndpoint | RouterStopping | RemapGroups
+                  | SpawnerStatusRequest | SpawnerStatus)
 _decoder = msgspec.msgpack.Decoder(SpawnerMessage)
 
 
@@ -195,14 +176,6 @@ def decode_message(data: bytes) -> SpawnerMessage:
 
 
 MAX_DATAGRAM = 1024 * 1024
-
-# The router's descriptors, as the spawner passes them to the fresh router process (0-2 are /dev/null).
-CHANNEL_FD = 3  # its end of this channel
-LOCK_FD = 4  # the instance lock, held as long as any part of the manager runs
-LOG_FD = 5  # a pipe the spawner relays to its own log
-
-
-_encoder = msgspec.msgpack.Encoder()
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -224,7 +197,7 @@ class SpawnerLink:
         return bool(self._outbox)
 
     def send(self, message: msgspec.Struct) -> None:
-        data = _encoder.encode(message)
+        data = msgspec.msgpack.encode(message)
         if len(data) > MAX_DATAGRAM:
             raise ProtocolError(f"{type(message).__name__} of {len(data)} bytes exceeds {MAX_DATAGRAM}")
         self._outbox.append(data)
@@ -250,7 +223,5 @@ class SpawnerLink:
         try:
             data = self.sock.recv(MAX_DATAGRAM)
         except ConnectionResetError:
-            return None
-        if not data:
-            return None
-        return decode_message(data)
+            data = b""
+        return decode_message(data) if data else None

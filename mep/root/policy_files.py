@@ -21,8 +21,6 @@ The rules, checked on the file as opened (no time-of-check/time-of-use gap):
 A root manager trusts only uid 0; a single-user manager trusts 0 and its own uid.
 """
 
-from __future__ import annotations
-
 import errno
 import os
 import pwd
@@ -43,7 +41,7 @@ def read_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> bytes
 
     Raises ``ConfigurationError`` naming the path, what is wrong and the command that fixes it.
     """
-    with os.fdopen(open_policy_file(path, trusted_owner_uids=trusted_owner_uids), "rb") as policy_file:
+    with open(open_policy_file(path, trusted_owner_uids=trusted_owner_uids), "rb") as policy_file:
         return policy_file.read()
 
 
@@ -52,11 +50,8 @@ def check_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> os.s
 
     Returns its status as checked; raises ``ConfigurationError`` like ``read_policy_file``.
     """
-    fd = open_policy_file(path, trusted_owner_uids=trusted_owner_uids)
-    try:
-        return os.fstat(fd)
-    finally:
-        os.close(fd)
+    with open(open_policy_file(path, trusted_owner_uids=trusted_owner_uids), "rb") as policy_file:
+        return os.fstat(policy_file.fileno())
 
 
 def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int]) -> int:
@@ -73,13 +68,11 @@ def open_checked_directory(directory: Path, *, trusted_owner_uids: frozenset[int
 def open_policy_file(path: Path, *, trusted_owner_uids: frozenset[int]) -> int:
     """A descriptor (close-on-exec) of ``path`` after the checks of ``read_policy_file``: a program to execute."""
     absolute = Path(os.path.abspath(path))
-    directory = Path(os.path.realpath(absolute.parent))
-    directory_fd = _open_checked_directory(directory, absolute, trusted_owner_uids | {0})
+    directory_fd = _open_checked_directory(Path(os.path.realpath(absolute.parent)), absolute, trusted_owner_uids | {0})
     try:
-        try:
-            file_fd = os.open(absolute.name, _OPEN_FILE, dir_fd=directory_fd)
-        except OSError as error:
-            raise _open_failure(absolute, error) from None
+        file_fd = os.open(absolute.name, _OPEN_FILE, dir_fd=directory_fd)
+    except OSError as error:
+        raise _open_failure(absolute, error) from None
     finally:
         os.close(directory_fd)
     try:
@@ -101,10 +94,9 @@ def _open_checked_directory(directory: Path, policy_path: Path, trusted: frozens
             try:
                 next_fd = os.open(part, _OPEN_DIRECTORY, dir_fd=fd)
             except OSError as error:
-                raise ConfigurationError(
-                    f"cannot use {policy_path}: its directory {current} can't be opened"
-                    f" ({os.strerror(error.errno)}); make sure it exists and is a real directory"
-                ) from None
+                raise ConfigurationError(f"cannot use {policy_path}: its directory {current} can't be opened "
+                                         f"({os.strerror(error.errno)}); make sure it exists and is a real "
+                                         "directory") from None
             os.close(fd)
             fd = next_fd
             _check(os.fstat(fd), current, policy_path, trusted, directory=True)
@@ -124,23 +116,18 @@ def _check(status: os.stat_result, path: Path, policy_path: Path, trusted: froze
     if not directory and not stat.S_ISREG(status.st_mode):
         raise ConfigurationError(f"refusing to use {path}: it is not a regular file; put the policy in a plain file")
     if status.st_uid not in trusted:
-        raise ConfigurationError(
-            f"refusing to use {policy_path}: {what} is owned by {_describe_uid(status.st_uid)}, not by"
-            f" {_describe_trusted(trusted)}; fix with: chown root {path}"
-        )
+        owners = " or ".join(_describe_uid(uid) for uid in sorted(trusted))
+        raise ConfigurationError(f"refusing to use {policy_path}: {what} is owned by {_describe_uid(status.st_uid)}, "
+                                 f"not by {owners}; fix with: chown root {path}")
     if status.st_mode & _WRITABLE_BY_OTHERS and not (directory and status.st_mode & stat.S_ISVTX):
-        raise ConfigurationError(
-            f"refusing to use {policy_path}: {what} is writable by group or others"
-            f" (mode {stat.S_IMODE(status.st_mode):04o}); fix with: chmod go-w {path}"
-        )
+        raise ConfigurationError(f"refusing to use {policy_path}: {what} is writable by group or others "
+                                 f"(mode {stat.S_IMODE(status.st_mode):04o}); fix with: chmod go-w {path}")
 
 
 def _open_failure(path: Path, error: OSError) -> ConfigurationError:
     if error.errno == errno.ELOOP:
-        return ConfigurationError(
-            f"refusing to use {path}: it is a symlink, which could redirect the policy;"
-            " point mep at the real file instead"
-        )
+        return ConfigurationError(f"refusing to use {path}: it is a symlink, which could redirect the policy; "
+                                  "point mep at the real file instead")
     return ConfigurationError(f"cannot use {path}: {os.strerror(error.errno)}")
 
 
@@ -149,7 +136,3 @@ def _describe_uid(uid: int) -> str:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
         return f"uid {uid}"
-
-
-def _describe_trusted(trusted: frozenset[int]) -> str:
-    return " or ".join(_describe_uid(uid) for uid in sorted(trusted))

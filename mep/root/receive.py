@@ -16,8 +16,6 @@ any one message's handling: it logs, pauses a moment so a fault that repeats
 every turn can't spin, and lets the loop go on.
 """
 
-from __future__ import annotations
-
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -58,10 +56,9 @@ def handling(log: logging.Logger, peer: str, what: str = "the message",
 
 
 def _answer(log: logging.Logger, peer: str, refuse: Callable[[MepError], Any] | None, error: MepError) -> None:
-    if refuse is None:
-        return
     try:
-        refuse(error)
+        if refuse is not None:
+            refuse(error)
     except Exception:  # answering is best effort: the peer may be gone, and we must not go with it
         log.exception("could not send %s the refusal (%s)", peer, error)
 
