@@ -272,6 +272,7 @@ class Spawner:
                 self._send(process.news())
 
     def _next_restart_delay(self, ran_for: float) -> float:
+        """Seconds to wait before starting again a router that died after ``ran_for`` seconds."""
         fresh = ran_for >= STABLE_AFTER or not self._restart_delay
         self._restart_delay = FIRST_RESTART_DELAY if fresh else min(2 * self._restart_delay, MAX_RESTART_DELAY)
         return self._restart_delay
@@ -446,9 +447,10 @@ class Spawner:
     def _started(self, pending: PendingSpawn, process: EndpointProcess | None, error: Exception | None) -> None:
         assert pending.account is not None
         waiting = self._starting.pop(pending.account.uid, [])
-        if process is None:
-            self._refuse(pending, error or SpawnError("the endpoint did not start"))
+        if error is not None:
+            self._refuse(pending, error)
         else:
+            assert process is not None
             self._register(pending, process)
         for other in waiting:
             self._start_or_reuse(other)
@@ -773,7 +775,10 @@ class Spawner:
         return True
 
     def _stop_children(self) -> None:
-        """SIGTERM every endpoint; those still there after the grace period are SIGKILLed."""
+        """SIGTERM every endpoint; those still there after the grace period are SIGKILLed.
+
+        The registry is left empty: a graceful stop leaves nothing to adopt.
+        """
         for process in self.children.values():
             _stop_endpoint(process)
         deadline = time.monotonic() + STOP_GRACE
@@ -787,11 +792,7 @@ class Spawner:
                 deadline = float("inf")
                 continue
             for fd in exited:
-                process = self.children.pop(fd)
-                if not process.adopted:  # an adopted one is not our child: its pidfd said it ended
-                    os.waitpid(process.pid, 0)
-                os.close(process.pidfd)
-        self._save_registry()
+                self._reap(self.children.pop(fd))  # audited and recorded as any exit (no router to tell)
 
 
 def _decision_record(request: SpawnRequest, progress: Authorization, outcome: str, **fields: Any) -> dict[str, Any]:
