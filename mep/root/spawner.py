@@ -16,7 +16,8 @@ config makes the endpoint fail each of its tasks with the typed error.
 Children are watched through pidfds, so a recycled pid can never be mistaken
 for one of ours.
 
-Nothing slow runs on the loop. Mapping (an external program may take its
+Nothing slow runs on the loop (syncing an audit record, a few milliseconds,
+is the slowest thing it does). Mapping (an external program may take its
 5 s) and starting (a PAM stack may take its 30 s) run in worker
 threads whose outcomes are posted back to the loop, which alone owns the
 process tables and the channel: several accounts' spawns run at once, one
