@@ -57,7 +57,7 @@ class AuditUnavailableError(TaskRefusedError):
 
 
 class AuditLog:
-    """An open audit log; ``write`` raises ``OSError`` and marks the log broken when a record can't be written."""
+    """An open audit log; ``write_records`` raises ``OSError`` and marks the log broken when it can't write."""
 
     def __init__(self, path: Path, *, trusted_owner_uids: frozenset[int], endpoint_id: str) -> None:
         self.path = path
@@ -73,8 +73,6 @@ class AuditLog:
         if not lines:
             return
         try:
-            if self._fd == -1:
-                raise OSError(f"the log is not open ({self.failure})")
             view = memoryview(lines)
             while view:
                 view = view[os.write(self._fd, view):]
@@ -87,8 +85,7 @@ class AuditLog:
     def reopen(self) -> None:
         """Open the path again (after rotation, or to recover); raises ``ConfigurationError``."""
         fd = _open_log(self.path, self._trusted_owner_uids)
-        if self._fd != -1:
-            os.close(self._fd)
+        os.close(self._fd)
         self._fd = fd
         self.failure = ""
 
