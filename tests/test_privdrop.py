@@ -734,11 +734,6 @@ def test_interpreter_check_names_a_private_directory_on_the_way(shared_dir):
         check_interpreter_usable(python)
 
 
-def test_interpreter_check_needs_its_probe_account():
-    with pytest.raises(ConfigurationError, match="checks the interpreter 'mep-no-such-account' does not exist"):
-        check_interpreter_usable(PYTHON, probe_account="mep-no-such-account")
-
-
 def test_exported_environment_is_filtered_by_the_same_rules() -> None:
     """What PAM modules export reaches the endpoint only where extra_env would have accepted it."""
     kept, refused = allowed_environment({

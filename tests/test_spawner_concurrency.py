@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import mep
-from mep.root.audit import AuditLog, AuditWriter
+from mep.manager.audit_writer import AuditWriter
+from mep.root.audit import AuditLog
 from tests.test_audit import exhaust, log_dir, small_filesystem  # noqa: F401 - fixtures
 from tests.harness import DOMAIN_STRIP, audit_log_of, children_of, expression_mapping, task_log_of, wait_for
 from tests.pam_services import PamService, pam_service_fixture  # noqa: F401 - the pam_service fixture
@@ -119,27 +120,26 @@ def test_routed_tasks_are_audited_one_record_per_batch_before_they_run(deploy, a
 
 def test_the_audit_writer_keeps_order_confirms_after_writing_and_reports_a_break_once(small_filesystem) -> None:
     log_path = small_filesystem / "audit.jsonl"
-    posted: list = []  # what the writer hands to the spawner's loop, run here in the order it came
+    posted: list = []  # what the writer hands to the router's loop, run here in the order it came
     broken: list[str] = []
     writer = AuditWriter(AuditLog(log_path, trusted_owner_uids=frozenset({0}), endpoint_id="ep"),
                          post=posted.append, on_broken=lambda: broken.append(writer.failure))
     confirmed: list[tuple[int, bool]] = []
     for n in range(50):
         writer.write([{"event": "task", "n": n}], sync=n % 10 == 0, then=lambda ok, n=n: confirmed.append((n, ok)))
-    assert writer.write_and_wait([{"event": "decision", "n": 50}])  # returns once it is on disk
     wait_for(lambda: len(posted) == 50, what="the writes' outcomes")
     for callback in posted:
         callback()
     assert confirmed == [(n, True) for n in range(50)]
-    assert [json.loads(line)["n"] for line in log_path.read_text().splitlines()] == list(range(51))
+    assert [json.loads(line)["n"] for line in log_path.read_text().splitlines()] == list(range(50))
 
     posted.clear()
     exhaust(small_filesystem, log_path)
     writer.write([{"event": "task", "n": 51}], then=lambda ok: confirmed.append((51, ok)))
-    assert not writer.write_and_wait([{"event": "decision", "n": 52}])
-    wait_for(lambda: len(posted) == 2, what="the failed write's outcome and the break")
+    writer.write([{"event": "task", "n": 52}], sync=True, then=lambda ok: confirmed.append((52, ok)))
+    wait_for(lambda: len(posted) == 3, what="the failed writes' outcomes and the break")
     for callback in posted:
         callback()
-    assert confirmed[-1] == (51, False) and len(broken) == 1 and "No space left on device" in broken[0]
+    assert confirmed[-2:] == [(51, False), (52, False)] and len(broken) == 1, "one break, however many writes"
+    assert "No space left on device" in broken[0]
     writer.close()
-    assert not writer.write_and_wait([{"event": "decision", "n": 53}]), "a closed writer takes nothing"

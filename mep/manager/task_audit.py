@@ -11,8 +11,8 @@ own audit log (root's, out of the router's reach) holds who was allowed to
 run as which account.
 
 A task is sent to its endpoint only once its "routed" record is on disk.
-Records are written by the same writer thread as root's log uses
-(``mep.root.audit.AuditWriter``): each loop turn's records go to it as one
+Records are written by a writer thread
+(``mep.manager.audit_writer.AuditWriter``): each loop turn's records go to it as one
 hand-over, and whatever queued up while a write ran goes out as one write
 and one ``fdatasync`` (group commit), so the loop never waits for the disk
 and the cost is one sync per batch of turns, not per task. Each hand-over
@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from mep.manager.flow import QueuedTask
-from mep.root.audit import AuditLog, AuditWriter, Inbox
+from mep.manager.audit_writer import AuditWriter
+from mep.root.audit import AuditLog, Inbox
 from mep.root.errors import ConfigurationError
 from mep.protocol.messages import TaskGroup, TaskRef
 

@@ -2,7 +2,7 @@
 
 Only the spawner writes it (root on a multi-user manager, the manager's own
 account in single-user mode). The router keeps its own task log with the same
-two classes, as its own account (``mep.manager.task_audit``): what it routed
+``AuditLog`` and ``Inbox``, as its own account (``mep.manager.task_audit``): what it routed
 is its word, and root's log stays out of its reach. Records are built from named fields only,
 never from whole requests, so no token, key or identity assertion can slip
 in; ``json.dumps`` with ``ensure_ascii`` escapes every control character and
@@ -15,36 +15,32 @@ of the writing account, and is created 0600. SIGHUP reopens it (for log
 rotation). When a write fails the log is *broken*: the spawner refuses to
 spawn until a reopen succeeds (SIGHUP, or the next status round).
 
-One thread writes it (``AuditWriter``), so the spawner's loop never waits
-for a disk: records are written in the order they were handed over, and
-whatever queued up while the previous write ran goes out as one write and,
-when any of it must be durable, one ``fdatasync`` (group commit). Each
-hand-over says what to do once its records are on disk; a worker thread that
-must not act before its record is written waits for it instead.
+The spawner appends each record and syncs it (``fdatasync``) on its loop
+before it acts on what the record says: decisions and endpoint events are
+rare (a few per spawn), so a few milliseconds each is all it costs. (The
+router, which records every batch of tasks, writes its task log with the
+same ``AuditLog`` through a writer thread with group commit,
+``mep.manager.audit_writer``.)
 
 Record kinds (``event``): ``manager_started``, ``decision`` (identity,
 mapping rule, account, allowed or refused and why), ``endpoint_started``,
-``endpoint_exited``, ``mapping_reload``, ``audit_restored``.
+``endpoint_exited``, ``endpoint_stopped``, ``endpoint_adopted``,
+``session_holder_lost``, ``mapping_reload``, ``audit_restored``.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import logging
 import os
 import queue
 import stat
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mep.root.errors import ConfigurationError, ErrorCode, TaskRefusedError
 from mep.root.policy_files import open_checked_directory
-
-log = logging.getLogger("mep.spawner")
 
 _OPEN_LOG = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
@@ -61,7 +57,7 @@ class AuditUnavailableError(TaskRefusedError):
 
 
 class AuditLog:
-    """An open audit log; ``write`` raises ``OSError`` and marks the log broken when a record can't be written."""
+    """An open audit log; ``write_records`` raises ``OSError`` and marks the log broken when it can't write."""
 
     def __init__(self, path: Path, *, trusted_owner_uids: frozenset[int], endpoint_id: str) -> None:
         self.path = path
@@ -77,8 +73,6 @@ class AuditLog:
         if not lines:
             return
         try:
-            if self._fd == -1:
-                raise OSError(f"the log is not open ({self.failure})")
             view = memoryview(lines)
             while view:
                 view = view[os.write(self._fd, view):]
@@ -91,13 +85,9 @@ class AuditLog:
     def reopen(self) -> None:
         """Open the path again (after rotation, or to recover); raises ``ConfigurationError``."""
         fd = _open_log(self.path, self._trusted_owner_uids)
-        if self._fd != -1:
-            os.close(self._fd)
+        os.close(self._fd)
         self._fd = fd
         self.failure = ""
-
-    def mark_broken(self, reason: str) -> None:
-        self.failure = reason
 
     def close(self) -> None:
         if self._fd != -1:
@@ -139,7 +129,7 @@ def _open_log(path: Path, trusted_owner_uids: frozenset[int]) -> int:
 
 
 class Inbox:
-    """Callables other threads hand to one loop, and a pipe that wakes the loop (``wake_read``) when one comes."""
+    """Callables other threads hand to one loop (the spawner's, the router's), and a pipe that wakes the loop (``wake_read``) when one comes."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -162,127 +152,3 @@ class Inbox:
             pass
         while not self._queue.empty():  # one loop takes: what it saw stays there
             yield self._queue.get_nowait()
-
-
-@dataclass
-class _Write:
-    records: list[Mapping[str, Any]]
-    sync: bool
-    then: Callable[[bool], None] | None = None  # run on the spawner's loop with "written"
-    written: threading.Event | None = None  # set once done, for a waiting worker thread
-    ok: bool = False
-
-
-@dataclass
-class _Reopen:
-    then: Callable[[str], None]  # run on the spawner's loop with "" or why the reopen failed
-
-
-@dataclass
-class AuditWriter:
-    """The audit log's one writer thread; ``post`` runs a callable on the spawner's loop.
-
-    ``on_broken`` (on the loop) is called once each time the log goes from
-    working to broken. Everything but ``write_and_wait`` is called from the loop.
-    """
-
-    log: AuditLog
-    post: Callable[[Callable[[], None]], None]
-    on_broken: Callable[[], None] = lambda: None
-    _queue: queue.SimpleQueue[_Write | _Reopen | None] = field(default_factory=queue.SimpleQueue)
-    _thread: threading.Thread | None = None
-    _closed: bool = False
-    _closing: threading.Lock = field(default_factory=threading.Lock)  # nothing is queued behind the last item
-
-    def __post_init__(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
-
-    @property
-    def failure(self) -> str:
-        return self.log.failure
-
-    def write(self, records: list[Mapping[str, Any]], *, sync: bool = False,
-              then: Callable[[bool], None] | None = None) -> None:
-        self._put(_Write(records, sync, then))
-
-    def write_and_wait(self, records: list[Mapping[str, Any]]) -> bool:
-        """From a worker thread: True once the records are on disk, False if the log can't take them."""
-        item = _Write(records, sync=True, written=threading.Event())
-        if not self._put(item):
-            return False
-        item.written.wait()
-        return item.ok
-
-    def reopen(self, then: Callable[[str], None]) -> None:
-        self._put(_Reopen(then))
-
-    def close(self) -> None:
-        """Write what is queued, then stop the thread; later records are dropped (the spawner is exiting)."""
-        with self._closing:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join()
-        self.log.close()
-
-    def _put(self, item: _Write | _Reopen) -> bool:
-        with self._closing:
-            if not self._closed:
-                self._queue.put(item)
-            return not self._closed
-
-    def _run(self) -> None:
-        while True:
-            items = [self._queue.get()]
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            group: list[_Write] = []
-            for item in items:
-                if isinstance(item, _Write):
-                    group.append(item)
-                    continue
-                self._commit(group)
-                group = []
-                if item is None:
-                    return
-                self._reopen(item)
-            self._commit(group)
-
-    def _commit(self, group: list[_Write]) -> None:
-        if not group:
-            return
-        ok = False
-        if not self.log.failure:
-            try:
-                self.log.write_records([r for item in group for r in item.records],
-                                       sync=any(item.sync for item in group))
-                ok = True
-            except OSError:
-                log.error("%s can't be written (%s); it is tried again each heartbeat and on SIGHUP",
-                          self.log.path, self.log.failure)
-                self.post(self.on_broken)
-            except Exception as exc:  # a bug (a record json can't encode): the thread must live on
-                log.exception("an audit record could not be written")
-                self.log.mark_broken(f"an audit record could not be encoded: {exc!r}")
-                self.post(self.on_broken)
-        for item in group:
-            item.ok = ok
-            if item.written is not None:
-                item.written.set()
-            if item.then is not None:
-                self.post(lambda then=item.then: then(ok))
-
-    def _reopen(self, item: _Reopen) -> None:
-        try:
-            self.log.reopen()
-            error = ""
-        except ConfigurationError as exc:
-            self.log.mark_broken(str(exc))
-            error = str(exc)
-        self.post(lambda: item.then(error))

@@ -1,10 +1,13 @@
-"""Prove at manager start that other accounts can run this mep installation.
+"""Refuse at manager start an installation other accounts can't run.
 
 A virtual environment under a 0700 directory (a pyenv interpreter in /root,
-say) works for root and fails inside every user endpoint. The manager runs
-``import mep`` with this interpreter as an unprivileged account, through the
-same checked drop as a real endpoint (``privdrop.run_for_answer``), and refuses to start
-with a message naming the directory that blocks other accounts.
+say) works for root and fails inside every user endpoint and in the router.
+The manager refuses to start with a message naming the first directory on
+the way to the interpreter (or to the installed ``mep`` package) that other
+accounts can't pass. What a walk of the permission bits can't see (an ACL, a
+file unreadable inside a readable directory) still fails before anything is
+served: the router runs this same interpreter as its own unprivileged account,
+and the spawner logs its exit at start.
 """
 
 from __future__ import annotations
@@ -12,46 +15,39 @@ from __future__ import annotations
 import os
 import stat
 
-from mep.root.errors import ConfigurationError, SpawnError
-from mep.root.accounts import Account, unprivileged_account
-from mep.root.privdrop import SpawnPlan, run_for_answer
+import mep
+from mep.root.errors import ConfigurationError
 
-PROBE_TIMEOUT_SECONDS = 60
-# Says on fd 3 why the import failed (its stdout and stderr are /dev/null).
-_PROBE = "import os\ntry:\n    import mep\nexcept BaseException as e:\n    os.write(3, repr(e).encode()[:2000])\n    raise"
 _REMEDY = (
     "Install mep into a world-readable virtual environment"
     " (e.g. /usr/bin/python3 -m venv /opt/mep/venv) and start the manager from it."
 )
 
 
-def check_interpreter_usable(python: str, *, probe_account: str = "nobody") -> None:
-    """Raise ``ConfigurationError`` unless ``probe_account`` can run ``python -c 'import mep'``.
+def check_interpreter_usable(python: str) -> None:
+    """Raise ``ConfigurationError`` if other accounts can't reach ``python`` or the ``mep`` package it runs.
 
     Not running as root means single-user mode: endpoints run as this same
     account, which evidently can run the interpreter, so there is nothing to prove.
     """
     if os.geteuid() != 0:
         return
-    failure = _run_probe(python, unprivileged_account(probe_account, "the account that checks the interpreter"))
-    if failure is None:
-        return
-    blocked = first_blocked_component(python)
-    reason = f"{blocked[0]} is mode {blocked[1]:04o}" if blocked else failure
-    raise ConfigurationError(
-        f"the mep installation at {python} can't be used by other accounts: {reason}. {_REMEDY}"
-    )
+    for path in (python, os.path.dirname(mep.__file__)):
+        blocked = first_blocked_component(path)
+        if blocked is not None:
+            raise ConfigurationError(f"the mep installation at {python} can't be used by other accounts: "
+                                     f"{blocked[0]} is mode {blocked[1]:04o}. {_REMEDY}")
 
 
-def first_blocked_component(python: str) -> tuple[str, int] | None:
-    """The first directory (or the program itself) on the way to ``python`` that others can't pass.
+def first_blocked_component(path: str) -> tuple[str, int] | None:
+    """The first directory (or the file itself) on the way to ``path`` that others can't pass.
 
     Walks the path as given and then its resolved form, since a venv's
     ``bin/python`` is usually a link into the interpreter it was made from.
     Returns the path and its permission bits, or None if every step has o+x.
     """
-    for path in dict.fromkeys((os.path.abspath(python), os.path.realpath(python))):
-        parts = path.split("/")
+    for candidate in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        parts = candidate.split("/")
         for end in range(1, len(parts) + 1):
             component = "/".join(parts[:end]) or "/"
             try:
@@ -61,17 +57,3 @@ def first_blocked_component(python: str) -> tuple[str, int] | None:
             if not mode & stat.S_IXOTH:
                 return component, stat.S_IMODE(mode)
     return None
-
-
-def _run_probe(python: str, account: Account) -> str | None:
-    """None if ``account`` could import mep with ``python``, else what went wrong."""
-    plan = SpawnPlan(account=account, argv=[python, "-c", _PROBE], stdin_data=b"", log_path="",
-                     title="the interpreter check")
-    try:
-        status, said = run_for_answer(plan, timeout=PROBE_TIMEOUT_SECONDS, limit=4096)
-    except SpawnError as exc:
-        return str(exc)
-    if status == 0:
-        return None
-    output = said.decode("utf-8", "replace") or "no output"
-    return f"'{python} -c \"import mep\"' as {account.name} exited with status {status} ({output})"

@@ -11,17 +11,16 @@ the run dir too, so they simply reconnect.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import msgspec
 
 log = logging.getLogger("mep.spawner")
 
 
-@dataclass(frozen=True)
-class EndpointRecord:
+class EndpointRecord(msgspec.Struct, frozen=True):
     endpoint_id: str
     pid: int  # the process the spawner watches: the endpoint, or its PAM session holder
     start_time: int  # /proc/<pid>/stat field 22: tells a recycled pid from ours
@@ -34,18 +33,23 @@ class EndpointRecord:
     held: bool
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent pid, ...); OSError if it is gone."""
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()
+
+
 def start_time(pid: int) -> int:
     """The kernel's start time of ``pid`` in clock ticks since boot; raises OSError if it is gone."""
-    with open(f"/proc/{pid}/stat") as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[19])
+    return int(proc_stat(pid)[19])
 
 
 def save(path: Path, records: list[EndpointRecord]) -> None:
     temporary = path.with_name(path.name + ".new")
     temporary.unlink(missing_ok=True)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump([asdict(record) for record in records], handle)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(msgspec.json.encode(records))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
@@ -57,21 +61,20 @@ def load_live(path: Path) -> list[EndpointRecord]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return []
-    with os.fdopen(fd) as handle:
+    with os.fdopen(fd, "rb") as handle:
         if os.fstat(handle.fileno()).st_uid != os.geteuid():
             log.warning("ignoring %s: not owned by this manager's account", path)
             return []
         try:
-            raw = json.load(handle)
-            records = [EndpointRecord(**{**item, "key": tuple(item["key"])}) for item in raw]
-        except (ValueError, TypeError, KeyError) as exc:
+            records = msgspec.json.decode(handle.read(), type=list[EndpointRecord])
+        except msgspec.DecodeError as exc:  # not JSON, or not records (a ValidationError)
             log.warning("ignoring unreadable endpoint registry %s: %s", path, exc)
             return []
     live = []
     for record in records:
         try:
-            same = start_time(record.pid) == record.start_time and os.stat(f"/proc/{record.pid}").st_uid \
-                == record.owner_uid
+            same = (start_time(record.pid) == record.start_time
+                    and os.stat(f"/proc/{record.pid}").st_uid == record.owner_uid)
         except (OSError, ValueError, IndexError):
             same = False
         if same:

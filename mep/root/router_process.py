@@ -9,14 +9,10 @@ mep.manager.router_main``. The secrets (the manager's service key and the
 router's endpoint-facing key) reach it on a stdin pipe, never in argv or the
 environment. Its log lines come back on a pipe that the spawner copies to
 its own stderr, so the router never holds the manager's terminal or log file.
-
-``RestartBackoff`` spaces restarts of a router that keeps dying: 0.5 s, doubling
-to 30 s, back to 0.5 s once a router has run for a minute.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import sys
@@ -29,12 +25,8 @@ from mep.root.accounts import Account
 from mep.root.privdrop import SpawnPlan, spawn
 from mep.root.messages import RouterBoot, SpawnerLink, channel_pair
 
-log = logging.getLogger("mep.spawner")
 
 ROUTER_MODULE = "mep.manager.router_main"
-FIRST_RESTART_DELAY = 0.5
-MAX_RESTART_DELAY = 30.0
-STABLE_AFTER = 60.0  # seconds a router must run before its death counts as a fresh failure
 _RELAY_CHUNK = 65536
 
 
@@ -103,17 +95,3 @@ def start_router(launch: RouterLaunch) -> RouterProcess:
     os.set_blocking(log_read, False)
     return RouterProcess(pid=child.pid, pidfd=child.pidfd, channel=SpawnerLink(spawner_end), log_read=log_read,
                          started_at=time.monotonic())
-
-
-class RestartBackoff:
-    def __init__(self) -> None:
-        self._delay = FIRST_RESTART_DELAY
-
-    def next_delay(self, ran_for: float) -> float:
-        """Seconds to wait before starting again a router that died after ``ran_for`` seconds."""
-        if ran_for >= STABLE_AFTER:
-            self._delay = FIRST_RESTART_DELAY
-        delay = self._delay
-        self._delay = min(2 * self._delay, MAX_RESTART_DELAY)
-        return delay
-

@@ -16,7 +16,8 @@ config makes the endpoint fail each of its tasks with the typed error.
 Children are watched through pidfds, so a recycled pid can never be mistaken
 for one of ours.
 
-Nothing slow runs on the loop. Mapping (an external program may take its
+Nothing slow runs on the loop (syncing an audit record, a few milliseconds,
+is the slowest thing it does). Mapping (an external program may take its
 5 s) and starting (a PAM stack may take its 30 s) run in worker
 threads whose outcomes are posted back to the loop, which alone owns the
 process tables and the channel: several accounts' spawns run at once, one
@@ -25,18 +26,20 @@ reuses the endpoint the first one started). Any error in a request, an
 ``OSError`` included, refuses that request alone.
 
 Every decision, endpoint start and exit and mapping reload goes to the audit
-log before anything acts on it; one writer thread writes it in order with
-group commit (``audit.AuditWriter``). While it can't be written nothing is
-spawned. (Tasks are the router's to record, in its own task log.) SIGHUP
-reloads the mapping file and reopens the audit log.
+log before anything acts on it: the loop appends and syncs each record itself
+(they are few next to tasks, which are the router's to record, in its own
+task log). While it can't be written nothing is spawned. SIGHUP reloads the
+mapping file and reopens the audit log.
 
 The spawner supervises the router (``router_process``): if it dies, a fresh
-one is started after a backoff and told of every running endpoint, as after a
+one is started after a backoff (0.5 s, doubling to 30 s, back to 0.5 s once a
+router has run for a minute) and told of every running endpoint, as after a
 manager restart, so the endpoints reconnect and their work carries on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -47,50 +50,42 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from mep.root.config import RootConfig
-from mep.root.errors import ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
 from mep.root import registry
 from mep.root.accounts import Account, AccountPolicy, AccountRefused, resolve_account
-from mep.root.audit import AuditLog, AuditUnavailableError, AuditWriter, Inbox
+from mep.root.assertions import AssertionVerifier, NonceCache, check_spawn_claims
+from mep.root.audit import AuditLog, AuditUnavailableError, Inbox
 from mep.root.authorize import Authorization, authorize
+from mep.root.config import RootConfig
+from mep.root.errors import ConfigurationError, ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
+from mep.root.guard import forbid_unpickling, process_status
 from mep.root.identity import IdentityMapper, MappingContext
+from mep.root.keys import generate_keypair
+from mep.root.logs import active_format
 from mep.root.mapping_file import MappingFile, ReloadOutcome
+from mep.root.messages import (EndpointBoot, EndpointExited, IdentityResource, RemapGroups, RetireEndpoint,
+                               RouterStopping, Spawned, SpawnerStatus, SpawnerStatusRequest, SpawnRefused, SpawnRequest)
 from mep.root.pam import require_account
 from mep.root.policy_files import read_policy_file
 from mep.root.privdrop import SpawnPlan, read_log_tail, resource_limits, spawn
-from mep.root.router_process import RestartBackoff, RouterLaunch, RouterProcess, start_router
-from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
-from mep.root.assertions import AssertionVerifier, NonceCache, check_spawn_claims
-from mep.root.guard import forbid_unpickling, process_status
-from mep.root.keys import generate_keypair
-from mep.root.logs import active_format
-from mep.root.sdnotify import notify_ready
-from mep.root.messages import (
-    EndpointBoot,
-    EndpointExited,
-    IdentityResource,
-    RemapGroups,
-    RetireEndpoint,
-    RouterStopping,
-    Spawned,
-    SpawnerStatus,
-    SpawnerStatusRequest,
-    SpawnRefused,
-    SpawnRequest,
-)
 from mep.root.receive import handling, loop_turn
+from mep.root.router_process import RouterLaunch, RouterProcess, start_router
+from mep.root.sdnotify import notify_ready
+from mep.root.session_holder import KILL_ENDPOINT_SIGNAL, PamSettings, start_session_holder
 
 log = logging.getLogger("mep.spawner")
 
 STOP_GRACE = 45.0  # seconds endpoints get after SIGTERM (they give running tasks 30) before SIGKILL
 SPAWN_WORKERS = 8  # spawns (mapping, PAM, start) in progress at once, across accounts
+FIRST_RESTART_DELAY = 0.5  # seconds before a dead router is started again, doubling while it keeps dying
+MAX_RESTART_DELAY = 30.0
+STABLE_AFTER = 60.0  # seconds a router must run before its death counts as a fresh failure
 # (identity id, "" when identities may share endpoints; uid; template digest; user config and runtime digest)
 EndpointKey = tuple[str, int, str, str]
 
@@ -117,6 +112,11 @@ class EndpointProcess:
             endpoint_id=self.endpoint_id, pid=self.pid, start_time=registry.start_time(self.pid),
             owner_uid=os.stat(f"/proc/{self.pid}").st_uid, endpoint_pid=self.endpoint_pid, account=self.account.name,
             key=self.key, public_key=self.public_key, log_path=self.log_path, held=self.held)
+
+    def news(self) -> Spawned:
+        """What a router that did not ask for it is told: it runs, and may be reconnected to."""
+        return Spawned(endpoint_id=self.endpoint_id, pid=self.endpoint_pid, account=self.account.name,
+                       public_key=self.public_key, reused=True)
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,6 @@ class PendingSpawn:
     key: EndpointKey | None = None
     endpoint_id: str = ""
 
-    @property
-    def who(self) -> str:
-        return self.request.identities[0].username if self.request.identities else self.request.submitter_id
-
 
 class Spawner:
     def __init__(self, settings: SpawnerSettings) -> None:
@@ -166,7 +162,7 @@ class Spawner:
         self.template = read_policy_file(config.template, trusted_owner_uids=trusted).decode()
         self.schema = read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode()
         self.template_digest = _digest(self.template.encode(), self.schema.encode())
-        self.audit: AuditWriter | None = None  # opened once the router runs: it must never hold the log
+        self.audit: AuditLog | None = None  # opened once the router runs: it must never hold the log
         self.assertions = AssertionVerifier(config.service_signing_keys, config.endpoint_id)
         self.nonces = NonceCache()
         self.children: dict[int, EndpointProcess] = {}  # pidfd -> process
@@ -174,7 +170,7 @@ class Spawner:
         self.router: RouterProcess | None = None
         self.router_life = 0  # counts the routers started
         self._restart_at = 0.0  # when to start the next router (monotonic); 0: none due
-        self._backoff = RestartBackoff()
+        self._restart_delay = 0.0  # the wait before the last restart; 0: none yet
         self._router_stopping = False  # the router said it is stopping on purpose (not crashing)
         self._stop_requested = False  # SIGTERM/SIGINT: no router is started again
         self._hangup = False
@@ -182,7 +178,7 @@ class Spawner:
         self._policy_check_due: bool | None = None  # a change came meanwhile: check again (True: remapping too)
         self._starting: dict[int, list[PendingSpawn]] = {}  # uid -> requests waiting for its start in progress
         self._workers = ThreadPoolExecutor(max_workers=SPAWN_WORKERS, thread_name_prefix="spawn")
-        self._inbox = Inbox()  # outcomes of worker threads and audit writes, run on the loop
+        self._inbox = Inbox()  # outcomes of worker threads, run on the loop
 
     def run(self) -> int:
         forbid_unpickling()
@@ -193,17 +189,17 @@ class Spawner:
         signal.set_wakeup_fd(self._inbox.wake_write)  # a signal wakes the select below
         self._start_router()
         try:
-            audit_log = AuditLog(self.settings.audit_log, trusted_owner_uids=self.settings.trusted_owner_uids,
-                                 endpoint_id=self.settings.config.endpoint_id)
+            self.audit = AuditLog(self.settings.audit_log, trusted_owner_uids=self.settings.trusted_owner_uids,
+                                  endpoint_id=self.settings.config.endpoint_id)
         except BaseException:
-            self._kill_router()
+            self._stop_requested = True
+            signal.pidfd_send_signal(self.router.pidfd, signal.SIGKILL)
+            self._router_gone()
             raise
-        self.audit = AuditWriter(audit_log, post=self._inbox.post)  # a spawn checks .failure first
         notify_ready()  # systemd (Type=notify): the checks passed, the router runs, the audit log is open
-        config = self.settings.config
-        self.audit.write([{"event": "manager_started", "mapping_file": str(config.identity_mapping),
-                           "mode": "multi-user" if self.settings.drop_privileges else "single-user",
-                           "pam": self.settings.pam.service if self.settings.pam else None}], sync=True)
+        self._audit({"event": "manager_started", "mapping_file": str(self.settings.config.identity_mapping),
+                     "mode": "multi-user" if self.settings.drop_privileges else "single-user",
+                     "pam": self.settings.pam.service if self.settings.pam else None})
         self._adopt()
         try:
             return self._serve()
@@ -233,7 +229,7 @@ class Spawner:
         if writable and router is self.router:
             router.channel.flush()
         if self._inbox.wake_read in ready:
-            self._drain_wakeups()  # outcomes of spawns and audit writes: may register endpoints
+            self._drain_wakeups()  # outcomes of spawns and policy checks: may register endpoints
         if router is not None and router is self.router:
             if router.log_read in ready:
                 router.relay_log()
@@ -268,14 +264,19 @@ class Spawner:
         try:
             self._start_router()
         except (SpawnError, OSError) as exc:
-            delay = self._backoff.next_delay(0.0)
+            delay = self._next_restart_delay(0.0)
             log.error("could not start the router (%s); trying again in %.1f s", exc, delay)
             self._restart_at = time.monotonic() + delay
             return
         for process in self.children.values():  # what runs is adopted, as after a manager restart
             if not process.retired:
-                self._send(Spawned(endpoint_id=process.endpoint_id, pid=process.endpoint_pid,
-                                   account=process.account.name, public_key=process.public_key, reused=True))
+                self._send(process.news())
+
+    def _next_restart_delay(self, ran_for: float) -> float:
+        """Seconds to wait before starting again a router that died after ``ran_for`` seconds."""
+        fresh = ran_for >= STABLE_AFTER or not self._restart_delay
+        self._restart_delay = FIRST_RESTART_DELAY if fresh else min(2 * self._restart_delay, MAX_RESTART_DELAY)
+        return self._restart_delay
 
     def _router_gone(self) -> None:
         """The router hung up or died: after a stop we follow it; after a crash a new one starts soon."""
@@ -292,16 +293,10 @@ class Spawner:
         if self._router_stopping or self._stop_requested:
             log.info("the router has stopped; stopping")
             return
-        delay = self._backoff.next_delay(ran_for)
+        delay = self._next_restart_delay(ran_for)
         log.error("the router (pid %d) %s after %.0f s; starting a new one in %.1f s (%d endpoint(s) keep running)",
                   router.pid, _describe_exit(status), ran_for, delay, len(self.children))
         self._restart_at = time.monotonic() + delay
-
-    def _kill_router(self) -> None:
-        if self.router is not None:
-            self._stop_requested = True
-            signal.pidfd_send_signal(self.router.pidfd, signal.SIGKILL)
-            self._router_gone()
 
     def _send(self, message: msgspec.Struct) -> None:
         """To the router, if one runs (a later one learns what it needs when it starts)."""
@@ -324,7 +319,7 @@ class Spawner:
             try:
                 callback()
             except Exception:  # a bug in one outcome's handling must not end the spawner for everyone
-                log.exception("handling a spawn's or an audit write's outcome failed")
+                log.exception("handling a spawn's or a policy check's outcome failed")
         if self._hangup:
             self._hangup = False
             log.info("SIGHUP: reloading %s and reopening the audit log", self.mapping.path)
@@ -364,8 +359,7 @@ class Spawner:
             case RetireEndpoint():
                 for process in self.children.values():
                     if process.endpoint_id == message.endpoint_id:
-                        process.retired = True
-                        self.running.pop(process.key, None)
+                        self._retire(process)
                         if message.kill:
                             _kill_endpoint(process)
             case SpawnerStatusRequest():  # the router's heartbeat: a good moment to look around
@@ -378,96 +372,86 @@ class Spawner:
 
     # --- the audit log ----------------------------------------------------------------
 
+    def _audit(self, record: dict[str, Any]) -> bool:
+        """Append ``record`` and sync it, before acting on it; False (and logged) while the log can't be written."""
+        if not self.audit.failure:
+            try:
+                self.audit.write_records([record], sync=True)
+                return True
+            except OSError:
+                log.error("%s; no endpoint is started until the audit log can be written (it is tried again each "
+                          "heartbeat and on SIGHUP)", self.audit.failure)
+        return False
+
     def _reopen_audit_log(self) -> None:
         was_broken = bool(self.audit.failure)
-
-        def reopened(error: str) -> None:
-            if error:
-                log.error("%s; no endpoint is started until the audit log can be written", error)
-            elif was_broken:
-                self.audit.write([{"event": "audit_restored"}], sync=True, then=restored)
-
-        def restored(written: bool) -> None:
-            if written:
-                log.info("the audit log %s can be written again; spawns resume", self.audit.log.path)
-
-        self.audit.reopen(then=reopened)
-
-    def _record_reload(self, outcome: ReloadOutcome | None) -> None:
-        if outcome is None:
+        try:
+            self.audit.reopen()
+        except ConfigurationError as exc:
+            self.audit.failure = str(exc)
+            log.error("%s; no endpoint is started until the audit log can be written", exc)
             return
-        if outcome.loaded:
-            log.info("identity mapping %s reloaded (%s)", outcome.path, outcome.trigger)
-        else:
-            log.error("identity mapping %s (%s) is broken; keeping the previous version: %s",
-                      outcome.path, outcome.trigger, outcome.error)
-        self.audit.write([{"event": "mapping_reload", "file": outcome.path, "trigger": outcome.trigger,
-                           "outcome": "loaded" if outcome.loaded else "kept_previous", "reason": outcome.error}],
-                         sync=True)
+        if was_broken and self._audit({"event": "audit_restored"}):
+            log.info("the audit log %s can be written again; spawns resume", self.audit.path)
 
     # --- spawning: the loop's steps ---------------------------------------------------------
 
     def _spawn_request(self, request: SpawnRequest) -> None:
-        """Map and render in a worker; ``_authorized`` takes it from there on the loop."""
+        """Check the assertion and map in a worker; ``_mapped`` takes it from there on the loop."""
         self._apply_policy(self.mapping.refresh(), recheck_accounts=False)
         pending = PendingSpawn(request=request, router_life=self.router_life, mapper=self.mapping.mapper)
-        if self.audit.failure:
-            self._refuse(pending, AuditUnavailableError())
-            return
-        self._in_worker(lambda: self._authorize(pending), lambda done: self._authorized(pending, done))
+        self._in_worker(lambda: self._authorize(pending), lambda _, error: self._mapped(pending, error))
 
-    def _authorized(self, pending: PendingSpawn, done: Future) -> None:
+    def _mapped(self, pending: PendingSpawn, error: Exception | None) -> None:
         if pending.router_life != self.router_life:
             return  # the router that asked is gone; the one now running never asked
-        try:
-            done.result()
-        except Exception as exc:
-            self._refuse(pending, exc)
-            return
-        if pending.mapper is not self.mapping.mapper:  # reloaded meanwhile: decided by the new mapping alone
+        if error is not None:
+            self._refuse(pending, error)
+        elif pending.mapper is not self.mapping.mapper:  # reloaded meanwhile: decided by the new mapping alone
             pending.mapper, pending.progress = self.mapping.mapper, Authorization()
-            self._in_worker(lambda: self._map(pending), lambda again: self._authorized(pending, again))
-            return
-        self._start_or_reuse(pending)
+            self._in_worker(lambda: self._map(pending), lambda _, again: self._mapped(pending, again))
+        else:
+            self._start_or_reuse(pending)
 
     def _start_or_reuse(self, pending: PendingSpawn) -> None:
         """Hand back the running endpoint for this key, or start one: one start at a time per account."""
         if pending.router_life != self.router_life:
             return
-        assert pending.account is not None and pending.key is not None
-        if self.audit.failure:
-            self._refuse(pending, AuditUnavailableError())
-            return
+        request, account = pending.request, pending.account
+        assert account is not None and pending.key is not None
         existing = self.running.get(pending.key)
         if existing is not None:
-            existing.served[pending.request.submitter_id] = list(pending.request.identities)
-            self.audit.write([_decision_record(pending.request, pending.progress, "allowed",
-                                               endpoint_id=existing.endpoint_id, reused=True)], sync=True)
-            self._answer(pending, Spawned(request_id=pending.request.request_id, endpoint_id=existing.endpoint_id,
-                                          pid=existing.endpoint_pid, account=pending.account.name,
+            if not self._audit(_decision_record(request, pending.progress, "allowed",
+                                                endpoint_id=existing.endpoint_id, reused=True)):
+                self._refuse(pending, AuditUnavailableError())
+                return
+            existing.served[request.submitter_id] = list(request.identities)
+            self._answer(pending, Spawned(request_id=request.request_id, endpoint_id=existing.endpoint_id,
+                                          pid=existing.endpoint_pid, account=account.name,
                                           public_key=existing.public_key, reused=True))
             return
-        uid = pending.account.uid
-        if uid in self._starting:
-            self._starting[uid].append(pending)  # after the start in progress, which it may well reuse
+        if account.uid in self._starting:
+            self._starting[account.uid].append(pending)  # after the start in progress, which it may well reuse
             return
+        pending.endpoint_id = str(uuid.uuid4())
         try:
-            self._check_endpoint_limit(pending.account)
-        except QuotaExceededError as exc:
+            self._check_endpoint_limit(account)
+            if not self._audit(_decision_record(request, pending.progress, "allowed",
+                                                endpoint_id=pending.endpoint_id)):
+                raise AuditUnavailableError()
+        except TaskRefusedError as exc:
             self._refuse(pending, exc)
             return
-        self._starting[uid] = []
-        pending.endpoint_id = str(uuid.uuid4())
-        self._in_worker(lambda: self._start(pending), lambda done: self._started(pending, done))
+        self._starting[account.uid] = []
+        self._in_worker(lambda: self._start(pending), lambda process, error: self._started(pending, process, error))
 
-    def _started(self, pending: PendingSpawn, done: Future) -> None:
+    def _started(self, pending: PendingSpawn, process: EndpointProcess | None, error: Exception | None) -> None:
         assert pending.account is not None
         waiting = self._starting.pop(pending.account.uid, [])
-        try:
-            process = done.result()
-        except Exception as exc:
-            self._refuse(pending, exc)
+        if error is not None:
+            self._refuse(pending, error)
         else:
+            assert process is not None
             self._register(pending, process)
         for other in waiting:
             self._start_or_reuse(other)
@@ -487,13 +471,11 @@ class Spawner:
         self.running[process.key] = process
         process.served[pending.request.submitter_id] = list(pending.request.identities)
         account = process.account
-        self.audit.write([{"event": "endpoint_started", "endpoint_id": process.endpoint_id,
-                           "pid": process.endpoint_pid, "account": account.name, "uid": account.uid,
-                           "pam_session_holder": process.pid if process.held else None}])
+        self._audit({"event": "endpoint_started", "endpoint_id": process.endpoint_id, "pid": process.endpoint_pid,
+                     "account": account.name, "uid": account.uid,
+                     "pam_session_holder": process.pid if process.held else None})
         if not self._save_registry():
-            # A manager restarted after a crash could not adopt it: it must not serve.
-            process.retired = True
-            self.running.pop(process.key, None)
+            self._retire(process)  # a manager restarted after a crash could not adopt it: it must not serve
             _stop_endpoint(process)
             self._refuse(pending, SpawnError(
                 f"could not record the new endpoint in {self.settings.registry_path}; ask your admin"))
@@ -511,7 +493,8 @@ class Spawner:
 
     def _refuse(self, pending: PendingSpawn, exc: Exception) -> None:
         """Refuse one request, saying why: a refusal by policy, or any error on the way (never the spawner's end)."""
-        who = pending.who
+        request = pending.request
+        who = request.identities[0].username if request.identities else request.submitter_id
         if isinstance(exc, TaskRefusedError):
             code = exc.code
             message = exc.for_identity(who) if isinstance(exc, AccountRefused) else str(exc)
@@ -525,37 +508,39 @@ class Spawner:
             code = ErrorCode.INTERNAL
             message = "the manager failed to handle this request (an internal error); ask your admin"
             detail = f"{type(exc).__name__}: {exc}"
-        log.warning("refused %s (%s): %s [%s]", who, pending.request.submitter_id, code, detail,
-                    extra={"identity_id": pending.request.submitter_id,
+        log.warning("refused %s (%s): %s [%s]", who, request.submitter_id, code, detail,
+                    extra={"identity_id": request.submitter_id,
                            **({"account": pending.account.name} if pending.account else {})})
-        self.audit.write([_decision_record(pending.request, pending.progress, "refused", code=str(code),
-                                           reason=detail, message=message)], sync=True)
-        self._answer(pending, SpawnRefused(request_id=pending.request.request_id, code=code, message=message,
+        self._audit(_decision_record(request, pending.progress, "refused", code=str(code), reason=detail,
+                                     message=message))
+        self._answer(pending, SpawnRefused(request_id=request.request_id, code=code, message=message,
                                            step=str(getattr(exc, "step", "") or "")))  # DropStepError, PAM's
 
     def _answer(self, pending: PendingSpawn, answer: Spawned | SpawnRefused) -> None:
         if pending.router_life == self.router_life:
             self._send(answer)
         elif isinstance(answer, Spawned) and not answer.reused:  # started for a router since replaced
-            self._send(Spawned(endpoint_id=answer.endpoint_id, pid=answer.pid, account=answer.account,
-                               public_key=answer.public_key, reused=True))
+            self._send(msgspec.structs.replace(answer, request_id=0, reused=True))
 
-    def _in_worker(self, job: Callable[[], Any], then: Callable[[Future], None]) -> None:
-        """Run ``job`` in a worker thread, then ``then(its future)`` on the loop."""
-        self._workers.submit(job).add_done_callback(lambda done: self._inbox.post(lambda: then(done)))
+    def _in_worker(self, job: Callable[[], Any], then: Callable[[Any, Exception | None], None]) -> None:
+        """Run ``job`` in a worker thread, then ``then(its result, None)`` or ``then(None, its error)`` on the loop."""
+        def work() -> None:
+            try:
+                result, error = job(), None
+            except Exception as exc:  # noqa: BLE001 - handed to the loop, which refuses the request with it
+                result, error = None, exc
+            self._inbox.post(lambda: then(result, error))
+        self._workers.submit(work)
 
     # --- spawning: in worker threads (they touch no table of the loop's) -----------------
 
-    def _check_assertion(self, request: SpawnRequest) -> None:
+    def _authorize(self, pending: PendingSpawn) -> None:
         """Before anything is mapped or started: the service must have signed this identity set and config."""
-        verified = self.assertions.verify(request.identity_assertion)
+        request = pending.request
+        verified = self.assertions.verify(request.identity_assertion)  # the verifier and nonce cache are thread-safe
         check_spawn_claims(verified.claims, submitter_id=request.submitter_id, identities=request.identities,
                            config=request.user_endpoint_config)
         self.nonces.use(verified.claims)
-
-    def _authorize(self, pending: PendingSpawn) -> None:
-        request = pending.request
-        self._check_assertion(request)  # before anything is mapped: the verifier and nonce cache are thread-safe
         self._map(pending)
 
     def _map(self, pending: PendingSpawn) -> None:
@@ -570,26 +555,20 @@ class Spawner:
         pending.key = ("" if shared else request.submitter_id, account.uid, self.template_digest, _digest(options))
 
     def _start(self, pending: PendingSpawn) -> EndpointProcess:
-        """The decision on disk, then the endpoint started (PAM's account and session steps included)."""
-        if not self.audit.write_and_wait([_decision_record(pending.request, pending.progress, "allowed",
-                                                           endpoint_id=pending.endpoint_id)]):
-            raise AuditUnavailableError()
-        account, key = pending.account, pending.key
+        """Start the endpoint (PAM's account and session steps included); its decision is on disk already."""
+        account, key, request = pending.account, pending.key, pending.request
         assert account is not None and key is not None
         endpoint_id = pending.endpoint_id
-        serves = [] if not key[0] else pending.request.identities  # the identity set whose tasks alone it may run
+        serves = [] if not key[0] else request.identities  # the identity set whose tasks alone it may run
         public_key, secret_key = generate_keypair()
         config = self.settings.config
         boot = EndpointBoot(endpoint_id=endpoint_id, account=account.name,
                             router_address=self.settings.router_address,
                             router_public_key=self.settings.router_public_key, secret_key=secret_key,
                             template=self.template, schema=self.schema, template_path=str(config.template),
-                            schema_path=str(config.schema_file), user_config=pending.request.user_endpoint_config,
-                            user_runtime=msgspec.to_builtins(pending.request.runtime) if pending.request.runtime
-                            else {}, mapped_user={"name": account.name, "uid": account.uid, "gid": account.gid,
-                                                  "home": account.home, "groups": list(account.groups),
-                                                  "shell": account.shell},
-                            heartbeat_interval=config.heartbeat_interval,
+                            schema_path=str(config.schema_file), user_config=request.user_endpoint_config,
+                            user_runtime=msgspec.to_builtins(request.runtime) if request.runtime else {},
+                            mapped_user=dataclasses.asdict(account), heartbeat_interval=config.heartbeat_interval,
                             manager_endpoint_id=config.endpoint_id, identity_id=key[0], identities=serves,
                             serves_any_identity=not key[0], assertion_keys=config.service_signing_keys,
                             log_format=active_format())
@@ -600,33 +579,39 @@ class Spawner:
                          drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}",
                          resource_limits=resource_limits(config.endpoint_limits),
                          no_new_privs=not config.allow_setuid_helpers)
-        if self.settings.pam is not None:
-            held = start_session_holder(plan, self.settings.pam)
-            return EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd,
-                                   account=account, key=key, public_key=public_key, log_path=log_path,
-                                   endpoint_pid=held.endpoint_pid, held=True,
-                                   endpoint_pidfd=_held_endpoint_pidfd(held.endpoint_pid, held.holder_pid))
-        child = spawn(plan)
-        return EndpointProcess(endpoint_id=endpoint_id, pid=child.pid, pidfd=child.pidfd, account=account,
-                               key=key, public_key=public_key, log_path=log_path, endpoint_pid=child.pid)
+        if self.settings.pam is None:
+            child = spawn(plan)
+            return EndpointProcess(endpoint_id=endpoint_id, pid=child.pid, pidfd=child.pidfd, account=account,
+                                   key=key, public_key=public_key, log_path=log_path, endpoint_pid=child.pid)
+        held = start_session_holder(plan, self.settings.pam)
+        return EndpointProcess(endpoint_id=endpoint_id, pid=held.holder_pid, pidfd=held.pidfd, account=account,
+                               key=key, public_key=public_key, log_path=log_path, endpoint_pid=held.endpoint_pid,
+                               held=True, endpoint_pidfd=_held_endpoint_pidfd(held.endpoint_pid, held.holder_pid))
 
     # --- endpoints ----------------------------------------------------------------------
 
     def _apply_policy(self, outcome: ReloadOutcome | None, *, recheck_accounts: bool) -> None:
         """The one way a policy change reaches running endpoints: on SIGHUP, at a spawn request, at each heartbeat.
 
-        ``outcome`` is the mapping file's reload, if one was attempted. A
-        mapping that loaded makes the router forget at once which endpoint
-        serves whom, so each submitter's next task is mapped and checked afresh
-        (and refused if it no longer may run). Then every running endpoint is
-        checked again in a worker (an external program or a PAM module may take
-        seconds): each identity set it was handed must still map to its account
-        (after a mapping change), and the account must pass the account policy
-        and PAM account management. One that fails is stopped (SIGTERM: running
-        tasks finish), audited, and the router told again.
+        ``outcome`` is the mapping file's reload, if one was attempted (it is
+        audited). A mapping that loaded makes the router forget at once which
+        endpoint serves whom, so each submitter's next task is mapped and
+        checked afresh (and refused if it no longer may run). Then every
+        running endpoint is checked again in a worker (an external program or
+        a PAM module may take seconds): each identity set it was handed must
+        still map to its account (after a mapping change), and the account must
+        pass the account policy and PAM account management. One that fails is
+        stopped (SIGTERM: running tasks finish), audited, and the router told again.
         """
-        self._record_reload(outcome)
         remap = outcome is not None and outcome.loaded
+        if outcome is not None:
+            if remap:
+                log.info("identity mapping %s reloaded (%s)", outcome.path, outcome.trigger)
+            else:
+                log.error("identity mapping %s (%s) is broken; keeping the previous version: %s",
+                          outcome.path, outcome.trigger, outcome.error)
+            self._audit({"event": "mapping_reload", "file": outcome.path, "trigger": outcome.trigger,
+                         "outcome": "loaded" if remap else "kept_previous", "reason": outcome.error})
         if remap:
             self._send(RemapGroups(reason="the identity mapping changed"))
         if remap or recheck_accounts:
@@ -637,10 +622,10 @@ class Spawner:
             self._policy_check_due = remap or bool(self._policy_check_due)
             return
         self._policy_check_running = True
-        mapper = self.mapping.mapper
+        mapper = self.mapping.mapper if remap else None
         endpoints = [(process, process.account.name, [list(s) for s in process.served.values()])
                      for process in self.children.values() if not process.retired]
-        self._in_worker(lambda: [(process, self._why_not_allowed(account, served, mapper if remap else None))
+        self._in_worker(lambda: [(process, self._why_not_allowed(account, served, mapper))
                                  for process, account, served in endpoints],
                         self._stop_what_is_not_allowed)
 
@@ -675,22 +660,19 @@ class Spawner:
         if self.settings.pam is not None:
             require_account(self.settings.pam.service, account, library=self.settings.pam.library)
 
-    def _stop_what_is_not_allowed(self, done: Future) -> None:
+    def _stop_what_is_not_allowed(self, verdicts: list[tuple[EndpointProcess, str]] | None,
+                                  error: Exception | None) -> None:
         self._policy_check_running = False
-        try:
-            verdicts = done.result()
-        except Exception:  # noqa: BLE001 - the checks catch their own errors; this is the pool shutting down
-            log.exception("checking the running endpoints again failed")
-            verdicts = []
+        if error is not None:  # the checks catch their own errors: this is a bug
+            log.error("checking the running endpoints again failed", exc_info=error)
         reasons = []
-        for process, reason in verdicts:
+        for process, reason in verdicts or []:
             if not reason or process.retired or self.children.get(process.pidfd) is not process:
                 continue
             log.warning("stopping endpoint %s of %s: %s", process.endpoint_id, process.account.name, reason)
-            self.audit.write([{"event": "endpoint_stopped", "endpoint_id": process.endpoint_id,
-                               "account": process.account.name, "reason": reason}])
-            process.retired = True
-            self.running.pop(process.key, None)
+            self._audit({"event": "endpoint_stopped", "endpoint_id": process.endpoint_id,
+                         "account": process.account.name, "reason": reason})
+            self._retire(process)
             _stop_endpoint(process)  # running tasks get to finish
             reasons.append(f"endpoint {process.endpoint_id} of {process.account.name} is no longer allowed")
         if reasons:
@@ -717,11 +699,16 @@ class Spawner:
             self.running[process.key] = process
             log.info("adopted endpoint %s (pid %d) of %s from the manager's previous life", record.endpoint_id,
                      record.endpoint_pid, record.account)
-            self.audit.write([{"event": "endpoint_adopted", "endpoint_id": record.endpoint_id,
-                               "pid": record.endpoint_pid, "account": record.account}])
-            self._send(Spawned(endpoint_id=record.endpoint_id, pid=record.endpoint_pid,
-                               account=record.account, public_key=record.public_key, reused=True))
+            self._audit({"event": "endpoint_adopted", "endpoint_id": record.endpoint_id, "pid": record.endpoint_pid,
+                         "account": record.account})
+            self._send(process.news())
         self._save_registry()
+
+    def _retire(self, process: EndpointProcess) -> None:
+        """No new work for it: a request for its key starts a fresh endpoint."""
+        process.retired = True
+        if self.running.get(process.key) is process:
+            del self.running[process.key]
 
     def _save_registry(self) -> bool:
         """Record what runs, for a restarted manager to adopt; False (and logged) if it can't be written."""
@@ -751,13 +738,12 @@ class Spawner:
             return
         if process.endpoint_pidfd != -1:
             os.close(process.endpoint_pidfd)
-        if self.running.get(process.key) is process:
-            del self.running[process.key]
+        self._retire(process)
         self._save_registry()
         how = _describe_exit(status) if not process.adopted else "ended (not our child, so its exit status is unknown)"
         log.info("endpoint %s (pid %d, %s) %s", process.endpoint_id, process.endpoint_pid, process.account.name, how)
-        self.audit.write([{"event": "endpoint_exited", "endpoint_id": process.endpoint_id,
-                           "pid": process.endpoint_pid, "account": process.account.name, "how": how}])
+        self._audit({"event": "endpoint_exited", "endpoint_id": process.endpoint_id, "pid": process.endpoint_pid,
+                     "account": process.account.name, "how": how})
         tail = "" if status == 0 else read_log_tail(process.account, process.log_path)
         self._send(EndpointExited(endpoint_id=process.endpoint_id, pid=process.endpoint_pid, how=how,
                                   log_tail=tail, signalled=os.WIFSIGNALED(status)))
@@ -778,23 +764,22 @@ class Spawner:
                     "the endpoint finishes its tasks and exits (its PAM session can't be closed any more)",
                     process.pid, process.endpoint_id, process.endpoint_pid, process.account.name,
                     _describe_exit(status) if not process.adopted else "ended")
-        self.audit.write([{"event": "session_holder_lost", "endpoint_id": process.endpoint_id, "pid": process.pid,
-                           "endpoint_pid": process.endpoint_pid, "account": process.account.name}])
+        self._audit({"event": "session_holder_lost", "endpoint_id": process.endpoint_id, "pid": process.pid,
+                     "endpoint_pid": process.endpoint_pid, "account": process.account.name})
         process.pid, process.pidfd, process.endpoint_pidfd = process.endpoint_pid, process.endpoint_pidfd, -1
-        process.held, process.adopted, process.retired = False, True, True
-        if self.running.get(process.key) is process:
-            del self.running[process.key]
+        process.held, process.adopted = False, True
+        self._retire(process)
         self.children[process.pidfd] = process
         self._save_registry()
-        try:
-            signal.pidfd_send_signal(process.pidfd, signal.SIGTERM)  # drain: running tasks get to finish
-        except ProcessLookupError:
-            pass  # ended just now: its pidfd reports it
+        _stop_endpoint(process)  # drain: running tasks get to finish
         self._send(RemapGroups(reason=f"endpoint {process.endpoint_id} lost its PAM session holder"))
         return True
 
     def _stop_children(self) -> None:
-        """SIGTERM every endpoint; those still there after the grace period are SIGKILLed."""
+        """SIGTERM every endpoint; those still there after the grace period are SIGKILLed.
+
+        The registry is left empty: a graceful stop leaves nothing to adopt.
+        """
         for process in self.children.values():
             _stop_endpoint(process)
         deadline = time.monotonic() + STOP_GRACE
@@ -808,11 +793,7 @@ class Spawner:
                 deadline = float("inf")
                 continue
             for fd in exited:
-                process = self.children.pop(fd)
-                if not process.adopted:  # an adopted one is not our child: its pidfd said it ended
-                    os.waitpid(process.pid, 0)
-                os.close(process.pidfd)
-        self._save_registry()
+                self._reap(self.children.pop(fd))  # audited and recorded as any exit (no router to tell)
 
 
 def _decision_record(request: SpawnRequest, progress: Authorization, outcome: str, **fields: Any) -> dict[str, Any]:
@@ -869,14 +850,12 @@ def _held_endpoint_pidfd(endpoint_pid: int, holder_pid: int) -> int:
     except OSError:
         return -1
     try:
-        with open(f"/proc/{endpoint_pid}/stat") as stat:
-            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        if int(registry.proc_stat(endpoint_pid)[1]) == holder_pid:  # checked once the pidfd holds the process
+            return pidfd
     except (OSError, ValueError, IndexError):
-        parent = 0
-    if parent != holder_pid:  # exited and reaped already: the pid may be someone else's now
-        os.close(pidfd)
-        return -1
-    return pidfd
+        pass
+    os.close(pidfd)  # exited and reaped already: the pid may be someone else's now
+    return -1
 
 
 def _digest(*parts: bytes) -> str:
