@@ -572,8 +572,8 @@ class Spawner:
                             manager_endpoint_id=config.endpoint_id, identity_id=key[0], identities=serves,
                             serves_any_identity=not key[0], assertion_keys=config.service_signing_keys,
                             log_format=active_format())
-        # realpath: the log path is opened without following any symlink, and /home may be one
-        log_path = os.path.join(os.path.realpath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
+        # Opened by the child after the drop, as the user; abspath: the plan wants an absolute path, whatever passwd says
+        log_path = os.path.join(os.path.abspath(account.home), ".mep", "endpoints", endpoint_id, "endpoint.log")
         plan = SpawnPlan(account=account, argv=[sys.executable, "-m", "mep.endpoint"],
                          stdin_data=msgspec.json.encode(boot), log_path=log_path,
                          drop_privileges=self.settings.drop_privileges, title=f"the endpoint {endpoint_id}",
