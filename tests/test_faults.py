@@ -104,6 +104,48 @@ def test_an_endpoint_refused_before_the_router_knows_its_key_connects_again(acco
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_an_endpoint_its_router_keeps_refusing_still_stops_on_sigterm(account_factory) -> None:
+    """A DEALER with no connection blocks a send; an endpoint blocked there would never see SIGTERM or notice
+    it is orphaned (found: one left running for 20 minutes after its manager was gone). Its sends never block."""
+    account = account_factory("mepfaultdeaf")
+    context = zmq.Context()
+    directory = tempfile.mkdtemp(prefix="mep-faults-", dir="/run")
+    os.chmod(directory, 0o755)
+    address = f"ipc://{directory}/endpoints"
+    ZapHandler(context, {"mep-endpoints": {}.get})  # never learns the endpoint's key
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    router_public, router_secret = generate_keypair()
+    make_curve_server(router, router_secret, "mep-endpoints")
+    router.bind(address)
+    os.chmod(address.removeprefix("ipc://"), 0o666)
+    _, endpoint_secret = generate_keypair()
+    boot = EndpointBoot(endpoint_id="e-deaf", account=account.pw_name, router_address=address,
+                        router_public_key=router_public, secret_key=endpoint_secret, heartbeat_interval=0.2,
+                        **local_template_boot())
+    log_path = Path(account.pw_dir) / "endpoint.log"
+    with open(log_path, "wb") as log:
+        endpoint = subprocess.Popen([PYTHON, "-m", "mep.endpoint"], stdin=subprocess.PIPE, stdout=log,
+                                    stderr=subprocess.STDOUT, user=account.pw_uid, group=account.pw_gid,
+                                    extra_groups=[], cwd=account.pw_dir, start_new_session=True)
+    try:
+        endpoint.stdin.write(msgspec.json.encode(boot))
+        endpoint.stdin.close()
+        wait_for(lambda: log_path.read_text().count("refused this endpoint's key") >= 4, timeout=60,
+                 what="four refusals")
+        time.sleep(3)  # heartbeats every 0.2 s meanwhile, each with nowhere to go
+        endpoint.send_signal(signal.SIGTERM)
+        assert endpoint.wait(timeout=30) == 0, log_path.read_text()
+        assert "endpoint stopping (SIGTERM)" in log_path.read_text()
+    finally:
+        if endpoint.poll() is None:
+            os.killpg(endpoint.pid, signal.SIGKILL)
+            endpoint.wait()
+        router.close()
+        context.term()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_an_endpoint_that_never_connects_is_stopped_and_its_task_fails_with_the_reason(
         account_factory, router_account, pam_service: PamService) -> None:
     """Its worker interpreter hangs at start (before the endpoint connects): the task must not wait forever."""

@@ -105,7 +105,7 @@ class UserEndpoint:
         self._wake_read, self._wake_write = os.pipe()
         self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         self.large_args = ArgumentFetches(self.large_results.directory,
-                                          lambda request: self.socket.send_multipart(encode(request)), self._task_done)
+                                          lambda request: self._send(encode(request)), self._task_done)
         # The engine first: the processes it starts must not inherit the ZeroMQ context's descriptors.
         # A config that did not render: every task fails with why (the researcher's typed error), none runs.
         self.engine = make_engine(config, self._task_started, self._task_done,
@@ -143,9 +143,9 @@ class UserEndpoint:
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._drain("SIGTERM"))
-        self.socket.send_multipart(encode(Ready(endpoint_id=self.boot.endpoint_id, pid=os.getpid())))
+        self._say_ready()
         credit = encode(Credit(tasks=task_window(self.config)))
-        self.socket.send_multipart(credit)
+        self._send(credit)
         log.info("endpoint %s ready as %s with the %s engine", self.boot.endpoint_id, self.boot.account,
                  self.config.engine.type)
         poller = zmq.Poller()
@@ -179,8 +179,8 @@ class UserEndpoint:
                     asked_to_exit = False
                 self._resend_unacknowledged(now)
                 if now - last_heartbeat > self.heartbeat_interval:
-                    self.socket.send_multipart(encode(Heartbeat()))
-                    self.socket.send_multipart(credit)  # again: a new router (after a restart) learns it here
+                    self._send(encode(Heartbeat()))
+                    self._send(credit)  # again: a new router (after a restart) learns it here
                     last_heartbeat = now
                 if now - last_heard > max(3 * self.heartbeat_interval, ORPHAN_AFTER):
                     # Orphaned (its manager died and did not come back to adopt it): finish what runs, then go.
@@ -188,8 +188,7 @@ class UserEndpoint:
                 idle = now - last_activity > self.config.idle_timeout
                 if idle and not asked_to_exit:
                     log.info("idle for %.0f s; asking the manager to let this endpoint exit", now - last_activity)
-                    self.socket.send_multipart(encode(IdleExit()))
-                    asked_to_exit = True
+                    asked_to_exit = self._send(encode(IdleExit()))  # not sent: asked again next turn
             now = time.monotonic()
             # Draining ends once every task is done and its result acknowledged (a result not yet with the
             # service would be lost with this process), or when the grace period is over.
@@ -203,6 +202,28 @@ class UserEndpoint:
         self.socket.close()
         self.context.term()
         return 0
+
+    def _send(self, frames: list, *, copy: bool = True) -> bool:
+        """Send to the router without ever blocking; False if it was dropped.
+
+        A DEALER blocks a send while it has no connection to queue on (a router
+        that refused our key, or is gone) or its queue is full (a stalled
+        router). Blocked, this loop would neither drain on SIGTERM nor notice it
+        is orphaned, so a message that can't go now is dropped: each one is sent
+        again anyway (results until acknowledged, READY on reconnecting,
+        heartbeat and credit every interval, chunk requests when late, IDLE_EXIT
+        next turn).
+        """
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            log.debug("the router can't take a message now; it is sent again later")
+            return False
+        return True
+
+    def _say_ready(self) -> None:
+        if not self._send(encode(Ready(endpoint_id=self.boot.endpoint_id, pid=os.getpid()))):
+            self._reconnect_at = time.monotonic() + self._reconnect_delay  # READY is what a router needs first
 
     def _poll_timeout(self) -> int:
         """Wake for the next heartbeat, or for the next walltime to run out."""
@@ -231,7 +252,7 @@ class UserEndpoint:
             self.socket.disconnect(self.boot.router_address)
             self.socket.connect(self.boot.router_address)
             # What was queued went with the refused connection: say hello again (results are resent anyway).
-            self.socket.send_multipart(encode(Ready(endpoint_id=self.boot.endpoint_id, pid=os.getpid())))
+            self._say_ready()
 
     def _drain(self, reason: str) -> None:
         """Take no more work; exit once running tasks finish (or the grace period ends)."""
@@ -289,7 +310,7 @@ class UserEndpoint:
                 for task_id in header.task_ids:
                     self.unacknowledged.pop(task_id, None)
             case ChunkRead():
-                self.socket.send_multipart(encode(*self.large_results.read(header)), copy=False)
+                self._send(encode(*self.large_results.read(header)), copy=False)
             case Chunk():
                 self.large_args.received(header, payloads)
             case Heartbeat():
@@ -358,7 +379,7 @@ class UserEndpoint:
             log.info("task %s finished: %s%s", task_id, outcome.status, f" ({outcome.code})" if outcome.code else "",
                      extra=self._ids(task_id))
         if started:
-            self.socket.send_multipart(encode(Started(task_ids=started)))
+            self._send(encode(Started(task_ids=started)))
         self._send_results(finished)
 
     def _enforce_walltimes(self, now: float) -> None:
@@ -384,7 +405,7 @@ class UserEndpoint:
                 result.payload_frame = len(payloads)
                 payloads.append(payload)
             self.unacknowledged[result.task_id] = (result, payload, now)
-        self.socket.send_multipart(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
+        self._send(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
 
 
 def task_window(config: EndpointConfig) -> int:
