@@ -6,6 +6,7 @@ Tasks record each run in a file in their account's home, so "ran once" is counte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -59,15 +61,18 @@ def holder_and_endpoint(manager) -> tuple[int, int]:  # noqa: ANN001
 # --- 1. an endpoint the router does not know yet, and one that never connects ----------------------------
 
 
-def test_an_endpoint_refused_before_the_router_knows_its_key_connects_again(account_factory) -> None:
-    """libzmq gives up on a connection whose key the ZAP handler refused, and drops what was queued on it:
-    the endpoint must notice and connect again, or it sits "ready" while its tasks wait forever."""
-    account = account_factory("mepfaultkey")
+@contextlib.contextmanager
+def endpoint_behind_a_key_table(account: pwd.struct_passwd, known: dict[str, str], endpoint_id: str,
+                                heartbeat_interval: float) -> Iterator[tuple[zmq.Socket, subprocess.Popen, str, Path]]:
+    """A real endpoint as ``account`` connecting to a stand-in router whose ZAP handler knows only ``known``.
+
+    Yields (router socket, endpoint process, the endpoint's public key, its log); the endpoint's process
+    group is killed and the router closed on the way out.
+    """
     context = zmq.Context()
     directory = tempfile.mkdtemp(prefix="mep-faults-", dir="/run")
     os.chmod(directory, 0o755)
     address = f"ipc://{directory}/endpoints"
-    known: dict[str, str] = {}  # the router's key table: empty until the spawner "reports" the endpoint
     ZapHandler(context, {"mep-endpoints": known.get})
     router = context.socket(zmq.ROUTER)
     router.linger = 0
@@ -76,9 +81,9 @@ def test_an_endpoint_refused_before_the_router_knows_its_key_connects_again(acco
     router.bind(address)
     os.chmod(address.removeprefix("ipc://"), 0o666)
     endpoint_public, endpoint_secret = generate_keypair()
-    boot = EndpointBoot(endpoint_id="e-1", account=account.pw_name, router_address=address,
-                        router_public_key=router_public, secret_key=endpoint_secret, heartbeat_interval=1.0,
-                        **local_template_boot())
+    boot = EndpointBoot(endpoint_id=endpoint_id, account=account.pw_name, router_address=address,
+                        router_public_key=router_public, secret_key=endpoint_secret,
+                        heartbeat_interval=heartbeat_interval, **local_template_boot())
     log_path = Path(account.pw_dir) / "endpoint.log"
     with open(log_path, "wb") as log:
         endpoint = subprocess.Popen([PYTHON, "-m", "mep.endpoint"], stdin=subprocess.PIPE, stdout=log,
@@ -87,6 +92,22 @@ def test_an_endpoint_refused_before_the_router_knows_its_key_connects_again(acco
     try:
         endpoint.stdin.write(msgspec.json.encode(boot))
         endpoint.stdin.close()
+        yield router, endpoint, endpoint_public, log_path
+    finally:
+        if endpoint.poll() is None:
+            os.killpg(endpoint.pid, signal.SIGKILL)
+            endpoint.wait()
+        router.close()
+        context.term()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_an_endpoint_refused_before_the_router_knows_its_key_connects_again(account_factory) -> None:
+    """libzmq gives up on a connection whose key the ZAP handler refused, and drops what was queued on it:
+    the endpoint must notice and connect again, or it sits "ready" while its tasks wait forever."""
+    account = account_factory("mepfaultkey")
+    known: dict[str, str] = {}  # the router's key table: empty until the spawner "reports" the endpoint
+    with endpoint_behind_a_key_table(account, known, "e-1", 1.0) as (router, endpoint, endpoint_public, log_path):
         wait_for(lambda: "refused this endpoint's key" in log_path.read_text(), what="the first refusal")
         known[endpoint_public] = "e-1"  # the router learns the key only now
         assert router.poll(30_000), f"the endpoint never said hello after the refusal:\n{log_path.read_text()}"
@@ -95,55 +116,20 @@ def test_an_endpoint_refused_before_the_router_knows_its_key_connects_again(acco
         assert isinstance(header, Ready) and header.endpoint_id == "e-1"
         router.send_multipart([frames[0].bytes, *encode(Shutdown(reason="test over"))])
         assert endpoint.wait(timeout=30) == 0
-    finally:
-        if endpoint.poll() is None:
-            os.killpg(endpoint.pid, signal.SIGKILL)
-            endpoint.wait()
-        router.close()
-        context.term()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_an_endpoint_its_router_keeps_refusing_still_stops_on_sigterm(account_factory) -> None:
     """A DEALER with no connection blocks a send; an endpoint blocked there would never see SIGTERM or notice
     it is orphaned (found: one left running for 20 minutes after its manager was gone). Its sends never block."""
     account = account_factory("mepfaultdeaf")
-    context = zmq.Context()
-    directory = tempfile.mkdtemp(prefix="mep-faults-", dir="/run")
-    os.chmod(directory, 0o755)
-    address = f"ipc://{directory}/endpoints"
-    ZapHandler(context, {"mep-endpoints": {}.get})  # never learns the endpoint's key
-    router = context.socket(zmq.ROUTER)
-    router.linger = 0
-    router_public, router_secret = generate_keypair()
-    make_curve_server(router, router_secret, "mep-endpoints")
-    router.bind(address)
-    os.chmod(address.removeprefix("ipc://"), 0o666)
-    _, endpoint_secret = generate_keypair()
-    boot = EndpointBoot(endpoint_id="e-deaf", account=account.pw_name, router_address=address,
-                        router_public_key=router_public, secret_key=endpoint_secret, heartbeat_interval=0.2,
-                        **local_template_boot())
-    log_path = Path(account.pw_dir) / "endpoint.log"
-    with open(log_path, "wb") as log:
-        endpoint = subprocess.Popen([PYTHON, "-m", "mep.endpoint"], stdin=subprocess.PIPE, stdout=log,
-                                    stderr=subprocess.STDOUT, user=account.pw_uid, group=account.pw_gid,
-                                    extra_groups=[], cwd=account.pw_dir, start_new_session=True)
-    try:
-        endpoint.stdin.write(msgspec.json.encode(boot))
-        endpoint.stdin.close()
+    # The key table never learns the endpoint's key.
+    with endpoint_behind_a_key_table(account, {}, "e-deaf", 0.2) as (_, endpoint, _, log_path):
         wait_for(lambda: log_path.read_text().count("refused this endpoint's key") >= 4, timeout=60,
                  what="four refusals")
         time.sleep(3)  # heartbeats every 0.2 s meanwhile, each with nowhere to go
         endpoint.send_signal(signal.SIGTERM)
         assert endpoint.wait(timeout=30) == 0, log_path.read_text()
         assert "endpoint stopping (SIGTERM)" in log_path.read_text()
-    finally:
-        if endpoint.poll() is None:
-            os.killpg(endpoint.pid, signal.SIGKILL)
-            endpoint.wait()
-        router.close()
-        context.term()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_an_endpoint_that_never_connects_is_stopped_and_its_task_fails_with_the_reason(
