@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 import mep
+from mep.endpoint.main import task_window
+from mep.endpoint.settings import ProcessEndpointSettings, ProcessSettings
 from mep.service.store import Store
 from tests.harness import DOMAIN_STRIP, PYTHON, deployment, expression_mapping, wait_for
 
@@ -98,7 +100,7 @@ def test_router_memory_stays_bounded_whatever_the_backlog(deploy, account_factor
         # Everything is accepted; with the gate shut, only what the credit allows has left the service.
         wait_for(lambda: _count(client, "running") == WORKERS, timeout=300, what="the first tasks to start")
         held = _count(client, "dispatched", "running")
-        window = WORKERS + 2  # the endpoint's CREDIT: workers plus a small prefetch
+        window = task_window(ProcessEndpointSettings(engine=ProcessSettings(workers=WORKERS)))  # its CREDIT
         most_held = ROUTER_BYTES // MIB + 1 + window  # the router's limit, one task of overshoot, the endpoint's
         print(f"gate shut: {held} tasks with the manager, {_count(client, 'waiting')} waiting at the service; "
               f"router RSS peak so far {sampler.peak_kib // 1024} MiB")

@@ -39,6 +39,7 @@ from mep.protocol.messages import (
     Runtime,
     Spawned,
     SpawnRequest,
+    Started,
     TaskGroup,
     TaskRef,
     Tasks,
@@ -212,3 +213,40 @@ def test_credit_bounds_what_the_service_may_send_and_dropped_bodies_come_again(p
     while first in ack.accepted:
         ack, _ = peers.from_service(DispatchAck)
     assert ack.returned == [second] and ack.accepted == []
+
+
+def test_window_refilled_in_batches_and_starts_carried_with_results_are_relayed(peers: Peers) -> None:
+    """The router refills an endpoint's window once half of it is free (not per freed slot), and the tasks an
+    endpoint reports started inside its RESULTS reach the service as STARTED, ahead of their results."""
+    peers.from_service(Register)
+    peers.to_service(Registered(heartbeat_interval=30.0))
+    task_ids = [str(uuid.uuid4()) for _ in range(8)]
+    peers.to_service(Dispatch(tasks=[TaskRef(task_id=task_id, fn_hash="f", args_frame=n, fn_frame=8 if n == 0 else -1)
+                                     for n, task_id in enumerate(task_ids)],
+                              groups=[TaskGroup(submitter_id="alice", user_endpoint_config={}, runtime=RUNTIME,
+                                                task_ids=task_ids,
+                                                identities=[IdentityResource(id="alice", username="alice@x")])]),
+                     [b"args"] * 8 + [b"function"])
+    endpoint = peers.spawned(peers.spawn_request(), "alice")
+    endpoint.send_multipart(encode(Credit(tasks=4)))
+    sent: list[str] = []
+    while len(sent) < 4:
+        assert endpoint.poll(10_000), "the endpoint's window was not filled"
+        header, _ = decode(endpoint.recv_multipart())
+        if isinstance(header, Tasks):
+            sent += [task.task_id for task in header.tasks]
+    assert sent == task_ids[:4]
+
+    def finish(task_id: str) -> None:
+        endpoint.send_multipart(encode(Results(results=[Result(task_id=task_id, status="success")],
+                                               started=[task_id])))
+        started, _ = peers.from_service(Started)
+        assert started.task_ids == [task_id]
+        results, _ = peers.from_service(Results)
+        assert [result.task_id for result in results.results] == [task_id]
+
+    finish(sent[0])  # one slot of four free: not yet worth a message
+    finish(sent[1])  # half the window free: both slots filled in one message
+    assert endpoint.poll(10_000), "the window was not refilled"
+    header, _ = decode(endpoint.recv_multipart())
+    assert isinstance(header, Tasks) and [task.task_id for task in header.tasks] == task_ids[4:6]

@@ -72,6 +72,7 @@ from mep.protocol.receive import handling, loop_turn
 log = logging.getLogger("mep.endpoint")
 
 RESEND_AFTER = 10.0
+RESEND_CHECK_EVERY = 1.0  # seconds between looks for results to resend (a look passes over every one held)
 SHUTDOWN_GRACE = 30.0  # seconds running tasks get to finish when the manager stops this endpoint
 ORPHAN_AFTER = 60.0  # seconds without the manager after which the endpoint stops waiting to be adopted
 # After the router refuses this endpoint's key (libzmq then gives up on the connection for good, and drops
@@ -103,6 +104,8 @@ class UserEndpoint:
         self.heartbeat_interval = boot.heartbeat_interval
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
+        self._wake_pending = False  # a wake-up byte is in the pipe that the loop has not taken yet
+        self._next_resend_check = 0.0
         self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         self.large_args = ArgumentFetches(self.large_results.directory,
                                           lambda request: self._send(encode(request)), self._task_done)
@@ -132,14 +135,24 @@ class UserEndpoint:
     # engine callbacks: any thread
     def _task_started(self, task_id: str) -> None:
         self._events.put(("started", task_id, None))
-        os.write(self._wake_write, b"s")
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop for the events queued: one byte per batch of them, not one per event.
+
+        The event is queued before the flag is looked at and the loop clears the flag before it takes
+        the events, so an event is always either taken in a turn already under way or woken for.
+        """
+        if not self._wake_pending:
+            self._wake_pending = True
+            os.write(self._wake_write, b"w")
 
     def _task_done(self, task_id: str, outcome: Outcome) -> None:
         # A large result the engine's worker did not write itself (seconds for a GiB) is written here, off the
         # loop that heartbeats.
         outcome = self.large_results.keep(task_id, outcome)
         self._events.put(("done", task_id, outcome))
-        os.write(self._wake_write, b"d")
+        self._wake()
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._drain("SIGTERM"))
@@ -161,6 +174,7 @@ class UserEndpoint:
                 ready = dict(poller.poll(self._poll_timeout()))
                 if self._wake_read in ready:
                     os.read(self._wake_read, 65536)
+                    self._wake_pending = False
                 if self.refusals in ready:
                     self._refused()
                 self._reconnect_if_due()
@@ -378,9 +392,10 @@ class UserEndpoint:
             finished.append((result, outcome.payload))
             log.info("task %s finished: %s%s", task_id, outcome.status, f" ({outcome.code})" if outcome.code else "",
                      extra=self._ids(task_id))
-        if started:
+        if finished:
+            self._send_results(finished, started=started)  # one message for both
+        elif started:
             self._send(encode(Started(task_ids=started)))
-        self._send_results(finished)
 
     def _enforce_walltimes(self, now: float) -> None:
         for task_id, task in self.active.items():
@@ -390,11 +405,15 @@ class UserEndpoint:
                 self.engine.cancel(task_id, Outcome(FAILED, code=ErrorCode.WALLTIME_EXCEEDED, message=message))
 
     def _resend_unacknowledged(self, now: float) -> None:
+        if now < self._next_resend_check:  # not every turn: under load a turn comes every few results
+            return
+        self._next_resend_check = now + RESEND_CHECK_EVERY
         self._send_results([(result, payload) for result, payload, sent in self.unacknowledged.values()
                             if now - sent > RESEND_AFTER])
 
-    def _send_results(self, items: list[tuple[Result, bytes]]) -> None:
-        """Send results (again), remembering them until the router acknowledges them."""
+    def _send_results(self, items: list[tuple[Result, bytes]], started: list[str] | None = None) -> None:
+        """Send results (again), remembering them until the router acknowledges them; ``started``: tasks to
+        report started in the same message."""
         if not items:
             return
         now = time.monotonic()
@@ -405,19 +424,24 @@ class UserEndpoint:
                 result.payload_frame = len(payloads)
                 payloads.append(payload)
             self.unacknowledged[result.task_id] = (result, payload, now)
-        self._send(encode(Results(results=[result for result, _ in items]), payloads), copy=False)
+        self._send(encode(Results(results=[result for result, _ in items], started=started or []), payloads),
+                   copy=False)
 
 
 def task_window(config: EndpointConfig) -> int:
-    """How many tasks to let the router send at once: what the engine can run, plus a small prefetch, so a
-    worker that finishes finds its next task here rather than a round trip away (docs/protocol.md, CREDIT)."""
+    """How many tasks to let the router send at once: what the engine can run, plus a prefetch, so a
+    worker that finishes finds its next task here rather than a round trip away, and so that the router,
+    which refills the window once half of it is free, sends tasks in batches (docs/protocol.md, CREDIT)."""
     engine = config.engine
     if engine.type == "htex":
         nodes = engine.provider.arguments.get("nodes_per_block", 1)
         slots = engine.workers_per_node * engine.max_blocks * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
     else:
         slots = engine.workers
-    return slots + max(2, slots // 4)
+    return slots + max(PREFETCH, slots)
+
+
+PREFETCH = 8  # tasks beyond the worker slots, at least: enough for the router's refills to come in batches
 
 
 def _release_boot_pipe() -> None:

@@ -590,15 +590,14 @@ class Router:
                 link.functions_sent.clear()
                 self._send_queued(link)
             case Started():
-                ids = [task_id for task_id in header.task_ids if self.task_endpoint.get(task_id) == endpoint_id]
-                link.started.update(ids)
-                self.started_out += ids
+                self._endpoint_started(link, header.task_ids)
             case Heartbeat():
                 pass
             case Credit():
                 link.window = max(1, header.tasks)
                 self._send_queued(link)
             case Results():
+                self._endpoint_started(link, header.started)  # relayed before the results, as if sent alone
                 self._endpoint_results(link, header, payloads)
             case Chunk():
                 if not self.chunks.answered(endpoint_id, header, payloads):
@@ -610,6 +609,11 @@ class Router:
                     self._retire(link, "idle")
             case _:
                 log.warning("endpoint %s sent an unexpected %s", endpoint_id, type(header).__name__)
+
+    def _endpoint_started(self, link: EndpointLink, task_ids: list[str]) -> None:
+        ids = [task_id for task_id in task_ids if self.task_endpoint.get(task_id) == link.endpoint_id]
+        link.started.update(ids)
+        self.started_out += ids
 
     def _endpoint_results(self, link: EndpointLink, header: Results, payloads: list[Any]) -> None:
         outcomes: dict[tuple[str, str], list[str]] = defaultdict(list)  # one task log record per outcome
@@ -716,6 +720,11 @@ class Router:
         if new:
             self.audit.routed(link.endpoint_id, link.account, link.queued[-new:])
         room = max(0, link.window - len(link.in_flight))
+        if room < max(1, link.window // 2):
+            # Refilled once half the window is free, not at each freed slot, so tasks go in batches (fewer
+            # messages per task); the half still there keeps the endpoint's workers busy meanwhile (the reference
+            # endpoint's window is its slots plus a prefetch at least as large: mep.endpoint.main.task_window).
+            return
         # Records are written in queue order, so the recorded tasks are a head of the queue: only the part that
         # fits the window is looked at (a freed slot must not cost a pass over a queue of thousands).
         batch = []

@@ -106,7 +106,8 @@ class TaskAuditTrail:
             log.error("%d task record(s) lost: the task log %s is not open (%s)", len(records), self.path,
                       self.refusal)
             return
-        self._writer.write(records, sync=sync, then=lambda written: self._written(number, written))
+        # Only a synced hand-over can make a task sendable: the others need no word back (a wake-up of the loop).
+        self._writer.write(records, sync=sync, then=(lambda written: self._written(number, written)) if sync else None)
 
     def _written(self, number: int, written: bool) -> None:
         if written:

@@ -185,11 +185,15 @@ class Results(Envelope, tag="RESULTS"):
 
     ``unknown`` lists task ids the requester may not see (never submitted, or
     submitted by another identity: the two are indistinguishable on purpose).
+    ``started`` (user endpoint -> router only): tasks a worker has taken since
+    the endpoint's last report, as a ``STARTED`` would say, carried here so a
+    loop turn with both sends one message.
     """
 
     request_id: int = 0
     results: list[Result] = []
     unknown: list[str] = []
+    started: list[str] = []
 
 
 class ResultsAck(Envelope, tag="RESULTS_ACK"):
@@ -428,7 +432,7 @@ class Credit(Envelope, tag="CREDIT"):
     last REGISTERED (the service may have sent that many in all); ``full``
     names submitters to send no more tasks of for now; ``forget`` names
     function bodies the router dropped. Endpoint -> router: ``tasks`` is how
-    many tasks the endpoint may hold at once (workers plus a small prefetch).
+    many tasks the endpoint may hold at once (workers plus a prefetch).
     """
 
     tasks: int = 0
