@@ -39,7 +39,7 @@ ResultFileFor = Callable[[str], tuple[str, int]]  # task id -> (its result file'
 
 
 class Connection(Protocol):
-    """A worker's end: ``multiprocessing.connection.Connection`` or ``mep.endpoint.forker.Channel``."""
+    """A worker's end: ``multiprocessing.connection.Connection`` or ``mep.endpoint.channel.Channel``."""
 
     def fileno(self) -> int: ...
     def send(self, value: object) -> None: ...

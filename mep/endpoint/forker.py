@@ -13,92 +13,29 @@ A worker dies with the forker (``PR_SET_PDEATHSIG``), and the forker exits
 when the endpoint hangs up, so no user code outlives the endpoint. Workers stay
 in the endpoint's process group and are child subreapers (the bootstrap).
 
-``Channel`` is the endpoint-worker wire: length-prefixed pickles of the
-bootstrap's plain tuples on a stream socket, with ``recv``/``send``/``fileno``
-like ``multiprocessing.connection.Connection``.
+The endpoint-worker wire is ``mep.endpoint.channel.Channel``. This module
+imports only what starting the forker needs (``start_early`` runs before
+anything else of the endpoint), the rest where it is used.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import pickle
 import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import traceback
 import types
+from typing import TYPE_CHECKING
 
-_LENGTH = struct.Struct("!Q")
+if TYPE_CHECKING:
+    from mep.endpoint.channel import Channel
+
 _RECORD = struct.Struct("!Bqq")  # kind, pid, exit code (the forker's reports)
 _FORKED, _EXITED = 1, 2
 _PR_SET_PDEATHSIG = 1
-_SMALL = 65536  # below this a frame is one write (header joined to the data)
-
-
-class Channel:
-    """Length-prefixed pickles over a stream socket.
-
-    Reads are buffered: one ``recv`` system call takes in every small message
-    already sent (a worker's replies, a batch of tasks), and ``poll`` says
-    whether one is waiting without a system call when one is buffered.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def send(self, value: object) -> None:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        header = _LENGTH.pack(len(data))
-        if len(data) < _SMALL:
-            self._sock.sendall(header + data)
-        else:
-            self._sock.sendall(header)
-            self._sock.sendall(data)
-
-    def poll(self, timeout: float = 0.0) -> bool:
-        """Whether ``recv`` has something (a message, or the end) to return without waiting past ``timeout``."""
-        return bool(self._buffer) or bool(select.select([self._sock], [], [], timeout)[0])
-
-    def recv(self) -> object:
-        while len(self._buffer) < _LENGTH.size:
-            self._fill()
-        (length,) = _LENGTH.unpack_from(self._buffer)
-        end = _LENGTH.size + length
-        if end <= len(self._buffer) or length < _SMALL:
-            while len(self._buffer) < end:
-                self._fill()
-            value = pickle.loads(memoryview(self._buffer)[_LENGTH.size:end])
-            del self._buffer[:end]
-            return value
-        # A large frame is read into a buffer of its own size: never grown, never copied again.
-        data = bytearray(length)
-        view = memoryview(data)
-        got = len(self._buffer) - _LENGTH.size
-        view[:got] = memoryview(self._buffer)[_LENGTH.size:]
-        self._buffer.clear()
-        while got < length:
-            count = self._sock.recv_into(view[got:])
-            if not count:
-                raise EOFError("the other end closed the channel")
-            got += count
-        return pickle.loads(data)
-
-    def _fill(self) -> None:
-        chunk = self._sock.recv(_SMALL)
-        if not chunk:
-            raise EOFError("the other end closed the channel")
-        self._buffer += chunk
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 class ForkedWorker:
@@ -146,6 +83,8 @@ class _ForkerProcess:
         self._control: socket.socket | None = ours
 
     def fork(self) -> tuple[ForkedWorker, Channel]:
+        from mep.endpoint.channel import Channel
+
         ours, theirs = socket.socketpair()
         try:
             socket.send_fds(self._require_control(), [b"w"], [theirs.fileno()])
@@ -240,7 +179,11 @@ class Forker:
 
 def serve() -> None:
     """The forker's life: fork a worker for each request, report pids and exits, exit when the endpoint does."""
-    from mep.endpoint import bootstrap
+    # What the workers need, imported before they are forked so they share it (_become_worker imports it by name).
+    import ctypes  # noqa: F401
+    import traceback  # noqa: F401
+
+    from mep.endpoint import bootstrap, channel  # noqa: F401
 
     control = socket.socket(fileno=int(sys.argv[1]))
     try:
@@ -286,6 +229,11 @@ def _report_exits(control: socket.socket) -> None:
 def _become_worker(forker_pid: int, control: socket.socket, wake: tuple[int, int], channel_fd: int,
                    bootstrap: types.ModuleType) -> None:
     """In the forked child: drop the forker's descriptors and signal setup, then run tasks until hung up."""
+    import ctypes
+    import traceback
+
+    from mep.endpoint.channel import Channel
+
     status = 0
     try:
         signal.set_wakeup_fd(-1)
