@@ -81,8 +81,8 @@ def test_bootstrap_imports_nothing_but_the_standard_library_and_dill() -> None:
     source = Path(bootstrap.__file__).read_text()
     imported = {line.split()[1].split(".")[0] for line in source.splitlines()
                 if line.lstrip().startswith(("import ", "from ")) and not line.lstrip().startswith("from __future__")}
-    assert imported <= {"hashlib", "os", "signal", "sys", "threading", "traceback", "types", "typing", "ctypes",
-                        "multiprocessing", "dill"}, imported
+    assert imported <= {"hashlib", "os", "select", "signal", "sys", "threading", "traceback", "types", "typing",
+                        "ctypes", "multiprocessing", "dill"}, imported
 
 
 def test_the_process_engine_path_does_not_import_parsl() -> None:

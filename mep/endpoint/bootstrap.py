@@ -9,11 +9,13 @@ dill only, no mep import, and source that the oldest Python a researcher may
 pick can compile (a version mismatch is caught before a task gets here, but
 the bootstrap still has to start to say so).
 
-The wire between the endpoint and this worker is a
-``multiprocessing.connection.Connection`` of plain tuples: the endpoint sends
-``(task id, function hash, function body or None, args, result file)`` and gets
-back ``(task id, (status, payload, error type, message, traceback, code, large))``,
-the fields of ``mep.endpoint.worker.Outcome``. ``result file`` is ``(path,
+The wire between the endpoint and this worker is a connection of plain
+tuples (``multiprocessing.connection.Connection``, or the forker's ``Channel``
+for local workers): the endpoint sends lists of tasks, ``(RUN, task id,
+function hash, function body or None, args, result file)``, several at a time,
+and gets back lists of ``(task id, (status, payload, error type, message,
+traceback, code, large))``, the fields of ``mep.endpoint.worker.Outcome``
+(``serve`` says when). ``result file`` is ``(path,
 threshold)`` or None: a result whose serialisation exceeds ``threshold`` bytes
 is pickled straight into the file at ``path`` (``ResultFile``) and only
 ``large = (path, size, sha256)`` travels back, so neither this worker nor the
@@ -25,7 +27,8 @@ worker unpickles straight from the file, so the endpoint never holds them,
 and the endpoint removes the file when the task ends.
 
 A task's own output (its stdout and stderr, its child processes' too) is
-captured through a pipe while it runs: the first ``KEPT_OUTPUT`` bytes go to
+captured through a pipe while it runs (one pipe and one reader thread for the
+worker's life, ``_CapturedOutput``): the first ``KEPT_OUTPUT`` bytes go to
 the endpoint's log (the worker's own stdout) when the task ends, framed with
 the task id, and the rest is counted and dropped, so one chatty task can't
 fill the user's disk. The worker is a child subreaper
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -224,50 +228,85 @@ def _failure(exc: BaseException, dill: types.ModuleType, text: str = "") -> tupl
 
 
 class _CapturedOutput:
-    """fds 1 and 2 into a pipe for one task; a thread keeps the first ``KEPT_OUTPUT`` bytes and counts the rest."""
+    """Tasks' fds 1 and 2 into one pipe, kept for the worker's life; one reader thread, started once.
+
+    While a task runs, its output (and its child processes') goes into the
+    pipe; the reader thread keeps the first ``KEPT_OUTPUT`` bytes and counts
+    the rest, so a task writing more than a pipe holds never blocks. Between
+    tasks fds 1 and 2 are the worker's own (the endpoint's log). When a task
+    ends (its leftover processes ended too), ``take`` reads what is still in
+    the pipe itself, under the lock the reader reads under, so no byte of one
+    task is counted as the next one's; a task that printed nothing costs a
+    lock and one empty non-blocking read.
+    """
 
     def __init__(self) -> None:
-        _flush_streams()
-        self._saved = (os.dup(1), os.dup(2))
-        read, write = os.pipe()
-        os.dup2(write, 1)
-        os.dup2(write, 2)
-        os.close(write)
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        self._lock = threading.Lock()
         self.kept = bytearray()
         self.total = 0
-        self._reader = threading.Thread(target=self._read, args=(read,), name="task-output", daemon=True)
-        self._reader.start()
+        threading.Thread(target=self._reader, name="task-output", daemon=True).start()
 
-    def _read(self, fd: int) -> None:
+    def _reader(self) -> None:
+        poller = select.poll()
+        poller.register(self._read_fd, select.POLLIN)
+        while True:
+            poller.poll()
+            with self._lock:
+                self._read_once()
+
+    def _read_once(self) -> bool:
+        """One read of what the pipe holds; False if it was empty."""
         try:
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    return
-                self.total += len(chunk)
-                self.kept += chunk[:max(0, KEPT_OUTPUT - len(self.kept))]
-        finally:
-            os.close(fd)
+            chunk = os.read(self._read_fd, 65536)
+        except BlockingIOError:
+            return False
+        self.total += len(chunk)
+        self.kept += chunk[:max(0, KEPT_OUTPUT - len(self.kept))]
+        return True
 
-    def restore(self) -> None:
-        """The worker's own stdout and stderr back (the log); the pipe ends once the task's processes are gone."""
+    def begin(self) -> tuple:
+        """fds 1 and 2 into the pipe; returns the worker's own, for ``end``."""
         _flush_streams()
-        for fd, saved in zip((1, 2), self._saved):
-            os.dup2(saved, fd)
-            os.close(saved)
+        saved = (os.dup(1), os.dup(2))
+        os.dup2(self._write_fd, 1)
+        os.dup2(self._write_fd, 2)
+        return saved
 
-    def write_to_log(self, task_id: str) -> None:
-        self._reader.join(5.0)  # EOF once every writer is gone; a writer we could not kill is not waited for
-        if not self.total:
-            return
-        dropped = self.total - len(self.kept)
-        header = f"--- output of task {task_id}: {self.total} bytes"
-        if dropped:
-            header += f"; only the first {len(self.kept)} are kept here, {dropped} dropped"
-        text = header.encode() + b"\n" + bytes(self.kept)
-        if not text.endswith(b"\n"):
-            text += b"\n"
-        _write_all(1, text + f"--- end of the output of task {task_id}\n".encode())
+    def end(self, saved: tuple) -> None:
+        """The worker's own stdout and stderr back (the log)."""
+        _flush_streams()
+        for fd, own in zip((1, 2), saved):
+            os.dup2(own, fd)
+            os.close(own)
+
+    def take(self) -> tuple:
+        """(kept bytes, total bytes) of the task that just ended, once what it wrote is read.
+
+        Called once the task's processes are gone: what they wrote is in the
+        pipe now. The reads are bounded: a writer we could not kill is not
+        waited for (what it writes later is counted with the next task).
+        """
+        with self._lock:
+            for _ in range(64):
+                if not self._read_once():
+                    break
+            kept, total = self.kept, self.total
+            self.kept, self.total = bytearray(), 0
+        return kept, total
+
+
+def _log_output(task_id: str, kept: bytes, total: int) -> None:
+    """A task's captured output into the endpoint's log (the worker's stdout), framed with its id."""
+    dropped = total - len(kept)
+    header = f"--- output of task {task_id}: {total} bytes"
+    if dropped:
+        header += f"; only the first {len(kept)} are kept here, {dropped} dropped"
+    text = header.encode() + b"\n" + bytes(kept)
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    _write_all(1, text + f"--- end of the output of task {task_id}\n".encode())
 
 
 def _flush_streams() -> None:
@@ -308,9 +347,16 @@ def end_leftover_processes() -> int:
     """SIGKILL and reap every process the task left behind; returns how many there were.
 
     They are all this worker's children by now (it is a subreaper): killing
-    one hands its own children to us, hence the rounds.
+    one hands its own children to us, hence the rounds. No child at all, the
+    usual case, is one system call.
     """
     ended = set()
+    try:
+        reaped, _ = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return 0
+    if reaped:
+        ended.add(reaped)  # one had exited already
     for _ in range(1000):
         children = _children()
         if not children:
@@ -329,29 +375,87 @@ def end_leftover_processes() -> int:
     return len(ended)
 
 
-def _run_contained(task_id: str, fn_hash: str, fn_body: bytes | None, args: bytes | tuple,
-                   result_file: tuple | None) -> tuple:
+def _run_contained(output: _CapturedOutput, task_id: str, fn_hash: str, fn_body: bytes | None,
+                   args: bytes | tuple, result_file: tuple | None) -> tuple:
     """``run_task``, its output captured and capped, and whatever it left running ended."""
-    output = _CapturedOutput()
+    saved = output.begin()
     try:
         return run_task(fn_hash, fn_body, args, result_file)
     finally:
-        output.restore()
+        output.end(saved)
         leftovers = end_leftover_processes()
-        output.write_to_log(task_id)
+        kept, total = output.take()
+        if total:
+            _log_output(task_id, kept, total)
         if leftovers:
             _write_all(1, f"task {task_id} left {leftovers} process(es) running; they were killed\n".encode())
 
 
+RUN, SKIP = "run", "skip"  # the kinds of the endpoint's items (see serve)
+
+
 def serve(connection: Connection) -> None:
-    """A worker's life: run tasks from the endpoint until it hangs up (or kills us)."""
+    """A worker's life: run tasks from the endpoint until it hangs up (or kills us).
+
+    Each message from the endpoint is a list of items: ``(RUN, task id,
+    function hash, function body or None, args, result file)`` queues a task,
+    ``(SKIP, task id)`` takes a queued task back before it starts (answered
+    at once, even while another task runs). Tasks run in the order they came.
+    Each reply is a list of ``(task id, reply fields)``, fields None for a task
+    given back. A result is sent and the next task taken under one lock, and a
+    SKIP is answered under it too, so the endpoint knows that the first task it
+    has not heard back about is the one running.
+    """
     _become_subreaper()
-    while True:
-        try:
-            task_id, fn_hash, fn_body, args, result_file = connection.recv()
-        except EOFError:
-            return
-        connection.send((task_id, _run_contained(task_id, fn_hash, fn_body, args, result_file)))
+    output = _CapturedOutput()
+    inbox = _Inbox(connection)
+    threading.Thread(target=inbox.receive, name="tasks-in", daemon=True).start()
+    task = inbox.next_task(None)
+    while task is not None:
+        task = inbox.next_task((task[1], _run_contained(output, *task[1:])))
+
+
+class _Inbox:
+    """The endpoint's messages, read on a thread of their own: tasks queue here, SKIPs are answered here."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._queued: list = []
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def receive(self) -> None:
+        while True:
+            try:
+                message = self._connection.recv()
+            except (EOFError, OSError):
+                with self._changed:
+                    self._closed = True
+                    self._changed.notify()
+                return
+            with self._changed:
+                for item in message:
+                    if item[0] == RUN:
+                        self._queued.append(item)
+                    else:
+                        self._give_back(item[1])
+                self._changed.notify()
+
+    def _give_back(self, task_id: str) -> None:
+        for index, task in enumerate(self._queued):  # one not queued here any more has run or runs now
+            if task[1] == task_id:
+                del self._queued[index]
+                self._connection.send([(task_id, None)])
+                return
+
+    def next_task(self, reply: tuple | None):
+        """Send ``reply`` (the last task's), then the next task to run, once there is one; None once hung up."""
+        with self._changed:
+            if reply is not None:
+                self._connection.send([reply])
+            while not self._queued and not self._closed:
+                self._changed.wait()
+            return self._queued.pop(0) if self._queued else None
 
 
 if __name__ == "__mep_bootstrap__":  # run by interpreters.LOADER, which defines __connection__

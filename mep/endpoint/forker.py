@@ -13,67 +13,29 @@ A worker dies with the forker (``PR_SET_PDEATHSIG``), and the forker exits
 when the endpoint hangs up, so no user code outlives the endpoint. Workers stay
 in the endpoint's process group and are child subreapers (the bootstrap).
 
-``Channel`` is the endpoint-worker wire: length-prefixed pickles of the
-bootstrap's plain tuples on a stream socket, with ``recv``/``send``/``fileno``
-like ``multiprocessing.connection.Connection``.
+The endpoint-worker wire is ``mep.endpoint.channel.Channel``. This module
+imports only what starting the forker needs (``start_early`` runs before
+anything else of the endpoint), the rest where it is used.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import pickle
 import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import traceback
 import types
+from typing import TYPE_CHECKING
 
-_LENGTH = struct.Struct("!Q")
+if TYPE_CHECKING:
+    from mep.endpoint.channel import Channel
+
 _RECORD = struct.Struct("!Bqq")  # kind, pid, exit code (the forker's reports)
 _FORKED, _EXITED = 1, 2
 _PR_SET_PDEATHSIG = 1
-_SMALL = 65536  # below this a frame is one write (header joined to the data)
-
-
-class Channel:
-    """Length-prefixed pickles over a stream socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def send(self, value: object) -> None:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        header = _LENGTH.pack(len(data))
-        if len(data) < _SMALL:
-            self._sock.sendall(header + data)
-        else:
-            self._sock.sendall(header)
-            self._sock.sendall(data)
-
-    def recv(self) -> object:
-        (length,) = _LENGTH.unpack(self._read(_LENGTH.size))
-        return pickle.loads(self._read(length))
-
-    def _read(self, size: int) -> bytes:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            count = self._sock.recv_into(view[got:])
-            if not count:
-                raise EOFError("the other end closed the channel")
-            got += count
-        return bytes(buffer)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 class ForkedWorker:
@@ -121,6 +83,8 @@ class _ForkerProcess:
         self._control: socket.socket | None = ours
 
     def fork(self) -> tuple[ForkedWorker, Channel]:
+        from mep.endpoint.channel import Channel
+
         ours, theirs = socket.socketpair()
         try:
             socket.send_fds(self._require_control(), [b"w"], [theirs.fileno()])
@@ -215,7 +179,11 @@ class Forker:
 
 def serve() -> None:
     """The forker's life: fork a worker for each request, report pids and exits, exit when the endpoint does."""
-    from mep.endpoint import bootstrap
+    # What the workers need, imported before they are forked so they share it (_become_worker imports it by name).
+    import ctypes  # noqa: F401
+    import traceback  # noqa: F401
+
+    from mep.endpoint import bootstrap, channel  # noqa: F401
 
     control = socket.socket(fileno=int(sys.argv[1]))
     try:
@@ -261,6 +229,11 @@ def _report_exits(control: socket.socket) -> None:
 def _become_worker(forker_pid: int, control: socket.socket, wake: tuple[int, int], channel_fd: int,
                    bootstrap: types.ModuleType) -> None:
     """In the forked child: drop the forker's descriptors and signal setup, then run tasks until hung up."""
+    import ctypes
+    import traceback
+
+    from mep.endpoint.channel import Channel
+
     status = 0
     try:
         signal.set_wakeup_fd(-1)

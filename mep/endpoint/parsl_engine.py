@@ -375,8 +375,8 @@ def run_on_worker(buffer: bytes, worker_python: str | None) -> Outcome:
         _bootstrap_workers[worker_python] = start_worker(worker_python)
     process, connection = _bootstrap_workers[worker_python]
     try:
-        connection.send(("", fn_hash, fn_body, args, None))  # a large result is written by the endpoint
-        return Outcome(*connection.recv()[1])
+        connection.send([(bootstrap.RUN, "", fn_hash, fn_body, args, None)])  # a large result: the endpoint writes it
+        return Outcome(*connection.recv()[0][1])
     except (EOFError, OSError):
         del _bootstrap_workers[worker_python]
         connection.close()
