@@ -237,3 +237,12 @@ def test_a_config_the_wire_cannot_carry_is_refused_at_submit() -> None:
                       user_endpoint_config={"workers": 2**70}) as executor:
         with pytest.raises(mep.ConfigInvalidError, match=r"user_endpoint_config.workers is \d+, outside the 64-bit"):
             executor.submit(add, 1, 2)
+
+
+def test_a_config_set_to_what_is_not_a_dict_is_refused_at_submit_though_an_empty_one_needs_no_check() -> None:
+    with mep.Executor(NOWHERE_ENDPOINT, service=free_address(), token="t",
+                      service_key=zmq.curve_keypair()[0].decode()) as executor:
+        for not_a_dict in ([], None, ""):
+            executor.user_endpoint_config = not_a_dict
+            with pytest.raises(mep.ConfigInvalidError, match="^user_endpoint_config must be a dict, not "):
+                executor.submit(add, 1, 2)

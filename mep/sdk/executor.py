@@ -83,6 +83,7 @@ QUEUED_HERE = "queued in this process, not yet sent to the service"
 SENT = "sent, waiting for the service to acknowledge it"
 ACCEPTED = "accepted by the service, waiting for its result"
 UPLOADING = "uploading its arguments to the service"
+EMPTY_CONFIG = b"\x80"  # {} in the wire's msgpack
 SILENCE_GRACE = 2.0  # seconds of silence beyond a poll interval before a future's repr mentions it
 
 _functions = FunctionCache()  # shared by every Executor of the process: a function is pickled once
@@ -169,7 +170,7 @@ class _Pending:
     args: bytes = b""
     walltime: float = 0.0
     resources: dict[str, int] = field(default_factory=dict)  # resource_specification as taken at submit()
-    config: bytes = b"\x80"  # user_endpoint_config as taken at submit(), in the wire's msgpack (b"\x80": {})
+    config: bytes = EMPTY_CONFIG  # user_endpoint_config as taken at submit(), in the wire's msgpack
     large_args: LargeArgs | None = None  # the arguments, uploaded ahead (``args`` is then empty)
 
 
@@ -320,9 +321,7 @@ class Executor(concurrent.futures.Executor):
         """Queue ``fn(*args, **kwargs)``; raises ``SerializationError`` at once if either can't be pickled."""
         if self._closing.is_set():
             raise RuntimeError("cannot submit to an Executor that has been shut down")
-        check_config(self.user_endpoint_config)  # here, not in the I/O thread: the caller sees what is wrong
-        check_config_size(self.user_endpoint_config)  # before the schema: too big is the first thing to fix
-        config = self._config_now()
+        config = self._checked_config()
         self._options.check(config, self.user_endpoint_config)  # a typo fails here, in the endpoint's words
         body, fn_hash = _functions.serialized(fn)
         task_id = str(uuid.uuid4())
@@ -401,6 +400,18 @@ class Executor(concurrent.futures.Executor):
 
     def _future(self, task_id: str) -> TaskFuture:
         return TaskFuture(task_id, lambda task_id: self._command("cancel", task_id), self._link)
+
+    def _checked_config(self) -> bytes:
+        """The config checked and frozen, here, not in the I/O thread: the caller sees what is wrong.
+
+        An empty dict, the usual case, is fit and frozen already: nothing to walk or encode on each submit.
+        """
+        value = self.user_endpoint_config
+        if type(value) is dict and not value:
+            return EMPTY_CONFIG
+        check_config(value)
+        check_config_size(value)  # before the schema: too big is the first thing to fix
+        return self._config_now()
 
     def _config_now(self) -> bytes:
         """The config as it is now, frozen: changing the dict later must not change a task already submitted.
