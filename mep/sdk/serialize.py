@@ -22,6 +22,7 @@ import hashlib
 import operator
 import pickle
 import platform
+import re
 import sys
 import sysconfig
 import types
@@ -214,17 +215,17 @@ def _dumps_data(value: Any) -> bytes:
 
 # What makes dill's unpickler differ from the standard one: its find_class maps these module names, and
 # an object whose class is in ``__main__`` is pointed at the class of this ``__main__``.
-_DILL_READS_DIFFERENTLY = (b"__builtin__", b"dill.dill", *_MAIN_MODULES)
+_DILL_READS_DIFFERENTLY = re.compile(rb"__builtin__|dill\.dill|__main__|__mp_main__")
 
 
 def deserialize(payload: bytes | memoryview | BinaryIO) -> Any:
     """The value of a payload, or of a file object (a large result: unpickled as it is read, then closed).
 
-    Bytes that name none of ``_DILL_READS_DIFFERENTLY`` load the same through the standard unpickler, which
+    Bytes that name none of those modules load the same through the standard unpickler, which
     ``dill.loads`` wraps in Python code: ~20x faster for a small result (a function's or type's bytes that dill
     wrote still load: they name dill's own helpers, which pickle imports).
     """
-    if isinstance(payload, bytes) and not any(name in payload for name in _DILL_READS_DIFFERENTLY):
+    if isinstance(payload, bytes) and _DILL_READS_DIFFERENTLY.search(payload) is None:
         return pickle.loads(payload)
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return dill.loads(payload)
