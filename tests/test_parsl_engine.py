@@ -109,6 +109,10 @@ def test_htex_runs_tasks_as_the_account_on_parsl_workers(deploy, htex_manager, a
     assert (run_dir.stat().st_mode & 0o777, run_dir.stat().st_uid) == (0o700, account.pw_uid)
     certificates = run_dir / "mep" / "certificates"
     assert certificates.is_dir(), "HTEX runs encrypted: its CurveZMQ keys live in the private run directory"
+    # Parsl's logs (interchange, worker pool, workers) take warnings only, not several lines per task.
+    logs = {path.name: path.read_text() for path in run_dir.rglob("*.log")}
+    assert {"interchange.log", "manager.log", "worker_0.log"} <= set(logs), sorted(logs)
+    assert not [name for name, text in logs.items() if " DEBUG: " in text or " INFO: " in text], logs
     # The endpoint idles out and takes its block (the local worker pool) with it.
     wait_for(lambda: not processes_of_uid(account.pw_uid), timeout=90,
              what="every process of the account to end after the idle shutdown")

@@ -237,3 +237,28 @@ def test_a_config_the_wire_cannot_carry_is_refused_at_submit() -> None:
                       user_endpoint_config={"workers": 2**70}) as executor:
         with pytest.raises(mep.ConfigInvalidError, match=r"user_endpoint_config.workers is \d+, outside the 64-bit"):
             executor.submit(add, 1, 2)
+
+
+def test_a_config_changed_between_submits_is_checked_again_though_an_empty_or_unchanged_one_is_not() -> None:
+    executor = mep.Executor(NOWHERE_ENDPOINT, service=free_address(), token="t",
+                            service_key=zmq.curve_keypair()[0].decode())
+    try:
+        executor.user_endpoint_config = {"workers": 2}
+        executor.submit(add, 1, 2)  # fit: checked once, then known by its frozen bytes
+        executor.submit(add, 1, 2)
+        for not_a_dict in ([], None, ""):
+            executor.user_endpoint_config = not_a_dict
+            with pytest.raises(mep.ConfigInvalidError, match="^user_endpoint_config must be a dict, not "):
+                executor.submit(add, 1, 2)
+        executor.user_endpoint_config = {"workers": 2**70}
+        with pytest.raises(mep.ConfigInvalidError, match=r"user_endpoint_config.workers is \d+, outside the 64-bit"):
+            executor.submit(add, 1, 2)
+        executor.user_endpoint_config = {"workers": 2, "note": "x" * 70_000}
+        with pytest.raises(mep.ConfigInvalidError, match="^user_endpoint_config is 700.. bytes as JSON; the limit"):
+            executor.submit(add, 1, 2)
+        executor.user_endpoint_config = {"workers": 2}
+        executor.user_endpoint_config["workers"] = {"a set": {1}}  # changed in place: a new check refuses it
+        with pytest.raises(mep.ConfigInvalidError, match="^user_endpoint_config.workers.a set is a set;"):
+            executor.submit(add, 1, 2)
+    finally:
+        executor.shutdown(wait=False)

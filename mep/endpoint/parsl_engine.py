@@ -52,6 +52,7 @@ from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 from parsl.jobs.job_status_poller import JobStatusPoller
 from parsl.jobs.states import JobState, JobStatus
+from parsl.logconfigs.file import FileLogging
 from parsl.providers.base import ExecutionProvider
 
 from mep.endpoint import bootstrap
@@ -67,6 +68,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LABEL = "mep"
+# Parsl's own default logs every task several times over: the interchange builds a record for each of its
+# debug lines only for its file handler to drop it, and the worker pool and each worker write three lines per
+# task. That is a sizeable share of HTEX's CPU per task; warnings and errors still go to the same files.
+_WARNINGS_ONLY = FileLogging(level=logging.WARNING)
 _WATCH_PERIOD = 1.0
 _STRATEGY_PERIOD = 2.0
 _STDERR_IN_MESSAGE = re.compile(r"stderr=(.*)\Z", re.DOTALL)
@@ -177,7 +182,7 @@ class ParslHtexEngine:
             executor.mpi_launcher = config.mpi.launcher
         executor.run_id = self._run_dir.name
         executor.run_dir = str(self._run_dir)
-        executor.log_config = None
+        executor.log_config = _WARNINGS_ONLY if _blocks_run_here(config) else None
         script_dir = self._run_dir / "submit_scripts"
         script_dir.mkdir(mode=0o700, exist_ok=True)
         executor.provider.script_dir = str(script_dir)
@@ -298,6 +303,13 @@ class ParslHtexEngine:
                 return  # cancelled meanwhile: its outcome was already reported
             del self._tasks[task_id]
         self._on_done(task_id, _outcome(future))
+
+
+def _blocks_run_here(config: HtexConfig) -> bool:
+    """Whether every block runs on this host, so that it reads the log config HTEX leaves in the run directory
+    (elsewhere that directory may not be shared, and a worker pool that can't read the file never starts)."""
+    launcher = "SingleNodeLauncher" if config.launcher is None else config.launcher.type  # LocalProvider's default
+    return config.provider.type == "LocalProvider" and launcher == "SingleNodeLauncher"
 
 
 def mpi_placement(resources: Mapping[str, int]) -> dict[str, int]:

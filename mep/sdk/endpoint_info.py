@@ -155,8 +155,9 @@ class OptionsCheck:
         """Raise the endpoint's own ``ConfigInvalidError`` for options its schema refuses."""
         if frozen in self._checked:
             return
-        self._fetched.wait(0 if self._waited else SUBMIT_WAIT)
-        self._waited = True
+        if not self._waited:  # later submits use the schema once it is there, without waiting for it
+            self._fetched.wait(SUBMIT_WAIT)
+            self._waited = True
         if self._schema is None:
             return
         self._schema.check(user_config)

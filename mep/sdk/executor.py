@@ -83,6 +83,7 @@ QUEUED_HERE = "queued in this process, not yet sent to the service"
 SENT = "sent, waiting for the service to acknowledge it"
 ACCEPTED = "accepted by the service, waiting for its result"
 UPLOADING = "uploading its arguments to the service"
+EMPTY_CONFIG = b"\x80"  # {} in the wire's msgpack
 SILENCE_GRACE = 2.0  # seconds of silence beyond a poll interval before a future's repr mentions it
 
 _functions = FunctionCache()  # shared by every Executor of the process: a function is pickled once
@@ -169,7 +170,7 @@ class _Pending:
     args: bytes = b""
     walltime: float = 0.0
     resources: dict[str, int] = field(default_factory=dict)  # resource_specification as taken at submit()
-    config: bytes = b"\x80"  # user_endpoint_config as taken at submit(), in the wire's msgpack (b"\x80": {})
+    config: bytes = EMPTY_CONFIG  # user_endpoint_config as taken at submit(), in the wire's msgpack
     large_args: LargeArgs | None = None  # the arguments, uploaded ahead (``args`` is then empty)
 
 
@@ -187,6 +188,7 @@ class _State:
     in_flight: dict[int, _InFlightSubmit] = field(default_factory=dict)
     awaiting_result: dict[str, _Pending] = field(default_factory=dict)
     to_cancel: list[str] = field(default_factory=list)
+    to_acknowledge: list[str] = field(default_factory=list)  # results received in this pass, acknowledged at its end
     functions_stored: set[str] = field(default_factory=set)
 
 
@@ -251,6 +253,7 @@ class Executor(concurrent.futures.Executor):
         self.endpoint_id = endpoint_id
         self._settings = ServiceSettings.resolve(service, service_key, token)
         self.user_endpoint_config = dict(user_endpoint_config or {})
+        self._last_checked_config: bytes | None = None  # the frozen config the last full check passed
         self.walltime = walltime
         self.resource_specification = dict(resource_specification or {})
         self._batch_size = min(batch_size, MAX_IDS_PER_REQUEST)  # the most tasks one SUBMIT may carry
@@ -320,9 +323,7 @@ class Executor(concurrent.futures.Executor):
         """Queue ``fn(*args, **kwargs)``; raises ``SerializationError`` at once if either can't be pickled."""
         if self._closing.is_set():
             raise RuntimeError("cannot submit to an Executor that has been shut down")
-        check_config(self.user_endpoint_config)  # here, not in the I/O thread: the caller sees what is wrong
-        check_config_size(self.user_endpoint_config)  # before the schema: too big is the first thing to fix
-        config = self._config_now()
+        config = self._checked_config()
         self._options.check(config, self.user_endpoint_config)  # a typo fails here, in the endpoint's words
         body, fn_hash = _functions.serialized(fn)
         task_id = str(uuid.uuid4())
@@ -402,6 +403,27 @@ class Executor(concurrent.futures.Executor):
     def _future(self, task_id: str) -> TaskFuture:
         return TaskFuture(task_id, lambda task_id: self._command("cancel", task_id), self._link)
 
+    def _checked_config(self) -> bytes:
+        """The config checked and frozen, here, not in the I/O thread: the caller sees what is wrong.
+
+        An empty dict, the usual case, is fit and frozen already; a config whose frozen bytes are those of
+        the last one checked is that config again (the bytes are what the endpoint gets): neither is walked
+        again on each submit.
+        """
+        value = self.user_endpoint_config
+        if type(value) is dict:
+            if not value:
+                return EMPTY_CONFIG
+            try:
+                if (frozen := msgspec.msgpack.encode(value, order="sorted")) == self._last_checked_config:
+                    return frozen
+            except (TypeError, OverflowError, msgspec.EncodeError):
+                pass  # refused below, in the checks' own words
+        check_config(value)
+        check_config_size(value)  # before the schema: too big is the first thing to fix
+        self._last_checked_config = self._config_now()
+        return self._last_checked_config
+
     def _config_now(self) -> bytes:
         """The config as it is now, frozen: changing the dict later must not change a task already submitted.
 
@@ -452,6 +474,9 @@ class Executor(concurrent.futures.Executor):
                     ready.pop(socket, None)
                     self._receive(socket, socket.recv_multipart(), state)
                     last_heard = time.monotonic()
+                for task_ids in _chunks(state.to_acknowledge):  # one acknowledgement for all a pass received
+                    socket.send_multipart(encode(ResultsAck(token=self._settings.token, task_ids=task_ids)))
+                state.to_acknowledge = []
                 now = time.monotonic()
                 if not (state.in_flight or state.awaiting_result):
                     last_heard = now  # silence counts only while we wait for the service
@@ -587,9 +612,8 @@ class Executor(concurrent.futures.Executor):
                     pending = state.awaiting_result.pop(task_id, None)
                     if pending:
                         _set_exception(pending.future, MepError(f"the service knows no task {task_id} of yours"))
-                inline = [r.task_id for r in header.results if r.large is None]  # large ones: once loaded
-                if inline:
-                    socket.send_multipart(encode(ResultsAck(token=self._settings.token, task_ids=inline)))
+                # large ones: once loaded
+                state.to_acknowledge.extend(r.task_id for r in header.results if r.large is None)
             case TaskList():
                 for info in header.tasks:
                     pending = state.awaiting_result.get(info.task_id)

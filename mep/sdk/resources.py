@@ -20,7 +20,7 @@ from mep.protocol.messages import ResourceSpecification
 def task_resources(executor_spec: Mapping[str, Any] | None, fn: Any) -> dict[str, int]:
     """The executor's ``resource_specification`` overlaid by the function's own (an ``MPIFunction``'s), frozen."""
     merged = {**(executor_spec or {}), **(getattr(fn, "resource_specification", None) or {})}
-    return checked_resources(merged)
+    return checked_resources(merged) if merged else {}  # none asked for, the usual case: nothing to check
 
 
 def checked_resources(spec: Mapping[str, Any]) -> dict[str, int]:
