@@ -237,8 +237,8 @@ def test_log_lines_in_a_reply_are_bounded() -> None:
 
 def test_root_policy_modules_load_no_mapping_engine_or_heavy_library() -> None:
     """What root imports for mapping and account policy: mep.root alone (and the mep package itself)."""
-    modules = ("identity", "authorize", "mapping_file", "accounts", "shadow", "pam", "session_holder", "privdrop",
-               "audit", "policy_files", "interpreter")
+    modules = ("identity", "mapping_file", "accounts", "shadow", "pam", "session_holder", "privdrop", "audit",
+               "policy_files")
     probe = (f"import sys\nfor name in {modules!r}: __import__('mep.root.' + name)\n"
              "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-I", "-c", "import json\n" + probe], check=True,

@@ -3,7 +3,7 @@
 Hypothesis writes the admin's side (mapping documents, min_uid, allow and
 deny lists, disabled shells, refuse_locked) and the submitter's side (an
 identity set); the decision goes through the code the spawner runs
-(``authorize``, with the policy ``mep manager start`` builds from the config)
+(mapping, then ``resolve_account``, with the policy ``mep manager start`` builds from the config)
 against this machine's real accounts: root, system accounts, ``nobody``, the
 router account, and test accounts above and below 1000. Whatever it allows
 must be safe; anything else must be a refusal with a wire code, never a crash.
@@ -22,10 +22,9 @@ from pydantic import ValidationError
 
 from mep.config.manager import ManagerConfig
 from mep.errors import ConfigurationError, TaskRefusedError
-from mep.root.authorize import authorize
 from mep.mapping.engine import MappingRules
 from mep.root.start import account_rules
-from mep.root.accounts import unprivileged_account
+from mep.root.accounts import resolve_account, unprivileged_account
 from tests.accounts import free_uid
 
 pytestmark = pytest.mark.root
@@ -102,7 +101,8 @@ def test_no_configuration_runs_a_task_as_root_the_manager_or_a_system_account(kn
     except ConfigurationError:
         return  # the manager refuses to start with this file
     try:
-        account = authorize(mapper, data.draw(identities(known_accounts), label="identities"), policy)
+        decision = mapper.map(data.draw(identities(known_accounts), label="identities"))
+        account = resolve_account(decision.account, policy)
     except TaskRefusedError as refused:
         assert refused.code and str(refused)
         event(f"refused: {refused.code}")

@@ -33,7 +33,7 @@ import pytest
 
 from mep.errors import ConfigurationError, SpawnError
 from mep.root.accounts import Account
-from mep.root.interpreter import check_interpreter_usable
+from mep.cli.interpreter import check_interpreter_usable
 from mep.root.privdrop import (
     CHILD_STEPS,
     ChildSetup,
@@ -578,7 +578,7 @@ def test_close_descriptors_alone_keeps_stdio_and_the_error_pipe(user, root_secre
 SINGLE_USER_SCRIPT = r"""
 import errno, json, os, pwd, select, sys
 from mep.root.accounts import Account
-from mep.root.interpreter import check_interpreter_usable
+from mep.cli.interpreter import check_interpreter_usable
 from mep.root.privdrop import DropStepError, SpawnPlan, read_log_tail, spawn
 
 log_path, report_script = sys.argv[1:]

@@ -32,8 +32,8 @@ GOAL_ROOT_LINES = 1500
 MAX_ROOT_LINES = 2575
 EXPECTED_ROOT_MODULES = {
     "mep", "mep.root", "mep.root.__main__", "mep.root.accounts", "mep.root.assertions", "mep.root.audit",
-    "mep.root.authorize", "mep.root.config", "mep.root.errors", "mep.root.guard",
-    "mep.root.identity", "mep.root.interpreter", "mep.root.keys", "mep.root.logs", "mep.root.mapping_file",
+    "mep.root.config", "mep.root.errors", "mep.root.guard",
+    "mep.root.identity", "mep.root.keys", "mep.root.logs", "mep.root.mapping_file",
     "mep.root.messages", "mep.root.pam", "mep.root.policy_files", "mep.root.privdrop", "mep.root.receive",
     "mep.root.registry", "mep.root.router_process", "mep.root.sdnotify", "mep.root.session_holder",
     "mep.root.shadow", "mep.root.spawner", "mep.root.start",

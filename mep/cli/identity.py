@@ -1,7 +1,8 @@
 """``mep identity test``: what the manager would decide for one identity, without running a manager.
 
-The admin's dry run, through the same code the spawner uses
-(``mep.root.authorize``): which document and mapping (or program)
+The admin's dry run, through the same code the spawner uses, in its order
+(``IdentityMapper.map``, ``accounts.resolve_account``, PAM's
+``require_account``): which document and mapping (or program)
 matched, and the local account alone on the last line of stdout. Exit 0 when
 mapped (and, with ``--check-account``, allowed); 1 when this identity is not
 mapped, its mapping fails, or the account is refused; 2 when the
@@ -101,24 +102,17 @@ class _Setup:
 
 
 def _decide(setup: _Setup, identities: list[dict[str, object]], check_account: bool) -> None:
-    from mep.root.accounts import AccountPolicy
-    from mep.root.authorize import Authorization, authorize
+    """The spawner's steps in its order (``mep.root.spawner``'s ``_map``): mapping, account policy, PAM."""
+    from mep.root.accounts import AccountPolicy, resolve_account
 
     for identity in identities:
         click.echo(f"identity: {identity.get('username', '')} (id {identity['id']}, status {identity['status']})")
+    decision = setup.mapper.map(identities)
+    click.echo(f"matched: {setup.mapping_path}: {decision.rule()} (identity {decision.identity_id})")
     if not check_account:
-        decision = setup.mapper.map(identities)
-        click.echo(f"matched: {setup.mapping_path}: {decision.rule()} (identity {decision.identity_id})")
         click.echo(decision.account)
         return
-    progress = Authorization()
-    try:
-        account = authorize(setup.mapper, identities, setup.policy or AccountPolicy(manager_uids=frozenset({0})),
-                            progress)
-    finally:
-        if progress.decision is not None:  # mapped, whatever the account checks said
-            click.echo(f"matched: {setup.mapping_path}: {progress.decision.rule()}"
-                       f" (identity {progress.decision.identity_id})")
+    account = resolve_account(decision.account, setup.policy or AccountPolicy(manager_uids=frozenset({0})))
     click.echo(f"account policy: allowed (uid {account.uid}, gid {account.gid}, shell {account.shell})")
     if setup.pam is not None:
         _check_pam(setup.pam, account.name)

@@ -275,12 +275,15 @@ def manager() -> None:
 def manager_start(config_path: Path) -> None:
     """Serve an endpoint: as root for every mapped user, as anyone else for yourself only.
 
-    Checks the config (naming every bad key), then execs the root process, ``python -I -m mep.root``: its own
-    small entry point, without this CLI.
+    Checks the config (naming every bad key) and, as root, that other accounts can run this installation
+    (``mep.cli.interpreter``), then execs the root process, ``python -I -m mep.root``: its own small entry point,
+    without this CLI.
     """
+    from mep.cli.interpreter import check_interpreter_usable
     from mep.config.manager import ManagerConfig
 
     ManagerConfig.load(config_path)
+    check_interpreter_usable(sys.executable)  # as root only: a single-user manager's endpoints run as itself
     options = click.get_current_context().find_root().params
     argv = [sys.executable, "-I", "-m", "mep.root", "--config", str(config_path), "--log-format",
             options["log_format"], *(f"--log-level={level}" for level in options["log_levels"])]

@@ -17,7 +17,7 @@ examples:
   # as an ordinary account: a single-user manager that serves only identities mapped to you
   python -I -m mep.root --config ~/.mep/cluster/config.yaml
 
-What it does: checks the config, keys, policy files and interpreter as root;
+What it does: checks the config, keys and policy files as root;
 starts the unprivileged router (as router_user) and restarts it if it dies;
 verifies each spawn request's signed identity assertion, maps the identity to
 an account, checks it (policy, PAM) and starts that account's endpoint after

@@ -61,11 +61,10 @@ from mep.root import registry
 from mep.root.accounts import Account, AccountPolicy, AccountRefused, resolve_account
 from mep.root.assertions import AssertionVerifier, NonceCache, check_spawn_claims
 from mep.root.audit import AuditLog, AuditUnavailableError, Inbox
-from mep.root.authorize import Authorization, authorize
 from mep.root.config import RootConfig
 from mep.root.errors import ConfigurationError, ErrorCode, MepError, QuotaExceededError, SpawnError, TaskRefusedError
 from mep.root.guard import forbid_unpickling, process_status
-from mep.root.identity import IdentityMapper, MappingContext
+from mep.root.identity import IdentityMapper, MappingContext, MappingDecision
 from mep.root.keys import generate_keypair
 from mep.root.logs import active_format
 from mep.root.mapping_file import MappingFile, ReloadOutcome
@@ -137,13 +136,14 @@ class SpawnerSettings:
 
 @dataclass
 class PendingSpawn:
-    """One spawn request on its way through the workers; filled in as it goes."""
+    """One spawn request on its way through the workers; filled in as it goes, so a refusal can still say which
+    rule mapped whom (``decision``) to which account."""
 
     request: SpawnRequest
     router_life: int  # which router asked: a later one never asked, and gets no answer to it
     mapper: IdentityMapper
-    progress: Authorization = field(default_factory=Authorization)
-    account: Account | None = None
+    decision: MappingDecision | None = None
+    account: Account | None = None  # the mapped account, once account policy allowed it
     key: EndpointKey | None = None
     endpoint_id: str = ""
 
@@ -408,7 +408,7 @@ class Spawner:
         if error is not None:
             self._refuse(pending, error)
         elif pending.mapper is not self.mapping.mapper:  # reloaded meanwhile: decided by the new mapping alone
-            pending.mapper, pending.progress = self.mapping.mapper, Authorization()
+            pending.mapper, pending.decision, pending.account = self.mapping.mapper, None, None
             self._in_worker(lambda: self._map(pending), lambda _, again: self._mapped(pending, again))
         else:
             self._start_or_reuse(pending)
@@ -421,7 +421,7 @@ class Spawner:
         assert account is not None and pending.key is not None
         existing = self.running.get(pending.key)
         if existing is not None:
-            if not self._audit(_decision_record(request, pending.progress, "allowed",
+            if not self._audit(_decision_record(pending, "allowed",
                                                 endpoint_id=existing.endpoint_id, reused=True)):
                 self._refuse(pending, AuditUnavailableError())
                 return
@@ -436,7 +436,7 @@ class Spawner:
         pending.endpoint_id = str(uuid.uuid4())
         try:
             self._check_endpoint_limit(account)
-            if not self._audit(_decision_record(request, pending.progress, "allowed",
+            if not self._audit(_decision_record(pending, "allowed",
                                                 endpoint_id=pending.endpoint_id)):
                 raise AuditUnavailableError()
         except TaskRefusedError as exc:
@@ -480,10 +480,10 @@ class Spawner:
             self._refuse(pending, SpawnError(
                 f"could not record the new endpoint in {self.settings.registry_path}; ask your admin"))
             return
-        assert pending.progress.decision is not None
+        assert pending.decision is not None
         log.info("spawned endpoint %s (pid %d) as %s (uid %d) for %s via %s%s", process.endpoint_id,
-                 process.endpoint_pid, account.name, account.uid, pending.progress.decision.identity_id,
-                 pending.progress.decision.rule(),
+                 process.endpoint_pid, account.name, account.uid, pending.decision.identity_id,
+                 pending.decision.rule(),
                  f" in a PAM session (holder pid {process.pid})" if process.held else "",
                  extra={"endpoint_id": process.endpoint_id, "account": account.name,
                         "identity_id": pending.request.submitter_id})
@@ -511,7 +511,7 @@ class Spawner:
         log.warning("refused %s (%s): %s [%s]", who, request.submitter_id, code, detail,
                     extra={"identity_id": request.submitter_id,
                            **({"account": pending.account.name} if pending.account else {})})
-        self._audit(_decision_record(request, pending.progress, "refused", code=str(code), reason=detail,
+        self._audit(_decision_record(pending, "refused", code=str(code), reason=detail,
                                      message=message))
         self._answer(pending, SpawnRefused(request_id=request.request_id, code=code, message=message,
                                            step=str(getattr(exc, "step", "") or "")))  # DropStepError, PAM's
@@ -545,10 +545,10 @@ class Spawner:
 
     def _map(self, pending: PendingSpawn) -> None:
         request = pending.request
-        identities = [msgspec.structs.asdict(identity) for identity in request.identities]
-        account = authorize(pending.mapper, identities, self.settings.policy, pending.progress)
+        # Mapping, then account policy: the path 'mep identity test' takes too, so its dry run answers as we do.
+        pending.decision = pending.mapper.map([msgspec.structs.asdict(identity) for identity in request.identities])
+        account = pending.account = resolve_account(pending.decision.account, self.settings.policy)
         self._check_pam_account(account.name)  # for a reused endpoint too: the account may have expired since
-        pending.account = account
         shared = self.settings.config.share_endpoints_across_identities
         # The same options from another runtime may render differently (a template may pick worker_python by it).
         options = msgspec.json.encode([request.user_endpoint_config, request.runtime], order="sorted")
@@ -796,9 +796,9 @@ class Spawner:
                 self._reap(self.children.pop(fd))  # audited and recorded as any exit (no router to tell)
 
 
-def _decision_record(request: SpawnRequest, progress: Authorization, outcome: str, **fields: Any) -> dict[str, Any]:
+def _decision_record(pending: PendingSpawn, outcome: str, **fields: Any) -> dict[str, Any]:
     """One audit record of a decision: who asked, which rule mapped them to which account, and the outcome."""
-    decision, account = progress.decision, progress.account
+    request, decision, account = pending.request, pending.decision, pending.account
     deciding = decision.identity_id if decision else (request.identities[0].id if request.identities else "")
     by_id = {identity.id: identity for identity in request.identities}
     return {

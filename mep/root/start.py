@@ -14,7 +14,6 @@ import logging
 import fcntl
 import os
 import stat
-import sys
 from pathlib import Path
 
 import msgspec
@@ -24,7 +23,6 @@ from mep.root.config import PamSettings, RootConfig
 from mep.root.errors import ConfigurationError
 from mep.root.logs import active_format
 from mep.root.accounts import Account, AccountPolicy, unprivileged_account
-from mep.root.interpreter import check_interpreter_usable
 from mep.root.pam import DEFAULT_LIBRARY
 from mep.root.policy_files import check_policy_file, read_policy_file
 from mep.root.router_process import RouterLaunch
@@ -151,7 +149,6 @@ def start_manager(config_path: Path) -> int:
         raise ConfigurationError(f"{config_path}: service_signing_keys is empty, so no task could be verified; run "
                                  f"'mep manager pin-signing-key --config {config_path} KEY' with the key "
                                  "'mep service signing-key show' prints on the service host")
-    check_interpreter_usable(sys.executable)  # as root only: a single-user manager's endpoints run as itself
     router = unprivileged_account(config.router_user if as_root else None, "router_user")
     policy, trusted = account_rules(config, router if as_root else None)
     pam = pam_settings(config, config_path, trusted_owner_uids=trusted)

@@ -1,13 +1,18 @@
-"""Refuse at manager start an installation other accounts can't run.
+"""Refuse at ``mep manager start`` an installation other accounts can't run, before the root process is exec'd.
 
 A virtual environment under a 0700 directory (a pyenv interpreter in /root,
 say) works for root and fails inside every user endpoint and in the router.
-The manager refuses to start with a message naming the first directory on
-the way to the interpreter (or to the installed ``mep`` package) that other
-accounts can't pass. What a walk of the permission bits can't see (an ACL, a
-file unreadable inside a readable directory) still fails before anything is
-served: the router runs this same interpreter as its own unprivileged account,
-and the spawner logs its exit at start.
+``mep manager start`` refuses to exec the root process with a message naming
+the first directory on the way to the interpreter (or to the installed ``mep``
+package) that other accounts can't pass. The check needs no privilege (it
+reads permission bits), so it is the admin's CLI's, not root's: the packaged
+systemd unit starts the root process from ``/opt/mep/venv``, which the package
+makes world-readable. A root process started by hand from a private
+installation still fails before anything is served: its first unprivileged
+child (the identity-mapping helper, as ``identity_mapping_user``) can't exec
+the interpreter, and the manager exits with that step's error, which names the
+interpreter's path. The same holds for what a walk of the permission bits
+can't see (an ACL, a file unreadable inside a readable directory).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import stat
 
 import mep
-from mep.root.errors import ConfigurationError
+from mep.errors import ConfigurationError
 
 _REMEDY = (
     "Install mep into a world-readable virtual environment"
