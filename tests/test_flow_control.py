@@ -8,6 +8,7 @@ future as its own error.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tempfile
 import threading
@@ -20,7 +21,7 @@ import mep
 from mep.endpoint.main import task_window
 from mep.endpoint.settings import ProcessEndpointSettings, ProcessSettings
 from mep.service.store import Store
-from tests.harness import DOMAIN_STRIP, PYTHON, deployment, expression_mapping, wait_for
+from tests.harness import DOMAIN_STRIP, PYTHON, deployment, expression_mapping, task_log_of, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -252,3 +253,31 @@ def test_failed_authentications_are_throttled_per_address(router_account, accoun
         with pytest.raises(mep.AuthenticationThrottledError):
             refused.result(timeout=60)
         assert "refusing token-bearing requests from 127.0.0.1 for 30 s" in deploy.service.log()
+
+
+def test_every_task_of_a_fast_batch_is_reported_started_and_runs_once(deploy, account_factory) -> None:
+    """Batched windows, and starts carried inside RESULTS: each of many quick tasks still reaches the service as
+    started (its ``started_at``), completes once, and the router's task log has it routed before its outcome."""
+    account = account_factory("mepflowfast")
+    manager = deploy.start_manager(expression_mapping(DOMAIN_STRIP))
+    identity = deploy.identity(f"{account.pw_name}@example.org")
+    with deploy.executor(identity, manager, user_endpoint_config={"workers": 2}) as executor:
+        futures = [executor.submit(echo, n) for n in range(200)]
+        assert [future.result(timeout=300) for future in futures] == list(range(200))
+    infos = {info.task_id: info for info in _client(deploy, identity).list_tasks(limit=1000)}
+    for future in futures:
+        info = infos[future.task_id]
+        assert info.state == "succeeded" and info.started_at and info.completed_at >= info.started_at
+    # The router's task log: each task routed once, and before its one outcome.
+    routed: dict[str, int] = {}
+    outcomes: dict[str, list[int]] = {}
+    for line_number, line in enumerate(task_log_of(manager.config_path).read_text().splitlines()):
+        record = json.loads(line)
+        for task_id in record.get("task_ids", []):
+            if record["outcome"] == "routed":
+                assert task_id not in routed
+                routed[task_id] = line_number
+            elif record["outcome"] != "accepted":
+                outcomes.setdefault(task_id, []).append(line_number)
+    for future in futures:
+        assert len(outcomes[future.task_id]) == 1 and routed[future.task_id] < outcomes[future.task_id][0]

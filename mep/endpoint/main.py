@@ -105,6 +105,7 @@ class UserEndpoint:
         self._events: queue.SimpleQueue[tuple[str, str, Outcome | None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         self._wake_pending = False  # a wake-up byte is in the pipe that the loop has not taken yet
+        self._sleeping = False  # the loop is in (or about to enter) its poll: an event must wake it
         self._next_resend_check = 0.0
         self.large_results = LargeResultFiles(config.large_results, boot.endpoint_id, boot.account)
         self.large_args = ArgumentFetches(self.large_results.directory,
@@ -138,12 +139,14 @@ class UserEndpoint:
         self._wake()
 
     def _wake(self) -> None:
-        """Wake the loop for the events queued: one byte per batch of them, not one per event.
+        """Wake the loop for the events queued, only if it sleeps, with one byte per batch of them.
 
-        The event is queued before the flag is looked at and the loop clears the flag before it takes
-        the events, so an event is always either taken in a turn already under way or woken for.
+        A busy loop takes them before it sleeps again: it says it sleeps, then looks at the queue (and
+        does not wait if anything is there), while an event is queued before these flags are looked at;
+        and the loop clears ``_wake_pending`` before it takes the events. So an event is always either
+        seen by the loop's look or woken for.
         """
-        if not self._wake_pending:
+        if self._sleeping and not self._wake_pending:
             self._wake_pending = True
             os.write(self._wake_write, b"w")
 
@@ -171,15 +174,17 @@ class UserEndpoint:
         asked_to_exit = False
         while True:
             with loop_turn(log, "endpoint"):  # a fault in one turn must not lose the tasks this endpoint runs
-                ready = dict(poller.poll(self._poll_timeout()))
+                self._sleeping = True
+                ready = dict(poller.poll(0 if not self._events.empty() else self._poll_timeout()))
+                self._sleeping = False
                 if self._wake_read in ready:
                     os.read(self._wake_read, 65536)
                     self._wake_pending = False
                 if self.refusals in ready:
                     self._refused()
                 self._reconnect_if_due()
-                while self.socket.poll(0):
-                    self._receive(self.socket.recv_multipart(copy=False))
+                while (frames := self._receive_ready()) is not None:
+                    self._receive(frames)
                     last_heard = time.monotonic()
                 self._handle_engine_events()
                 now = time.monotonic()
@@ -234,6 +239,13 @@ class UserEndpoint:
             log.debug("the router can't take a message now; it is sent again later")
             return False
         return True
+
+    def _receive_ready(self) -> list[Any] | None:
+        """The next message already here, or None (no poll of its own: the loop's poll said there may be some)."""
+        try:
+            return self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
 
     def _say_ready(self) -> None:
         if not self._send(encode(Ready(endpoint_id=self.boot.endpoint_id, pid=os.getpid()))):

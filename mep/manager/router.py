@@ -50,6 +50,7 @@ from mep.protocol.messages import (
     TasksLost,
     Unregister,
     FAILED,
+    MAX_IDS_PER_REQUEST,
     Dispatch,
     DispatchAck,
     EndpointExited,
@@ -167,6 +168,7 @@ class Router:
             encode(request)))
         self.started_out: list[str] = []
         self.lost_out: list[LostTask] = []
+        self.acks_out: dict[str, list[str]] = defaultdict(list)  # endpoint id -> results the service now has
         self.spawner_status: ProcessStatus | None = None
         self.registering_since = 0.0
         self.last_endpoint_check = 0.0
@@ -230,6 +232,7 @@ class Router:
             self.audit.run_posted()  # task records now on disk: their tasks may go
         self._drain(self.endpoints_socket, self._from_endpoint)
         self._drain(self.service, self._from_service)
+        self._flush_acks()
         self._retry_queued()
         self._report_starting()
         self._send_credit()
@@ -461,13 +464,18 @@ class Router:
         self.service.send_multipart(encode(Results(results=results), payloads), copy=False)
 
     def _results_acknowledged(self, task_ids: list[str]) -> None:
-        by_endpoint: dict[str, list[str]] = defaultdict(list)
         for task_id in task_ids:
             endpoint_id = self.task_endpoint.pop(task_id, None)
             if endpoint_id in self.endpoints:
-                by_endpoint[endpoint_id].append(task_id)
-        for endpoint_id, ids in by_endpoint.items():
-            self._send_endpoint(self.endpoints[endpoint_id], ResultsAck(task_ids=ids))
+                self.acks_out[endpoint_id].append(task_id)
+
+    def _flush_acks(self) -> None:
+        """The service's acknowledgements of this loop turn go to each endpoint as one message."""
+        for endpoint_id, ids in self.acks_out.items():
+            for start in range(0, len(ids), MAX_IDS_PER_REQUEST) if endpoint_id in self.endpoints else ():
+                self._send_endpoint(self.endpoints[endpoint_id],
+                                    ResultsAck(task_ids=ids[start:start + MAX_IDS_PER_REQUEST]))
+        self.acks_out.clear()
 
     # --- spawner ------------------------------------------------------------------
 
