@@ -47,9 +47,12 @@ class RouterProcess:
     pidfd: int
     channel: SpawnerLink
     started_at: float
+    relay: threading.Thread | None = None  # copying its log (``relay_log``)
 
     def close(self) -> None:
-        """After its death (its log's relay ends by itself, at the pipe's end of file)."""
+        """After its death: let what it said last reach our stderr, close the rest."""
+        if self.relay is not None:  # a child of its may still hold the pipe: its lines are not worth a longer wait
+            self.relay.join(timeout=1.0)
         os.close(self.pidfd)
         self.channel.sock.close()
 
@@ -86,6 +89,7 @@ def start_router(launch: RouterLaunch) -> RouterProcess:
     finally:
         router_end.close()
         os.close(log_write)
-    threading.Thread(target=relay_log, args=(log_read,), name="router log", daemon=True).start()
+    relay = threading.Thread(target=relay_log, args=(log_read,), name="router log", daemon=True)
+    relay.start()
     return RouterProcess(pid=child.pid, pidfd=child.pidfd, channel=SpawnerLink(spawner_end),
-                         started_at=time.monotonic())
+                         started_at=time.monotonic(), relay=relay)
