@@ -144,7 +144,7 @@ def start_router(_launch):  # the test is the router: a stand-in process, gone o
         hangup.poll()
         os._exit(0)
     started.append(pid)
-    return RouterProcess(pid=pid, pidfd=os.pidfd_open(pid), channel=SpawnerLink(channel), log_read=-1,
+    return RouterProcess(pid=pid, pidfd=os.pidfd_open(pid), channel=SpawnerLink(channel),
                          started_at=time.monotonic())
 
 spawner_module.start_router = start_router

@@ -174,7 +174,7 @@ def _router_is_the_test(channel: socket.socket, test_alive: int) -> None:
             os._exit(0)
         started.append(stand_in)
         return RouterProcess(pid=stand_in, pidfd=os.pidfd_open(stand_in), channel=SpawnerLink(channel),
-                             log_read=-1, started_at=time.monotonic())
+                             started_at=time.monotonic())
 
     spawner_module.start_router = start_router
 

@@ -25,11 +25,11 @@ from mep.root.config import RootConfig
 from tests.harness import PYTHON
 
 PACKAGE = Path(mep.__file__).parent
-# Issue 9's goal is 1,500 lines of code, which the root half does not meet yet (3,629 at first, 3,360, then 2,575
-# now: the spawner, privdrop, identity mapping and the PAM session holder are the large parts). Until it does, this
-# is a ratchet: the root half may shrink, never grow; lower it with every cut, down to GOAL_ROOT_LINES.
+# Issue 9's goal is 1,500 lines of code, which the root half does not meet yet (3,629 at first, 3,360, 2,575, then
+# 2,501 now: the spawner, privdrop, identity mapping and the PAM session holder are the large parts). Until it does,
+# this is a ratchet: the root half may shrink, never grow; lower it with every cut, down to GOAL_ROOT_LINES.
 GOAL_ROOT_LINES = 1500
-MAX_ROOT_LINES = 2575
+MAX_ROOT_LINES = 2501
 EXPECTED_ROOT_MODULES = {
     "mep", "mep.root", "mep.root.__main__", "mep.root.accounts", "mep.root.assertions", "mep.root.audit",
     "mep.root.config", "mep.root.errors", "mep.root.guard",

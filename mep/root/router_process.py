@@ -7,15 +7,16 @@ the three it is handed at fixed numbers (``spawner_link.CHANNEL_FD``,
 ``LOCK_FD``, ``LOG_FD``), then ``execve`` of ``python -I -m
 mep.manager.router_main``. The secrets (the manager's service key and the
 router's endpoint-facing key) reach it on a stdin pipe, never in argv or the
-environment. Its log lines come back on a pipe that the spawner copies to
-its own stderr, so the router never holds the manager's terminal or log file.
+environment. Its log lines come back on a pipe that a thread of the spawner
+copies to its own stderr (``relay_log``), so the router never holds the
+manager's terminal or log file (where it could inject input or truncate).
 """
 
 from __future__ import annotations
 
 import os
-import select
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -45,35 +46,31 @@ class RouterProcess:
     pid: int
     pidfd: int
     channel: SpawnerLink
-    log_read: int  # -1 once it reached end of file
     started_at: float
-
-    def relay_log(self) -> None:
-        """Copy what the router logged to our stderr; at end of file, close the pipe."""
-        try:
-            data = os.read(self.log_read, _RELAY_CHUNK)
-        except BlockingIOError:
-            return
-        if not data:
-            os.close(self.log_read)
-            self.log_read = -1
-            return
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(2, view):]
-        except OSError:
-            pass  # our stderr is gone: the router's lines are lost, never the router
+    relay: threading.Thread | None = None  # copying its log (``relay_log``)
 
     def close(self) -> None:
-        """After its death: relay what it said last, close the rest."""
-        while self.log_read != -1 and select.select([self.log_read], [], [], 1.0)[0]:
-            self.relay_log()
-        if self.log_read != -1:  # a child of its still holds the pipe: its lines are not worth a wait
-            os.close(self.log_read)
-            self.log_read = -1
+        """After its death: let what it said last reach our stderr, close the rest."""
+        if self.relay is not None:  # a child of its may still hold the pipe: its lines are not worth a longer wait
+            self.relay.join(timeout=1.0)
         os.close(self.pidfd)
         self.channel.sock.close()
+
+
+def relay_log(log_read: int) -> None:
+    """In a thread of its own: copy what a router logs to our stderr, until its pipe's end of file.
+
+    It touches nothing but the two descriptors, so the loop stays the only owner of everything else; a child of
+    the router that keeps the pipe open keeps this thread waiting, never the loop.
+    """
+    with open(log_read, "rb", buffering=0) as pipe:
+        for data in iter(lambda: pipe.read(_RELAY_CHUNK), b""):
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(2, view):]
+            except OSError:
+                pass  # our stderr is gone: the router's lines are lost, never the router
 
 
 def start_router(launch: RouterLaunch) -> RouterProcess:
@@ -92,6 +89,7 @@ def start_router(launch: RouterLaunch) -> RouterProcess:
     finally:
         router_end.close()
         os.close(log_write)
-    os.set_blocking(log_read, False)
-    return RouterProcess(pid=child.pid, pidfd=child.pidfd, channel=SpawnerLink(spawner_end), log_read=log_read,
-                         started_at=time.monotonic())
+    relay = threading.Thread(target=relay_log, args=(log_read,), name="router log", daemon=True)
+    relay.start()
+    return RouterProcess(pid=child.pid, pidfd=child.pidfd, channel=SpawnerLink(spawner_end),
+                         started_at=time.monotonic(), relay=relay)

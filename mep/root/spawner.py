@@ -112,10 +112,10 @@ class EndpointProcess:
             owner_uid=os.stat(f"/proc/{self.pid}").st_uid, endpoint_pid=self.endpoint_pid, account=self.account.name,
             key=self.key, public_key=self.public_key, log_path=self.log_path, held=self.held)
 
-    def news(self) -> Spawned:
-        """What a router that did not ask for it is told: it runs, and may be reconnected to."""
-        return Spawned(endpoint_id=self.endpoint_id, pid=self.endpoint_pid, account=self.account.name,
-                       public_key=self.public_key, reused=True)
+    def news(self, request_id: int = 0, *, reused: bool = True) -> Spawned:
+        """What the router is told: it runs, and may be (re)connected to; ``request_id`` 0: a router that did not ask."""
+        return Spawned(request_id=request_id, endpoint_id=self.endpoint_id, pid=self.endpoint_pid,
+                       account=self.account.name, public_key=self.public_key, reused=reused)
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Spawner:
         self.template = read_policy_file(config.template, trusted_owner_uids=trusted).decode()
         self.schema = read_policy_file(config.schema_file, trusted_owner_uids=trusted).decode()
         self.template_digest = _digest(self.template.encode(), self.schema.encode())
-        self.audit: AuditLog | None = None  # opened once the router runs: it must never hold the log
+        self.audit: AuditLog | None = None  # opened when it runs
         self.assertions = AssertionVerifier(config.service_signing_keys, config.endpoint_id)
         self.nonces = NonceCache()
         self.children: dict[int, EndpointProcess] = {}  # pidfd -> process
@@ -187,15 +187,11 @@ class Spawner:
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hangup_signal)
         signal.set_wakeup_fd(self._inbox.wake_write)  # a signal wakes the select below
+        # Open before the router starts: a log that can't be opened stops the manager with nothing to undo. The
+        # router never holds it: it is close-on-exec, and privdrop closes every descriptor the router isn't passed.
+        self.audit = AuditLog(self.settings.audit_log, trusted_owner_uids=self.settings.trusted_owner_uids,
+                              endpoint_id=self.settings.config.endpoint_id)
         self._start_router()
-        try:
-            self.audit = AuditLog(self.settings.audit_log, trusted_owner_uids=self.settings.trusted_owner_uids,
-                                  endpoint_id=self.settings.config.endpoint_id)
-        except BaseException:
-            self._stop_requested = True
-            signal.pidfd_send_signal(self.router.pidfd, signal.SIGKILL)
-            self._router_gone()
-            raise
         notify_ready()  # systemd (Type=notify): the checks passed, the router runs, the audit log is open
         self._audit({"event": "manager_started", "mapping_file": str(self.settings.config.identity_mapping),
                      "mode": "multi-user" if self.settings.drop_privileges else "single-user",
@@ -221,7 +217,6 @@ class Spawner:
         writable = []
         if router is not None:
             readable += [router.channel.fileno(), router.pidfd]
-            readable += [router.log_read] if router.log_read != -1 else []
             writable = [router.channel.fileno()] if router.channel.wants_write else []
         timeout = max(0.0, self._restart_at - time.monotonic()) if self._restart_at else None
         readable, writable, _ = select.select(readable, writable, [], timeout)
@@ -231,8 +226,6 @@ class Spawner:
         if self._inbox.wake_read in ready:
             self._drain_wakeups()  # outcomes of spawns and policy checks: may register endpoints
         if router is not None and router is self.router:
-            if router.log_read in ready:
-                router.relay_log()
             if router.channel.fileno() in ready and not self._serve_router():
                 self._router_gone()
             elif router.pidfd in ready:
@@ -426,9 +419,7 @@ class Spawner:
                 self._refuse(pending, AuditUnavailableError())
                 return
             existing.served[request.submitter_id] = list(request.identities)
-            self._answer(pending, Spawned(request_id=request.request_id, endpoint_id=existing.endpoint_id,
-                                          pid=existing.endpoint_pid, account=account.name,
-                                          public_key=existing.public_key, reused=True))
+            self._answer(pending, existing.news(request.request_id))
             return
         if account.uid in self._starting:
             self._starting[account.uid].append(pending)  # after the start in progress, which it may well reuse
@@ -487,9 +478,7 @@ class Spawner:
                  f" in a PAM session (holder pid {process.pid})" if process.held else "",
                  extra={"endpoint_id": process.endpoint_id, "account": account.name,
                         "identity_id": pending.request.submitter_id})
-        self._answer(pending, Spawned(request_id=pending.request.request_id, endpoint_id=process.endpoint_id,
-                                      pid=process.endpoint_pid, account=account.name,
-                                      public_key=process.public_key))
+        self._answer(pending, process.news(pending.request.request_id, reused=False))
 
     def _refuse(self, pending: PendingSpawn, exc: Exception) -> None:
         """Refuse one request, saying why: a refusal by policy, or any error on the way (never the spawner's end)."""
