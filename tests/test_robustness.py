@@ -161,12 +161,12 @@ def test_a_poison_row_already_in_the_database_fails_its_task_and_dispatch_goes_o
     service_pid = deploy.service.popen.pid
     poison_id = str(uuid.uuid4())
     with sqlite3.connect(deploy.state_dir / "mep.db", isolation_level=None) as db:  # what an older mep wrote
-        fn_hash, args = db.execute("SELECT fn_hash, args FROM tasks WHERE args IS NOT NULL LIMIT 1").fetchone() \
-            or db.execute("SELECT hash, body FROM functions LIMIT 1").fetchone()
-        db.execute("INSERT INTO tasks (id, endpoint_id, submitter_id, fn_hash, args, config, runtime, state,"
+        fn_hash, args = db.execute("SELECT hash, body FROM functions LIMIT 1").fetchone()
+        db.execute("INSERT INTO tasks (id, endpoint_id, submitter_id, fn_hash, args_bytes, config, runtime, state,"
                    " created_at) VALUES (?,?,?,?,?,?,?,'waiting',?)",
-                   (poison_id, manager.endpoint_id, identity.id, fn_hash, args, '{"idle_timeout":Infinity}',
+                   (poison_id, manager.endpoint_id, identity.id, fn_hash, len(args), '{"idle_timeout":Infinity}',
                     dumps_canonical(RUNTIME), time.time()))
+        db.execute("INSERT INTO task_args (task_id, args) VALUES (?,?)", (poison_id, args))
     deploy.restart_service()  # the row is there when the service starts (nothing but the service adds rows)
     with deploy.executor(identity, manager) as executor:
         (poisoned,) = executor.attach([poison_id])

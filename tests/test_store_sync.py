@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mep.errors import ServiceUnavailableError
-from mep.protocol.messages import SUCCESS, Result
+from mep.protocol.messages import SUCCESS, LostTask, Result
 from mep.service.group_commit import GroupCommit
 from mep.service.store import SQL_CHUNK, Store
 
@@ -129,3 +129,104 @@ def test_bulk_updates_and_reads_past_one_sql_chunk(store: Store) -> None:
         store.acknowledge_results("submitter", ids)
     ready, _, _ = store.results_for("submitter", ids[2:])
     assert {item.payload for item in ready} == {None}
+
+
+def test_a_task_acknowledged_after_its_sync_keeps_its_arguments_through_a_crash(store: Store) -> None:
+    """The arguments live in their own table, written in the task's transaction: the sync that precedes the
+    acknowledgement covers them too. A child process stores and syncs tasks, reports them acknowledged, and is
+    SIGKILLed at once (no close, no checkpoint); the store opened afresh has every one with its arguments."""
+    endpoint_id = store.add_endpoint("crash", "key-crash")
+    store.close()
+    args = {str(uuid.uuid4()): os.urandom(size) for size in (1, 4096, 100 * 1024, 300 * 1024)}
+    report_read, report_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child never returns
+        os.close(report_read)
+        writer = Store(store.path)
+        with writer.transaction(sync=False):
+            for task_id, payload in args.items():
+                writer.add_task(task_id, endpoint_id, "submitter", "f" * 64, payload, "{}", "{}", 0.0)
+        writer.sync()
+        os.write(report_write, b"acknowledged")
+        os.kill(os.getpid(), 9)
+    os.close(report_write)
+    try:
+        assert os.read(report_read, 64) == b"acknowledged"
+    finally:
+        os.close(report_read)
+        os.waitpid(child, 0)
+    reopened = Store(store.path)
+    try:
+        assert reopened.task_args(list(args)) == args
+        waiting = reopened.waiting_tasks(endpoint_id, 10)
+        assert {task.task_id: task.args_bytes for task in waiting} == {k: len(v) for k, v in args.items()}
+    finally:
+        reopened.close()
+
+
+def test_a_task_that_ended_keeps_no_arguments(store: Store) -> None:
+    endpoint_id = store.add_endpoint("ended", "key-ended")
+    ids = list(_add_tasks(store, 3, endpoint_id))
+    with store.transaction():
+        store.mark_dispatched(ids)
+        assert store.record_result(endpoint_id, Result(task_id=ids[0], status=SUCCESS), b"result")
+        store.request_cancel("submitter", ids[1:2])  # dispatched: only marked; its endpoint ends it
+        store.tasks_lost(endpoint_id, [LostTask(task_id=ids[2], reason="the endpoint died", attempted=True)], 1)
+    assert list(store.task_args(ids)) == [ids[1]]
+    assert store.db.execute("SELECT count(*) FROM task_args").fetchone()[0] == 1
+
+
+# What the tasks table was before arguments had a table of their own (a database an older mep created).
+OLD_TASKS_TABLE = """
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY, endpoint_id TEXT NOT NULL, submitter_id TEXT NOT NULL, fn_hash TEXT NOT NULL,
+    config TEXT NOT NULL, runtime TEXT NOT NULL, walltime REAL NOT NULL DEFAULT 0,
+    resources TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, dispatched_at REAL, started_at REAL,
+    completed_at REAL, result_status TEXT, result_code TEXT, result_message TEXT, result_error_type TEXT,
+    result_traceback TEXT, acked_at REAL, result_large TEXT, result_payload BLOB, args BLOB
+);
+"""
+
+
+def test_a_database_an_older_mep_created_keeps_its_waiting_tasks_arguments() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="mep-test-store-", dir="/var/tmp"))
+    try:
+        with sqlite3.connect(directory / "mep.db", isolation_level=None) as db:
+            db.executescript(OLD_TASKS_TABLE)
+            for task_id, state, args in (("waiting-1", "waiting", b"abc"), ("uploaded", "waiting", b""),
+                                         ("done", "succeeded", None)):
+                db.execute("INSERT INTO tasks (id, endpoint_id, submitter_id, fn_hash, config, runtime, state,"
+                           " created_at, args) VALUES (?, 'e', 's', 'f', '{}', '{}', ?, 1.0, ?)",
+                           (task_id, state, args))
+        db.close()
+        for _ in range(2):  # upgraded once; opening it again changes nothing
+            store = Store(directory / "mep.db")
+            try:
+                assert store.task_args(["waiting-1", "uploaded", "done"]) == {"waiting-1": b"abc", "uploaded": b""}
+                assert {task.task_id: task.args_bytes for task in store.waiting_tasks("e", 10)} == {
+                    "waiting-1": 3, "uploaded": 0}
+                assert store.db.execute("SELECT count(*) FROM tasks WHERE args IS NOT NULL").fetchone()[0] == 0
+            finally:
+                store.close()
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_a_message_that_fails_takes_its_deferred_writes_with_it(store: Store) -> None:
+    """Started tasks and dropped arguments are written when the transaction commits; a savepoint that rolls back
+    (one message's handling failed) leaves nothing of them, and what the other messages did stands."""
+    endpoint_id = store.add_endpoint("deferred", "key-deferred")
+    args = _add_tasks(store, 3, endpoint_id)
+    ids = list(args)
+    with store.transaction():
+        store.mark_dispatched(ids)
+    with store.transaction():
+        with store.savepoint():
+            store.mark_started(endpoint_id, ids[:1])
+        with pytest.raises(RuntimeError), store.savepoint():
+            store.mark_started(endpoint_id, ids[1:])
+            assert store.record_result(endpoint_id, Result(task_id=ids[2], status=SUCCESS), b"result")
+            raise RuntimeError("this message's handling failed")
+    assert store.task_states() == {"running": 1, "dispatched": 2}
+    assert store.task_args(ids) == args

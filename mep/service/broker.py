@@ -20,6 +20,7 @@ untouched.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import re
@@ -220,6 +221,7 @@ class Broker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
         log.info("service listening on %s (public key %s)", self.address, self.state.public_key)
+        _collect_less()
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.group_commit.wake_fd, zmq.POLLIN)
@@ -708,6 +710,15 @@ class Broker:
                 raise
             log.info("peer has disconnected; its messages wait on disk")
         return False
+
+
+def _collect_less() -> None:
+    """The loop makes many short-lived objects and next to no cycles, yet the collector kept scanning
+    everything start-up made (modules, the schema, keys), which lives as long as the process: 8% of the service's
+    time at full load. Freeze that, and collect the youngest generation less often (at most ~10,000 objects of
+    cyclic garbage wait for it)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _within_credit(candidates: list[QueuedTask], link: ManagerLink) -> list[str]:

@@ -90,11 +90,18 @@ CREATE TABLE IF NOT EXISTS tasks (
     result_error_type TEXT, result_traceback TEXT,
     acked_at REAL,
     result_large TEXT,  -- JSON of a LargeResult: the payload is in a file on the endpoint's host
-    -- The blobs come last: SQLite reads a row's columns in order, following a blob's overflow pages to get past
-    -- it, so a column after a megabyte of arguments costs reading the megabyte (a query for a backlog's states
-    -- then reads the whole backlog). Databases an older mep created keep their order (and that cost).
-    result_payload BLOB,
-    args BLOB
+    args_bytes INTEGER NOT NULL DEFAULT 0,  -- length of the task's arguments (in task_args); 0: uploaded
+    -- The blob comes last: SQLite reads a row's columns in order, following a blob's overflow pages to get past
+    -- it, so a column after a megabyte of result costs reading the megabyte.
+    result_payload BLOB
+);
+-- A task's arguments, written in the transaction that adds the task and deleted when it ends. Not in the task's
+-- row: every state change rewrites that row whole, and with it a blob in it (100 KiB of arguments made each of
+-- dispatched, running and finished a 100 KiB write). A rowid table: WITHOUT ROWID keeps less of a row in its
+-- B-tree page and was slower with large arguments.
+CREATE TABLE IF NOT EXISTS task_args (
+    task_id TEXT PRIMARY KEY,
+    args BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_endpoint_state ON tasks(endpoint_id, state, created_at);
 -- Partial indexes: each holds only the rows its question is about, so fair dispatch and the quota checks
@@ -212,14 +219,18 @@ class StoredResult:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # A larger statement cache (default 128): every length of an id list (IN (?,?,...), up to SQL_CHUNK) is a
+        # statement of its own, and at load they pushed the hot INSERT and UPDATEs out, to be prepared again.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=1024)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit writes the WAL without an fsync (a full disk still fails the COMMIT); sync() adds the
         # fsync. NORMAL keeps syncing the WAL's header and around checkpoints exactly as FULL does.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
+        # Up to 32 MiB of pages (default 2 MiB): arguments passing through would otherwise push the task rows and
+        # indexes every turn touches out of the cache, to be read back from the WAL.
+        self.db.execute("PRAGMA cache_size=-32768")
         self.db.executescript(SCHEMA)
-        self._add_missing_columns()
         self._wal: int | None = None  # a descriptor of the WAL, for sync()
         # Transactions that changed something, counted as they commit, and how many of them a sync has made
         # durable: a reply may go out once the count it waits for is durable.
@@ -229,6 +240,12 @@ class Store:
         # Grows whenever tasks may have become waiting: while it stands still, a look for waiting tasks that
         # found no more finds none again (the broker skips it; an idle turn then reads nothing).
         self.waiting_added = 0
+        # Writes put off until the transaction commits, so that a turn's messages share one prepared statement
+        # each instead of one statement per message: (started at, task id, endpoint id) of tasks a worker has
+        # (mark_started), and ids of tasks that ended, whose arguments go (_drop_arguments).
+        self._started: list[tuple[float, str, str]] = []
+        self._ended: list[str] = []
+        self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
         """A database an older mep created gains the columns added since, with their defaults (CREATE TABLE IF
@@ -238,6 +255,18 @@ class Store:
             self.db.execute("ALTER TABLE tasks ADD COLUMN result_large TEXT")
         if "resources" not in columns:
             self.db.execute("ALTER TABLE tasks ADD COLUMN resources TEXT NOT NULL DEFAULT '{}'")
+        if "args_bytes" not in columns:
+            self._move_arguments_out_of_task_rows()
+
+    def _move_arguments_out_of_task_rows(self) -> None:
+        """A database from before task_args kept arguments in the task's row (``tasks.args``): move those of
+        unfinished tasks to task_args, in one transaction (an interrupted upgrade is done again on the next
+        start). The emptied column stays: dropping it would rewrite the whole table."""
+        with self.transaction():
+            self.db.execute("ALTER TABLE tasks ADD COLUMN args_bytes INTEGER NOT NULL DEFAULT 0")
+            self.db.execute("INSERT OR IGNORE INTO task_args (task_id, args) SELECT id, args FROM tasks"
+                            " WHERE args IS NOT NULL")
+            self.db.execute("UPDATE tasks SET args_bytes=length(args), args=NULL WHERE args IS NOT NULL")
 
     def close(self) -> None:
         if self._wal is not None:
@@ -259,8 +288,11 @@ class Store:
             changes = self.db.total_changes
             try:
                 yield self.db
+                self._write_deferred()
                 self.db.execute("COMMIT")
             except BaseException:
+                self._started.clear()
+                self._ended.clear()
                 self._roll_back("ROLLBACK")
                 raise
             if self.db.total_changes != changes:
@@ -333,12 +365,25 @@ class Store:
         """Inside a transaction: on error, undo only what was done in this block (one message's work)."""
         with _storage_errors():
             self.db.execute("SAVEPOINT one_message")
+            started, ended = len(self._started), len(self._ended)
             try:
                 yield
             except BaseException:
+                del self._started[started:], self._ended[ended:]  # the block's deferred writes go with it
                 self._roll_back("ROLLBACK TO one_message", "RELEASE one_message")
                 raise
             self.db.execute("RELEASE one_message")
+
+    def _write_deferred(self) -> None:
+        """Just before a commit: the transaction's deferred writes, one executemany each."""
+        if self._started:
+            ended = set(self._ended)  # a task that also ended in this transaction is past running already
+            self.db.executemany("UPDATE tasks SET state='running', started_at=? WHERE id=? AND +endpoint_id=?"
+                                " AND +state='dispatched'", [row for row in self._started if row[1] not in ended])
+            self._started.clear()
+        if self._ended:
+            self.db.executemany("DELETE FROM task_args WHERE task_id=?", [(task_id,) for task_id in self._ended])
+            self._ended.clear()
 
     def _roll_back(self, *statements: str) -> None:
         if not self.db.in_transaction:
@@ -471,12 +516,16 @@ class Store:
                  config: str, runtime: str, walltime: float, resources: str = "{}") -> bool:
         """False when the id is already taken (a resubmission): the first one stands."""
         cursor = self.db.execute(
-            "INSERT OR IGNORE INTO tasks (id, endpoint_id, submitter_id, fn_hash, args, config, runtime,"
+            "INSERT OR IGNORE INTO tasks (id, endpoint_id, submitter_id, fn_hash, args_bytes, config, runtime,"
             " walltime, resources, state, created_at) VALUES (?,?,?,?,?,?,?,?,?,'waiting',?)",
-            (task_id, endpoint_id, submitter_id, fn_hash, args, config, runtime, walltime, resources, time.time()),
+            (task_id, endpoint_id, submitter_id, fn_hash, len(args), config, runtime, walltime, resources,
+             time.time()),
         )
-        self.waiting_added += cursor.rowcount
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self.db.execute("INSERT INTO task_args (task_id, args) VALUES (?,?)", (task_id, args))
+        self.waiting_added += 1
+        return True
 
     def task_owner(self, task_id: str) -> str | None:
         row = self.db.execute("SELECT submitter_id FROM tasks WHERE id=?", (task_id,)).fetchone()
@@ -500,7 +549,7 @@ class Store:
             still_waiting = []
             for submitter in active:
                 rows = self.db.execute(
-                    "SELECT id, fn_hash, length(args), submitter_id, config, runtime, walltime, resources FROM tasks"
+                    "SELECT id, fn_hash, args_bytes, submitter_id, config, runtime, walltime, resources FROM tasks"
                     " WHERE endpoint_id=? AND state='waiting' AND submitter_id=? ORDER BY created_at LIMIT ? OFFSET ?",
                     (endpoint_id, submitter, share, len(taken.get(submitter, ())))).fetchall()
                 taken.setdefault(submitter, []).extend(QueuedTask(*row) for row in rows)
@@ -532,7 +581,7 @@ class Store:
         """The arguments of these tasks, by id: one query per ``SQL_CHUNK``, not one per task."""
         found: dict[str, bytes] = {}
         for marks, chunk in _in_chunks(task_ids):
-            found.update(self.db.execute(f"SELECT id, args FROM tasks WHERE id IN ({marks})", chunk))
+            found.update(self.db.execute(f"SELECT task_id, args FROM task_args WHERE task_id IN ({marks})", chunk))
         return found
 
     def return_to_waiting(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
@@ -559,12 +608,15 @@ class Store:
                             " AND state='waiting'", (now, *chunk))
 
     def mark_started(self, endpoint_id: str, task_ids: Sequence[str]) -> None:
+        """Written when the transaction commits (``_write_deferred``; the unary + there keeps SQLite on the primary
+        key, not on the endpoint's every dispatched task by tasks_by_endpoint_state)."""
         now = time.time()
-        for marks, chunk in _in_chunks(task_ids):
-            # The unary + keeps SQLite on the primary key: with an id list it would rather scan the endpoint's
-            # every dispatched task by tasks_by_endpoint_state (thousands under a backlog)
-            self.db.execute(f"UPDATE tasks SET state='running', started_at=? WHERE id IN ({marks}) AND +endpoint_id=?"
-                            " AND +state='dispatched'", (now, *chunk, endpoint_id))
+        self._started.extend((now, task_id, endpoint_id) for task_id in task_ids)
+        self._write_deferred_outside_a_transaction()
+
+    def _write_deferred_outside_a_transaction(self) -> None:
+        if not self.db.in_transaction:  # a caller without a transaction: its statement commits by itself
+            self._write_deferred()
 
     def requeue_in_flight(self, endpoint_id: str) -> tuple[int, list[str]]:
         """A manager (re)registered: what its predecessor had in flight is sent again (at-least-once),
@@ -586,13 +638,21 @@ class Store:
         """Record a result once; a duplicate or a result for another endpoint's task is ignored."""
         cursor = self.db.execute(
             f"UPDATE tasks SET state=?, completed_at=?, result_status=?, result_code=?,"
-            f" result_message=?, result_error_type=?, result_traceback=?, result_payload=?, result_large=?,"
-            f" args=NULL WHERE id=? AND endpoint_id=? AND state NOT IN {TERMINAL_SQL}",
+            f" result_message=?, result_error_type=?, result_traceback=?, result_payload=?, result_large=?"
+            f" WHERE id=? AND endpoint_id=? AND state NOT IN {TERMINAL_SQL}",
             (FINAL_STATE.get(result.status, "failed"), time.time(), result.status, result.code, result.message,
              result.error_type, result.traceback, payload,
              msgspec.json.encode(result.large).decode() if result.large else None, result.task_id, endpoint_id),
         )
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self._drop_arguments([result.task_id])
+        return True
+
+    def _drop_arguments(self, task_ids: Sequence[str]) -> None:
+        """A task ended: nothing will read its arguments again (deleted when the transaction commits)."""
+        self._ended.extend(task_ids)
+        self._write_deferred_outside_a_transaction()
 
     def fail_task(self, endpoint_id: str, task_id: str, code: str, message: str) -> bool:
         """A manager refused a task it was sent (never another endpoint's task)."""
@@ -622,8 +682,9 @@ class Store:
                 reason = f"{item.reason} (attempt {attempts} of {max_attempts}; not retried again)"
                 self.db.execute(
                     "UPDATE tasks SET attempts=?, state='failed', completed_at=?, result_status=?, result_code=?,"
-                    " result_message=?, args=NULL WHERE id=?",
+                    " result_message=? WHERE id=?",
                     (attempts, time.time(), WIRE_FAILED, ErrorCode.ENDPOINT_LOST, reason, item.task_id))
+                self._drop_arguments([item.task_id])
                 failed.append(item.task_id)
             else:
                 self.db.execute(
@@ -661,9 +722,9 @@ class Store:
     def _finish(self, task_ids: Sequence[str], status: str, code: str, message: str) -> None:
         now = time.time()
         self.db.executemany(
-            "UPDATE tasks SET state=?, completed_at=?, result_status=?, result_code=?, result_message=?, args=NULL"
-            " WHERE id=?",
+            "UPDATE tasks SET state=?, completed_at=?, result_status=?, result_code=?, result_message=? WHERE id=?",
             [(FINAL_STATE[status], now, status, code, message, task_id) for task_id in task_ids])
+        self._drop_arguments(task_ids)
 
     def results_for(self, submitter_id: str, task_ids: Sequence[str]) -> tuple[list[StoredResult], list[str], list[str]]:
         """(results ready, ids still pending, ids unknown to this submitter)."""
