@@ -153,6 +153,20 @@ def test_a_task_queued_behind_a_long_one_moves_to_an_idle_worker(two_workers, tm
     assert events.wait("long").status == CANCELLED
 
 
+def test_a_worker_is_sent_a_function_again_until_it_has_run_it(two_workers, tmp_path) -> None:
+    """The task that carried a function to a worker may be given back before it ran there."""
+    engine, events = two_workers
+    submit(engine, "long", mark_then_sleep, str(tmp_path / "long"), 3.0)
+    submit(engine, "short", mark_pid)
+    submit(engine, "carrier", mark, str(tmp_path / "carrier"))  # behind "long": moved to the idle worker
+    assert events.wait("carrier").status == SUCCESS
+    submit(engine, "blocker", mark_then_sleep, str(tmp_path / "blocker"), 30.0)  # to the idle worker
+    submit(engine, "after", mark, str(tmp_path / "after"))  # behind "long", on the worker that never ran mark
+    outcome = events.wait("after")
+    assert outcome.status == SUCCESS, outcome.message
+    assert "long" in events.outcomes  # it ran where "long" had run
+
+
 def test_many_tasks_each_complete_once_and_each_tasks_output_is_logged_with_it_alone(capfd) -> None:
     engine, events = start_engine(2)  # started here: its workers write to the stdout capfd reads
     try:

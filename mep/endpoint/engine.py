@@ -28,7 +28,7 @@ from mep.endpoint.forker import Forker
 from mep.endpoint.large_args import ArgumentFile, remove_argument_file
 from mep.endpoint.worker import Outcome
 from mep.errors import ErrorCode
-from mep.protocol.messages import CANCELLED, FAILED
+from mep.protocol.messages import CANCELLED, FAILED, SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,7 @@ class ProcessEngine:
             self._pending.extendleft(reversed(batch))
             return
         idle = not worker.tasks
-        for task in batch:
-            worker.functions.add(task.fn_hash)
-            worker.tasks.append(task)
+        worker.tasks.extend(batch)
         if idle:
             self._head_started(worker)
 
@@ -328,6 +326,9 @@ class ProcessEngine:
                 self._on_done(task_id, worker.killing[1])  # finished as the kill landed: the cancel wins
             else:
                 self._on_done(task_id, Outcome(*fields))
+            if fields is not None and fields[0] == SUCCESS:
+                # Loaded there now (not before: a task given back, or one whose function failed to load, did not).
+                worker.functions.add(task.fn_hash)
         if alive and worker.killing is None and worker.tasks and worker.tasks[0] is not head:
             self._head_started(worker)
 
