@@ -377,9 +377,13 @@ class Store:
     def _write_deferred(self) -> None:
         """Just before a commit: the transaction's deferred writes, one executemany each."""
         if self._started:
-            ended = set(self._ended)  # a task that also ended in this transaction is past running already
+            ended = set(self._ended)
             self.db.executemany("UPDATE tasks SET state='running', started_at=? WHERE id=? AND +endpoint_id=?"
                                 " AND +state='dispatched'", [row for row in self._started if row[1] not in ended])
+            # A task that also ended in this transaction (its start and its result came in one turn) is past
+            # running: it keeps its final state, and still gets the time it started (its run time, the metrics').
+            self.db.executemany("UPDATE tasks SET started_at=? WHERE id=? AND +endpoint_id=? AND started_at IS NULL",
+                                [row for row in self._started if row[1] in ended])
             self._started.clear()
         if self._ended:
             self.db.executemany("DELETE FROM task_args WHERE task_id=?", [(task_id,) for task_id in self._ended])
