@@ -111,7 +111,9 @@ def test_htex_runs_tasks_as_the_account_on_parsl_workers(deploy, htex_manager, a
     assert certificates.is_dir(), "HTEX runs encrypted: its CurveZMQ keys live in the private run directory"
     # Parsl's logs (interchange, worker pool, workers) take warnings only, not several lines per task.
     logs = {path.name: path.read_text() for path in run_dir.rglob("*.log")}
-    assert {"interchange.log", "manager.log", "worker_0.log"} <= set(logs), sorted(logs)
+    # (a worker writes its log once it has started: with six tasks on two workers one may not have yet)
+    assert {"interchange.log", "manager.log"} <= set(logs) and any(name.startswith("worker_") for name in logs), \
+        sorted(logs)
     assert not [name for name, text in logs.items() if " DEBUG: " in text or " INFO: " in text], logs
     # The endpoint idles out and takes its block (the local worker pool) with it.
     wait_for(lambda: not processes_of_uid(account.pw_uid), timeout=90,
